@@ -1,0 +1,52 @@
+"""The command line as a user runs it: `eval` JSON for every path, flags from the environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from wyoming_tinyalign.__main__ import build_parser
+
+EVAL_KEYS = {"n", "wer", "intent_accuracy", "intent_name_accuracy", "latency_ms_p50", "latency_ms_p95"}
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "wyoming_tinyalign", *args],
+        capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("path", ["aligned", "readout", "cascade"])
+def test_eval_prints_one_json_object(micro_model: Path, base_manifest: Path, path: str) -> None:
+    proc = cli(
+        "eval", "--model", str(micro_model), "--manifest", str(base_manifest), "--path", path, "--json"
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report.keys() >= EVAL_KEYS
+    assert report["n"] == 6 and report["path"] == path
+    assert 0.0 <= report["intent_accuracy"] <= report["intent_name_accuracy"] <= 1.0
+    assert report["wer"] >= 0.0
+    assert 0 < report["latency_ms_p50"] <= report["latency_ms_p95"]
+
+
+def test_eval_on_a_missing_model_fails_clearly(base_manifest: Path, tmp_path: Path) -> None:
+    proc = cli("eval", "--model", str(tmp_path), "--manifest", str(base_manifest), "--json")
+    assert proc.returncode != 0
+    assert "bundle.json" in proc.stderr
+
+
+def test_flags_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WYOMING_TINYALIGN_DATA_DIR", "/srv/tinyalign")
+    monkeypatch.setenv("WYOMING_TINYALIGN_DEBUG", "true")
+    args = build_parser().parse_args(["serve"])
+    assert str(args.data_dir) == "/srv/tinyalign" and args.debug is True
+    # The command line wins over the environment.
+    args = build_parser().parse_args(["serve", "--data-dir", "/tmp/x"])
+    assert str(args.data_dir) == "/tmp/x"

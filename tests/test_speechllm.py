@@ -1,0 +1,104 @@
+"""SpeechLLM on the micro dev model: instruction injection, the three paths, bundle round trip."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wyoming_tinyalign.manifest import load_utterances
+from wyoming_tinyalign.model.bundle import BundleError, load_bundle_config, save_bundle_config
+from wyoming_tinyalign.model.speechllm import PATHS, SpeechLLM
+
+
+@pytest.fixture(scope="module")
+def model(micro_model: Path) -> SpeechLLM:
+    return SpeechLLM.load(micro_model)
+
+
+@pytest.fixture(scope="module")
+def audio(base_manifest: Path) -> np.ndarray:
+    return load_utterances(base_manifest)[0][1]
+
+
+def test_instruction_injection_places_audio_where_the_template_says(model: SpeechLLM) -> None:
+    content = torch.randn(5, model.llm.config.hidden_size)
+    context = "areas: kitchen; devices: porch light"
+    embeds, span = model.prompt_embeds(content, context)
+    before, after = model.template.split(context)
+    assert context in before
+    pre, post = model.text_ids(before), model.text_ids(after)
+    assert embeds.shape == (1, len(pre) + 5 + len(post), model.llm.config.hidden_size)
+    assert span == slice(len(pre), len(pre) + 5)
+    torch.testing.assert_close(embeds[0, span], content)
+    torch.testing.assert_close(embeds[0, : len(pre)], model.embed_tokens(pre))
+    torch.testing.assert_close(embeds[0, span.stop :], model.embed_tokens(post))
+
+
+def test_every_path_gives_a_result(model: SpeechLLM, audio: np.ndarray) -> None:
+    for path in PATHS:
+        result = model.run(audio, path, context="areas: kitchen")
+        assert result.path == path
+        assert isinstance(result.transcript, str)
+        assert result.latency_ms > 0
+        assert result.intent is None or result.intent.name.startswith("Hass")
+    assert model.run(audio, "cascade").confidence <= 0.0
+
+
+def test_silence_and_empty_audio_give_an_empty_transcript(model: SpeechLLM) -> None:
+    for audio in (np.zeros(0, np.float32), np.zeros(16000, np.float32)):
+        result = model.run(audio, "aligned")
+        assert (result.transcript, result.intent) == ("", None)
+
+
+def test_readout_is_nearest_token_embedding(model: SpeechLLM) -> None:
+    ids = model.text_ids("turn on the porch light")
+    table = model.llm.get_input_embeddings().weight
+    padded = torch.cat([table[ids], table[[model.tokenizer.pad_token_id] * 4]])
+    assert model.readout(padded + 1e-3) == "turn on the porch light"
+
+
+def test_bundle_round_trip_gives_the_same_outputs(
+    model: SpeechLLM, micro_model: Path, tmp_path: Path, audio
+) -> None:
+    copy = tmp_path / "bundle"
+    shutil.copytree(micro_model, copy)
+    cfg = load_bundle_config(copy)
+    save_bundle_config(copy, cfg)
+    again = SpeechLLM.load(copy)
+    torch.testing.assert_close(again.project([audio])[0], model.project([audio])[0])
+    assert again.run(audio, "aligned").transcript == model.run(audio, "aligned").transcript
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "missing"])
+def test_corrupt_projector_weights_give_a_clear_error(micro_model: Path, tmp_path: Path, damage: str) -> None:
+    copy = tmp_path / "bundle"
+    shutil.copytree(micro_model, copy)
+    weights = copy / "projector.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "garbage":
+        weights.write_bytes(b"\x00garbage" * 100)
+    else:
+        weights.unlink()
+    with pytest.raises(BundleError, match="projector.safetensors"):
+        SpeechLLM.load(copy)
+
+
+def test_projector_aligned_to_other_backbones_is_refused(micro_model: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "bundle"
+    shutil.copytree(micro_model, copy)
+    (copy / "llm2").symlink_to(copy / "llm")
+    cfg = load_bundle_config(copy)
+    cfg.llm = "llm2"
+    save_bundle_config(copy, cfg)
+    with pytest.raises(BundleError, match="aligned to"):
+        SpeechLLM.load(copy)
+
+
+def test_not_a_bundle(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="bundle.json"):
+        SpeechLLM.load(tmp_path)

@@ -1,0 +1,131 @@
+import argparse
+import json
+import logging
+import subprocess
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wyoming_tinyalign.audio import TARGET_RATE, read_wav
+from wyoming_tinyalign.households import Household, load_households
+from wyoming_tinyalign.intents import Intent
+from wyoming_tinyalign.manifest import load_utterances, read_manifest
+from wyoming_tinyalign.synth import add_synth_args, render_corpus, run_synth
+
+N = 12
+
+
+@pytest.fixture(scope="module")
+def households() -> list[Household]:
+    by_name = {h.name: h for h in load_households()}
+    return [by_name["maple"], by_name["harbour"]]  # a base household and an unseen one with noise
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory, households: list[Household]) -> Path:
+    return render_corpus(tmp_path_factory.mktemp("a"), households, N, seed=5)
+
+
+def _files(manifest: Path) -> dict[str, bytes]:
+    root = manifest.parent
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_packaged_voices_exist() -> None:
+    for household in load_households():
+        for speaker in household.speakers:
+            proc = subprocess.run(
+                ["espeak-ng", "-v", speaker.voice, "-q", "test"], capture_output=True, text=True, check=False
+            )
+            assert proc.returncode == 0 and not proc.stderr, (speaker.voice, proc.stderr)
+
+
+def test_deterministic(tmp_path: Path, corpus: Path, households: list[Household]) -> None:
+    again = render_corpus(tmp_path / "b", households, N, seed=5, jobs=1)
+    assert _files(again) == _files(corpus)
+    other = render_corpus(tmp_path / "c", households, N, seed=6)
+    assert other.read_bytes() != corpus.read_bytes()
+
+
+def test_manifest_schema(corpus: Path, households: list[Household]) -> None:
+    lines = corpus.read_text().splitlines()
+    assert len(lines) == N
+    speakers = {h.name: {s.id: s for s in h.speakers} for h in households}
+    for line in lines:
+        row = json.loads(line)
+        assert list(row) == ["audio", "text", "intent", "speaker", "household"]
+        assert row["audio"] == f"wavs/{row['household']}/{row['audio'][-9:]}"
+        assert row["speaker"] in speakers[row["household"]]
+        assert Intent.from_json(row["intent"]).to_json() == row["intent"]
+        audio = read_wav(corpus.parent / row["audio"])
+        assert 0.5 <= len(audio) / TARGET_RATE <= 8
+        assert np.abs(audio).max() > 0.1
+    assert [u.text for u in read_manifest(corpus)] == [json.loads(line)["text"] for line in lines]
+    assert {u.household for u in read_manifest(corpus)} == {"maple", "harbour"}
+
+
+def test_padding_and_noise(corpus: Path, households: list[Household]) -> None:
+    snr = {s.id: s.noise_snr_db for h in households for s in h.speakers}
+    for utt, audio in load_utterances(corpus):
+        lead = audio[:800]  # the first 50 ms are always padding
+        if snr[utt.speaker] is None:
+            assert not lead.any()
+        else:
+            assert np.std(lead) > 1e-4
+
+
+def test_cli_odd_format_reads_back(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_synth_args(parser)
+    out = tmp_path / "odd"
+    args = [
+        "--out",
+        str(out),
+        "--split",
+        "base",
+        "--n",
+        "3",
+        "--rate",
+        "22050",
+        "--channels",
+        "2",
+        "--width",
+        "1",
+    ]
+    assert run_synth(parser.parse_args(args)) == 0
+    loaded = load_utterances(out / "manifest.jsonl")
+    assert len(loaded) == 3
+    for utt, audio in loaded:
+        with wave.open(str(utt.audio)) as wav:
+            assert (wav.getframerate(), wav.getsampwidth(), wav.getnchannels()) == (22050, 1, 2)
+            seconds = wav.getnframes() / 22050
+        assert audio.dtype == np.float32 and audio.ndim == 1
+        assert abs(len(audio) / TARGET_RATE - seconds) < 0.01 * seconds
+        assert np.abs(audio).max() > 0.1
+
+
+def test_load_skips_missing_and_corrupt(
+    tmp_path: Path, corpus: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    lines = corpus.read_text().splitlines(keepends=True)
+    manifest = tmp_path / "manifest.jsonl"
+    (tmp_path / "wavs").symlink_to(corpus.parent / "wavs")
+    rows = [json.loads(line) for line in lines]
+    rows[0]["audio"], rows[1]["audio"] = "wavs/gone.wav", "corrupt.wav"
+    (tmp_path / "corrupt.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEjunk")
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with caplog.at_level(logging.WARNING):
+        loaded = load_utterances(manifest)
+    assert len(loaded) == N - 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2
+    assert "gone.wav" in warnings[0] and "corrupt.wav" in warnings[1]
+
+
+def test_bad_manifest_line_names_line(tmp_path: Path, corpus: Path) -> None:
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text(corpus.read_text().splitlines()[0] + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"manifest\.jsonl:2:"):
+        read_manifest(manifest)

@@ -1,0 +1,455 @@
+"""Offline development models: everything a speech-LLM needs, built here with no model hub.
+
+`build_dev_model` makes a bundle folder with
+- a byte-level BPE tokenizer trained on generated home-automation text,
+- a tiny Qwen2 LLM pretrained to answer the prompt template with "transcript, newline, intent" for text
+  placed in the audio slot (clean, padded to the cast length, or corrupted, with and without household
+  context, so it learns to lean on the context),
+- a tiny Whisper trained as an ASR on espeak-ng speech of the base households (a frozen *random* encoder
+  carries too little for a projector to learn from; real Whisper is pretrained, so the stand-in is too),
+- an untrained BridgeFormer projector shaped for the two.
+Everything is saved with `save_pretrained` and loaded back through the same `from_pretrained` code as
+real models.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    GenerationConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
+)
+
+from .corpus import Command, generate_commands, random_household
+from .households import Household, context_text, load_households
+from .intents import format_answer
+from .manifest import load_utterances
+from .model.bundle import BundleConfig, ProjectorInfo, save_bundle_config, save_projector
+from .model.encoder import AudioEncoder
+from .model.projector import ProjectorConfig, build_projector
+from .model.prompt import DEFAULT_TEMPLATE, PromptTemplate
+from .model.speechllm import SpeechLLM
+from .synth import render_corpus
+
+_LOGGER = logging.getLogger(__name__)
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+WHISPER_SPECIALS = ["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|translate|>", "<|notimestamps|>"]
+CHITCHAT = [
+    "what a lovely day",
+    "tell me a joke",
+    "how are you today",
+    "thank you very much",
+    "who won the game last night",
+    "i am going to bed now",
+    "what is the meaning of life",
+    "never mind",
+    "sing me a song",
+    "good job",
+]
+
+
+@dataclass(frozen=True)
+class DevSize:
+    """How big and how long-trained each part of a dev model is."""
+
+    vocab: int
+    llm_hidden: int
+    llm_layers: int
+    llm_heads: int
+    llm_steps: int
+    whisper_dim: int
+    whisper_enc_layers: int
+    whisper_dec_layers: int
+    whisper_heads: int
+    whisper_steps: int
+    speech_utterances: int
+    eval_utterances: int
+    projector_hidden: int
+    heldout_commands: int
+    cast_len: int = 24
+    batch: int = 32
+
+
+SIZES = {
+    "micro": DevSize(
+        vocab=400, llm_hidden=64, llm_layers=2, llm_heads=2, llm_steps=60,
+        whisper_dim=64, whisper_enc_layers=1, whisper_dec_layers=1, whisper_heads=2, whisper_steps=30,
+        speech_utterances=48, eval_utterances=12, projector_hidden=64, heldout_commands=24, batch=16,
+    ),
+    "small": DevSize(
+        vocab=700, llm_hidden=256, llm_layers=3, llm_heads=4, llm_steps=1200,
+        whisper_dim=192, whisper_enc_layers=3, whisper_dec_layers=2, whisper_heads=4, whisper_steps=2000,
+        speech_utterances=2400, eval_utterances=150, projector_hidden=256, heldout_commands=240, batch=16,
+    ),
+}  # fmt: skip
+
+
+class Progress:
+    """A progress line with loss and ETA, logged at most every few seconds."""
+
+    def __init__(self, name: str, total: int, every_s: float = 5.0) -> None:
+        self.name, self.total, self.every_s = name, total, every_s
+        self.start = self.last = time.monotonic()
+
+    def update(self, step: int, loss: float) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s and step < self.total:
+            return
+        self.last = now
+        eta = (now - self.start) / step * (self.total - step)
+        _LOGGER.info("%s %d/%d loss %.4f eta %.0fs", self.name, step, self.total, loss, eta)
+
+
+# ------------------------------------------------------------------ tokenizer
+def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on the domain's text, with the LLM's and Whisper's special tokens."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS, UNK, *WHISPER_SPECIALS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        additional_special_tokens=WHISPER_SPECIALS,
+    )
+
+
+# ------------------------------------------------------------------------ LLM
+@dataclass
+class TextExample:
+    context: str
+    content: str  # what is in the audio slot (may be corrupted)
+    answer: Command | None  # None for chit-chat
+    transcript: str
+
+
+def text_examples(households: list[Household], n: int, rng: random.Random) -> list[TextExample]:
+    """Commands of the given and of random households, plus chit-chat, each with its context."""
+    examples = []
+    for i in range(n):
+        house = households[i % len(households)] if rng.random() < 0.5 else random_household(rng)
+        context = context_text(house) if rng.random() < 0.8 else ""
+        if rng.random() < 0.06:
+            text = rng.choice(CHITCHAT)
+            examples.append(TextExample(context, text, None, text))
+        else:
+            (cmd,) = generate_commands(house, 1, rng)
+            examples.append(TextExample(context, cmd.text, cmd, cmd.text))
+    return examples
+
+
+def _corrupt(ids: list[int], vocab: list[int], rng: random.Random, rate: float = 0.15) -> list[int]:
+    """Replace, drop or repeat a share of tokens: what a half-aligned projector looks like."""
+    out = []
+    for i in ids:
+        r = rng.random()
+        if r < rate / 3:
+            out.append(rng.choice(vocab))
+        elif r < 2 * rate / 3:
+            continue
+        elif r < rate:
+            out += [i, i]
+        else:
+            out.append(i)
+    return out or ids
+
+
+def encode_llm_examples(
+    tokenizer: PreTrainedTokenizerFast,
+    template: PromptTemplate,
+    examples: list[TextExample],
+    cast_len: int,
+    rng: random.Random,
+) -> list[tuple[list[int], int]]:
+    """Token ids of prompt + answer, and where the answer starts (the loss covers only the answer)."""
+    regular = [i for i in range(len(tokenizer)) if i not in set(tokenizer.all_special_ids)]
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    out = []
+    for ex in examples:
+        before, after = template.split(ex.context)
+        content = ids(ex.content)[:cast_len]
+        if rng.random() < 0.3:
+            content = _corrupt(content, regular, rng)[:cast_len]
+        if rng.random() < 0.5:  # as the projector delivers it: padded to the cast length
+            content = content + [tokenizer.pad_token_id] * (cast_len - len(content))
+        prompt = ids(before) + content + ids(after)
+        answer = format_answer(ex.transcript, ex.answer.intent if ex.answer else None)
+        line1, _, line2 = answer.partition("\n")
+        target = ids(line1 + "\n") + ids(line2) + [tokenizer.eos_token_id]
+        out.append((prompt + target, len(prompt)))
+    return out
+
+
+def _batches(items: list, batch: int, rng: random.Random):
+    """Endless shuffled batches."""
+    while True:
+        order = list(range(len(items)))
+        rng.shuffle(order)
+        for i in range(0, len(order) - batch + 1, batch):
+            yield [items[j] for j in order[i : i + batch]]
+
+
+def _lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def train_llm(
+    tokenizer: PreTrainedTokenizerFast, encoded: list[tuple[list[int], int]], size: DevSize, seed: int
+) -> Qwen2ForCausalLM:
+    """Pretrain a tiny Qwen2 on prompt -> answer (loss on the answer only)."""
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=size.llm_hidden,
+        intermediate_size=3 * size.llm_hidden,
+        num_hidden_layers=size.llm_layers,
+        num_attention_heads=size.llm_heads,
+        num_key_value_heads=max(1, size.llm_heads // 2),
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    llm = Qwen2ForCausalLM(cfg)
+    opt = torch.optim.AdamW(llm.parameters(), lr=3e-3, weight_decay=0.01)
+    rng, progress = random.Random(seed), Progress("llm", size.llm_steps)
+    llm.train()
+    for step, batch in zip(range(1, size.llm_steps + 1), _batches(encoded, size.batch, rng), strict=False):
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        labels = torch.full((len(batch), width), -100)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, (ids, start) in enumerate(batch):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, start : len(ids)] = torch.tensor(ids[start:])
+            mask[i, : len(ids)] = 1
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, size.llm_steps, 3e-3)
+        loss = llm(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
+        opt.step()
+        progress.update(step, loss.item())
+    return llm.eval()
+
+
+# -------------------------------------------------------------------- Whisper
+def whisper_generation_config(tokenizer: PreTrainedTokenizerFast) -> GenerationConfig:
+    """The fields real Whisper checkpoints carry, so the cascade code treats both alike."""
+    tid = tokenizer.convert_tokens_to_ids
+    return GenerationConfig(
+        decoder_start_token_id=tid("<|startoftranscript|>"),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        is_multilingual=True,
+        lang_to_id={"<|en|>": tid("<|en|>")},
+        task_to_id={"transcribe": tid("<|transcribe|>"), "translate": tid("<|translate|>")},
+        no_timestamps_token_id=tid("<|notimestamps|>"),
+        max_length=48,
+    )
+
+
+def _spec_augment(mel: torch.Tensor, length: int, rng: random.Random) -> torch.Tensor:
+    mel = mel.clone()
+    f = rng.randrange(0, 12)
+    f0 = rng.randrange(0, mel.shape[0] - f)
+    mel[f0 : f0 + f, :length] = mel[:, :length].mean()
+    for _ in range(2):
+        t = rng.randrange(0, max(1, min(20, length // 8)))
+        t0 = rng.randrange(0, max(1, length - t))
+        mel[:, t0 : t0 + t] = mel[:, :length].mean()
+    return mel
+
+
+def train_whisper(
+    tokenizer: PreTrainedTokenizerFast,
+    feature_extractor: WhisperFeatureExtractor,
+    speech: list[tuple[np.ndarray, str]],
+    size: DevSize,
+    seed: int,
+) -> WhisperForConditionalGeneration:
+    """Train a tiny Whisper as an ASR, on the true length of each clip (as it is run)."""
+    torch.manual_seed(seed)
+    gen = whisper_generation_config(tokenizer)
+    cfg = WhisperConfig(
+        vocab_size=len(tokenizer),
+        num_mel_bins=feature_extractor.feature_size,
+        d_model=size.whisper_dim,
+        encoder_layers=size.whisper_enc_layers,
+        decoder_layers=size.whisper_dec_layers,
+        encoder_attention_heads=size.whisper_heads,
+        decoder_attention_heads=size.whisper_heads,
+        encoder_ffn_dim=4 * size.whisper_dim,
+        decoder_ffn_dim=4 * size.whisper_dim,
+        max_target_positions=gen.max_length,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=gen.decoder_start_token_id,
+        begin_suppress_tokens=None,
+        suppress_tokens=None,
+    )
+    whisper = WhisperForConditionalGeneration(cfg)
+    whisper.generation_config = gen
+    encoder = AudioEncoder(whisper.get_encoder(), feature_extractor)
+    prefix = [gen.decoder_start_token_id, gen.lang_to_id["<|en|>"], gen.task_to_id["transcribe"]]
+    prefix.append(gen.no_timestamps_token_id)
+    items = []
+    for audio, text in speech:
+        mel, _ = encoder.features([audio])
+        items.append((mel[0], prefix + tokenizer(text, add_special_tokens=False)["input_ids"]))
+    # Batches of similar length: the decoder's cross-attention has no padding mask.
+    items.sort(key=lambda it: it[0].shape[-1])
+    groups = [items[i : i + size.batch] for i in range(0, len(items), size.batch)]
+    opt = torch.optim.AdamW(whisper.parameters(), lr=1.5e-3, weight_decay=0.01)
+    rng, progress = random.Random(seed), Progress("whisper", size.whisper_steps)
+    whisper.train()
+    for step in range(1, size.whisper_steps + 1):
+        group = rng.choice(groups)
+        mel_len = torch.tensor([m.shape[-1] for m, _ in group])
+        mel = torch.zeros(len(group), group[0][0].shape[0], int(mel_len.max()))
+        width = max(len(ids) for _, ids in group) + 1
+        dec = torch.full((len(group), width), tokenizer.pad_token_id)
+        labels = torch.full((len(group), width), -100)
+        for i, (m, ids) in enumerate(group):
+            mel[i, :, : m.shape[-1]] = _spec_augment(m, m.shape[-1], rng)
+            target = ids + [tokenizer.eos_token_id]
+            dec[i, : len(ids)] = torch.tensor(ids)
+            labels[i, len(prefix) - 1 : len(target) - 1] = torch.tensor(target[len(prefix) :])
+        feats, lengths = encoder(mel, mel_len)
+        feats = feats * (torch.arange(feats.shape[1])[None, :] < lengths[:, None]).unsqueeze(-1)
+        hidden = whisper.model.decoder(
+            input_ids=dec, attention_mask=(dec != tokenizer.pad_token_id).long(), encoder_hidden_states=feats
+        ).last_hidden_state
+        logits = whisper.proj_out(hidden)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, size.whisper_steps, 1.5e-3)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(whisper.parameters(), 1.0)
+        opt.step()
+        progress.update(step, loss.item())
+    return whisper.eval()
+
+
+# ---------------------------------------------------------------------- build
+def build_dev_model(out: Path, size_name: str = "small", seed: int = 0, work_dir: Path | None = None) -> dict:
+    """Build the dev bundle in `out`; returns the build report (times, accuracies)."""
+    from .evaluate import evaluate_text, word_error_rate
+
+    size = SIZES[size_name]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    households = [h for h in load_households() if h.split == "base"]
+    template = PromptTemplate(DEFAULT_TEMPLATE)
+    times: dict[str, float] = {}
+    t_all = t = time.monotonic()
+
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        _LOGGER.info(
+            "rendering %d utterances of synthetic speech", size.speech_utterances + size.eval_utterances
+        )
+        train_manifest = render_corpus(Path(tmp) / "train", households, size.speech_utterances, seed)
+        eval_manifest = render_corpus(Path(tmp) / "eval", households, size.eval_utterances, seed + 1)
+        speech = [(a, u.text) for u, a in load_utterances(train_manifest)]
+        eval_speech = load_utterances(eval_manifest)
+    times["speech_s"] = time.monotonic() - t
+
+    t = time.monotonic()
+    examples = text_examples(households, size.llm_steps * size.batch // 2 + 1000, rng)
+    texts = [format_answer(e.transcript, e.answer.intent if e.answer else None) for e in examples]
+    texts += [context_text(h) for h in households] + [template.text] + [t for _, t in speech]
+    tokenizer = train_tokenizer(texts, size.vocab)
+    encoded = encode_llm_examples(tokenizer, template, examples, size.cast_len, rng)
+    llm = train_llm(tokenizer, encoded, size, seed)
+    times["llm_s"] = time.monotonic() - t
+
+    t = time.monotonic()
+    feature_extractor = WhisperFeatureExtractor(feature_size=80)
+    whisper = train_whisper(tokenizer, feature_extractor, speech, size, seed)
+    times["whisper_s"] = time.monotonic() - t
+
+    for sub, model in (("llm", llm), ("whisper", whisper)):
+        model.save_pretrained(out / sub)
+        tokenizer.save_pretrained(out / sub)
+    feature_extractor.save_pretrained(out / "whisper")
+    embed_norm = float(llm.get_input_embeddings().weight.detach().norm(dim=-1).mean())
+    proj_cfg = ProjectorConfig(
+        kind="bridgeformer",
+        input_dim=whisper.config.d_model,
+        output_dim=llm.config.hidden_size,
+        embed_norm=embed_norm,
+        hidden_dim=size.projector_hidden,
+        cast_len=size.cast_len,
+        heads=max(2, size.projector_hidden // 64),
+    )
+    torch.manual_seed(seed)
+    save_projector(
+        out / "projector.safetensors", build_projector(proj_cfg), ProjectorInfo(proj_cfg, "whisper", "llm")
+    )
+    cfg = BundleConfig(encoder="whisper", llm="llm", prompt_template=template.text)
+    save_bundle_config(out, cfg)
+
+    # Held-out checks through the loading code real models use.
+    t = time.monotonic()
+    model = SpeechLLM.load(out)
+    held_rng = random.Random(seed + 100)
+    per_house = size.heldout_commands // len(households)
+    seen = [(c, context_text(h)) for h in households for c in generate_commands(h, per_house, held_rng)]
+    unseen = [
+        (c, context_text(h))
+        for h in (random_household(held_rng) for _ in range(size.heldout_commands // 4))
+        for c in generate_commands(h, 4, held_rng)
+    ]
+    hyps = [model.transcribe_cascade(a)[0] for _, a in eval_speech]
+    report = {
+        "size": size_name,
+        "seed": seed,
+        "llm_parameters": sum(p.numel() for p in llm.parameters()),
+        "whisper_parameters": sum(p.numel() for p in whisper.parameters()),
+        "vocab_size": len(tokenizer),
+        "llm_text_intent_accuracy_seen_households": evaluate_text(model, seen),
+        "llm_text_intent_accuracy_unseen_names": evaluate_text(model, unseen),
+        "whisper_wer_heldout": word_error_rate([u.text for u, _ in eval_speech], hyps),
+        "n_heldout_speech": len(eval_speech),
+        **{k: round(v, 1) for k, v in times.items()},
+    }
+    report["eval_s"] = round(time.monotonic() - t, 1)
+    report["build_s"] = round(time.monotonic() - t_all, 1)
+    cfg.metadata = {"dev_model": report}
+    save_bundle_config(out, cfg)
+    return report

@@ -1,0 +1,119 @@
+"""A model bundle folder: which backbones, which projector, which prompt.
+
+    bundle/
+      bundle.json            backbone ids (hub ids or folders relative to the bundle), prompt, metadata
+      projector.safetensors  the trained projector; its header holds its config, the encoder and LLM ids
+                             it was aligned to, the training data hash and metrics (self-describing)
+      whisper/, llm/         only for locally built models (e.g. the offline dev model)
+
+Weights are safetensors only; models are never loaded with `trust_remote_code`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
+
+from ..files import write_atomic
+from .projector import Projector, ProjectorConfig, build_projector
+
+BUNDLE_FILE = "bundle.json"
+PROJECTOR_FILE = "projector.safetensors"
+FORMAT = 1
+
+
+class BundleError(Exception):
+    """A bundle or projector checkpoint that cannot be used, with the reason."""
+
+
+@dataclass
+class BundleConfig:
+    """Contents of `bundle.json`."""
+
+    encoder: str
+    llm: str
+    prompt_template: str
+    projector: str | None = PROJECTOR_FILE
+    cascade_pad_30s: bool = False  # real Whisper decodes best on 30 s padded input
+    metadata: dict = field(default_factory=dict)
+    format: int = FORMAT
+
+
+@dataclass
+class ProjectorInfo:
+    """What a projector checkpoint says about itself."""
+
+    config: ProjectorConfig
+    encoder: str
+    llm: str
+    data_hash: str = ""
+    trained: bool = False
+    metrics: dict = field(default_factory=dict)
+
+
+def save_bundle_config(folder: Path, cfg: BundleConfig) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / BUNDLE_FILE, json.dumps(asdict(cfg), indent=2).encode())
+
+
+def load_bundle_config(folder: Path) -> BundleConfig:
+    path = Path(folder) / BUNDLE_FILE
+    if not path.is_file():
+        raise BundleError(f"{folder} is not a model bundle: {BUNDLE_FILE} is missing")
+    try:
+        data = json.loads(path.read_text())
+        cfg = BundleConfig(**data)
+    except (json.JSONDecodeError, TypeError) as err:
+        raise BundleError(f"{path} is not a valid bundle file: {err}") from err
+    if cfg.format != FORMAT:
+        raise BundleError(f"{path} has format {cfg.format}; this version reads format {FORMAT}")
+    return cfg
+
+
+def save_projector(path: Path, projector: Projector, info: ProjectorInfo) -> None:
+    """Save weights and self-description in one safetensors file, atomically."""
+    meta = {
+        "config": json.dumps(info.config.to_dict()),
+        "encoder": info.encoder,
+        "llm": info.llm,
+        "data_hash": info.data_hash,
+        "trained": json.dumps(info.trained),
+        "metrics": json.dumps(info.metrics),
+    }
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in projector.state_dict().items()}
+    write_atomic(Path(path), save(tensors, metadata=meta))
+
+
+def load_projector(path: Path, device: str | torch.device = "cpu") -> tuple[Projector, ProjectorInfo]:
+    """Load a projector checkpoint; a corrupt, truncated or mismatched file raises `BundleError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(f"projector weights {path} are missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise BundleError(f"projector weights {path} are corrupt or truncated ({err})") from err
+    try:
+        info = ProjectorInfo(
+            config=ProjectorConfig(**json.loads(meta["config"])),
+            encoder=meta["encoder"],
+            llm=meta["llm"],
+            data_hash=meta.get("data_hash", ""),
+            trained=json.loads(meta.get("trained", "false")),
+            metrics=json.loads(meta.get("metrics", "{}")),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise BundleError(f"projector weights {path} have no valid self-description ({err})") from err
+    projector = build_projector(info.config)
+    try:
+        projector.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise BundleError(f"projector weights {path} do not fit their config: {err}") from err
+    return projector.to(device).eval(), info

@@ -1,0 +1,251 @@
+"""SpeechLLM: frozen Whisper encoder -> trainable projector -> frozen LLM, with instruction injection.
+
+Three ways from audio to (transcript, intent):
+
+- `aligned`: the projected audio tokens are placed in the prompt's `{audio}` slot; the LLM answers with
+  the transcript and the intent.
+- `readout`: the transcript is read straight off the projector outputs (nearest LLM token embedding of
+  each position, no LLM run); the LLM then only maps that text to an intent.
+- `cascade`: Whisper's own decoder transcribes; the LLM maps the text to an intent. Works on day 0
+  (no projector needed) and is the nightly teacher.
+
+For text, the token embeddings of the text go in the `{audio}` slot and the transcript line of the answer
+is given, so the LLM only writes the intent line.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
+)
+
+from ..intents import Intent, parse_answer, parse_intent
+from .bundle import BundleConfig, BundleError, ProjectorInfo, load_bundle_config, load_projector
+from .encoder import AudioEncoder
+from .projector import Projector
+from .prompt import PromptTemplate
+
+PATHS = ("aligned", "readout", "cascade")
+
+
+@dataclass
+class Result:
+    """What the model made of one utterance."""
+
+    transcript: str
+    intent: Intent | None
+    path: str
+    confidence: float | None = None  # cascade: mean log-probability of Whisper's tokens
+    latency_ms: float = 0.0
+
+
+def resolve_ref(folder: Path, ref: str) -> str:
+    """A backbone reference is a folder relative to the bundle, an absolute folder, or a hub id."""
+    local = folder / ref
+    return str(local) if local.is_dir() else ref
+
+
+class SpeechLLM:
+    """One loaded speech-LLM; share it, it is not changed by inference."""
+
+    def __init__(
+        self,
+        *,
+        whisper: WhisperForConditionalGeneration,
+        whisper_tokenizer,
+        feature_extractor: WhisperFeatureExtractor,
+        llm,
+        tokenizer,
+        template: PromptTemplate,
+        projector: Projector | None = None,
+        projector_info: ProjectorInfo | None = None,
+        cascade_pad_30s: bool = False,
+        max_new_tokens: int = 48,
+    ) -> None:
+        self.whisper = whisper.eval().requires_grad_(False)
+        self.whisper_tokenizer = whisper_tokenizer
+        self.encoder = AudioEncoder(whisper.get_encoder(), feature_extractor)
+        self.llm = llm.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.template = template
+        self.projector = projector.eval() if projector is not None else None
+        self.projector_info = projector_info
+        self.cascade_pad_30s = cascade_pad_30s
+        self.max_new_tokens = max_new_tokens
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> SpeechLLM:
+        """Load a bundle folder (see `bundle.py`); backbones come through `from_pretrained`."""
+        folder = Path(folder)
+        cfg: BundleConfig = load_bundle_config(folder)
+        enc_ref, llm_ref = resolve_ref(folder, cfg.encoder), resolve_ref(folder, cfg.llm)
+        try:
+            whisper = WhisperForConditionalGeneration.from_pretrained(enc_ref, dtype=dtype)
+            whisper_tokenizer = AutoTokenizer.from_pretrained(enc_ref)
+            feature_extractor = WhisperFeatureExtractor.from_pretrained(enc_ref)
+            llm = AutoModelForCausalLM.from_pretrained(llm_ref, dtype=dtype, trust_remote_code=False)
+            tokenizer = AutoTokenizer.from_pretrained(llm_ref, trust_remote_code=False)
+        except OSError as err:
+            raise BundleError(f"cannot load the backbones of {folder}: {err}") from err
+        projector = info = None
+        if cfg.projector:
+            projector, info = load_projector(folder / cfg.projector, device)
+            if (info.encoder, info.llm) != (cfg.encoder, cfg.llm):
+                raise BundleError(
+                    f"projector {cfg.projector} was aligned to {info.encoder} + {info.llm}, "
+                    f"but the bundle uses {cfg.encoder} + {cfg.llm}"
+                )
+        return cls(
+            whisper=whisper.to(device),
+            whisper_tokenizer=whisper_tokenizer,
+            feature_extractor=feature_extractor,
+            llm=llm.to(device),
+            tokenizer=tokenizer,
+            template=PromptTemplate(cfg.prompt_template),
+            projector=projector,
+            projector_info=info,
+            cascade_pad_30s=cfg.cascade_pad_30s,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.device
+
+    @property
+    def has_aligned_projector(self) -> bool:
+        return self.projector is not None and self.projector_info is not None and self.projector_info.trained
+
+    # --------------------------------------------------------- building blocks
+    def embed_tokens(self, ids: list[int]) -> torch.Tensor:
+        """LLM input embeddings `[n, D]` of token ids."""
+        table = self.llm.get_input_embeddings()
+        return table(torch.tensor(ids, dtype=torch.long, device=self.device))
+
+    def text_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_embeds(self, content: torch.Tensor, context: str) -> tuple[torch.Tensor, slice]:
+        """Place `content` `[M, D]` in the template's audio slot; returns `[1, L, D]` and the slot's span."""
+        before, after = self.template.split(context)
+        pre, post = self.embed_tokens(self.text_ids(before)), self.embed_tokens(self.text_ids(after))
+        embeds = torch.cat([pre, content.to(pre.dtype), post]).unsqueeze(0)
+        return embeds, slice(len(pre), len(pre) + len(content))
+
+    @torch.no_grad()
+    def project(self, audios: list[np.ndarray]) -> list[torch.Tensor]:
+        """Encoder + projector on a batch of clips; one `[M_i, D]` tensor per clip."""
+        if self.projector is None:
+            raise BundleError("this bundle has no projector: use the cascade path")
+        feats, lengths = self.encoder.encode(audios)
+        out, out_lengths = self.projector(feats, lengths)
+        return [o[: int(n)] for o, n in zip(out, out_lengths, strict=True)]
+
+    @torch.no_grad()
+    def generate(self, embeds: torch.Tensor) -> str:
+        """Greedy answer of the LLM to a prompt given as embeddings `[1, L, D]`."""
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
+        out = self.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        return self.tokenizer.decode(out[0], skip_special_tokens=True)
+
+    @torch.no_grad()
+    def readout(self, embeds: torch.Tensor) -> str:
+        """Nearest-token-embedding decoding of projector outputs `[M, D]` (no LLM run)."""
+        table = self.llm.get_input_embeddings().weight
+        ids = torch.cdist(embeds.to(table.dtype), table).argmin(-1).tolist()
+        special = set(self.tokenizer.all_special_ids)
+        return self.tokenizer.decode([i for i in ids if i not in special]).strip()
+
+    @torch.no_grad()
+    def understand_text(self, text: str, context: str = "") -> Intent | None:
+        """Text -> intent with the LLM; the transcript line of the answer is given."""
+        text = " ".join(text.strip().lower().split())
+        if not text:
+            return None
+        embeds, _ = self.prompt_embeds(self.embed_tokens(self.text_ids(text)), context)
+        answer = self.embed_tokens(self.text_ids(text + "\n")).unsqueeze(0)
+        line = self.generate(torch.cat([embeds, answer], dim=1))
+        return parse_intent(line.strip().split("\n")[0])
+
+    @torch.no_grad()
+    def transcribe_cascade(self, audio: np.ndarray, language: str | None = None) -> tuple[str, float]:
+        """Whisper's own greedy transcript and its mean token log-probability."""
+        mel, mel_lengths = self.encoder.features([audio])
+        if self.cascade_pad_30s:
+            mel = torch.nn.functional.pad(
+                mel, (0, 2 * self.whisper.config.max_source_positions - mel.shape[-1])
+            )
+            mel_lengths = torch.tensor([mel.shape[-1]])
+        feats, _ = self.encoder(mel.to(self.device), mel_lengths)
+        gen = self.whisper.generation_config
+        ids = [gen.decoder_start_token_id]
+        lang_ids = getattr(gen, "lang_to_id", None) or {}
+        if getattr(gen, "is_multilingual", False) and f"<|{language or 'en'}|>" in lang_ids:
+            ids.append(lang_ids[f"<|{language or 'en'}|>"])
+        if getattr(gen, "task_to_id", None):
+            ids.append(gen.task_to_id["transcribe"])
+        if getattr(gen, "no_timestamps_token_id", None) is not None:
+            ids.append(gen.no_timestamps_token_id)
+        eos = gen.eos_token_id
+        banned = [i for i in self.whisper_tokenizer.all_special_ids if i != eos]
+        if getattr(gen, "no_timestamps_token_id", None) is not None:
+            banned += list(range(gen.no_timestamps_token_id, self.whisper.config.vocab_size))
+        start, logprobs = len(ids), []
+        for _ in range(self.whisper.config.max_target_positions - len(ids)):
+            logits = (
+                self.whisper(
+                    encoder_outputs=(feats,), decoder_input_ids=torch.tensor([ids], device=self.device)
+                )
+                .logits[0, -1]
+                .float()
+            )
+            logits[banned] = -float("inf")
+            logp = torch.log_softmax(logits, -1)
+            token = int(logp.argmax())
+            logprobs.append(float(logp[token]))
+            if token == eos:
+                break
+            ids.append(token)
+        text = self.whisper_tokenizer.decode(ids[start:], skip_special_tokens=True)
+        return " ".join(text.strip().lower().split()), float(np.mean(logprobs)) if logprobs else 0.0
+
+    # ------------------------------------------------------------------ paths
+    @torch.no_grad()
+    def run(
+        self, audio: np.ndarray, path: str = "aligned", context: str = "", language: str | None = None
+    ) -> Result:
+        """Audio (float32, 16 kHz mono) -> transcript and intent along one path."""
+        if path not in PATHS:
+            raise ValueError(f"unknown path {path!r}; expected one of {', '.join(PATHS)}")
+        t0 = time.perf_counter()
+        if audio.size == 0 or float(np.abs(audio).max(initial=0.0)) < 1e-4:
+            return Result("", None, path)
+        confidence = None
+        if path == "cascade":
+            transcript, confidence = self.transcribe_cascade(audio, language)
+            intent = self.understand_text(transcript, context)
+        else:
+            (content,) = self.project([audio])
+            if path == "readout":
+                transcript = self.readout(content)
+                intent = self.understand_text(transcript, context)
+            else:
+                embeds, _ = self.prompt_embeds(content, context)
+                transcript, intent = parse_answer(self.generate(embeds))
+        return Result(transcript, intent, path, confidence, (time.perf_counter() - t0) * 1000)
