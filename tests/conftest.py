@@ -5,10 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from wyoming_tinyalign.devmodel import build_dev_model
 from wyoming_tinyalign.households import load_households
 from wyoming_tinyalign.synth import render_corpus
+
+# Tiny models gain nothing from more threads, and a test process shares the CPU with the servers it
+# starts: oversubscribed torch threads run several times slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

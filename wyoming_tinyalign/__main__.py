@@ -18,6 +18,7 @@ from .evaluate import add_eval_args, run_eval
 from .model.bundle import BundleError
 from .serve import add_serve_args, run_serve
 from .synth import add_synth_args, run_synth
+from .train import add_train_args, run_train
 
 _LOGGER = logging.getLogger(__name__)
 ENV_PREFIX = "WYOMING_TINYALIGN_"
@@ -62,6 +63,7 @@ COMMANDS = {
     "synth": ("render synthetic household speech with espeak-ng", add_synth_args, run_synth),
     "dev-model": ("build the offline development model", _add_dev_model_args, _run_dev_model),
     "eval": ("evaluate a model on a manifest", add_eval_args, run_eval),
+    "train": ("align a projector (EmbedLink or generative)", add_train_args, run_train),
 }
 
 

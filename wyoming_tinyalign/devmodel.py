@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -36,15 +37,16 @@ from transformers import (
 )
 
 from .corpus import Command, generate_commands, random_household
+from .evaluate import evaluate_items, evaluate_text
 from .households import Household, context_text, load_households
 from .intents import format_answer
 from .manifest import load_utterances
-from .model.bundle import BundleConfig, ProjectorInfo, save_bundle_config, save_projector
+from .model.bundle import BundleConfig, load_bundle_config, save_bundle_config
 from .model.encoder import AudioEncoder
-from .model.projector import ProjectorConfig, build_projector
-from .model.prompt import DEFAULT_TEMPLATE, PromptTemplate
-from .model.speechllm import SpeechLLM
+from .model.prompt import DEFAULT_TEMPLATE, PromptTemplate, answer_ids
+from .model.speechllm import PATHS, SpeechLLM
 from .synth import render_corpus
+from .train import STATE_DIR, Progress, TrainConfig, train
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -79,41 +81,30 @@ class DevSize:
     whisper_heads: int
     whisper_steps: int
     speech_utterances: int
+    val_utterances: int
     eval_utterances: int
     projector_hidden: int
     heldout_commands: int
+    align_minutes: float
+    align_epochs: int
     cast_len: int = 24
     batch: int = 32
 
 
 SIZES = {
     "micro": DevSize(
-        vocab=400, llm_hidden=64, llm_layers=2, llm_heads=2, llm_steps=60,
-        whisper_dim=64, whisper_enc_layers=1, whisper_dec_layers=1, whisper_heads=2, whisper_steps=30,
-        speech_utterances=48, eval_utterances=12, projector_hidden=64, heldout_commands=24, batch=16,
+        vocab=400, llm_hidden=64, llm_layers=2, llm_heads=2, llm_steps=200,
+        whisper_dim=64, whisper_enc_layers=1, whisper_dec_layers=1, whisper_heads=2, whisper_steps=60,
+        speech_utterances=48, val_utterances=8, eval_utterances=12, projector_hidden=64, heldout_commands=24,
+        align_minutes=1, align_epochs=2, batch=16,
     ),
     "small": DevSize(
         vocab=700, llm_hidden=256, llm_layers=3, llm_heads=4, llm_steps=1200,
         whisper_dim=192, whisper_enc_layers=3, whisper_dec_layers=2, whisper_heads=4, whisper_steps=2000,
-        speech_utterances=2400, eval_utterances=150, projector_hidden=256, heldout_commands=240, batch=16,
+        speech_utterances=2400, val_utterances=100, eval_utterances=150, projector_hidden=256,
+        heldout_commands=240, align_minutes=4, align_epochs=200, batch=16,
     ),
 }  # fmt: skip
-
-
-class Progress:
-    """A progress line with loss and ETA, logged at most every few seconds."""
-
-    def __init__(self, name: str, total: int, every_s: float = 5.0) -> None:
-        self.name, self.total, self.every_s = name, total, every_s
-        self.start = self.last = time.monotonic()
-
-    def update(self, step: int, loss: float) -> None:
-        now = time.monotonic()
-        if now - self.last < self.every_s and step < self.total:
-            return
-        self.last = now
-        eta = (now - self.start) / step * (self.total - step)
-        _LOGGER.info("%s %d/%d loss %.4f eta %.0fs", self.name, step, self.total, loss, eta)
 
 
 # ------------------------------------------------------------------ tokenizer
@@ -201,9 +192,7 @@ def encode_llm_examples(
         if rng.random() < 0.5:  # as the projector delivers it: padded to the cast length
             content = content + [tokenizer.pad_token_id] * (cast_len - len(content))
         prompt = ids(before) + content + ids(after)
-        answer = format_answer(ex.transcript, ex.answer.intent if ex.answer else None)
-        line1, _, line2 = answer.partition("\n")
-        target = ids(line1 + "\n") + ids(line2) + [tokenizer.eos_token_id]
+        target = answer_ids(tokenizer, ex.transcript, ex.answer.intent if ex.answer else None)
         out.append((prompt + target, len(prompt)))
     return out
 
@@ -368,8 +357,6 @@ def train_whisper(
 # ---------------------------------------------------------------------- build
 def build_dev_model(out: Path, size_name: str = "small", seed: int = 0, work_dir: Path | None = None) -> dict:
     """Build the dev bundle in `out`; returns the build report (times, accuracies)."""
-    from .evaluate import evaluate_text, word_error_rate
-
     size = SIZES[size_name]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -379,52 +366,58 @@ def build_dev_model(out: Path, size_name: str = "small", seed: int = 0, work_dir
     times: dict[str, float] = {}
     t_all = t = time.monotonic()
 
-    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
-        _LOGGER.info(
-            "rendering %d utterances of synthetic speech", size.speech_utterances + size.eval_utterances
-        )
-        train_manifest = render_corpus(Path(tmp) / "train", households, size.speech_utterances, seed)
-        eval_manifest = render_corpus(Path(tmp) / "eval", households, size.eval_utterances, seed + 1)
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp_name:
+        tmp = Path(tmp_name)
+        n_all = size.speech_utterances + size.val_utterances + size.eval_utterances
+        _LOGGER.info("rendering %d utterances of synthetic speech", n_all)
+        train_manifest = render_corpus(tmp / "train", households, size.speech_utterances, seed)
+        val_manifest = render_corpus(tmp / "val", households, size.val_utterances, seed + 1)
+        heldout = load_utterances(render_corpus(tmp / "heldout", households, size.eval_utterances, seed + 2))
         speech = [(a, u.text) for u, a in load_utterances(train_manifest)]
-        eval_speech = load_utterances(eval_manifest)
-    times["speech_s"] = time.monotonic() - t
+        times["speech_s"] = time.monotonic() - t
 
-    t = time.monotonic()
-    examples = text_examples(households, size.llm_steps * size.batch // 2 + 1000, rng)
-    texts = [format_answer(e.transcript, e.answer.intent if e.answer else None) for e in examples]
-    texts += [context_text(h) for h in households] + [template.text] + [t for _, t in speech]
-    tokenizer = train_tokenizer(texts, size.vocab)
-    encoded = encode_llm_examples(tokenizer, template, examples, size.cast_len, rng)
-    llm = train_llm(tokenizer, encoded, size, seed)
-    times["llm_s"] = time.monotonic() - t
+        t = time.monotonic()
+        examples = text_examples(households, size.llm_steps * size.batch // 2 + 1000, rng)
+        texts = [format_answer(e.transcript, e.answer.intent if e.answer else None) for e in examples]
+        texts += [context_text(h) for h in households] + [template.text] + [t for _, t in speech]
+        tokenizer = train_tokenizer(texts, size.vocab)
+        encoded = encode_llm_examples(tokenizer, template, examples, size.cast_len, rng)
+        llm = train_llm(tokenizer, encoded, size, seed)
+        times["llm_s"] = time.monotonic() - t
 
-    t = time.monotonic()
-    feature_extractor = WhisperFeatureExtractor(feature_size=80)
-    whisper = train_whisper(tokenizer, feature_extractor, speech, size, seed)
-    times["whisper_s"] = time.monotonic() - t
+        t = time.monotonic()
+        feature_extractor = WhisperFeatureExtractor(feature_size=80)
+        whisper = train_whisper(tokenizer, feature_extractor, speech, size, seed)
+        times["whisper_s"] = time.monotonic() - t
 
-    for sub, model in (("llm", llm), ("whisper", whisper)):
-        model.save_pretrained(out / sub)
-        tokenizer.save_pretrained(out / sub)
-    feature_extractor.save_pretrained(out / "whisper")
-    embed_norm = float(llm.get_input_embeddings().weight.detach().norm(dim=-1).mean())
-    proj_cfg = ProjectorConfig(
-        kind="bridgeformer",
-        input_dim=whisper.config.d_model,
-        output_dim=llm.config.hidden_size,
-        embed_norm=embed_norm,
-        hidden_dim=size.projector_hidden,
-        cast_len=size.cast_len,
-        heads=max(2, size.projector_hidden // 64),
-    )
-    torch.manual_seed(seed)
-    save_projector(
-        out / "projector.safetensors", build_projector(proj_cfg), ProjectorInfo(proj_cfg, "whisper", "llm")
-    )
-    cfg = BundleConfig(encoder="whisper", llm="llm", prompt_template=template.text)
-    save_bundle_config(out, cfg)
+        for sub, model in (("llm", llm), ("whisper", whisper)):
+            model.save_pretrained(out / sub)
+            tokenizer.save_pretrained(out / sub)
+        feature_extractor.save_pretrained(out / "whisper")
+        save_bundle_config(
+            out, BundleConfig(encoder="whisper", llm="llm", prompt_template=template.text, projector=None)
+        )
 
-    # Held-out checks through the loading code real models use.
+        # Align a BridgeFormer with EmbedLink on the same speech, through the loading code real models use.
+        t = time.monotonic()
+        model = SpeechLLM.load(out)
+        align = TrainConfig(
+            objective="embedlink",
+            projector="bridgeformer",
+            hidden_dim=size.projector_hidden,
+            heads=max(2, size.projector_hidden // 64),
+            cast_len=size.cast_len,
+            batch=size.batch,
+            max_minutes=size.align_minutes,
+            max_epochs=size.align_epochs,
+            val_every_s=size.align_minutes * 6,  # about ten validations in the budget
+            seed=seed,
+        )
+        train(out, train_manifest, val_manifest, out, align, cache_dir=tmp / "features", model=model)
+        shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+        times["projector_s"] = time.monotonic() - t
+
+    # Held-out checks on the finished bundle.
     t = time.monotonic()
     model = SpeechLLM.load(out)
     held_rng = random.Random(seed + 100)
@@ -435,7 +428,9 @@ def build_dev_model(out: Path, size_name: str = "small", seed: int = 0, work_dir
         for h in (random_household(held_rng) for _ in range(size.heldout_commands // 4))
         for c in generate_commands(h, 4, held_rng)
     ]
-    hyps = [model.transcribe_cascade(a)[0] for _, a in eval_speech]
+    contexts = {h.name: context_text(h) for h in households}
+    items = [(u, a, contexts[u.household]) for u, a in heldout]
+    paths = {path: evaluate_items(model, items, path) for path in PATHS}
     report = {
         "size": size_name,
         "seed": seed,
@@ -444,12 +439,13 @@ def build_dev_model(out: Path, size_name: str = "small", seed: int = 0, work_dir
         "vocab_size": len(tokenizer),
         "llm_text_intent_accuracy_seen_households": evaluate_text(model, seen),
         "llm_text_intent_accuracy_unseen_names": evaluate_text(model, unseen),
-        "whisper_wer_heldout": word_error_rate([u.text for u, _ in eval_speech], hyps),
-        "n_heldout_speech": len(eval_speech),
+        "n_heldout_speech": len(heldout),
+        **{f"{p}_{k}": r[k] for p, r in paths.items() for k in ("intent_accuracy", "wer", "latency_ms_p50")},
         **{k: round(v, 1) for k, v in times.items()},
     }
     report["eval_s"] = round(time.monotonic() - t, 1)
     report["build_s"] = round(time.monotonic() - t_all, 1)
-    cfg.metadata = {"dev_model": report}
+    cfg = load_bundle_config(out)
+    cfg.metadata["dev_model"] = report
     save_bundle_config(out, cfg)
     return report

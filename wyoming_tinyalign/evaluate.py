@@ -12,8 +12,8 @@ import numpy as np
 
 from .corpus import Command
 from .households import context_text, load_households
-from .manifest import load_utterances, read_manifest
-from .model.speechllm import PATHS, SpeechLLM
+from .manifest import Utterance, load_utterances, read_manifest
+from .model.speechllm import PATHS, Result, SpeechLLM
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -48,33 +48,40 @@ def evaluate_text(model: SpeechLLM, pairs: list[tuple[Command, str]]) -> float:
     return hits / max(1, len(pairs))
 
 
-def evaluate_manifest(
-    model: SpeechLLM, manifest: Path, path: str, households_file: Path | None = None, context: bool = True
-) -> dict:
-    """Run every utterance of a manifest along one path; WER, intent accuracy and latency."""
-    contexts = {h.name: context_text(h) for h in load_households(households_file)} if context else {}
-    refs, hyps, exact, names, latencies = [], [], 0, 0, []
-    loaded = load_utterances(manifest)
-    for utt, audio in loaded:
-        result = model.run(audio, path, contexts.get(utt.household, ""))
-        refs.append(utt.text)
-        hyps.append(result.transcript)
-        latencies.append(result.latency_ms)
-        if utt.intent is not None:
-            exact += utt.intent.matches(result.intent)
-            names += result.intent is not None and result.intent.name == utt.intent.name
-    n = len(refs)
+def score(pairs: list[tuple[Utterance, Result]]) -> dict:
+    """WER, intent accuracy (exact and name only) and latency percentiles of results."""
+    n = len(pairs)
+    latencies = [r.latency_ms for _, r in pairs]
+    exact = sum(u.intent.matches(r.intent) for u, r in pairs if u.intent is not None)
+    names = sum(
+        r.intent is not None and r.intent.name == u.intent.name for u, r in pairs if u.intent is not None
+    )
     return {
-        "path": path,
         "n": n,
-        "skipped": len(read_manifest(manifest)) - n,
-        "wer": round(word_error_rate(refs, hyps), 4),
+        "wer": round(word_error_rate([u.text for u, _ in pairs], [r.transcript for _, r in pairs]), 4),
         "intent_accuracy": round(exact / max(1, n), 4),
         "intent_name_accuracy": round(names / max(1, n), 4),
         "latency_ms_p50": round(float(np.percentile(latencies, 50)), 1) if n else None,
         "latency_ms_p95": round(float(np.percentile(latencies, 95)), 1) if n else None,
-        "household_context": context,
     }
+
+
+def evaluate_items(
+    model: SpeechLLM, items: list[tuple[Utterance, np.ndarray, str]], path: str, with_intent: bool = True
+) -> dict:
+    """Run (utterance, audio, household context) items along one path and score them."""
+    results = [(u, model.run(a, path, ctx, with_intent=with_intent)) for u, a, ctx in items]
+    return {"path": path, **score(results)}
+
+
+def evaluate_manifest(
+    model: SpeechLLM, manifest: Path, path: str, households_file: Path | None = None, context: bool = True
+) -> dict:
+    """Evaluate every readable utterance of a manifest, each with its household's context."""
+    contexts = {h.name: context_text(h) for h in load_households(households_file)} if context else {}
+    loaded = load_utterances(manifest)
+    report = evaluate_items(model, [(u, a, contexts.get(u.household, "")) for u, a in loaded], path)
+    return {**report, "skipped": len(read_manifest(manifest)) - len(loaded), "household_context": context}
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:

@@ -39,6 +39,7 @@ class BundleConfig:
     llm: str
     prompt_template: str
     projector: str | None = PROJECTOR_FILE
+    lora: str | None = None  # folder of LoRA adapters for the LLM, trained with the projector
     cascade_pad_30s: bool = False  # real Whisper decodes best on 30 s padded input
     metadata: dict = field(default_factory=dict)
     format: int = FORMAT

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..intents import Intent, format_answer
+
 DEFAULT_TEMPLATE = "home: {context}\nheard: {audio}\nanswer:\n"
 
 
@@ -26,3 +28,14 @@ class PromptTemplate:
         """The text before and after the audio slot, with the household context filled in."""
         before, after = self.text.split("{audio}")
         return before.replace("{context}", context), after.replace("{context}", context)
+
+
+def answer_ids(tokenizer, transcript: str, intent: Intent | None) -> list[int]:
+    """Token ids of the LLM's answer, ending in EOS.
+
+    The transcript line (with its newline) is tokenized on its own, so that the text path can hand it
+    to the LLM and let it write only the intent line.
+    """
+    line1, _, line2 = format_answer(transcript, intent).partition("\n")
+    ids = tokenizer(line1 + "\n", add_special_tokens=False)["input_ids"]
+    return ids + tokenizer(line2, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]

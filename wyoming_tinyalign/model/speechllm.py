@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from peft import PeftModel
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -95,6 +96,8 @@ class SpeechLLM:
             feature_extractor = WhisperFeatureExtractor.from_pretrained(enc_ref)
             llm = AutoModelForCausalLM.from_pretrained(llm_ref, dtype=dtype, trust_remote_code=False)
             tokenizer = AutoTokenizer.from_pretrained(llm_ref, trust_remote_code=False)
+            if cfg.lora:
+                llm = PeftModel.from_pretrained(llm, str(folder / cfg.lora)).merge_and_unload()
         except OSError as err:
             raise BundleError(f"cannot load the backbones of {folder}: {err}") from err
         projector = info = None
@@ -151,6 +154,14 @@ class SpeechLLM:
         return [o[: int(n)] for o, n in zip(out, out_lengths, strict=True)]
 
     @torch.no_grad()
+    def project_features(self, feats: torch.Tensor) -> torch.Tensor:
+        """Projector on one clip's encoder features `[N, Da]` -> `[M, D]`."""
+        if self.projector is None:
+            raise BundleError("this bundle has no projector: use the cascade path")
+        out, out_lengths = self.projector(feats.unsqueeze(0), torch.tensor([len(feats)], device=feats.device))
+        return out[0, : int(out_lengths[0])]
+
+    @torch.no_grad()
     def generate(self, embeds: torch.Tensor) -> str:
         """Greedy answer of the LLM to a prompt given as embeddings `[1, L, D]`."""
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
@@ -184,15 +195,8 @@ class SpeechLLM:
         return parse_intent(line.strip().split("\n")[0])
 
     @torch.no_grad()
-    def transcribe_cascade(self, audio: np.ndarray, language: str | None = None) -> tuple[str, float]:
-        """Whisper's own greedy transcript and its mean token log-probability."""
-        mel, mel_lengths = self.encoder.features([audio])
-        if self.cascade_pad_30s:
-            mel = torch.nn.functional.pad(
-                mel, (0, 2 * self.whisper.config.max_source_positions - mel.shape[-1])
-            )
-            mel_lengths = torch.tensor([mel.shape[-1]])
-        feats, _ = self.encoder(mel.to(self.device), mel_lengths)
+    def transcribe_cascade(self, feats: torch.Tensor, language: str | None = None) -> tuple[str, float]:
+        """Whisper's own greedy transcript of encoder features `[N, Da]`, and its mean token log-prob."""
         gen = self.whisper.generation_config
         ids = [gen.decoder_start_token_id]
         lang_ids = getattr(gen, "lang_to_id", None) or {}
@@ -204,17 +208,12 @@ class SpeechLLM:
             ids.append(gen.no_timestamps_token_id)
         eos = gen.eos_token_id
         banned = [i for i in self.whisper_tokenizer.all_special_ids if i != eos]
-        if getattr(gen, "no_timestamps_token_id", None) is not None:
-            banned += list(range(gen.no_timestamps_token_id, self.whisper.config.vocab_size))
+        encoder_outputs = (feats.unsqueeze(0).to(self.device),)
         start, logprobs = len(ids), []
         for _ in range(self.whisper.config.max_target_positions - len(ids)):
-            logits = (
-                self.whisper(
-                    encoder_outputs=(feats,), decoder_input_ids=torch.tensor([ids], device=self.device)
-                )
-                .logits[0, -1]
-                .float()
-            )
+            decoder_ids = torch.tensor([ids], device=self.device)
+            logits = self.whisper(encoder_outputs=encoder_outputs, decoder_input_ids=decoder_ids).logits
+            logits = logits[0, -1].float()
             logits[banned] = -float("inf")
             logp = torch.log_softmax(logits, -1)
             token = int(logp.argmax())
@@ -225,26 +224,62 @@ class SpeechLLM:
         text = self.whisper_tokenizer.decode(ids[start:], skip_special_tokens=True)
         return " ".join(text.strip().lower().split()), float(np.mean(logprobs)) if logprobs else 0.0
 
+    @torch.no_grad()
+    def encode(self, audio: np.ndarray, pad_30s: bool = False) -> torch.Tensor:
+        """Encoder features `[N, Da]` of one clip (its true length, or padded to 30 s)."""
+        mel, mel_lengths = self.encoder.features([audio])
+        if pad_30s:
+            mel = torch.nn.functional.pad(
+                mel, (0, 2 * self.whisper.config.max_source_positions - mel.shape[-1])
+            )
+            mel_lengths = torch.tensor([mel.shape[-1]])
+        feats, lengths = self.encoder(mel.to(self.device), mel_lengths)
+        return feats[0, : int(lengths[0])]
+
     # ------------------------------------------------------------------ paths
     @torch.no_grad()
     def run(
-        self, audio: np.ndarray, path: str = "aligned", context: str = "", language: str | None = None
+        self,
+        audio: np.ndarray,
+        path: str = "aligned",
+        context: str = "",
+        language: str | None = None,
+        with_intent: bool = True,
     ) -> Result:
-        """Audio (float32, 16 kHz mono) -> transcript and intent along one path."""
+        """Audio (float32, 16 kHz mono) -> transcript and intent along one path.
+
+        `with_intent=False` skips the LLM on the readout and cascade paths (transcript only).
+        """
         if path not in PATHS:
             raise ValueError(f"unknown path {path!r}; expected one of {', '.join(PATHS)}")
         t0 = time.perf_counter()
         if audio.size == 0 or float(np.abs(audio).max(initial=0.0)) < 1e-4:
             return Result("", None, path)
+        feats = self.encode(audio, pad_30s=path == "cascade" and self.cascade_pad_30s)
+        result = self.run_features(feats, path, context, language, with_intent)
+        result.latency_ms = (time.perf_counter() - t0) * 1000
+        return result
+
+    @torch.no_grad()
+    def run_features(
+        self,
+        feats: torch.Tensor,
+        path: str,
+        context: str = "",
+        language: str | None = None,
+        with_intent: bool = True,
+    ) -> Result:
+        """`run` from encoder features `[N, Da]` (training validates on cached features)."""
+        t0 = time.perf_counter()
         confidence = None
         if path == "cascade":
-            transcript, confidence = self.transcribe_cascade(audio, language)
-            intent = self.understand_text(transcript, context)
+            transcript, confidence = self.transcribe_cascade(feats, language)
+            intent = self.understand_text(transcript, context) if with_intent else None
         else:
-            (content,) = self.project([audio])
+            content = self.project_features(feats)
             if path == "readout":
                 transcript = self.readout(content)
-                intent = self.understand_text(transcript, context)
+                intent = self.understand_text(transcript, context) if with_intent else None
             else:
                 embeds, _ = self.prompt_embeds(content, context)
                 transcript, intent = parse_answer(self.generate(embeds))

@@ -1,0 +1,255 @@
+"""Alignment benchmark: the Tiny-Align paper's claims, measured side by side in one run.
+
+    python benchmarks/alignment.py --model /tmp/small --work /tmp/bench-align [--budget-minutes 3]
+
+`--model` is a small dev bundle (built there first if the folder has none). Prints markdown tables
+(paste them into benchmarks/RESULTS.md) and writes every figure to WORK/alignment.json:
+
+1. seconds per training step: EmbedLink vs generative vs generative+LoRA, at dev-model size and at
+   real-size shapes (whisper-base encoder + Qwen2.5-0.5B LLM shapes, random weights);
+2. training time to reach a fixed validation intent accuracy at dev-model size;
+3. BridgeFormer vs MLP vs linear, same data and time budget, with and without household context in the
+   prompt (instruction injection), on the aligned and the readout paths;
+4. the cast length T and layer-count sweep behind the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from dataclasses import replace
+from datetime import date
+from pathlib import Path
+
+import torch
+from transformers import (
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
+)
+
+from wyoming_tinyalign.devmodel import build_dev_model
+from wyoming_tinyalign.evaluate import evaluate_items
+from wyoming_tinyalign.households import context_text, load_households
+from wyoming_tinyalign.manifest import load_utterances, read_manifest
+from wyoming_tinyalign.model.prompt import DEFAULT_TEMPLATE, PromptTemplate
+from wyoming_tinyalign.model.speechllm import SpeechLLM
+from wyoming_tinyalign.synth import render_corpus
+from wyoming_tinyalign.train import Example, TrainConfig, setup_projector, train, train_step
+
+_LOGGER = logging.getLogger("alignment")
+VARIANTS = {  # name -> (objective, LoRA rank)
+    "EmbedLink": ("embedlink", 0),
+    "generative": ("generative", 0),
+    "generative+LoRA": ("generative", 8),
+}
+
+
+def corpus(work: Path) -> dict[str, Path]:
+    """Train / validation / held-out speech of the base households (rendered once, then reused)."""
+    households = [h for h in load_households() if h.split == "base"]
+    sizes = {"train": (1200, 21), "val": (100, 22), "heldout": (200, 23)}
+    out = {}
+    for name, (n, seed) in sizes.items():
+        manifest = work / name / "manifest.jsonl"
+        if not manifest.is_file():
+            render_corpus(work / name, households, n, seed)
+        out[name] = manifest
+    return out
+
+
+def step_seconds(model: SpeechLLM, examples: list[Example], objective: str, lora_r: int, steps: int) -> float:
+    """Median seconds of one optimizer step (after one warm-up step), batch = len(examples)."""
+    cfg = TrainConfig(objective=objective, lora_r=lora_r)
+    projector, params = setup_projector(model, cfg)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        train_step(model, projector, opt, params, objective, examples)
+        if i:
+            times.append(time.perf_counter() - t0)
+    if lora_r:
+        model.llm = model.llm.unload()  # take the adapters off again
+    return statistics.median(times)
+
+
+def real_size_model(dev: SpeechLLM) -> SpeechLLM:
+    """whisper-base encoder and Qwen2.5-0.5B shapes with random weights (the compute is real)."""
+    whisper = WhisperForConditionalGeneration(
+        WhisperConfig(
+            d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
+            decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048, vocab_size=51865,
+        )
+    )  # fmt: skip
+    llm = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+            num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
+            pad_token_id=dev.tokenizer.pad_token_id, eos_token_id=dev.tokenizer.eos_token_id,
+        )
+    )  # fmt: skip
+    return SpeechLLM(
+        whisper=whisper,
+        whisper_tokenizer=dev.whisper_tokenizer,
+        feature_extractor=WhisperFeatureExtractor(feature_size=80),
+        llm=llm,
+        tokenizer=dev.tokenizer,  # ids stay within the big vocabulary; the compute is what counts
+        template=PromptTemplate(DEFAULT_TEMPLATE),
+    )
+
+
+def section_step_times(dev: SpeechLLM, manifests: dict[str, Path], batch: int) -> list[dict]:
+    households = {h.name: context_text(h) for h in load_households()}
+    loaded = load_utterances(manifests["train"])
+    rows = []
+    # Real-size generative steps take tens of seconds on 2 cores: a smaller batch, fewer steps.
+    for size, model, steps, n in (("dev", dev, 10, batch), ("real", None, 2, 4)):
+        if model is None:
+            _LOGGER.info("building real-size random backbones")
+            model = real_size_model(dev)
+        feats, lengths = model.encoder.encode([a for _, a in loaded[:n]])
+        examples = [
+            Example(f[: int(k)], u, households[u.household])
+            for (u, _), f, k in zip(loaded[:n], feats, lengths, strict=True)
+        ]
+        row = {"size": size, "batch": n}
+        for name, (objective, lora_r) in VARIANTS.items():
+            row[name] = step_seconds(model, examples, objective, lora_r, steps)
+            _LOGGER.info("%s %s: %.3f s/step", size, name, row[name])
+        rows.append(row)
+    return rows
+
+
+def run_train(model_dir: Path, manifests: dict[str, Path], work: Path, name: str, cfg: TrainConfig) -> dict:
+    result = train(
+        model_dir, manifests["train"], manifests["val"], work / "runs" / name, cfg, cache_dir=work / "cache"
+    )
+    return {"history": result.history, "best": result.best, "step_ms": result.step_ms}
+
+
+def evaluate_bundle(bundle: Path, manifests: dict[str, Path]) -> dict:
+    """Held-out intent accuracy and WER, aligned and readout paths, with and without context."""
+    model = SpeechLLM.load(bundle)
+    contexts = {h.name: context_text(h) for h in load_households()}
+    loaded = load_utterances(manifests["heldout"])
+    out = {}
+    for path in ("aligned", "readout"):
+        for ctx in (True, False):
+            items = [(u, a, contexts[u.household] if ctx else "") for u, a in loaded]
+            r = evaluate_items(model, items, path)
+            out[f"{path}/{'context' if ctx else 'none'}"] = {k: r[k] for k in ("intent_accuracy", "wer")}
+    return out
+
+
+def time_to(history: list[dict], accuracy: float) -> float | None:
+    return next((h["train_s"] for h in history if h["intent_accuracy"] >= accuracy), None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="small dev bundle (built if missing)")
+    parser.add_argument("--work", type=Path, required=True, help="folder for speech, caches and runs")
+    parser.add_argument("--budget-minutes", type=float, default=3.0, help="training budget per run")
+    parser.add_argument("--target-accuracy", type=float, default=0.8, help="for time-to-quality")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    started = time.monotonic()
+    if not (args.model / "bundle.json").is_file():
+        build_dev_model(args.model, "small")
+    args.work.mkdir(parents=True, exist_ok=True)
+    manifests = corpus(args.work)
+    results: dict = {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
+        "train_utterances": len(read_manifest(manifests["train"])),
+        "heldout_utterances": len(read_manifest(manifests["heldout"])),
+        "budget_minutes": args.budget_minutes,
+    }
+
+    dev = SpeechLLM.load(args.model)
+    results["step_seconds"] = section_step_times(dev, manifests, args.batch)
+
+    base = TrainConfig(max_minutes=args.budget_minutes, val_every_s=15, patience=1000, batch=args.batch)
+    results["objectives"] = {}
+    for name, (objective, lora_r) in VARIANTS.items():
+        cfg = replace(base, objective=objective, lora_r=lora_r)
+        run = run_train(args.model, manifests, args.work, f"objective-{objective}-{lora_r}", cfg)
+        run["time_to_target_s"] = time_to(run["history"], args.target_accuracy)
+        results["objectives"][name] = run
+
+    results["projectors"] = {}
+    for kind, stack in (("bridgeformer", 4), ("mlp", 5), ("linear", 5)):
+        run = run_train(
+            args.model, manifests, args.work, f"projector-{kind}", replace(base, projector=kind, stack=stack)
+        )
+        run["heldout"] = evaluate_bundle(args.work / "runs" / f"projector-{kind}", manifests)
+        results["projectors"][kind] = run
+
+    results["sweep"] = {}
+    for cast_len, layers in ((12, 2), (32, 2), (24, 1), (24, 4)):
+        name = f"T{cast_len}-L{layers}"
+        run = run_train(
+            args.model, manifests, args.work, f"sweep-{name}", replace(base, cast_len=cast_len, layers=layers)
+        )
+        run["heldout"] = evaluate_bundle(args.work / "runs" / f"sweep-{name}", manifests)
+        results["sweep"][name] = run
+    results["sweep"]["T24-L2"] = results["projectors"]["bridgeformer"]
+    results["wall_minutes"] = round((time.monotonic() - started) / 60, 1)
+    (args.work / "alignment.json").write_text(json.dumps(results, indent=2))
+    print(report(results, args.target_accuracy))
+
+
+def report(r: dict, target: float) -> str:
+    """Markdown tables of the results."""
+    lines = [
+        f"Date {r['date']}; machine: {r['machine']}; budget {r['budget_minutes']} min per run; "
+        f"{r['train_utterances']} training / {r['heldout_utterances']} held-out utterances.",
+        "",
+    ]
+    lines += [
+        "| s per step | batch | " + " | ".join(VARIANTS) + " | generative / EmbedLink | +LoRA / EmbedLink |"
+    ]
+    lines += ["|---" * 7 + "|"]
+    for row in r["step_seconds"]:
+        cells = " | ".join(f"{row[v]:.4f}" for v in VARIANTS)
+        ratios = (
+            f"{row['generative'] / row['EmbedLink']:.0f}x | {row['generative+LoRA'] / row['EmbedLink']:.0f}x"
+        )
+        lines.append(f"| {row['size']} size | {row['batch']} | {cells} | {ratios} |")
+    lines += [
+        "",
+        f"| objective (dev size) | steps | best val intent acc | train s to {target:.0%} |",
+        "|---|---|---|---|",
+    ]
+    for name, run in r["objectives"].items():
+        t = run["time_to_target_s"]
+        best = run["best"]
+        reached = t if t is not None else "not reached"
+        lines.append(
+            f"| {name} | {best.get('step', '-')} | {best.get('intent_accuracy', 0):.3f} | {reached} |"
+        )
+    header = "| path | intent acc (context) | intent acc (none) | WER (context) | WER (none) |"
+    for title, runs in (("projector", r["projectors"]), ("BridgeFormer T-layers", r["sweep"])):
+        lines += ["", f"| {title} {header}", "|---" * 6 + "|"]
+        for name, run in runs.items():
+            h = run["heldout"]
+            for path in ("aligned", "readout"):
+                c, n = h[f"{path}/context"], h[f"{path}/none"]
+                acc = f"{c['intent_accuracy']:.3f} | {n['intent_accuracy']:.3f}"
+                lines.append(f"| {name} | {path} | {acc} | {c['wer']:.3f} | {n['wer']:.3f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Alignment training on the micro dev model: both objectives learn, the feature cache, resume, LoRA."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from wyoming_tinyalign.households import load_households
+from wyoming_tinyalign.model.bundle import load_bundle_config
+from wyoming_tinyalign.model.speechllm import SpeechLLM
+from wyoming_tinyalign.synth import render_corpus
+from wyoming_tinyalign.train import STATE_DIR, TrainConfig, train
+
+FAST = dict(hidden_dim=32, heads=2, layers=1, batch=4, lr=3e-3, warmup=1, patience=100)
+
+
+@pytest.fixture(scope="module")
+def tiny_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    households = [h for h in load_households() if h.split == "base"]
+    return render_corpus(tmp_path_factory.mktemp("tiny"), households, 8, seed=3)
+
+
+@pytest.mark.parametrize(("objective", "lora_r"), [("embedlink", 0), ("generative", 0), ("generative", 4)])
+def test_each_objective_lowers_the_loss(
+    micro_model: Path, tiny_manifest: Path, tmp_path: Path, objective: str, lora_r: int
+) -> None:
+    cfg = TrainConfig(objective=objective, lora_r=lora_r, max_epochs=6, **FAST)
+    result = train(
+        micro_model, tiny_manifest, tiny_manifest, tmp_path / "out", cfg, cache_dir=tmp_path / "cache"
+    )
+    losses = [h["val_loss"] for h in result.history]
+    assert result.steps == 12
+    assert losses[-1] < 0.9 * losses[0], losses
+    # The result is a bundle that loads as it is, with a trained projector (and the LoRA adapters).
+    model = SpeechLLM.load(tmp_path / "out")
+    assert model.has_aligned_projector
+    assert model.projector_info.metrics["val_loss"] == min(losses)
+    assert (load_bundle_config(tmp_path / "out").lora == "lora") == bool(lora_r)
+
+
+def test_lora_adapters_round_trip(micro_model: Path, tiny_manifest: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(objective="generative", lora_r=4, max_epochs=2, **FAST)
+    train(micro_model, tiny_manifest, tiny_manifest, tmp_path / "out", cfg, cache_dir=tmp_path / "cache")
+    assert (tmp_path / "out" / "lora" / "adapter_model.safetensors").is_file()
+    base, adapted = SpeechLLM.load(micro_model), SpeechLLM.load(tmp_path / "out")
+    # The adapters changed the LLM's attention weights (merged at load), and only those.
+    name = "model.layers.0.self_attn.q_proj.weight"
+    before, after = base.llm.state_dict(), adapted.llm.state_dict()
+    assert not torch.equal(before[name], after[name])
+    torch.testing.assert_close(
+        before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"]
+    )
+
+
+def test_features_are_cached_across_epochs_and_runs(
+    micro_model: Path, tiny_manifest: Path, tmp_path: Path
+) -> None:
+    cfg = TrainConfig(objective="embedlink", max_epochs=3, **FAST)
+    first = train(
+        micro_model, tiny_manifest, tiny_manifest, tmp_path / "a", cfg, cache_dir=tmp_path / "cache"
+    )
+    # 8 training clips in batches of 4; the validation manifest is the same audio: all hits.
+    assert first.encoder_calls == 2
+    assert len(first.history) == 3
+    again = train(
+        micro_model, tiny_manifest, tiny_manifest, tmp_path / "b", cfg, cache_dir=tmp_path / "cache"
+    )
+    assert again.encoder_calls == 0
+
+
+def test_training_resumes_from_the_saved_step(micro_model: Path, tiny_manifest: Path, tmp_path: Path) -> None:
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    train(micro_model, tiny_manifest, tiny_manifest, out, TrainConfig(max_epochs=2, **FAST), cache_dir=cache)
+    state = json.loads((out / STATE_DIR / "state.json").read_text())
+    assert (state["epoch"], state["step"]) == (2, 4)
+    # "Interrupted" after epoch 2: a new run with a larger epoch budget carries on from there.
+    result = train(
+        micro_model, tiny_manifest, tiny_manifest, out, TrainConfig(max_epochs=3, **FAST), cache_dir=cache
+    )
+    assert result.steps == 6
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+
+
+def test_missing_and_unreadable_audio_are_named_and_skipped(
+    micro_model: Path, tiny_manifest: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_manifest.parent, data)
+    lines = (data / "manifest.jsonl").read_text().splitlines()
+    gone, broken = json.loads(lines[0])["audio"], json.loads(lines[1])["audio"]
+    (data / gone).unlink()
+    (data / broken).write_bytes(b"RIFF0000WAVEjunk")
+    cfg = TrainConfig(max_epochs=1, **FAST)
+    result = train(
+        micro_model,
+        data / "manifest.jsonl",
+        data / "manifest.jsonl",
+        tmp_path / "o",
+        cfg,
+        cache_dir=tmp_path / "c",
+    )
+    assert result.history[0]["step"] == 1  # 6 readable clips, batches of 4
+    assert gone in caplog.text and broken in caplog.text

@@ -1,0 +1,539 @@
+"""Alignment training of a projector between a frozen encoder and a frozen LLM.
+
+Two objectives:
+- **EmbedLink** (Tiny-Align): the projector's `T` outputs are regressed onto the LLM's *input
+  embeddings* of the transcript padded to `T`; loss = MSE (relative to the embedding scale) +
+  (1 - cosine). No LLM forward or backward; with cached encoder features a step is just the projector.
+- **Generative** (SLAM-ASR / Ultravox style): cross-entropy of the answer (transcript + intent) through
+  the frozen LLM, given the instruction-injected prompt; optionally with LoRA adapters on the LLM.
+
+Encoder features are computed once per clip and cached on disk, keyed by the audio and the encoder's
+weights. The loop is plain PyTorch: epochs, validation, early stopping, best checkpoint, resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from torch import nn
+
+from .evaluate import score
+from .files import write_atomic
+from .households import context_text, load_households
+from .manifest import Utterance, load_utterances
+from .model.bundle import (
+    BundleConfig,
+    ProjectorInfo,
+    load_bundle_config,
+    load_projector,
+    save_bundle_config,
+    save_projector,
+)
+from .model.encoder import AudioEncoder
+from .model.projector import KINDS, Projector, ProjectorConfig, build_projector
+from .model.prompt import answer_ids
+from .model.speechllm import SpeechLLM, resolve_ref
+
+_LOGGER = logging.getLogger(__name__)
+OBJECTIVES = ("embedlink", "generative")
+STATE_DIR = "train-state"
+
+
+# ------------------------------------------------------------------ progress
+class Progress:
+    """A progress line with loss and ETA, logged at most every few seconds."""
+
+    def __init__(self, name: str, total: float, every_s: float = 5.0) -> None:
+        self.name, self.total, self.every_s = name, total, every_s
+        self.start = self.last = time.monotonic()
+
+    def update(self, done: float, loss: float, unit: str = "") -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s and done < self.total:
+            return
+        self.last = now
+        eta = (now - self.start) / max(done, 1e-9) * (self.total - done)
+        _LOGGER.info("%s %.0f/%.0f%s loss %.4f eta %.0fs", self.name, done, self.total, unit, loss, eta)
+
+
+# ------------------------------------------------------------- feature cache
+def encoder_fingerprint(encoder: AudioEncoder) -> str:
+    """A hash of the encoder's weights and mel settings: cached features belong to exactly these."""
+    digest = hashlib.sha256()
+    fe = encoder.feature_extractor
+    digest.update(f"{fe.feature_size}/{fe.hop_length}/{fe.n_fft}".encode())
+    for name, tensor in sorted(encoder.encoder.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+class FeatureCache:
+    """Encoder features on disk, one safetensors file per clip, keyed by audio content and encoder."""
+
+    def __init__(self, folder: Path, encoder: AudioEncoder, batch: int = 16) -> None:
+        self.encoder, self.batch = encoder, batch
+        self.folder = Path(folder) / encoder_fingerprint(encoder)
+        self.encoder_calls = 0
+
+    def _path(self, audio: np.ndarray) -> Path:
+        key = hashlib.sha256(np.ascontiguousarray(audio, dtype=np.float32).tobytes()).hexdigest()
+        return self.folder / key[:2] / f"{key}.safetensors"
+
+    def features(self, audios: list[np.ndarray]) -> list[torch.Tensor]:
+        """`[N_i, Da]` float32 features of each clip, from the cache where it has them."""
+        paths = [self._path(a) for a in audios]
+        out: list[torch.Tensor | None] = [None] * len(audios)
+        misses = []
+        for i, path in enumerate(paths):
+            try:
+                out[i] = load_file(str(path))["features"].float()
+            except (OSError, SafetensorError, KeyError):  # missing or damaged: recompute
+                misses.append(i)
+        misses.sort(key=lambda i: len(audios[i]))  # similar lengths batch with little padding
+        for start in range(0, len(misses), self.batch):
+            chunk = misses[start : start + self.batch]
+            feats, lengths = self.encoder.encode([audios[i] for i in chunk])
+            self.encoder_calls += 1
+            for i, f, n in zip(chunk, feats, lengths, strict=True):
+                out[i] = f[: int(n)].float().cpu()
+                paths[i].parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(paths[i], save({"features": out[i].half().contiguous()}))
+        return out  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------- batches
+@dataclass
+class Example:
+    """One training utterance: its cached features and what the LLM should answer."""
+
+    features: torch.Tensor
+    utterance: Utterance
+    context: str
+
+
+def collate(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad features to `[B, N, Da]` with their lengths."""
+    lengths = torch.tensor([len(e.features) for e in examples])
+    batch = torch.zeros(len(examples), int(lengths.max()), examples[0].features.shape[-1])
+    for i, e in enumerate(examples):
+        batch[i, : len(e.features)] = e.features
+    return batch, lengths
+
+
+def embedlink_loss(
+    model: SpeechLLM, out: torch.Tensor, out_lengths: torch.Tensor, examples: list[Example]
+) -> torch.Tensor:
+    """MSE (relative to the embedding scale) + (1 - cosine) against the transcript's embeddings padded
+    to each item's output length."""
+    table = model.llm.get_input_embeddings().weight
+    pad = model.tokenizer.pad_token_id
+    ids = torch.full(out.shape[:2], pad, dtype=torch.long)
+    for i, e in enumerate(examples):
+        text = model.text_ids(e.utterance.text)[: int(out_lengths[i])]
+        ids[i, : len(text)] = torch.tensor(text, dtype=torch.long)
+    target = table[ids.to(table.device)].detach().to(out.dtype)
+    scale = target.pow(2).mean()
+    mse = (out - target).pow(2).mean(-1) / scale
+    cos = 1 - nn.functional.cosine_similarity(out, target, dim=-1)
+    mask = (
+        torch.arange(out.shape[1], device=out.device)[None, :] < out_lengths[:, None].to(out.device)
+    ).float()
+    return ((mse + cos) * mask).sum() / mask.sum()
+
+
+def generative_loss(
+    model: SpeechLLM, out: torch.Tensor, out_lengths: torch.Tensor, examples: list[Example]
+) -> torch.Tensor:
+    """Cross-entropy of the answer through the frozen LLM, the audio in the prompt's audio slot."""
+    rows, labels = [], []
+    for i, e in enumerate(examples):
+        prompt, _ = model.prompt_embeds(out[i, : int(out_lengths[i])], e.context)
+        answer = answer_ids(model.tokenizer, e.utterance.text, e.utterance.intent)
+        rows.append(torch.cat([prompt[0], model.embed_tokens(answer).detach()]))
+        labels.append([-100] * prompt.shape[1] + answer)
+    width = max(len(r) for r in rows)
+    dim = rows[0].shape[-1]
+    embeds = torch.zeros(len(rows), width, dim, dtype=rows[0].dtype, device=rows[0].device)
+    label_t = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, (row, lab) in enumerate(zip(rows, labels, strict=True)):
+        embeds[i, : len(row)] = row
+        label_t[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(row)] = 1
+    dev = embeds.device
+    return model.llm(inputs_embeds=embeds, attention_mask=mask.to(dev), labels=label_t.to(dev)).loss
+
+
+LOSSES = {"embedlink": embedlink_loss, "generative": generative_loss}
+
+
+def train_step(
+    model: SpeechLLM,
+    projector: Projector,
+    opt: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    objective: str,
+    batch: list[Example],
+) -> float:
+    """One optimizer step on one batch; returns the loss."""
+    feats, lengths = collate(batch)
+    out, out_lengths = projector(feats.to(model.device), lengths.to(model.device))
+    loss = LOSSES[objective](model, out, out_lengths, batch)
+    opt.zero_grad()
+    loss.backward()
+    nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
+# ------------------------------------------------------------------- config
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run (stored with the result)."""
+
+    objective: str = "embedlink"
+    projector: str = "bridgeformer"
+    cast_len: int = 24
+    stack: int = 4
+    hidden_dim: int = 256
+    layers: int = 2
+    heads: int = 4
+    lora_r: int = 0
+    batch: int = 16
+    lr: float = 1e-3
+    warmup: int = 50
+    max_minutes: float = 10.0
+    max_epochs: int = 200
+    patience: int = 4
+    val_every_s: float = 0.0  # validate at the end of an epoch when this long has passed (0: every epoch)
+    seed: int = 0
+    context: bool = True
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    out: Path
+    best: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    steps: int = 0
+    step_ms: float = 0.0
+    encoder_calls: int = 0
+    seconds: float = 0.0
+
+
+def data_hash(utterances: list[Utterance], features: list[torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for u, f in zip(utterances, features, strict=True):
+        digest.update(f"{u.text}\t{u.intent.to_text() if u.intent else ''}\t{tuple(f.shape)}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+# --------------------------------------------------------- save and resume
+def _save_state(folder: Path, projector: Projector, opt: torch.optim.Optimizer, state: dict) -> None:
+    """Projector, optimizer moments and loop position, each written atomically (no pickle)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"projector.{k}": v.detach().cpu().contiguous() for k, v in projector.state_dict().items()}
+    for i, moments in opt.state_dict()["state"].items():
+        for k, v in moments.items():
+            tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    write_atomic(folder / "state.safetensors", save(tensors))
+    write_atomic(folder / "state.json", json.dumps(state).encode())
+
+
+def _load_state(folder: Path, projector: Projector, opt: torch.optim.Optimizer) -> dict:
+    tensors = load_file(str(folder / "state.safetensors"))
+    projector.load_state_dict({k[10:]: v for k, v in tensors.items() if k.startswith("projector.")})
+    opt_state = opt.state_dict()
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, i, name = key.split(".", 2)
+            opt_state["state"].setdefault(int(i), {})[name] = value
+    opt.load_state_dict(opt_state)
+    return json.loads((folder / "state.json").read_text())
+
+
+def _write_bundle(
+    out: Path, src_cfg: BundleConfig, projector: Projector, info: ProjectorInfo, lora: bool, meta: dict
+) -> None:
+    """A bundle in `out` that loads as it is: backbones referenced relative to it (or by hub id)."""
+    save_projector(out / "projector.safetensors", projector, info)
+    cfg = BundleConfig(
+        encoder=info.encoder,
+        llm=info.llm,
+        prompt_template=src_cfg.prompt_template,
+        cascade_pad_30s=src_cfg.cascade_pad_30s,
+        lora="lora" if lora else None,
+        metadata={**src_cfg.metadata, "training": meta},
+    )
+    save_bundle_config(out, cfg)
+
+
+def _relative_ref(src: Path, ref: str, out: Path) -> str:
+    resolved = resolve_ref(src, ref)
+    return os.path.relpath(resolved, out) if Path(resolved).is_dir() else ref
+
+
+# --------------------------------------------------------------------- loop
+def setup_projector(
+    model: SpeechLLM, cfg: TrainConfig, init_projector: Path | None = None
+) -> tuple[Projector, list[nn.Parameter]]:
+    """A new (or given) projector set in `model`, LoRA on its LLM if asked; returns trainable params."""
+    if init_projector:
+        projector, _ = load_projector(init_projector, model.device)
+    else:
+        proj_cfg = ProjectorConfig(
+            kind=cfg.projector,
+            input_dim=model.encoder.dim,
+            output_dim=model.llm.config.hidden_size,
+            embed_norm=float(model.llm.get_input_embeddings().weight.detach().norm(dim=-1).mean()),
+            stack=cfg.stack,
+            hidden_dim=cfg.hidden_dim,
+            cast_len=cfg.cast_len,
+            layers=cfg.layers,
+            heads=cfg.heads,
+        )
+        projector = build_projector(proj_cfg).to(model.device)
+    params = list(projector.parameters())
+    if cfg.lora_r:
+        lora_cfg = LoraConfig(
+            r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]
+        )
+        model.llm = get_peft_model(model.llm, lora_cfg)
+        params += [p for p in model.llm.parameters() if p.requires_grad]
+    model.projector = projector
+    return projector, params
+
+
+def train(
+    model_dir: Path,
+    train_manifest: Path,
+    val_manifest: Path,
+    out: Path,
+    cfg: TrainConfig,
+    *,
+    cache_dir: Path,
+    households_file: Path | None = None,
+    init_projector: Path | None = None,
+    model: SpeechLLM | None = None,
+) -> TrainResult:
+    """Train a projector; writes a loadable bundle with the best one to `out`."""
+    t_start = time.monotonic()
+    torch.manual_seed(cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model or SpeechLLM.load(model_dir)
+    src_cfg = load_bundle_config(model_dir)
+    enc_ref, llm_ref = (_relative_ref(model_dir, r, out) for r in (src_cfg.encoder, src_cfg.llm))
+
+    contexts = {h.name: context_text(h) for h in load_households(households_file)} if cfg.context else {}
+    cache = FeatureCache(cache_dir, model.encoder, batch=cfg.batch)
+
+    def examples(manifest: Path) -> list[Example]:
+        loaded = load_utterances(manifest)
+        if not loaded:
+            raise ValueError(f"{manifest} has no readable utterance")
+        feats = cache.features([a for _, a in loaded])
+        return [Example(f, u, contexts.get(u.household, "")) for (u, _), f in zip(loaded, feats, strict=True)]
+
+    train_set, val_set = examples(train_manifest), examples(val_manifest)
+
+    projector, params = setup_projector(model, cfg, init_projector)
+    proj_cfg = projector.cfg
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    hash_ = data_hash([e.utterance for e in train_set], [e.features for e in train_set])
+
+    state = {
+        "epoch": 0,
+        "step": 0,
+        "best": None,
+        "bad_epochs": 0,
+        "history": [],
+        "wall_s": 0.0,  # for the time budget across resumes
+        "step_s": 0.0,
+    }
+    state_dir = out / STATE_DIR
+    fingerprint = json.dumps({**asdict(cfg), "data": hash_}, sort_keys=True)
+    if (state_dir / "state.json").is_file():
+        saved = json.loads((state_dir / "state.json").read_text())
+        if saved.get("config") == fingerprint:
+            state = _load_state(state_dir, projector, opt)
+            _LOGGER.info("resuming from epoch %d, step %d", state["epoch"], state["step"])
+    state["config"] = fingerprint
+
+    def validate() -> dict:
+        projector.eval()
+        with torch.no_grad():
+            losses = []
+            for i in range(0, len(val_set), cfg.batch):
+                batch = val_set[i : i + cfg.batch]
+                feats, lengths = collate(batch)
+                o, ol = projector(feats, lengths)
+                losses.append(float(LOSSES[cfg.objective](model, o, ol, batch)) * len(batch))
+        aligned = score(
+            [(e.utterance, model.run_features(e.features, "aligned", e.context)) for e in val_set]
+        )
+        readout = score(
+            [(e.utterance, model.run_features(e.features, "readout", with_intent=False)) for e in val_set]
+        )
+        projector.train()
+        return {
+            "val_loss": round(sum(losses) / len(val_set), 5),
+            "wer": aligned["wer"],
+            "intent_accuracy": aligned["intent_accuracy"],
+            "intent_name_accuracy": aligned["intent_name_accuracy"],
+            "readout_wer": readout["wer"],
+        }
+
+    def better(m: dict, best: dict | None) -> bool:
+        return best is None or (m["intent_accuracy"], -m["val_loss"]) > (
+            best["intent_accuracy"],
+            -best["val_loss"],
+        )
+
+    budget_s = cfg.max_minutes * 60
+    steps_per_epoch = max(1, len(train_set) // cfg.batch)
+    progress = Progress(f"train {cfg.objective}/{proj_cfg.kind}", budget_s, every_s=10)
+    step_times: list[float] = []
+    projector.train()
+    if cfg.lora_r:
+        model.llm.train()
+    t_loop = time.monotonic() - state["wall_s"]
+    last_validation = time.monotonic()
+    loss_value = float("nan")
+    while state["epoch"] < cfg.max_epochs and state["bad_epochs"] < cfg.patience:
+        rng = random.Random(cfg.seed * 1000 + state["epoch"])
+        order = list(range(len(train_set)))
+        rng.shuffle(order)
+        out_of_time = False
+        for b in range(steps_per_epoch):
+            t0 = time.perf_counter()
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * min(1.0, (state["step"] + 1) / cfg.warmup)
+            batch = [train_set[i] for i in order[b * cfg.batch : (b + 1) * cfg.batch]]
+            loss_value = train_step(model, projector, opt, params, cfg.objective, batch)
+            state["step"] += 1
+            step_times.append(time.perf_counter() - t0)
+            state["step_s"] += step_times[-1]
+            elapsed = time.monotonic() - t_loop
+            progress.update(min(elapsed, budget_s), loss_value, "s")
+            if elapsed > budget_s:
+                out_of_time = True
+                break
+        state["epoch"] += 1
+        finished = out_of_time or state["epoch"] >= cfg.max_epochs
+        if finished or time.monotonic() - last_validation >= cfg.val_every_s:
+            last_validation = time.monotonic()
+            metrics = {"epoch": state["epoch"], "step": state["step"], "train_loss": round(loss_value, 5)}
+            metrics.update(validate())
+            metrics["elapsed_s"] = round(time.monotonic() - t_loop, 1)
+            metrics["train_s"] = round(state["step_s"], 1)  # optimizer steps only, without validation
+            state["history"].append(metrics)
+            _LOGGER.info("epoch %d: %s", state["epoch"], json.dumps(metrics))
+            if better(metrics, state["best"]):
+                state["best"], state["bad_epochs"] = metrics, 0
+                info = ProjectorInfo(
+                    proj_cfg, enc_ref, llm_ref, data_hash=hash_, trained=True, metrics=metrics
+                )
+                meta = {"config": asdict(cfg), "train_manifest": str(train_manifest), "best": metrics}
+                _write_bundle(out, src_cfg, projector, info, bool(cfg.lora_r), meta)
+                if cfg.lora_r:
+                    model.llm.save_pretrained(out / "lora")
+            else:
+                state["bad_epochs"] += 1
+        state["wall_s"] = time.monotonic() - t_loop
+        _save_state(state_dir, projector, opt, state)
+        if out_of_time:
+            break
+    return TrainResult(
+        out=out,
+        best=state["best"] or {},
+        history=state["history"],
+        steps=state["step"],
+        step_ms=1000 * float(np.median(step_times)) if step_times else math.nan,
+        encoder_calls=cache.encoder_calls,
+        seconds=time.monotonic() - t_start,
+    )
+
+
+# ---------------------------------------------------------------------- CLI
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "wyoming-tinyalign" / "features"
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    parser.add_argument("--model", required=True, type=Path, help="bundle with the backbones to align")
+    parser.add_argument("--manifest", required=True, type=Path, help="training manifest.jsonl")
+    parser.add_argument("--val", required=True, type=Path, help="validation manifest.jsonl")
+    parser.add_argument("--out", required=True, type=Path, help="bundle folder to write (resumes if present)")
+    parser.add_argument("--objective", choices=OBJECTIVES, default=d.objective)
+    parser.add_argument("--projector", choices=KINDS, default=d.projector)
+    parser.add_argument(
+        "--lora-r", type=int, default=d.lora_r, help="LoRA rank on the LLM (generative; 0: off)"
+    )
+    parser.add_argument("--cast-len", type=int, default=d.cast_len, help="BridgeFormer output length T")
+    parser.add_argument("--layers", type=int, default=d.layers, help="BridgeFormer transformer layers")
+    parser.add_argument("--stack", type=int, default=d.stack, help="encoder frames stacked per input")
+    parser.add_argument("--hidden-dim", type=int, default=d.hidden_dim)
+    parser.add_argument("--batch", type=int, default=d.batch)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--max-minutes", type=float, default=d.max_minutes, help="time budget")
+    parser.add_argument("--max-epochs", type=int, default=d.max_epochs)
+    parser.add_argument("--patience", type=int, default=d.patience, help="epochs without improvement")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--no-context", action="store_true", help="train without household context")
+    parser.add_argument("--init-projector", type=Path, help="start from this projector checkpoint")
+    parser.add_argument("--households", type=Path, help="households file for context (default: packaged)")
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="encoder feature cache")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    cfg = TrainConfig(
+        objective=args.objective,
+        projector=args.projector,
+        cast_len=args.cast_len,
+        stack=args.stack,
+        hidden_dim=args.hidden_dim,
+        layers=args.layers,
+        lora_r=args.lora_r,
+        batch=args.batch,
+        lr=args.lr,
+        max_minutes=args.max_minutes,
+        max_epochs=args.max_epochs,
+        patience=args.patience,
+        seed=args.seed,
+        context=not args.no_context,
+    )
+    if cfg.lora_r and cfg.objective != "generative":
+        raise ValueError("--lora-r needs --objective generative (EmbedLink never runs the LLM)")
+    result = train(
+        args.model,
+        args.manifest,
+        args.val,
+        args.out,
+        cfg,
+        cache_dir=args.cache_dir,
+        households_file=args.households,
+        init_projector=args.init_projector,
+        model=SpeechLLM.load(args.model, device=args.device),
+    )
+    print(json.dumps({"out": str(result.out), "best": result.best, "steps": result.steps,
+                      "step_ms": round(result.step_ms, 1), "seconds": round(result.seconds, 1)}))  # fmt: skip
+    return 0
