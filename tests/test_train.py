@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from wyoming_tinyalign.households import load_households
 from wyoming_tinyalign.model.bundle import load_bundle_config
 from wyoming_tinyalign.model.speechllm import SpeechLLM
 from wyoming_tinyalign.synth import render_corpus
-from wyoming_tinyalign.train import STATE_DIR, TrainConfig, train
+from wyoming_tinyalign.train import STATE_FILE, TrainConfig, train
 
 FAST = dict(hidden_dim=32, heads=2, layers=1, batch=4, lr=3e-3, warmup=1, patience=100)
 
@@ -75,7 +76,8 @@ def test_features_are_cached_across_epochs_and_runs(
 def test_training_resumes_from_the_saved_step(micro_model: Path, tiny_manifest: Path, tmp_path: Path) -> None:
     out, cache = tmp_path / "out", tmp_path / "cache"
     train(micro_model, tiny_manifest, tiny_manifest, out, TrainConfig(max_epochs=2, **FAST), cache_dir=cache)
-    state = json.loads((out / STATE_DIR / "state.json").read_text())
+    with safe_open(str(out / STATE_FILE), framework="pt") as f:
+        state = json.loads(f.metadata()["state"])
     assert (state["epoch"], state["step"]) == (2, 4)
     # "Interrupted" after epoch 2: a new run with a larger epoch budget carries on from there.
     result = train(

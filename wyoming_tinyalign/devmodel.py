@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ from .model.encoder import AudioEncoder
 from .model.prompt import DEFAULT_TEMPLATE, PromptTemplate, answer_ids
 from .model.speechllm import PATHS, SpeechLLM
 from .synth import render_corpus
-from .train import STATE_DIR, Progress, TrainConfig, train
+from .train import STATE_FILE, Progress, TrainConfig, train
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -414,7 +413,7 @@ def build_dev_model(out: Path, size_name: str = "small", seed: int = 0, work_dir
             seed=seed,
         )
         train(out, train_manifest, val_manifest, out, align, cache_dir=tmp / "features", model=model)
-        shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+        (out / STATE_FILE).unlink(missing_ok=True)
         times["projector_s"] = time.monotonic() - t
 
     # Held-out checks on the finished bundle.

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
@@ -50,7 +50,7 @@ from .model.speechllm import SpeechLLM, resolve_ref
 
 _LOGGER = logging.getLogger(__name__)
 OBJECTIVES = ("embedlink", "generative")
-STATE_DIR = "train-state"
+STATE_FILE = "train-state.safetensors"
 
 
 # ------------------------------------------------------------------ progress
@@ -246,27 +246,43 @@ def data_hash(utterances: list[Utterance], features: list[torch.Tensor]) -> str:
 
 
 # --------------------------------------------------------- save and resume
-def _save_state(folder: Path, projector: Projector, opt: torch.optim.Optimizer, state: dict) -> None:
-    """Projector, optimizer moments and loop position, each written atomically (no pickle)."""
-    folder.mkdir(parents=True, exist_ok=True)
+def _save_state(
+    path: Path, projector: Projector, llm: nn.Module, opt: torch.optim.Optimizer, state: dict
+) -> None:
+    """Projector, LoRA adapters, optimizer moments and loop position in one atomic file (no pickle)."""
     tensors = {f"projector.{k}": v.detach().cpu().contiguous() for k, v in projector.state_dict().items()}
+    for name, param in llm.named_parameters():
+        if param.requires_grad:
+            tensors[f"llm.{name}"] = param.detach().cpu().contiguous()
     for i, moments in opt.state_dict()["state"].items():
         for k, v in moments.items():
             tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
-    write_atomic(folder / "state.safetensors", save(tensors))
-    write_atomic(folder / "state.json", json.dumps(state).encode())
+    write_atomic(path, save(tensors, metadata={"state": json.dumps(state)}))
 
 
-def _load_state(folder: Path, projector: Projector, opt: torch.optim.Optimizer) -> dict:
-    tensors = load_file(str(folder / "state.safetensors"))
+def _read_state(path: Path) -> dict | None:
+    """The loop position saved in a state file; None when there is none or it is unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {})["state"])
+    except (OSError, SafetensorError, KeyError, ValueError):
+        return None
+
+
+def _load_state(path: Path, projector: Projector, llm: nn.Module, opt: torch.optim.Optimizer) -> None:
+    tensors = load_file(str(path))
     projector.load_state_dict({k[10:]: v for k, v in tensors.items() if k.startswith("projector.")})
+    params = dict(llm.named_parameters())
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if key.startswith("llm."):
+                params[key[4:]].copy_(value)
     opt_state = opt.state_dict()
     for key, value in tensors.items():
         if key.startswith("opt."):
             _, i, name = key.split(".", 2)
             opt_state["state"].setdefault(int(i), {})[name] = value
     opt.load_state_dict(opt_state)
-    return json.loads((folder / "state.json").read_text())
 
 
 def _write_bundle(
@@ -367,13 +383,13 @@ def train(
         "wall_s": 0.0,  # for the time budget across resumes
         "step_s": 0.0,
     }
-    state_dir = out / STATE_DIR
+    state_path = out / STATE_FILE
     fingerprint = json.dumps({**asdict(cfg), "data": hash_}, sort_keys=True)
-    if (state_dir / "state.json").is_file():
-        saved = json.loads((state_dir / "state.json").read_text())
-        if saved.get("config") == fingerprint:
-            state = _load_state(state_dir, projector, opt)
-            _LOGGER.info("resuming from epoch %d, step %d", state["epoch"], state["step"])
+    saved = _read_state(state_path)
+    if saved and saved.get("config") == fingerprint:
+        _load_state(state_path, projector, model.llm, opt)
+        state = saved
+        _LOGGER.info("resuming from epoch %d, step %d", state["epoch"], state["step"])
     state["config"] = fingerprint
 
     def validate() -> dict:
@@ -457,7 +473,7 @@ def train(
             else:
                 state["bad_epochs"] += 1
         state["wall_s"] = time.monotonic() - t_loop
-        _save_state(state_dir, projector, opt, state)
+        _save_state(state_path, projector, model.llm, opt, state)
         if out_of_time:
             break
     return TrainResult(
