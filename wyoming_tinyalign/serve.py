@@ -1,33 +1,310 @@
-"""`wyoming-tinyalign serve`: load (or build) the model and serve it."""
+"""`wyoming-tinyalign serve`: the Wyoming server for Home Assistant and voice satellites.
+
+Start-up loads the model (building the demo model or writing a preset bundle first when asked), opens
+the interaction log, listens on `--uri` (tcp://, unix:// or stdio://) and advertises itself over
+zeroconf. SIGTERM or SIGINT stop it gracefully: no new connections, requests in flight are answered, the
+log is flushed, exit code 0.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import signal
+import socket
+import sys
+from contextlib import suppress
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from wyoming.client import AsyncClient
+from wyoming.error import Error
+from wyoming.event import Event, async_get_stdin, async_write_event
+from wyoming.server import AsyncServer, AsyncStdioServer, AsyncTcpServer, AsyncUnixServer
+from zeroconf import Error as ZeroconfError
+from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+
+from .assistant import Assistant, ContextProvider, load_context_file, static_context
+from .handler import MAX_HEADER_BYTES, ServerSettings, TinyAlignHandler, build_info, close_gently
+from .models import DEV, PRESET_PREFIX, PRESETS, load_model, projector_version, resolve_model
+from .store import InteractionStore, StoreError
+from .worker import PATH_CHOICES, InferenceWorker
 
 _LOGGER = logging.getLogger(__name__)
 
+DEFAULT_ZEROCONF_NAME = "tinyalign"
+SHUTDOWN_GRACE_S = 30.0
+_TRUE = {"1", "true", "yes", "on"}
+
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", required=True, type=Path, help="where models and logs live")
-    parser.add_argument("--model", default="dev", help="bundle folder, or 'dev' for the offline demo model")
+    """The flags of `serve` (each also from `WYOMING_TINYALIGN_<FLAG>`)."""
+    presets = ", ".join(PRESET_PREFIX + name for name in PRESETS)
+    parser.add_argument(
+        "--uri", default="tcp://0.0.0.0:10300", help="tcp://HOST:PORT, unix://PATH or stdio://"
+    )
+    parser.add_argument("--data-dir", required=True, type=Path, help="where models and the log live")
+    parser.add_argument(
+        "--model", default=DEV, help=f"bundle folder, '{DEV}' (offline demo model, built once), or {presets}"
+    )
+    parser.add_argument("--path", choices=PATH_CHOICES, default="auto", help="auto: aligned once trained")
+    parser.add_argument("--language", default="en", help="language of the model (and of the answers)")
+    parser.add_argument(
+        "--zeroconf", nargs="?", const=DEFAULT_ZEROCONF_NAME, default=None, metavar="NAME",
+        help=f"advertise over zeroconf (mDNS) as NAME (default {DEFAULT_ZEROCONF_NAME})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-audio-seconds", type=float, default=30.0, help="longer utterances get an error"
+    )
+    parser.add_argument("--no-log-audio", action="store_true", help="log interactions without their audio")
+    parser.add_argument("--no-log", action="store_true", help="keep no interaction log at all")
+    parser.add_argument(
+        "--retention-days", type=float, default=30.0, help="forget older interactions (0: keep)"
+    )
+    parser.add_argument("--retention-mb", type=float, default=2000.0, help="cap on logged audio (0: no cap)")
+    parser.add_argument(
+        "--context-file", type=Path, help="household JSON: areas and device names for the LLM"
+    )
+    parser.add_argument("--tts-uri", help="Wyoming TTS server for run-pipeline clients ending in tts")
+    parser.add_argument("--no-streaming", action="store_true", help="no transcript-start/-chunk/-stop events")
+    parser.add_argument("--max-connections", type=int, default=16, help="more concurrent clients are refused")
+    parser.add_argument(
+        "--max-event-bytes", type=int, default=4 << 20, help="cap on one event's data+payload"
+    )
+    parser.add_argument(
+        "--read-timeout", type=float, default=30.0, help="seconds within an event or a stream"
+    )
+    parser.add_argument("--idle-timeout", type=float, default=600.0, help="idle connection timeout (0: none)")
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from .model.speechllm import SpeechLLM
-
-    folder = Path(args.model)
-    if args.model == "dev":
-        folder = args.data_dir / "models" / "dev-small"
-        if not (folder / "bundle.json").is_file():
-            from .devmodel import build_dev_model
-
-            _LOGGER.warning("building the offline demo model into %s (about 20 minutes, once)", folder)
-            build_dev_model(folder, "small")
-    model = SpeechLLM.load(folder, device=args.device)
-    aligned = (
-        "aligned projector" if model.has_aligned_projector else "cascade only (no aligned projector yet)"
+    """Load everything, then serve until SIGTERM/SIGINT (or stdin ends for stdio://)."""
+    server = AsyncServer.from_uri(args.uri)  # validates the URI
+    if args.tts_uri:
+        AsyncClient.from_uri(args.tts_uri)  # validates it now rather than at the first request
+    for name in ("max_audio_seconds", "read_timeout", "max_event_bytes", "max_connections"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    household: ContextProvider = static_context(
+        load_context_file(args.context_file) if args.context_file else ""
     )
-    _LOGGER.info("model %s loaded: %s; ready", folder, aligned)
-    return 0
+    store = None
+    if not args.no_log:
+        store = InteractionStore(
+            args.data_dir / "log",
+            log_audio=not args.no_log_audio,
+            retention_days=args.retention_days,
+            retention_bytes=int(args.retention_mb * 1024 * 1024),
+        )
+        try:
+            store.open()  # before the model: fail fast; the event loop is not running yet
+        except StoreError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+    choice = resolve_model(args.model, args.data_dir)
+    model = load_model(choice, args.device)
+    worker = InferenceWorker(model, args.path)
+    version = projector_version(choice.folder)
+    description = (
+        "DEMO model: the offline development model, trained on synthetic speech only"
+        if choice.demo
+        else f"bundle {choice.folder}"
+    )
+    if choice.demo:
+        _LOGGER.warning("serving the DEMO model %s (synthetic speech only; not for real use)", choice.folder)
+    aligned = "aligned projector" if model.has_aligned_projector else "no aligned projector yet"
+    _LOGGER.info("model %s loaded (%s); path %s", choice.name, aligned, worker.path)
+    settings = ServerSettings(
+        language=args.language,
+        max_audio_seconds=args.max_audio_seconds,
+        max_event_bytes=args.max_event_bytes,
+        read_timeout=args.read_timeout,
+        idle_timeout=args.idle_timeout or None,
+        streaming=not args.no_streaming,
+        tts_uri=args.tts_uri,
+    )
+    app = App(
+        assistant=Assistant(worker, store, household, version),
+        settings=settings,
+        info=build_info(choice.name, description, version, settings).event(),
+        max_connections=args.max_connections,
+    )
+    zeroconf = args.zeroconf
+    if zeroconf is not None and zeroconf.strip().lower() in _TRUE:  # WYOMING_TINYALIGN_ZEROCONF=true
+        zeroconf = DEFAULT_ZEROCONF_NAME
+    return asyncio.run(app.serve(server, zeroconf))
+
+
+@dataclass
+class App:
+    """The running server: listener, connections, shared assistant, graceful stop."""
+
+    assistant: Assistant
+    settings: ServerSettings
+    info: Event
+    max_connections: int
+    _handlers: dict[asyncio.Task[None], TinyAlignHandler] = field(default_factory=dict, init=False)
+
+    async def serve(self, server: AsyncServer, zeroconf_name: str | None) -> int:
+        """Serve until SIGTERM/SIGINT (or the end of stdin), then stop gracefully; returns 0."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        store = self.assistant.store
+        listener: asyncio.Server | None = None
+        advert = None
+        try:
+            if isinstance(server, AsyncStdioServer):
+                stdio_task = await self._serve_stdio()
+                _LOGGER.info("ready: serving on stdio://")
+                stopped = asyncio.create_task(stop.wait())
+                await asyncio.wait({stopped, stdio_task}, return_when=asyncio.FIRST_COMPLETED)
+                stopped.cancel()
+            else:
+                listener, where = await self._listen(server)
+                _LOGGER.info("ready: serving on %s", where)
+                if zeroconf_name and isinstance(server, AsyncTcpServer):
+                    advert = await Advert.start(zeroconf_name, server.host, listener)
+                await stop.wait()
+            busy = sum(h.busy for h in self._handlers.values())
+            _LOGGER.info("stopping: %d connection(s), %d with a request in flight", len(self._handlers), busy)
+        finally:
+            if listener is not None:
+                listener.close()
+                if isinstance(server, AsyncUnixServer):
+                    server.socket_path.unlink(missing_ok=True)
+            if advert is not None:
+                await advert.stop()
+            await self._stop_handlers()
+            await asyncio.to_thread(self.assistant.worker.close)
+            await self.assistant.drain()
+            if store is not None:
+                await store.async_close()
+            _LOGGER.info("stopped")
+        return 0
+
+    async def _listen(self, server: AsyncServer) -> tuple[asyncio.Server, str]:
+        if isinstance(server, AsyncTcpServer):
+            listener = await asyncio.start_server(
+                self._accept, host=server.host, port=server.port, limit=MAX_HEADER_BYTES
+            )
+            host, port = listener.sockets[0].getsockname()[:2]
+            return listener, f"tcp://{host}:{port}"
+        assert isinstance(server, AsyncUnixServer)
+        server.socket_path.unlink(missing_ok=True)
+        listener = await asyncio.start_unix_server(
+            self._accept, path=server.socket_path, limit=MAX_HEADER_BYTES
+        )
+        return listener, f"unix://{server.socket_path}"
+
+    async def _serve_stdio(self) -> asyncio.Task[None]:
+        loop = asyncio.get_running_loop()
+        reader = await async_get_stdin()
+        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, sys.stdout)
+        writer = asyncio.StreamWriter(transport, protocol, None, loop)
+        return self._start_handler(reader, writer, "stdio")
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        if len(self._handlers) >= self.max_connections:
+            _LOGGER.warning(
+                "%s: refused, %d connections open (--max-connections)", client, len(self._handlers)
+            )
+            text = f"too many connections ({self.max_connections}); try again later"
+            with suppress(ConnectionError, TimeoutError):
+                await asyncio.wait_for(async_write_event(Error(text=text, code="busy").event(), writer), 5.0)
+            await close_gently(reader, writer)
+            return
+        self._start_handler(reader, writer, client)
+
+    def _start_handler(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: str
+    ) -> asyncio.Task[None]:
+        handler = TinyAlignHandler(
+            reader,
+            writer,
+            assistant=self.assistant,
+            settings=self.settings,
+            info=self.info,
+            client=client,
+        )
+        task = asyncio.create_task(handler.run(), name=f"wyoming {client}")
+        self._handlers[task] = handler
+        task.add_done_callback(lambda done: self._handlers.pop(done, None))
+        _LOGGER.debug("%s: connected", client)
+        return task
+
+    async def _stop_handlers(self) -> None:
+        """Let every connection finish the request in flight; cancel what is left after the grace time."""
+        for handler in self._handlers.values():
+            handler.request_stop()
+        tasks = list(self._handlers)
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE_S)
+        for task in pending:
+            task.cancel()
+        if pending:
+            _LOGGER.warning(
+                "cancelled %d connection(s) still busy after %.0f s", len(pending), SHUTDOWN_GRACE_S
+            )
+            await asyncio.wait(pending, timeout=5.0)
+
+
+class Advert:
+    """Zeroconf registration of `_wyoming._tcp.local.` with a real address (never 0.0.0.0)."""
+
+    SERVICE_TYPE = "_wyoming._tcp.local."
+
+    def __init__(self, zeroconf: AsyncZeroconf, info: AsyncServiceInfo) -> None:
+        self._zeroconf, self._info = zeroconf, info
+
+    @classmethod
+    async def start(cls, name: str, host: str, listener: asyncio.Server) -> Advert | None:
+        address = await asyncio.to_thread(advertised_address, host)
+        if address is None:
+            _LOGGER.warning("zeroconf: no usable IPv4 address for %s; not advertising", host)
+            return None
+        port = listener.sockets[0].getsockname()[1]
+        info = AsyncServiceInfo(
+            cls.SERVICE_TYPE,
+            f"{name}.{cls.SERVICE_TYPE}",
+            addresses=[socket.inet_aton(address)],
+            port=port,
+            server=f"{socket.gethostname()}.local.",
+        )
+        zeroconf = AsyncZeroconf(interfaces=[address])
+        try:
+            await zeroconf.async_register_service(info)
+        except (OSError, ZeroconfError) as err:  # discovery is a convenience: keep serving without it
+            _LOGGER.warning("zeroconf: cannot register %s: %s", info.name, err)
+            await zeroconf.async_close()
+            return None
+        _LOGGER.info("zeroconf: registered %s at %s:%d", info.name, address, port)
+        return cls(zeroconf, info)
+
+    async def stop(self) -> None:
+        await self._zeroconf.async_unregister_service(self._info)
+        await self._zeroconf.async_close()
+        _LOGGER.info("zeroconf: unregistered %s", self._info.name)
+
+
+def advertised_address(host: str) -> str | None:
+    """The IPv4 address to advertise for a bind host: itself if specific, else the default route's."""
+    if host not in ("", "0.0.0.0", "::"):
+        try:
+            return socket.gethostbyname(host)
+        except OSError:
+            return None
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("224.0.0.251", 5353))  # no packet is sent; picks the outgoing interface
+        address = probe.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        probe.close()
+    return None if address.startswith("0.") else address

@@ -1,0 +1,581 @@
+"""The Wyoming server as users meet it: a real `serve` subprocess (tcp and stdio) and the `wyoming` client.
+
+One tcp server is shared by most tests (module scope); stdio, zeroconf and SIGTERM get their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from serving import (
+    TIMEOUT,
+    ServerProcess,
+    client,
+    describe_rtt,
+    describe_under_load,
+    espeak_pcm,
+    fit_seconds,
+    read_until,
+    resample,
+    send_audio,
+    serve_args,
+    start_tts,
+    stereo_left,
+    transcribe,
+)
+from wyoming.asr import Transcribe, Transcript
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.error import Error
+from wyoming.event import async_read_event, async_write_event
+from wyoming.handle import Handled, NotHandled
+from wyoming.info import Describe, Info, SelectProgram
+from wyoming.intent import Intent as WyomingIntent
+from wyoming.intent import NotRecognized, Recognize
+from wyoming.ping import Ping
+from wyoming.pipeline import PipelineStage, RunPipeline
+from zeroconf import IPVersion, ServiceInfo, Zeroconf
+
+from wyoming_tinyalign import __version__
+from wyoming_tinyalign.assistant import load_context_file, response_text
+from wyoming_tinyalign.audio import pcm_to_float, read_wav
+from wyoming_tinyalign.handler import HANDLE_PROGRAM, ProtocolError, read_event, wyoming_intent
+from wyoming_tinyalign.intents import Intent
+from wyoming_tinyalign.model.speechllm import SpeechLLM
+from wyoming_tinyalign.models import ensure_dev_model
+from wyoming_tinyalign.worker import choose_path
+
+HOUSEHOLD = {"areas": ["kitchen", "porch"], "devices": [{"name": "porch light"}, "ceiling fan"]}
+TAGGED = "json_extract(context, '$.tag') = ?"  # rows of the requests a test tagged
+CONTEXT = "areas: kitchen, porch; devices: ceiling fan, porch light"  # what the LLM is given
+
+
+@dataclass
+class Served:
+    server: ServerProcess
+    host: str
+    port: int
+    db: Path
+
+
+@pytest.fixture(scope="module")
+def served(micro_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """The shared server: micro model, a fake TTS server, household context, flags partly from env."""
+    work = tmp_path_factory.mktemp("served")
+    (work / "household.json").write_text(json.dumps(HOUSEHOLD))
+    tts, tts_port = start_tts()
+    extra = ["--uri", "tcp://127.0.0.1:0", "--tts-uri", f"tcp://127.0.0.1:{tts_port}"]
+    extra += ["--context-file", str(work / "household.json"), "--max-connections", "6"]
+    server = ServerProcess(
+        serve_args(micro_model, work / "data", *extra),
+        work / "server.log",
+        env={"WYOMING_TINYALIGN_MAX_AUDIO_SECONDS": "40"},  # every flag also from the environment
+    )
+    try:
+        server.wait_ready()
+        yield Served(server, *server.host_port, work / "data" / "log" / "interactions.sqlite3")
+    finally:
+        server.stop()
+        tts.kill()
+        tts.wait(TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def model(micro_model: Path) -> SpeechLLM:
+    """The same bundle in-process, for the answers the server must give."""
+    return SpeechLLM.load(micro_model)
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, int]:
+    """espeak-ng at its native 22.05 kHz, 16-bit mono."""
+    return espeak_pcm("turn on the porch light", tmp_path_factory.mktemp("espeak"))
+
+
+def rows(db: Path, where: str = "1", args: tuple = ()) -> list[sqlite3.Row]:
+    with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=TIMEOUT)) as conn:
+        conn.row_factory = sqlite3.Row
+        return conn.execute(f"SELECT * FROM interactions WHERE {where} ORDER BY id", args).fetchall()
+
+
+def wait_rows(db: Path, count: int, where: str = "1", args: tuple = ()) -> list[sqlite3.Row]:
+    """Logging happens after the answer is sent: poll (bounded) until `count` rows match."""
+    deadline = time.monotonic() + TIMEOUT
+    while len(found := rows(db, where, args)) < count:
+        assert time.monotonic() < deadline, f"{len(found)} of {count} rows after {TIMEOUT} s"
+        time.sleep(0.02)
+    return found
+
+
+# ----------------------------------------------------------------------------------------- describe
+async def test_describe_lists_asr_intent_and_handle_programs(served: Served) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        info, _ = await describe_rtt(served.host, served.port)
+        async with client(served.host, served.port) as c:
+            await c.write_event(Ping(text="hi").event())
+            (pong,) = await read_until(c, "pong")
+    assert pong.data["text"] == "hi"
+    assert isinstance(info, Info)
+    (asr,), (intent,), (handle,) = info.asr, info.intent, info.handle
+    assert asr.installed and asr.supports_transcript_streaming and asr.version == __version__
+    assert asr.models[0].languages == ["en"] and asr.models[0].installed
+    assert asr.attribution.name and asr.attribution.url.startswith("https://")
+    assert intent.models[0].languages == ["en"] and handle.name == HANDLE_PROGRAM
+    assert handle.supports_home_control is False  # Home Assistant executes the intents
+
+
+# ---------------------------------------------------------------------------------------------- asr
+@pytest.mark.parametrize(
+    ("rate", "channels"), [(22050, 2), (8000, 1), (16000, 1)], ids=["22k-stereo", "8k-mono", "16k-mono"]
+)
+async def test_asr_hears_any_format_as_16k_mono(
+    served: Served, model: SpeechLLM, speech: tuple[bytes, int], rate: int, channels: int
+) -> None:
+    pcm, native = speech
+    pcm = resample(pcm, native, rate) if rate != native else pcm
+    pcm = stereo_left(pcm) if channels == 2 else pcm
+    tag = f"format-{rate}-{channels}"
+    async with asyncio.timeout(TIMEOUT):
+        events, _ = await transcribe(served.host, served.port, pcm, rate, 2, channels, tag=tag)
+    assert [e.type for e in events] == [
+        "transcript-start",
+        "transcript-chunk",
+        "transcript-stop",
+        "transcript",
+    ]
+    text = Transcript.from_event(events[-1]).text
+    assert events[1].data["text"] == text and text
+    # What the model heard (the logged audio) is the input through audio.pcm_to_float: stereo averaged
+    # (speech on the left, silence on the right -> half the amplitude), not summed.
+    expected = pcm_to_float(pcm, rate, 2, channels)
+    (row,) = wait_rows(served.db, 1, TAGGED, (tag,))
+    heard = read_wav(served.db.parent / row["audio_path"])
+    assert heard.shape == expected.shape
+    np.testing.assert_allclose(heard, expected, atol=2e-4)
+    assert row["duration_s"] == pytest.approx(len(pcm) / (2 * channels * rate), abs=1e-3)
+    assert text == model.run(expected, row["path"], CONTEXT, "en").transcript  # path: auto's choice
+
+
+async def test_empty_and_silent_audio_give_an_empty_transcript(served: Served) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        for pcm in (b"", b"\0" * 32000):
+            events, _ = await transcribe(served.host, served.port, pcm, 16000)
+            assert [e.type for e in events] == ["transcript-start", "transcript-stop", "transcript"]
+            assert Transcript.from_event(events[-1]).text == ""
+
+
+async def test_audio_over_the_limit_gets_an_error_and_a_clean_close(served: Served) -> None:
+    pcm = b"\1\0" * 16000 * 41  # 41 s; the limit is 40 s (from WYOMING_TINYALIGN_MAX_AUDIO_SECONDS)
+    async with asyncio.timeout(TIMEOUT), client(served.host, served.port) as c:
+        await c.write_event(Transcribe().event())
+        sender = asyncio.create_task(send_audio(c, pcm, 16000))
+        (event,) = await read_until(c, "error")
+        error = Error.from_event(event)
+        assert error.code == "audio-too-long" and "40" in error.text
+        assert await c.read_event() is None  # closed
+        await asyncio.gather(sender, return_exceptions=True)  # its writes may meet the closed socket
+    await assert_still_serving(served)
+
+
+# ----------------------------------------------------------------------------------- intent/handle
+@pytest.mark.parametrize("kind", ["transcript", "recognize"])
+async def test_text_gets_the_models_intent(served: Served, model: SpeechLLM, kind: str) -> None:
+    text = "turn on the porch light"
+    request = Transcript(text=text) if kind == "transcript" else Recognize(text=text)
+    async with asyncio.timeout(TIMEOUT), client(served.host, served.port) as c:
+        await c.write_event(request.event())
+        (answer,) = await read_until(c, "intent", "not-recognized")
+    expected = model.understand_text(text, CONTEXT)
+    if expected is None:
+        assert NotRecognized.is_type(answer.type) and answer.data["text"]
+    else:
+        assert WyomingIntent.from_event(answer) == wyoming_intent(expected)
+
+
+async def test_handle_clients_get_handled_or_not_handled(served: Served, model: SpeechLLM) -> None:
+    text = "switch off the ceiling fan"
+    async with asyncio.timeout(TIMEOUT), client(served.host, served.port) as c:
+        await c.write_event(SelectProgram(name=HANDLE_PROGRAM).event())
+        await c.write_event(Transcript(text=text, context={"conversation_id": "h1"}).event())
+        (answer,) = await read_until(c, "handled", "not-handled")
+    expected = model.understand_text(text, CONTEXT)
+    if expected is None:
+        assert NotHandled.is_type(answer.type) and answer.data["text"]
+    else:
+        assert Handled.from_event(answer).text == response_text(expected)
+
+
+def test_intents_are_sent_the_way_home_assistant_reads_them() -> None:
+    intent = wyoming_intent(Intent("HassLightSet", {"name": "desk lamp", "brightness": "50"}))
+    assert intent.name == "HassLightSet" and intent.text == "Setting the desk lamp to 50 percent."
+    assert {e.name: e.value for e in intent.entities} == {"name": "desk lamp", "brightness": 50}
+    assert response_text(Intent("HassTurnOn", {"area": "kitchen", "domain": "light"})) == (
+        "Turning on the lights in the kitchen."
+    )
+    assert response_text(Intent("HassStartTimer", {"minutes": "1", "seconds": "30"})) == (
+        "Starting a timer for 1 minute and 30 seconds."
+    )
+
+
+async def test_the_transcript_just_heard_reuses_the_intent_from_the_audio(
+    served: Served, speech: tuple[bytes, int]
+) -> None:
+    pcm, rate = speech
+    async with asyncio.timeout(TIMEOUT):
+        events, _ = await transcribe(served.host, served.port, pcm, rate, tag="reuse")
+        text = Transcript.from_event(events[-1]).text
+        (audio_row,) = wait_rows(served.db, 1, TAGGED, ("reuse",))
+        async with client(served.host, served.port) as c:  # what Home Assistant's conversation does next
+            await c.write_event(Transcript(text=text, context={"conversation_id": "conv-7"}).event())
+            await read_until(c, "intent", "not-recognized")
+    linked = wait_rows(served.db, 1, "conversation_id = ?", ("conv-7",))
+    assert [r["id"] for r in linked] == [audio_row["id"]]  # the utterance's row, not a new text row
+
+
+# ------------------------------------------------------------------------------------- run-pipeline
+@pytest.mark.parametrize("end", [PipelineStage.INTENT, PipelineStage.HANDLE, PipelineStage.TTS])
+async def test_run_pipeline_from_a_satellite(served: Served, speech: tuple[bytes, int], end: str) -> None:
+    pcm, rate = speech
+    async with asyncio.timeout(TIMEOUT), client(served.host, served.port) as c:
+        await c.write_event(RunPipeline(start_stage=PipelineStage.ASR, end_stage=end).event())
+        await send_audio(c, pcm, rate)
+        events = await read_until(c, "transcript")
+        answer_types = (
+            ("intent", "not-recognized") if end == PipelineStage.INTENT else ("handled", "not-handled")
+        )
+        events += await read_until(c, *answer_types)
+        if end == PipelineStage.TTS:
+            events += await read_until(c, "audio-stop")
+    types = [e.type for e in events]
+    assert types[:4] == ["transcript-start", "transcript-chunk", "transcript-stop", "transcript"]
+    assert types[4] in answer_types
+    if end == PipelineStage.TTS:
+        assert types[5] == "audio-start" and types[-1] == "audio-stop"
+        audio = b"".join(AudioChunk.from_event(e).audio for e in events if e.type == "audio-chunk")
+        assert len(audio) == 2 * 160 * len(events[4].data["text"])  # the fake TTS spoke the answer
+
+
+# ------------------------------------------------------------------------------------- concurrency
+async def test_describe_is_answered_fast_while_another_client_is_inferring(
+    served: Served, speech: tuple[bytes, int]
+) -> None:
+    pcm, rate = speech
+    async with asyncio.timeout(4 * TIMEOUT):
+        rtts, _ = await describe_under_load(served.host, served.port, fit_seconds(pcm, rate, 30), rate)
+    assert len(rtts) >= 3, rtts  # measured while 30 s utterances were queued or being inferred
+    ms = sorted(round(r * 1000, 1) for r in rtts)
+    print(f"describe under load: n={len(ms)} p50={ms[len(ms) // 2]} ms max={ms[-1]} ms")
+    assert ms[-1] < 100, ms
+
+
+async def test_connections_over_the_cap_are_refused_politely(served: Served) -> None:
+    """The cap is 6; a connection of an earlier test may still be closing, so count what is accepted."""
+    async with asyncio.timeout(TIMEOUT):
+        accepted: list = []
+        refusal = None
+        for _ in range(8):
+            c = client(served.host, served.port)
+            await c.connect()
+            await c.write_event(Describe().event())
+            (event,) = await read_until(c, "info")
+            if Error.is_type(event.type):
+                refusal = Error.from_event(event)
+                assert await c.read_event() is None  # then closed
+                await c.disconnect()
+                break
+            accepted.append(c)
+        for c in accepted:
+            await c.disconnect()
+        assert refusal is not None and refusal.code == "busy" and 4 <= len(accepted) <= 6
+        while not (await describe_rtt(served.host, served.port))[0].asr:  # the closed ones are gone soon
+            await asyncio.sleep(0.05)
+    await assert_still_serving(served)
+
+
+# --------------------------------------------------------------------------------------- bad input
+BAD_INPUTS = {
+    "garbage": (b"\x00\xffnot json at all\n", "bad-event"),
+    "huge-payload": (b'{"type": "audio-chunk", "payload_length": 1099511627776}\n', "event-too-large"),
+    "header-without-newline": (b"x" * 70000, "event-too-large"),
+    "chunk-before-start": (
+        b'{"type": "audio-chunk", "data": {"rate": 16000, "width": 2, "channels": 1}, "payload_length": 4}\n'
+        b"\0\0\0\0",
+        "no-audio-start",
+    ),
+    "bad-format": (
+        b'{"type": "audio-start", "data": {"rate": 16000, "width": 9, "channels": 1}}\n',
+        "bad-audio-format",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+async def test_bad_input_gets_an_error_and_the_server_serves_on(served: Served, name: str) -> None:
+    data, code = BAD_INPUTS[name]
+    async with asyncio.timeout(TIMEOUT):
+        reader, writer = await asyncio.open_connection(served.host, served.port)
+        writer.write(data)
+        await writer.drain()
+        event = await async_read_event(reader)
+        assert event is not None and Error.is_type(event.type), event
+        assert Error.from_event(event).code == code
+        assert await reader.read() == b""  # closed cleanly
+        writer.close()
+    await assert_still_serving(served)
+
+
+async def test_a_client_leaving_mid_stream_leaves_the_server_serving(
+    served: Served, speech: tuple[bytes, int]
+) -> None:
+    pcm, rate = speech
+    async with asyncio.timeout(TIMEOUT):
+        reader, writer = await asyncio.open_connection(served.host, served.port)
+        await async_write_event(Transcribe().event(), writer)
+        await async_write_event(AudioStart(rate, 2, 1).event(), writer)
+        await async_write_event(AudioChunk(rate, 2, 1, pcm[: len(pcm) // 2]).event(), writer)
+        writer.write(b'{"type": "audio-chunk", "payload_length": 1000}\n' + b"\0" * 10)  # cut off inside
+        writer.close()
+        await writer.wait_closed()
+    await assert_still_serving(served)
+
+
+async def assert_still_serving(served: Served) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        info, _ = await describe_rtt(served.host, served.port)
+        assert info.asr
+        events, _ = await transcribe(served.host, served.port, b"\0\1" * 8000, 16000)
+        assert events[-1].type == "transcript"
+
+
+# ------------------------------------------------------------------------------------------- store
+async def test_every_utterance_is_logged_with_its_audio(served: Served, speech: tuple[bytes, int]) -> None:
+    pcm, rate = speech
+    async with asyncio.timeout(TIMEOUT):
+        for _ in range(2):
+            await transcribe(served.host, served.port, pcm, rate, tag="logged")
+    logged = wait_rows(served.db, 2, TAGGED, ("logged",))
+    for row in logged:
+        assert row["kind"] == "audio" and row["path"] in ("aligned", "cascade") and row["language"] == "en"
+        assert (row["projector_version"] is None) == (row["path"] == "cascade")
+        assert row["client"].startswith("127.0.0.1:") and row["latency_ms"] > 0
+        assert (served.db.parent / row["audio_path"]).is_file() and row["audio_bytes"] > 0
+        assert row["duration_s"] == pytest.approx(len(pcm) / 2 / rate, abs=1e-3)
+        assert row["correction"] is None and row["teacher_transcript"] is None  # labels come later
+    with sqlite3.connect(served.db) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+
+
+# ------------------------------------------------------------------------- stdio, zeroconf, SIGTERM
+async def test_stdio_server(micro_model: Path, tmp_path: Path, speech: tuple[bytes, int]) -> None:
+    pcm, rate = speech
+    args = serve_args(micro_model, tmp_path / "data", "--uri", "stdio://", "--no-log-audio")
+    with open(tmp_path / "server.log", "wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "wyoming_tinyalign", "serve", *args,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
+        )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        async with asyncio.timeout(4 * TIMEOUT):  # includes start-up
+            await async_write_event(Describe().event(), proc.stdin)
+            info = await async_read_event(proc.stdout)
+            assert info is not None and Info.from_event(info).asr
+            await async_write_event(Transcribe().event(), proc.stdin)
+            pcm8k = resample(pcm, rate, 8000)
+            await async_write_event(AudioStart(8000, 2, 1).event(), proc.stdin)
+            await async_write_event(AudioChunk(8000, 2, 1, pcm8k).event(), proc.stdin)
+            await async_write_event(AudioStop().event(), proc.stdin)
+            types: list[str] = []
+            while "transcript" not in types:
+                event = await async_read_event(proc.stdout)
+                assert event is not None, (tmp_path / "server.log").read_text()[-2000:]
+                types.append(event.type)
+            assert types == ["transcript-start", "transcript-chunk", "transcript-stop", "transcript"]
+            proc.stdin.close()  # end of input: the server finishes and exits
+            code = await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert code == 0, (tmp_path / "server.log").read_text()[-2000:]
+    (row,) = rows(tmp_path / "data" / "log" / "interactions.sqlite3")
+    assert row["audio_path"] is None and row["transcript"]  # --no-log-audio: the text only
+    assert not (tmp_path / "data" / "log" / "audio").exists()
+
+
+def test_zeroconf_registers_a_real_address_and_unregisters(micro_model: Path, tmp_path: Path) -> None:
+    """Multicast does not run over loopback here, so the test asks the server's mDNS responder directly
+    (a unicast DNS-SD query to 127.0.0.1:5353), which answers exactly what it registered."""
+    name = f"tinyalign-test-{int(time.time())}"
+    server = ServerProcess(
+        serve_args(micro_model, tmp_path / "data", "--uri", "tcp://127.0.0.1:0", "--zeroconf", name),
+        tmp_path / "server.log",
+    )
+    try:
+        server.wait_ready()
+        _, port = server.host_port
+        assert f"zeroconf: registered {name}._wyoming._tcp.local. at 127.0.0.1:{port}" in wait_log(
+            server, "zeroconf"
+        )
+        info = query_mdns(name)
+        assert info is not None and info.port == port and info.parsed_addresses() == ["127.0.0.1"]
+    finally:
+        code = server.stop()
+    assert code == 0
+    assert f"zeroconf: unregistered {name}._wyoming._tcp.local." in server.text
+    assert query_mdns(name, attempts=1) is None
+
+
+def wait_log(server: ServerProcess, needle: str) -> str:
+    deadline = time.monotonic() + TIMEOUT
+    while needle not in server.text:
+        assert time.monotonic() < deadline and server.proc.poll() is None, server.text[-2000:]
+        time.sleep(0.05)
+    return server.text
+
+
+def query_mdns(name: str, attempts: int = 5) -> ServiceInfo | None:
+    zc = Zeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only, unicast=True)
+    try:
+        for _ in range(attempts):
+            info = ServiceInfo("_wyoming._tcp.local.", f"{name}._wyoming._tcp.local.")
+            if info.request(zc, 2000, addr="127.0.0.1", port=5353) and info.parsed_addresses():
+                return info
+        return None
+    finally:
+        zc.close()
+
+
+async def test_sigterm_finishes_requests_in_flight_and_exits_cleanly(
+    micro_model: Path, tmp_path: Path, speech: tuple[bytes, int]
+) -> None:
+    pcm, rate = speech
+    long_pcm = fit_seconds(pcm, rate, 30)
+    server = ServerProcess(
+        serve_args(micro_model, tmp_path / "data", "--uri", "tcp://127.0.0.1:0"), tmp_path / "log"
+    )
+    try:
+        server.wait_ready()
+        host, port = server.host_port
+        async with asyncio.timeout(2 * TIMEOUT):
+            clients = [client(host, port) for _ in range(3)]
+            for c in clients:
+                await c.connect()
+                await c.write_event(Transcribe().event())
+                await send_audio(c, long_pcm, rate)
+            server.proc.terminate()  # SIGTERM while the three 30 s utterances are queued or running
+            answers = [await read_until(c, "transcript") for c in clients]
+            for c in clients:
+                await c.disconnect()
+            code = await asyncio.to_thread(server.proc.wait, TIMEOUT)
+    finally:
+        server.stop()
+    assert code == 0, server.text[-2000:]
+    assert all(a[-1].type == "transcript" for a in answers)
+    assert re.search(r"stopping: 3 connection\(s\), [123] with a request in flight", server.text)
+    logged = rows(tmp_path / "data" / "log" / "interactions.sqlite3")
+    assert len(logged) == 3
+    assert all((tmp_path / "data" / "log" / r["audio_path"]).is_file() for r in logged)
+
+
+# ----------------------------------------------------------------------------------- model choices
+def test_a_preset_with_no_cache_and_no_hub_fails_with_one_clear_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    env |= {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-home")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "wyoming_tinyalign", "serve", "--data-dir", str(tmp_path / "data"),
+         "--model", "preset:whisper-base+qwen2.5-0.5b", "--uri", "tcp://127.0.0.1:0"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: model preset 'whisper-base+qwen2.5-0.5b' needs openai/whisper-base")
+    assert "local Hugging Face cache" in last
+    bundle = json.loads(
+        (tmp_path / "data" / "models" / "preset-whisper-base+qwen2.5-0.5b" / "bundle.json").read_text()
+    )
+    assert bundle["projector"] is None and bundle["cascade_pad_30s"] is True
+
+
+def test_the_dev_model_is_built_atomically(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "models" / "dev-small"
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / ".dev-small.building-1").mkdir()  # left by a killed first run
+
+    def killed(out: Path, size: str) -> None:
+        (out / "llm").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ensure_dev_model(folder, killed)
+    assert list((tmp_path / "models").iterdir()) == []  # no half bundle, no leftovers
+
+    built: list[str] = []
+
+    def build(out: Path, size: str) -> None:
+        built.append(size)
+        out.mkdir(parents=True)
+        (out / "bundle.json").write_text("{}")
+
+    with caplog.at_level("INFO"):
+        assert ensure_dev_model(folder, build) == folder
+        assert ensure_dev_model(folder, build) == folder
+    assert built == ["small"] and (folder / "bundle.json").is_file()
+    assert "DEMO model" in caplog.text
+
+
+def test_household_context_file_in_both_shapes(tmp_path: Path) -> None:
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps(HOUSEHOLD))
+    assert load_context_file(short) == CONTEXT
+    household = tmp_path / "household.json"
+    household.write_text(
+        json.dumps({"name": "maple", "areas": ["porch", "kitchen"], "devices": [
+            {"name": "porch light", "domain": "light", "area": "porch"},
+            {"name": "ceiling fan", "domain": "fan", "area": "kitchen"}], "speakers": []})
+    )  # fmt: skip
+    assert load_context_file(household) == CONTEXT
+    (tmp_path / "bad.json").write_text('{"areas": [1]}')
+    with pytest.raises(ValueError, match="non-empty strings"):
+        load_context_file(tmp_path / "bad.json")
+
+
+def test_auto_serves_cascade_until_a_projector_is_aligned(model: SpeechLLM) -> None:
+    assert choose_path("auto", model) == ("aligned" if model.has_aligned_projector else "cascade")
+    bare = copy.copy(model)
+    bare.projector, bare.projector_info = None, None
+    assert choose_path("auto", bare) == "cascade"
+    with pytest.raises(ValueError, match="needs a bundle with a projector"):
+        choose_path("aligned", bare)
+
+
+async def test_read_timeouts_inside_an_event_and_between_requests() -> None:
+    reader = asyncio.StreamReader()
+    reader.feed_data(b'{"type": "audio-chunk", "payload_length": 10}\n\0\0')  # the payload stalls
+    with pytest.raises(ProtocolError) as stalled:
+        await read_event(reader, 1 << 20, wait=1.0, read_timeout=0.05)
+    assert stalled.value.code == "timeout"
+    with pytest.raises(ProtocolError) as idle:
+        await read_event(asyncio.StreamReader(), 1 << 20, wait=0.05, read_timeout=1.0)
+    assert idle.value.code == "timeout"
+    reader = asyncio.StreamReader()
+    reader.feed_data(b'{"type": "ping", "data_length": 14}\n{"text": "hi"}')
+    reader.feed_eof()
+    event = await read_event(reader, 1 << 20, wait=1.0, read_timeout=1.0)
+    assert event is not None and event.type == "ping" and event.data == {"text": "hi"}
+    assert await read_event(reader, 1 << 20, wait=1.0, read_timeout=1.0) is None  # end of stream

@@ -1,0 +1,183 @@
+"""The interaction log on a real SQLite file: schema and migrations, audio files, retention, threads."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wyoming_tinyalign import store as store_module
+from wyoming_tinyalign.audio import read_wav
+from wyoming_tinyalign.intents import Intent
+from wyoming_tinyalign.store import SCHEMA_VERSION, Interaction, InteractionStore, StoreError
+
+LABELS = {"correction", "teacher_transcript", "teacher_confidence", "ha_outcome", "labelled_at"}
+
+
+def tone(seconds: float) -> np.ndarray:
+    t = np.arange(int(seconds * 16000)) / 16000
+    return (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+
+
+def utterance(**fields: object) -> Interaction:
+    base: dict = {"kind": "audio", "client": "10.0.0.7:5000", "language": "en", "path": "cascade"}
+    return Interaction(**(base | fields))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[InteractionStore]:
+    s = InteractionStore(tmp_path / "log")
+    s.open()
+    yield s
+    s.close()
+
+
+def test_a_new_log_is_wal_at_the_current_schema_with_label_columns(store: InteractionStore) -> None:
+    conn = store.conn
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(interactions)")}
+    assert LABELS | {"created_at", "client", "satellite_id", "conversation_id", "audio_path"} <= columns
+    assert {"duration_s", "path", "transcript", "intent", "latency_ms", "projector_version"} <= columns
+
+
+def test_an_utterance_is_logged_with_its_audio(store: InteractionStore) -> None:
+    audio = tone(1.5)
+    intent = Intent("HassTurnOn", {"name": "porch light"})
+    row_id = store.add(
+        utterance(transcript="turn on the porch light", intent=intent, duration_s=1.5, latency_ms=80.0,
+                  projector_version="abc123", context={"conversation_id": "c1", "satellite_id": "kitchen"},
+                  conversation_id="c1", satellite_id="kitchen"),
+        audio,
+    )  # fmt: skip
+    with closing(sqlite3.connect(store.db_path)) as other:  # a second connection sees it committed
+        other.row_factory = sqlite3.Row
+        row = other.execute("SELECT * FROM interactions WHERE id = ?", (row_id,)).fetchone()
+    assert row["transcript"] == "turn on the porch light" and row["satellite_id"] == "kitchen"
+    assert Intent.from_json(json.loads(row["intent"])) == intent
+    assert json.loads(row["context"]) == {"conversation_id": "c1", "satellite_id": "kitchen"}
+    wav = store.folder / row["audio_path"]
+    assert row["audio_path"].startswith("audio/") and wav.stat().st_size == row["audio_bytes"]
+    np.testing.assert_allclose(read_wav(wav), audio, atol=1e-4)
+    assert all(row[label] is None for label in LABELS)
+
+
+def test_no_audio_is_kept_when_audio_logging_is_off(tmp_path: Path) -> None:
+    s = InteractionStore(tmp_path / "log", log_audio=False)
+    s.open()
+    row_id = s.add(utterance(transcript="hello"), tone(1.0))
+    query = "SELECT transcript, audio_path, audio_bytes FROM interactions WHERE id = ?"
+    assert s.conn.execute(query, (row_id,)).fetchone() == ("hello", None, 0)
+    s.close()
+    assert not (tmp_path / "log" / "audio").exists()
+
+
+def test_linking_a_conversation_keeps_what_was_known(store: InteractionStore) -> None:
+    row_id = store.add(utterance(transcript="x", satellite_id="hall"), tone(0.2))
+    store.link(row_id, {"conversation_id": "conv-1", "device_id": "dev-9", "satellite_id": None})
+    row = store.conn.execute(
+        "SELECT conversation_id, device_id, satellite_id, context FROM interactions WHERE id = ?", (row_id,)
+    ).fetchone()
+    assert row[:3] == ("conv-1", "dev-9", "hall")
+    assert json.loads(row[3])["conversation_id"] == "conv-1"
+
+
+def test_retention_by_age_deletes_rows_and_audio(tmp_path: Path) -> None:
+    s = InteractionStore(tmp_path / "log", retention_days=7)
+    s.open()
+    now = time.time()
+    old = s.add(utterance(created_at=now - 8 * 86400), tone(0.5))
+    new = s.add(utterance(created_at=now - 1 * 86400), tone(0.5))
+    old_wav = (
+        s.folder / s.conn.execute("SELECT audio_path FROM interactions WHERE id = ?", (old,)).fetchone()[0]
+    )
+    assert old_wav.is_file()
+    assert s.prune(now) == 1
+    assert [r[0] for r in s.conn.execute("SELECT id FROM interactions")] == [new]
+    assert not old_wav.exists() and not old_wav.parent.exists()  # the emptied day folder too
+    s.close()
+
+
+def test_retention_by_size_forgets_the_oldest_first(tmp_path: Path) -> None:
+    s = InteractionStore(tmp_path / "log")
+    s.open()
+    now = time.time()
+    ids = [s.add(utterance(created_at=now - 100 + i), tone(1.0)) for i in range(5)]
+    size = s.conn.execute("SELECT MAX(audio_bytes) FROM interactions").fetchone()[0]
+    s.retention_bytes = 2 * size  # room for two
+    assert s.prune(now) == 3
+    kept = [r[0] for r in s.conn.execute("SELECT id FROM interactions ORDER BY id")]
+    assert kept == ids[-2:]
+    assert len(list((s.folder / "audio").rglob("*.wav"))) == 2
+    s.close()
+
+
+def test_reopening_keeps_the_data(tmp_path: Path) -> None:
+    s = InteractionStore(tmp_path / "log")
+    s.open()
+    s.add(utterance(transcript="kept"), None)
+    s.close()
+    s.open()
+    assert s.conn.execute("SELECT transcript FROM interactions").fetchall() == [("kept",)]
+    s.close()
+
+
+def test_a_log_from_a_newer_version_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "log").mkdir()
+    with closing(sqlite3.connect(tmp_path / "log" / "interactions.sqlite3")) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match="newer"):
+        InteractionStore(tmp_path / "log").open()
+
+
+def test_migrations_run_in_order_and_a_failed_one_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = InteractionStore(tmp_path / "log")
+    s.open()
+    s.add(utterance(transcript="before"), None)
+    s.close()
+    broken = "ALTER TABLE interactions ADD COLUMN mood TEXT; THIS IS NOT SQL;"
+    monkeypatch.setattr(store_module, "MIGRATIONS", (*store_module.MIGRATIONS, broken))
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
+    with pytest.raises(StoreError):
+        InteractionStore(tmp_path / "log").open()
+    with closing(sqlite3.connect(tmp_path / "log" / "interactions.sqlite3")) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert "mood" not in {row[1] for row in conn.execute("PRAGMA table_info(interactions)")}
+    fixed = "ALTER TABLE interactions ADD COLUMN mood TEXT;"
+    monkeypatch.setattr(store_module, "MIGRATIONS", (*store_module.MIGRATIONS[:1], fixed))
+    s = InteractionStore(tmp_path / "log")
+    s.open()
+    assert s.conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert s.conn.execute("SELECT transcript, mood FROM interactions").fetchall() == [("before", None)]
+    s.close()
+
+
+async def test_the_async_api_runs_sqlite_on_the_stores_own_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = InteractionStore(tmp_path / "log")
+    threads: set[str] = set()
+    add = s.add
+
+    def recording_add(interaction: Interaction, audio: np.ndarray | None = None) -> int:
+        threads.add(threading.current_thread().name)
+        return add(interaction, audio)
+
+    monkeypatch.setattr(s, "add", recording_add)
+    s.open()
+    ids = [await s.async_add(utterance(transcript=str(i)), tone(0.1)) for i in range(3)]
+    await s.async_link(ids[0], {"conversation_id": "c"})
+    await s.async_close()
+    assert ids == [1, 2, 3]
+    assert len(threads) == 1 and threads.pop().startswith("store")
+    with closing(sqlite3.connect(tmp_path / "log" / "interactions.sqlite3")) as conn:
+        assert conn.execute("SELECT COUNT(*), MAX(conversation_id) FROM interactions").fetchone() == (3, "c")

@@ -1,0 +1,127 @@
+"""What `serve --model` names: a bundle folder, `dev` (the offline demo model), or a preset of hub ids.
+
+- `dev`: the `small` offline development model, built once into `DATA_DIR/models/dev-small`. It is built
+  in a temporary sibling folder and renamed into place when complete, so a killed first run never leaves
+  half a bundle behind.
+- `preset:<name>`: real backbones by Hugging Face hub id, with no projector yet (the `cascade` path).
+  `from_pretrained` reads the local cache, so it works offline once the models are cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .model.bundle import BundleConfig, BundleError, load_bundle_config, save_bundle_config
+from .model.prompt import DEFAULT_TEMPLATE
+from .model.speechllm import SpeechLLM
+
+_LOGGER = logging.getLogger(__name__)
+
+DEV = "dev"
+DEV_SIZE = "small"
+PRESET_PREFIX = "preset:"
+PRESETS: dict[str, tuple[str, str]] = {
+    "whisper-base+qwen2.5-0.5b": ("openai/whisper-base", "Qwen/Qwen2.5-0.5B-Instruct"),
+    "whisper-small+qwen2.5-1.5b": ("openai/whisper-small", "Qwen/Qwen2.5-1.5B-Instruct"),
+}
+Builder = Callable[[Path, str], object]
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """A resolved `--model`: the bundle folder, a display name, and whether it is the demo model."""
+
+    folder: Path
+    name: str
+    demo: bool = False
+    preset: str | None = None
+
+
+def resolve_model(spec: str, data_dir: Path, build: Builder | None = None) -> ModelChoice:
+    """Turn `--model` into a bundle folder, building the dev model or writing a preset bundle as needed."""
+    if spec == DEV:
+        folder = ensure_dev_model(data_dir / "models" / f"dev-{DEV_SIZE}", build)
+        return ModelChoice(folder, f"dev-{DEV_SIZE}", demo=True)
+    if spec.startswith(PRESET_PREFIX):
+        name = spec[len(PRESET_PREFIX) :]
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+        encoder, llm = PRESETS[name]
+        folder = data_dir / "models" / f"preset-{name}"
+        save_bundle_config(
+            folder,
+            BundleConfig(
+                encoder=encoder,
+                llm=llm,
+                prompt_template=DEFAULT_TEMPLATE,
+                projector=None,
+                cascade_pad_30s=True,
+                metadata={"preset": name},
+            ),
+        )
+        return ModelChoice(folder, name, preset=name)
+    folder = Path(spec)
+    load_bundle_config(folder)  # a clear error now if it is not a bundle
+    return ModelChoice(folder, folder.resolve().name)
+
+
+def ensure_dev_model(folder: Path, build: Builder | None = None) -> Path:
+    """Build the dev model into `folder` once; a half-built attempt is never taken for a bundle."""
+    if (folder / "bundle.json").is_file():
+        return folder
+    if build is None:
+        from .devmodel import build_dev_model as build
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in folder.parent.glob(f".{folder.name}.building-*"):
+        _LOGGER.info("removing an unfinished build: %s", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = folder.parent / f".{folder.name}.building-{os.getpid()}"
+    _LOGGER.warning(
+        "building the offline DEMO model into %s (once; about 15-20 minutes on 2 cores); progress follows",
+        folder,
+    )
+    try:
+        build(tmp, DEV_SIZE)
+        if folder.exists():  # an empty or broken leftover without bundle.json
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _LOGGER.info("demo model ready in %s", folder)
+    return folder
+
+
+def load_model(choice: ModelChoice, device: str) -> SpeechLLM:
+    """Load the bundle; a preset that is neither cached nor downloadable fails with one clear line."""
+    try:
+        return SpeechLLM.load(choice.folder, device=device)
+    except BundleError as err:
+        if choice.preset is None:
+            raise
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        encoder, llm = PRESETS[choice.preset]
+        raise BundleError(
+            f"model preset {choice.preset!r} needs {encoder} and {llm}: they are not in the local Hugging "
+            f"Face cache ({HF_HUB_CACHE}) and the hub cannot be reached; run once with network access, "
+            "or set HF_HOME to a cache that has them"
+        ) from err
+
+
+def projector_version(folder: Path) -> str | None:
+    """A short content hash of the bundle's projector weights (None when it has none)."""
+    cfg = load_bundle_config(folder)
+    if not cfg.projector or not (folder / cfg.projector).is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(folder / cfg.projector, "rb") as weights:
+        for block in iter(lambda: weights.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]

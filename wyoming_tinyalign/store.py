@@ -1,0 +1,287 @@
+"""The interaction log: one SQLite row per interaction (WAL mode) and the utterance's audio as a WAV file.
+
+    DATA_DIR/log/interactions.sqlite3
+    DATA_DIR/log/audio/YYYY-MM-DD/<uuid>.wav     16 kHz 16-bit mono: what the model heard
+
+The schema is versioned with `PRAGMA user_version`: `MIGRATIONS[i]` takes a database from version `i` to
+`i + 1` in one transaction, so a crash mid-migration leaves the old version. The label columns
+(`correction`, `teacher_transcript`, `teacher_confidence`, `ha_outcome`, `labelled_at`) are filled later
+by the nightly adaptation. Retention: interactions older than `retention_days`, and the oldest ones past
+`retention_bytes` of audio, are deleted with their audio files.
+
+The server opens the log before its event loop starts, then uses the `async_*` methods: every SQLite
+call and file write runs on the store's own thread, in order, never on the event loop and never queued
+behind a model run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from .audio import write_wav
+from .intents import Intent
+
+_LOGGER = logging.getLogger(__name__)
+
+DB_FILE = "interactions.sqlite3"
+AUDIO_DIR = "audio"
+PRUNE_EVERY_S = 600.0
+T = TypeVar("T")
+
+MIGRATIONS: tuple[str, ...] = (
+    # 0 -> 1: the interactions table.
+    """
+    CREATE TABLE interactions (
+        id INTEGER PRIMARY KEY,
+        created_at REAL NOT NULL,           -- unix time (UTC) the request arrived
+        kind TEXT NOT NULL,                 -- 'audio' (an utterance) or 'text' (a typed/HA text request)
+        client TEXT,                        -- peer address of the Wyoming client
+        satellite_id TEXT,
+        device_id TEXT,
+        conversation_id TEXT,
+        context TEXT,                       -- the client's Wyoming context, JSON
+        language TEXT,
+        audio_path TEXT,                    -- relative to the log folder; NULL when audio is not kept
+        audio_bytes INTEGER NOT NULL DEFAULT 0,
+        duration_s REAL,
+        path TEXT,                          -- aligned / readout / cascade / text
+        transcript TEXT,
+        intent TEXT,                        -- {"name": ..., "slots": {...}} JSON; NULL = not recognized
+        confidence REAL,
+        latency_ms REAL,                    -- end of speech (audio-stop) -> result, queueing included
+        model_ms REAL,                      -- the model run alone
+        projector_version TEXT,
+        correction TEXT,                    -- labels, filled by the nightly adaptation
+        teacher_transcript TEXT,
+        teacher_confidence REAL,
+        ha_outcome TEXT,
+        labelled_at REAL
+    );
+    CREATE INDEX interactions_created_at ON interactions (created_at);
+    CREATE INDEX interactions_conversation ON interactions (conversation_id);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StoreError(Exception):
+    """An interaction log that cannot be used, with the reason."""
+
+
+@dataclass
+class Interaction:
+    """One logged request and what the server made of it."""
+
+    kind: str
+    created_at: float = field(default_factory=time.time)
+    client: str | None = None
+    satellite_id: str | None = None
+    device_id: str | None = None
+    conversation_id: str | None = None
+    context: dict[str, Any] | None = None
+    language: str | None = None
+    duration_s: float | None = None
+    path: str | None = None
+    transcript: str | None = None
+    intent: Intent | None = None
+    confidence: float | None = None
+    latency_ms: float | None = None
+    model_ms: float | None = None
+    projector_version: str | None = None
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema to `SCHEMA_VERSION`, one transaction per step; returns the version found."""
+    found = conn.execute("PRAGMA user_version").fetchone()[0]
+    if found > SCHEMA_VERSION:
+        raise StoreError(
+            f"the interaction log has schema version {found}, newer than this version reads "
+            f"({SCHEMA_VERSION}); upgrade wyoming-tinyalign or move the log away"
+        )
+    for version in range(found, SCHEMA_VERSION):
+        try:
+            conn.executescript(
+                f"BEGIN IMMEDIATE;\n{MIGRATIONS[version]}\nPRAGMA user_version = {version + 1};\nCOMMIT;"
+            )
+        except sqlite3.Error:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        _LOGGER.info("interaction log migrated to schema version %d", version + 1)
+    return found
+
+
+class InteractionStore:
+    """SQLite (WAL) + audio files under `folder`, with retention by age and by total audio size."""
+
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        log_audio: bool = True,
+        retention_days: float | None = None,
+        retention_bytes: int | None = None,
+    ) -> None:
+        self.folder = Path(folder)
+        self.log_audio = log_audio
+        self.retention_days = retention_days or None
+        self.retention_bytes = retention_bytes or None
+        self._conn: sqlite3.Connection | None = None
+        self._last_prune = 0.0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+
+    @property
+    def db_path(self) -> Path:
+        return self.folder / DB_FILE
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError("the interaction log is not open")
+        return self._conn
+
+    # ------------------------------------------------------------------ sync API (one thread at a time)
+    def open(self) -> None:
+        """Open (or create) the database, migrate it, apply retention."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False, timeout=30)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            migrate(conn)
+        except sqlite3.Error as err:
+            raise StoreError(f"cannot open the interaction log {self.db_path}: {err}") from err
+        self._conn = conn
+        self.prune()
+
+    def add(self, interaction: Interaction, audio: np.ndarray | None = None) -> int:
+        """Log one interaction (and its 16 kHz audio unless audio logging is off); returns its row id."""
+        rel: str | None = None
+        size = 0
+        if audio is not None and audio.size and self.log_audio:
+            day = datetime.fromtimestamp(interaction.created_at, UTC).strftime("%Y-%m-%d")
+            rel = f"{AUDIO_DIR}/{day}/{uuid.uuid4().hex}.wav"
+            target = self.folder / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_wav(target, audio)
+            size = target.stat().st_size
+        i = interaction
+        try:
+            cursor = self.conn.execute(
+                """INSERT INTO interactions (created_at, kind, client, satellite_id, device_id,
+                    conversation_id, context, language, audio_path, audio_bytes, duration_s, path,
+                    transcript, intent, confidence, latency_ms, model_ms, projector_version)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    i.created_at, i.kind, i.client, i.satellite_id, i.device_id, i.conversation_id,
+                    _json(i.context), i.language, rel, size, i.duration_s, i.path, i.transcript,
+                    _json(i.intent.to_json() if i.intent else None), i.confidence, i.latency_ms,
+                    i.model_ms, i.projector_version,
+                ),
+            )  # fmt: skip
+        except BaseException:
+            if rel:
+                (self.folder / rel).unlink(missing_ok=True)
+            raise
+        if time.monotonic() - self._last_prune >= PRUNE_EVERY_S:
+            self.prune()
+        return int(cursor.lastrowid or 0)
+
+    def link(self, row_id: int, context: dict[str, Any]) -> None:
+        """Attach the conversation that used an utterance's result (Home Assistant's context ids)."""
+        self.conn.execute(
+            """UPDATE interactions SET conversation_id = COALESCE(?, conversation_id),
+                   satellite_id = COALESCE(?, satellite_id), device_id = COALESCE(?, device_id),
+                   context = COALESCE(context, ?)
+               WHERE id = ?""",
+            (
+                _str(context.get("conversation_id")), _str(context.get("satellite_id")),
+                _str(context.get("device_id")), _json(context), row_id,
+            ),
+        )  # fmt: skip
+
+    def prune(self, now: float | None = None) -> int:
+        """Apply retention (age first, then total audio size); returns the number of deletions."""
+        now = time.time() if now is None else now
+        self._last_prune = time.monotonic()
+        deleted = 0
+        if self.retention_days:
+            cutoff = now - self.retention_days * 86400.0
+            deleted += self._delete(
+                self.conn.execute(
+                    "SELECT id, audio_path FROM interactions WHERE created_at < ?", (cutoff,)
+                ).fetchall()
+            )
+        if self.retention_bytes:
+            total = self.conn.execute("SELECT COALESCE(SUM(audio_bytes), 0) FROM interactions").fetchone()[0]
+            doomed: list[tuple[int, str | None]] = []
+            rows = self.conn.execute(
+                "SELECT id, audio_path, audio_bytes FROM interactions WHERE audio_bytes > 0 "
+                "ORDER BY created_at, id"
+            )
+            for row_id, rel, size in rows:
+                if total <= self.retention_bytes:
+                    break
+                doomed.append((row_id, rel))
+                total -= size
+            deleted += self._delete(doomed)
+        if deleted:
+            _LOGGER.info("retention: deleted %d old interaction(s)", deleted)
+        return deleted
+
+    def _delete(self, rows: list[tuple[int, str | None]]) -> int:
+        """Delete rows (one transaction), then their audio files and emptied day folders."""
+        if not rows:
+            return 0
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.executemany("DELETE FROM interactions WHERE id = ?", [(row_id,) for row_id, _ in rows])
+        for _, rel in rows:
+            if rel:
+                path = self.folder / rel
+                path.unlink(missing_ok=True)
+                if path.parent.is_dir() and not any(path.parent.iterdir()):
+                    path.parent.rmdir()
+        return len(rows)
+
+    def close(self) -> None:
+        """Close the database (SQLite checkpoints the WAL into the main file)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # ------------------------------------------------------------------ async API (the server's)
+    async def _call(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def async_add(self, interaction: Interaction, audio: np.ndarray | None = None) -> int:
+        return await self._call(self.add, interaction, audio)
+
+    async def async_link(self, row_id: int, context: dict[str, Any]) -> None:
+        await self._call(self.link, row_id, context)
+
+    async def async_close(self) -> None:
+        """Finish every queued write, close the database and stop the store's thread."""
+        await self._call(self.close)
+        await asyncio.to_thread(self._executor.shutdown, True)
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, ensure_ascii=False)
+
+
+def _str(value: Any) -> str | None:
+    return None if value is None else str(value)
