@@ -52,10 +52,12 @@ VARIANTS = {  # name -> (objective, LoRA rank)
 }
 
 
-def corpus(work: Path) -> dict[str, Path]:
+def corpus(work: Path, quick: bool) -> dict[str, Path]:
     """Train / validation / held-out speech of the base households (rendered once, then reused)."""
     households = [h for h in load_households() if h.split == "base"]
     sizes = {"train": (1200, 21), "val": (100, 22), "heldout": (200, 23)}
+    if quick:
+        sizes = {"train": (48, 21), "val": (12, 22), "heldout": (12, 23)}
     out = {}
     for name, (n, seed) in sizes.items():
         manifest = work / name / "manifest.jsonl"
@@ -106,12 +108,15 @@ def real_size_model(dev: SpeechLLM) -> SpeechLLM:
     )
 
 
-def section_step_times(dev: SpeechLLM, manifests: dict[str, Path], batch: int) -> list[dict]:
+def section_step_times(dev: SpeechLLM, manifests: dict[str, Path], batch: int, quick: bool) -> list[dict]:
     households = {h.name: context_text(h) for h in load_households()}
     loaded = load_utterances(manifests["train"])
     rows = []
     # Real-size generative steps take tens of seconds on 2 cores: a smaller batch, fewer steps.
-    for size, model, steps, n in (("dev", dev, 10, batch), ("real", None, 2, 4)):
+    for size, model, steps, n in (
+        ("dev", dev, 10, batch),
+        ("real", None, 1 if quick else 2, 2 if quick else 4),
+    ):
         if model is None:
             _LOGGER.info("building real-size random backbones")
             model = real_size_model(dev)
@@ -161,6 +166,7 @@ def main() -> None:
     parser.add_argument("--target-accuracy", type=float, default=0.8, help="for time-to-quality")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: tiny corpus, one real-size step")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -168,7 +174,7 @@ def main() -> None:
     if not (args.model / "bundle.json").is_file():
         build_dev_model(args.model, "small")
     args.work.mkdir(parents=True, exist_ok=True)
-    manifests = corpus(args.work)
+    manifests = corpus(args.work, args.quick)
     results: dict = {
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
@@ -178,7 +184,7 @@ def main() -> None:
     }
 
     dev = SpeechLLM.load(args.model)
-    results["step_seconds"] = section_step_times(dev, manifests, args.batch)
+    results["step_seconds"] = section_step_times(dev, manifests, args.batch, args.quick)
 
     base = TrainConfig(max_minutes=args.budget_minutes, val_every_s=15, patience=1000, batch=args.batch)
     results["objectives"] = {}

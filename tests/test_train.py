@@ -39,7 +39,10 @@ def test_each_objective_lowers_the_loss(
     # The result is a bundle that loads as it is, with a trained projector (and the LoRA adapters).
     model = SpeechLLM.load(tmp_path / "out")
     assert model.has_aligned_projector
-    assert model.projector_info.metrics["val_loss"] == min(losses)
+    # The best validation (intent accuracy first, then loss) is the one kept.
+    assert model.projector_info.metrics == result.best
+    key = (result.best["intent_accuracy"], -result.best["val_loss"])
+    assert key == max((h["intent_accuracy"], -h["val_loss"]) for h in result.history)
     assert (load_bundle_config(tmp_path / "out").lora == "lora") == bool(lora_r)
 
 

@@ -110,7 +110,10 @@ SIZES = {
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on the domain's text, with the LLM's and Whisper's special tokens."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Digits one by one (as Qwen2 does): a tiny LLM learns to copy 10 digit tokens, not 100 numbers.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -271,11 +274,11 @@ def whisper_generation_config(tokenizer: PreTrainedTokenizerFast) -> GenerationC
 
 def _spec_augment(mel: torch.Tensor, length: int, rng: random.Random) -> torch.Tensor:
     mel = mel.clone()
-    f = rng.randrange(0, 12)
+    f = rng.randrange(0, 8)
     f0 = rng.randrange(0, mel.shape[0] - f)
     mel[f0 : f0 + f, :length] = mel[:, :length].mean()
     for _ in range(2):
-        t = rng.randrange(0, max(1, min(20, length // 8)))
+        t = rng.randrange(0, max(1, min(8, length // 10)))  # short: never a whole word like "on"
         t0 = rng.randrange(0, max(1, length - t))
         mel[:, t0 : t0 + t] = mel[:, :length].mean()
     return mel
@@ -311,6 +314,13 @@ def train_whisper(
     )
     whisper = WhisperForConditionalGeneration(cfg)
     whisper.generation_config = gen
+    # HF's init (std 0.02) leaves the convolutions' output ~1% of the sinusoidal positions: the decoder
+    # then learns a language model and ignores the sound. Give the sound a fair share from the start.
+    enc = whisper.get_encoder()
+    with torch.no_grad():
+        for conv in (enc.conv1, enc.conv2):
+            torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        enc.embed_positions.weight.mul_(0.1)
     encoder = AudioEncoder(whisper.get_encoder(), feature_extractor)
     prefix = [gen.decoder_start_token_id, gen.lang_to_id["<|en|>"], gen.task_to_id["transcribe"]]
     prefix.append(gen.no_timestamps_token_id)
