@@ -42,7 +42,7 @@ def store(tmp_path: Path) -> Iterator[InteractionStore]:
 def test_a_new_log_is_wal_at_the_current_schema_with_label_columns(store: InteractionStore) -> None:
     conn = store.conn
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
     columns = {row[1] for row in conn.execute("PRAGMA table_info(interactions)")}
     assert LABELS | {"created_at", "client", "satellite_id", "conversation_id", "audio_path"} <= columns
     assert {"duration_s", "path", "transcript", "intent", "latency_ms", "projector_version"} <= columns
@@ -144,19 +144,20 @@ def test_migrations_run_in_order_and_a_failed_one_changes_nothing(
     s.open()
     s.add(utterance(transcript="before"), None)
     s.close()
+    current = store_module.SCHEMA_VERSION
     broken = "ALTER TABLE interactions ADD COLUMN mood TEXT; THIS IS NOT SQL;"
     monkeypatch.setattr(store_module, "MIGRATIONS", (*store_module.MIGRATIONS, broken))
-    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", current + 1)
     with pytest.raises(StoreError):
         InteractionStore(tmp_path / "log").open()
     with closing(sqlite3.connect(tmp_path / "log" / "interactions.sqlite3")) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == current
         assert "mood" not in {row[1] for row in conn.execute("PRAGMA table_info(interactions)")}
     fixed = "ALTER TABLE interactions ADD COLUMN mood TEXT;"
-    monkeypatch.setattr(store_module, "MIGRATIONS", (*store_module.MIGRATIONS[:1], fixed))
+    monkeypatch.setattr(store_module, "MIGRATIONS", (*store_module.MIGRATIONS[:current], fixed))
     s = InteractionStore(tmp_path / "log")
     s.open()
-    assert s.conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert s.conn.execute("PRAGMA user_version").fetchone()[0] == current + 1
     assert s.conn.execute("SELECT transcript, mood FROM interactions").fetchall() == [("before", None)]
     s.close()
 

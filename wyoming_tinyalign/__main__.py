@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .adapt import add_adapt_args, add_rollback_args, run_adapt, run_rollback
 from .audio import AudioError
 from .evaluate import add_eval_args, run_eval
 from .model.bundle import BundleError
@@ -64,6 +65,8 @@ COMMANDS = {
     "dev-model": ("build the offline development model", _add_dev_model_args, _run_dev_model),
     "eval": ("evaluate a model on a manifest", add_eval_args, run_eval),
     "train": ("align a projector (EmbedLink or generative)", add_train_args, run_train),
+    "adapt": ("adapt the projector to the household's voices (nightly job)", add_adapt_args, run_adapt),
+    "rollback": ("serve an earlier projector version", add_rollback_args, run_rollback),
 }
 
 

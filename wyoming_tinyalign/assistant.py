@@ -130,12 +130,14 @@ class Assistant:
         self.projector_version = projector_version
         self._recent: OrderedDict[str, _Recent] = OrderedDict()
         self._logging: set[asyncio.Task[int | None]] = set()
+        self.observers: list[Callable[[str, str, float], None]] = []  # (kind, path, ms), e.g. metrics
 
     async def transcribe(self, segments: list[PcmSegment], request: Request) -> Result:
         """One utterance (raw PCM as it arrived) -> transcript and intent; logged in the background."""
         created, t0 = time.time(), time.perf_counter()
         audio, result = await self.worker.transcribe(segments, self.household(), request.language)
         latency_ms = (time.perf_counter() - t0) * 1000
+        self._observe("audio", result.path, latency_ms)
         _LOGGER.info(
             "%s: %.1f s of audio -> %r, %s (%s, %.0f ms)",
             request.client, audio.size / TARGET_RATE, result.transcript,
@@ -160,6 +162,7 @@ class Assistant:
         recent = self._recent.pop(_normalize(text), None)
         if recent is not None and time.monotonic() - recent.at <= RECENT_TTL_S:
             _LOGGER.debug("%s: reusing the intent computed from the audio of %r", request.client, text)
+            self._observe("text", "reused", 0.0)
             if recent.row is not None and request.context and self.store is not None:
                 row_id = await recent.row
                 if row_id is not None:
@@ -172,8 +175,16 @@ class Assistant:
         interaction.transcript = text
         interaction.intent = intent
         interaction.latency_ms = interaction.model_ms = (time.perf_counter() - t0) * 1000
+        self._observe("text", "text", interaction.latency_ms)
         self._log(interaction, None)
         return intent
+
+    def _observe(self, kind: str, path: str, latency_ms: float) -> None:
+        for observer in self.observers:
+            try:
+                observer(kind, path, latency_ms)
+            except Exception:  # metrics must never break answering
+                _LOGGER.exception("request observer failed")
 
     async def drain(self) -> None:
         """Wait until every interaction handed to the log is written."""

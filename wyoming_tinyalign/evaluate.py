@@ -85,7 +85,10 @@ def evaluate_manifest(
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="model bundle folder")
+    parser.add_argument("--model", type=Path, help="model bundle folder")
+    parser.add_argument(
+        "--data-dir", type=Path, help="instead of --model: a data dir (its bundle + promoted version)"
+    )
     parser.add_argument("--manifest", required=True, type=Path, help="manifest.jsonl to evaluate on")
     parser.add_argument("--path", choices=PATHS, default="aligned")
     parser.add_argument("--households", type=Path, help="households file for context (default: packaged)")
@@ -94,9 +97,20 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    model = SpeechLLM.load(args.model, device=args.device)
+    if (args.model is None) == (args.data_dir is None):
+        raise ValueError("give either --model (a bundle) or --data-dir (a server's data dir)")
+    version = None
+    if args.data_dir is not None:
+        from .versions import load_household_model, recorded_model
+
+        model, version = load_household_model(args.data_dir, args.device)
+        args.model = recorded_model(args.data_dir)
+    else:
+        model = SpeechLLM.load(args.model, device=args.device)
     report = evaluate_manifest(model, args.manifest, args.path, args.households, not args.no_context)
     report["model"] = str(args.model)
+    if version is not None:
+        report["projector_version"] = version
     if args.json:
         print(json.dumps(report))
     else:

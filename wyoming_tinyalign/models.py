@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .model.bundle import BundleConfig, BundleError, load_bundle_config, save_bundle_config
 from .model.prompt import DEFAULT_TEMPLATE
 from .model.speechllm import SpeechLLM
@@ -98,10 +100,10 @@ def ensure_dev_model(folder: Path, build: Builder | None = None) -> Path:
     return folder
 
 
-def load_model(choice: ModelChoice, device: str) -> SpeechLLM:
+def load_model(choice: ModelChoice, device: str, dtype: torch.dtype = torch.float32) -> SpeechLLM:
     """Load the bundle; a preset that is neither cached nor downloadable fails with one clear line."""
     try:
-        return SpeechLLM.load(choice.folder, device=device)
+        return SpeechLLM.load(choice.folder, device=device, dtype=dtype)
     except BundleError as err:
         if choice.preset is None:
             raise

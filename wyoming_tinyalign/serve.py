@@ -1,8 +1,10 @@
 """`wyoming-tinyalign serve`: the Wyoming server for Home Assistant and voice satellites.
 
-Start-up loads the model (building the demo model or writing a preset bundle first when asked), opens
-the interaction log, listens on `--uri` (tcp://, unix:// or stdio://) and advertises itself over
-zeroconf. SIGTERM or SIGINT stop it gracefully: no new connections, requests in flight are answered, the
+Start-up loads the model (building the demo model or writing a preset bundle first when asked; on
+`--device cuda` in half precision), opens the interaction log, listens on `--uri` (tcp://, unix:// or
+stdio://) and advertises itself over zeroconf. With `--hass-url` the household context for the prompt
+comes from Home Assistant, fetched in the background (see `hass.py`); serving never waits for it.
+SIGTERM or SIGINT stop it gracefully: no new connections, requests in flight are answered, the
 log is flushed, exit code 0.
 """
 
@@ -17,7 +19,9 @@ import sys
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import torch
 from wyoming.client import AsyncClient
 from wyoming.error import Error
 from wyoming.event import Event, async_get_stdin, async_write_event
@@ -27,7 +31,9 @@ from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from .assistant import Assistant, ContextProvider, load_context_file, static_context
 from .handler import MAX_HEADER_BYTES, ServerSettings, TinyAlignHandler, build_info, close_gently
+from .hass import DEFAULT_REFRESH_MINUTES, HOUSEHOLD_FILE, HassContext, cached_context
 from .models import DEV, PRESET_PREFIX, PRESETS, load_model, projector_version, resolve_model
+from .scheduler import Nightly, add_adaptation_args
 from .store import InteractionStore, StoreError
 from .worker import PATH_CHOICES, InferenceWorker
 
@@ -36,6 +42,7 @@ _LOGGER = logging.getLogger(__name__)
 DEFAULT_ZEROCONF_NAME = "tinyalign"
 SHUTDOWN_GRACE_S = 30.0
 _TRUE = {"1", "true", "yes", "on"}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +73,18 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--context-file", type=Path, help="household JSON: areas and device names for the LLM"
     )
+    parser.add_argument(
+        "--hass-url", help="Home Assistant (http(s)://HOST:8123 or a ws:// URL) for household context"
+    )
+    parser.add_argument("--hass-token", help="Home Assistant long-lived access token (better from the env)")
+    parser.add_argument(
+        "--hass-refresh-minutes", type=float, default=DEFAULT_REFRESH_MINUTES,
+        help="how often the household context is fetched again",
+    )  # fmt: skip
+    parser.add_argument(
+        "--dtype", choices=("auto", *DTYPES), default="auto",
+        help="model precision; auto: float32 on cpu, bfloat16 (or float16) on cuda",
+    )  # fmt: skip
     parser.add_argument("--tts-uri", help="Wyoming TTS server for run-pipeline clients ending in tts")
     parser.add_argument("--no-streaming", action="store_true", help="no transcript-start/-chunk/-stop events")
     parser.add_argument("--max-connections", type=int, default=16, help="more concurrent clients are refused")
@@ -76,6 +95,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "--read-timeout", type=float, default=30.0, help="seconds within an event or a stream"
     )
     parser.add_argument("--idle-timeout", type=float, default=600.0, help="idle connection timeout (0: none)")
+    add_adaptation_args(parser)  # --adapt-at, --web-port, ... (scheduler.py)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -86,9 +106,18 @@ def run_serve(args: argparse.Namespace) -> int:
     for name in ("max_audio_seconds", "read_timeout", "max_event_bytes", "max_connections"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
-    household: ContextProvider = static_context(
-        load_context_file(args.context_file) if args.context_file else ""
-    )
+    file_context = load_context_file(args.context_file) if args.context_file else ""
+    hass = None
+    if args.hass_url:  # the context file (or the last context fetched) until Home Assistant answers
+        hass = HassContext(
+            args.hass_url,
+            args.hass_token or "",
+            data_dir=args.data_dir,
+            refresh_s=args.hass_refresh_minutes * 60,
+            initial=file_context or cached_context(args.data_dir / HOUSEHOLD_FILE),
+        )
+    household: ContextProvider = hass if hass is not None else static_context(file_context)
+    dtype = inference_dtype(args.device, args.dtype)
     store = None
     if not args.no_log:
         store = InteractionStore(
@@ -103,9 +132,11 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 1
     choice = resolve_model(args.model, args.data_dir)
-    model = load_model(choice, args.device)
+    model = load_model(choice, args.device, dtype)
     worker = InferenceWorker(model, args.path)
     version = projector_version(choice.folder)
+    nightly = Nightly.setup(args, choice, worker, version)  # serves the promoted version (scheduler.py)
+    version = nightly.version
     description = (
         "DEMO model: the offline development model, trained on synthetic speech only"
         if choice.demo
@@ -114,7 +145,10 @@ def run_serve(args: argparse.Namespace) -> int:
     if choice.demo:
         _LOGGER.warning("serving the DEMO model %s (synthetic speech only; not for real use)", choice.folder)
     aligned = "aligned projector" if model.has_aligned_projector else "no aligned projector yet"
-    _LOGGER.info("model %s loaded (%s); path %s", choice.name, aligned, worker.path)
+    _LOGGER.info(
+        "model %s loaded on %s in %s (%s); path %s",
+        choice.name, model.device, str(dtype).removeprefix("torch."), aligned, worker.path,
+    )  # fmt: skip
     settings = ServerSettings(
         language=args.language,
         max_audio_seconds=args.max_audio_seconds,
@@ -129,11 +163,23 @@ def run_serve(args: argparse.Namespace) -> int:
         settings=settings,
         info=build_info(choice.name, description, version, settings).event(),
         max_connections=args.max_connections,
+        hass=hass,
+        services=[nightly],
     )
     zeroconf = args.zeroconf
     if zeroconf is not None and zeroconf.strip().lower() in _TRUE:  # WYOMING_TINYALIGN_ZEROCONF=true
         zeroconf = DEFAULT_ZEROCONF_NAME
     return asyncio.run(app.serve(server, zeroconf))
+
+
+def inference_dtype(device: str, requested: str = "auto") -> torch.dtype:
+    """`--dtype`: auto is float32 on the CPU and half precision on CUDA: bfloat16 where the GPU has it
+    (Ampere and later, e.g. Jetson Orin), float16 otherwise (bfloat16 emulated on older GPUs is slow)."""
+    if requested != "auto":
+        return DTYPES[requested]
+    if not device.startswith("cuda"):
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 @dataclass
@@ -144,6 +190,8 @@ class App:
     settings: ServerSettings
     info: Event
     max_connections: int
+    hass: HassContext | None = None
+    services: list[Any] = field(default_factory=list)  # start(app) once listening, stop() at the end
     _handlers: dict[asyncio.Task[None], TinyAlignHandler] = field(default_factory=dict, init=False)
 
     async def serve(self, server: AsyncServer, zeroconf_name: str | None) -> int:
@@ -159,12 +207,18 @@ class App:
             if isinstance(server, AsyncStdioServer):
                 stdio_task = await self._serve_stdio()
                 _LOGGER.info("ready: serving on stdio://")
+                self._start_background()
+                for service in self.services:
+                    await service.start(self)
                 stopped = asyncio.create_task(stop.wait())
                 await asyncio.wait({stopped, stdio_task}, return_when=asyncio.FIRST_COMPLETED)
                 stopped.cancel()
             else:
                 listener, where = await self._listen(server)
                 _LOGGER.info("ready: serving on %s", where)
+                self._start_background()
+                for service in self.services:
+                    await service.start(self)
                 if zeroconf_name and isinstance(server, AsyncTcpServer):
                     advert = await Advert.start(zeroconf_name, server.host, listener)
                 await stop.wait()
@@ -177,6 +231,10 @@ class App:
                     server.socket_path.unlink(missing_ok=True)
             if advert is not None:
                 await advert.stop()
+            if self.hass is not None:
+                await self.hass.stop()
+            for service in self.services:
+                await service.stop()
             await self._stop_handlers()
             await asyncio.to_thread(self.assistant.worker.close)
             await self.assistant.drain()
@@ -184,6 +242,18 @@ class App:
                 await store.async_close()
             _LOGGER.info("stopped")
         return 0
+
+    def set_info(self, info: Event) -> None:
+        """A new `info` (e.g. after a projector hot-swap), for new and open connections."""
+        self.info = info
+        for handler in self._handlers.values():
+            handler._info = info
+
+    def _start_background(self) -> None:
+        """Household context from Home Assistant: fetched in the background, never awaited here."""
+        if self.hass is not None:
+            _LOGGER.info("household context: from Home Assistant at %s", self.hass.url)
+            self.hass.start()
 
     async def _listen(self, server: AsyncServer) -> tuple[asyncio.Server, str]:
         if isinstance(server, AsyncTcpServer):

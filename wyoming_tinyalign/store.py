@@ -5,9 +5,10 @@
 
 The schema is versioned with `PRAGMA user_version`: `MIGRATIONS[i]` takes a database from version `i` to
 `i + 1` in one transaction, so a crash mid-migration leaves the old version. The label columns
-(`correction`, `teacher_transcript`, `teacher_confidence`, `ha_outcome`, `labelled_at`) are filled later
-by the nightly adaptation. Retention: interactions older than `retention_days`, and the oldest ones past
-`retention_bytes` of audio, are deleted with their audio files.
+(`correction`, `teacher_transcript`, `teacher_confidence`, `ha_outcome`, `labelled_at`, `label_source`)
+are filled by the review API and the nightly adaptation (`labels.py`), whose runs and reports go to the
+`adaptations` table (`adapt.py`). Retention: interactions older than `retention_days`, and the oldest
+ones past `retention_bytes` of audio, are deleted with their audio files.
 
 The server opens the log before its event loop starts, then uses the `async_*` methods: every SQLite
 call and file write runs on the store's own thread, in order, never on the event loop and never queued
@@ -72,6 +73,22 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX interactions_created_at ON interactions (created_at);
     CREATE INDEX interactions_conversation ON interactions (conversation_id);
+    """,
+    # 1 -> 2: the label the nightly adaptation used for a row, and its runs (see adapt.py, labels.py).
+    """
+    ALTER TABLE interactions ADD COLUMN label_source TEXT;  -- correction / teacher / outcome
+    CREATE TABLE adaptations (
+        id INTEGER PRIMARY KEY,
+        started_at REAL NOT NULL,
+        finished_at REAL,
+        status TEXT NOT NULL,               -- running / skipped / promoted / rejected / failed
+        reason TEXT,
+        serving_version TEXT,               -- the projector version served when the run started
+        version TEXT,                       -- the version it promoted
+        data_hash TEXT,
+        report TEXT                         -- JSON: data sizes, label sources, metrics, loss curve, ...
+    );
+    CREATE INDEX adaptations_started_at ON adaptations (started_at);
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -257,6 +274,16 @@ class InteractionStore:
                     path.parent.rmdir()
         return len(rows)
 
+    def delete(self, ids: list[int]) -> int:
+        """Delete these interactions with their audio files; returns how many there were."""
+        rows: list[tuple[int, str | None]] = []
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            rows += self.conn.execute(
+                f"SELECT id, audio_path FROM interactions WHERE id IN ({','.join('?' * len(chunk))})", chunk
+            ).fetchall()
+        return self._delete(rows)
+
     def close(self) -> None:
         """Close the database (SQLite checkpoints the WAL into the main file)."""
         if self._conn is not None:
@@ -272,6 +299,10 @@ class InteractionStore:
 
     async def async_link(self, row_id: int, context: dict[str, Any]) -> None:
         await self._call(self.link, row_id, context)
+
+    async def async_call(self, fn: Callable[..., T], *args: object) -> T:
+        """Run `fn(*args)` on the store's thread (for readers and writers of `conn`, e.g. `web.py`)."""
+        return await self._call(fn, *args)
 
     async def async_close(self) -> None:
         """Finish every queued write, close the database and stop the store's thread."""

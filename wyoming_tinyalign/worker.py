@@ -17,7 +17,10 @@ import numpy as np
 
 from .audio import pcm_to_float
 from .intents import Intent
+from .model.bundle import ProjectorInfo
+from .model.projector import Projector
 from .model.speechllm import PATHS, Result, SpeechLLM
+from .versions import household_validated
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -36,9 +39,10 @@ class PcmSegment:
 
 
 def choose_path(requested: str, model: SpeechLLM) -> str:
-    """`auto` is `aligned` once the bundle has a trained (aligned) projector, `cascade` before."""
+    """`auto` is `aligned` once a household projector version has been promoted whose held-out intent
+    accuracy is at or above the cascade's (`versions.household_validated`), `cascade` before (day 0)."""
     if requested == "auto":
-        return "aligned" if model.has_aligned_projector else "cascade"
+        return "aligned" if household_validated(model.projector_info) else "cascade"
     if requested not in PATHS:
         raise ValueError(f"unknown path {requested!r}; expected one of {', '.join(PATH_CHOICES)}")
     if requested != "cascade" and model.projector is None:
@@ -57,6 +61,7 @@ class InferenceWorker:
 
     def __init__(self, model: SpeechLLM, path: str = "auto") -> None:
         self.model = model
+        self.requested_path = path
         self.path = choose_path(path, model)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._waiting = 0
@@ -89,6 +94,24 @@ class InferenceWorker:
     async def understand(self, text: str, context: str) -> Intent | None:
         """Text -> intent with the LLM."""
         return await self._submit(self.model.understand_text, text, context)
+
+    def replace_projector(self, projector: Projector | None, info: ProjectorInfo | None) -> str:
+        """Serve another projector (and re-choose an `auto` path); returns the path now served. Call it
+        on the inference thread (`swap_projector`) or before serving starts."""
+        before = self.model.projector, self.model.projector_info
+        self.model.projector = projector.eval() if projector is not None else None
+        self.model.projector_info = info
+        try:
+            self.path = choose_path(self.requested_path, self.model)
+        except ValueError:  # e.g. --path aligned and no projector: keep serving the old one
+            self.model.projector, self.model.projector_info = before
+            raise
+        return self.path
+
+    async def swap_projector(self, projector: Projector | None, info: ProjectorInfo | None) -> str:
+        """Hot-swap between requests: queued like a request, so every request runs wholly on the old
+        projector or wholly on the new one."""
+        return await self._submit(self.replace_projector, projector, info)
 
     def close(self) -> None:
         """Finish the queued jobs, then stop the thread (blocking: call it off the event loop)."""

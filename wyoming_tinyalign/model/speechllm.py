@@ -125,6 +125,11 @@ class SpeechLLM:
         return self.llm.device
 
     @property
+    def _projector_dtype(self) -> torch.dtype:
+        assert self.projector is not None
+        return next(self.projector.parameters()).dtype
+
+    @property
     def has_aligned_projector(self) -> bool:
         return self.projector is not None and self.projector_info is not None and self.projector_info.trained
 
@@ -150,7 +155,7 @@ class SpeechLLM:
         if self.projector is None:
             raise BundleError("this bundle has no projector: use the cascade path")
         feats, lengths = self.encoder.encode(audios)
-        out, out_lengths = self.projector(feats, lengths)
+        out, out_lengths = self.projector(feats.to(self._projector_dtype), lengths)
         return [o[: int(n)] for o, n in zip(out, out_lengths, strict=True)]
 
     @torch.no_grad()
@@ -158,6 +163,7 @@ class SpeechLLM:
         """Projector on one clip's encoder features `[N, Da]` -> `[M, D]`."""
         if self.projector is None:
             raise BundleError("this bundle has no projector: use the cascade path")
+        feats = feats.to(self._projector_dtype)  # a half-precision encoder feeds the float32 projector
         out, out_lengths = self.projector(feats.unsqueeze(0), torch.tensor([len(feats)], device=feats.device))
         return out[0, : int(out_lengths[0])]
 

@@ -1,0 +1,325 @@
+"""Personalization benchmark: one night of household adaptation, before and after, and its cost.
+
+    python benchmarks/personalization.py --model /tmp/small --work /tmp/bench-personal [--quick]
+
+1. Quality: for each of the 3 unseen households (voices, accents and device names the dev model never
+   trained on), 100 utterances are logged as the server logs them and corrected to their true text and
+   intent (labels = corrections), then one `wyoming-tinyalign adapt --now` night runs in its own process
+   (`--budget-minutes`, `--threads`). Intent accuracy and WER on the household's separate held-out
+   utterances (never logged), aligned path with the household's context, before and after; the target
+   is the error rate at least halved.
+2. Cost at real size: the same job on 200 corrected utterances with whisper-base + Qwen2.5-0.5B shapes
+   (random weights; the compute is real, the words are not): its wall time and peak RSS (the job
+   process's `ru_maxrss`); targets <= 10 minutes and <= 3 GB on 2 cores.
+
+Prints markdown tables (for benchmarks/RESULTS.md) and writes every figure to WORK/personalization.json.
+`--quick` is a smoke run (few utterances, short budgets, 16 real-size utterances). Base-household speech
+for replay and the general held-out set is rendered once into WORK/bootstrap and shared by the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from transformers import (
+    GenerationConfig,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
+)
+
+from wyoming_tinyalign.evaluate import evaluate_items
+from wyoming_tinyalign.households import Household, context_text, load_households
+from wyoming_tinyalign.labels import set_correction, validate_correction
+from wyoming_tinyalign.manifest import load_utterances
+from wyoming_tinyalign.model.bundle import (
+    BundleConfig,
+    ProjectorInfo,
+    load_bundle_config,
+    save_bundle_config,
+    save_projector,
+)
+from wyoming_tinyalign.model.projector import ProjectorConfig, build_projector
+from wyoming_tinyalign.model.speechllm import SpeechLLM, resolve_ref
+from wyoming_tinyalign.store import Interaction, InteractionStore
+from wyoming_tinyalign.synth import render_corpus
+from wyoming_tinyalign.versions import load_household_model, record_model
+
+_LOGGER = logging.getLogger("personalization")
+
+
+def log_corrected(data: Path, bundle: Path, manifest: Path) -> int:
+    """A data dir as the server leaves it, every utterance corrected to its true text and intent."""
+    record_model(data, bundle, bundle.name)
+    store = InteractionStore(data / "log")
+    store.open()
+    start = time.time() - 2 * 86400
+    try:
+        for i, (utt, audio) in enumerate(load_utterances(manifest)):
+            row = store.add(
+                Interaction(
+                    kind="audio", created_at=start + 300 * i, client="192.168.1.20:40000", path="aligned",
+                    satellite_id="living-room", duration_s=audio.size / 16000,
+                ),
+                audio,
+            )  # fmt: skip
+            body = {"text": utt.text, "intent": utt.intent.to_json() if utt.intent else None}
+            set_correction(store.conn, row, validate_correction(body))
+        return i + 1
+    finally:
+        store.close()
+
+
+def household_file(household: Household, path: Path) -> Path:
+    """The household's context as `serve --context-file` (and so `adapt --context-file`) reads it."""
+    path.write_text(
+        json.dumps({"areas": household.areas, "devices": [{"name": d.name} for d in household.devices]})
+    )
+    return path
+
+
+def run_night(data: Path, args: argparse.Namespace, extra: list[str]) -> dict:
+    """One `adapt --now` run in its own process; its JSON report."""
+    cmd = [
+        sys.executable, "-m", "wyoming_tinyalign", "adapt", "--data-dir", str(data), "--now",
+        "--budget-minutes", str(args.budget_minutes), "--threads", str(args.threads),
+        "--bootstrap-dir", str(args.work / "bootstrap"), "--replay-n", str(args.replay_n),
+        "--general-n", str(args.general_n), *extra,
+    ]  # fmt: skip
+    _LOGGER.info("running %s", " ".join(cmd))
+    with open(data.parent / "adapt.log", "w") as log:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, check=False)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise RuntimeError(f"adapt failed ({proc.returncode}); see {data.parent / 'adapt.log'}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def evaluate(model: SpeechLLM, manifest: Path, context: str, paths: tuple[str, ...]) -> dict:
+    items = [(u, a, context) for u, a in load_utterances(manifest)]
+    return {path: evaluate_items(model, items, path) for path in paths}
+
+
+def quality(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    unseen = [h for h in load_households() if h.split == "unseen"][: args.households]
+    for i, household in enumerate(unseen):
+        work = args.work / "quality" / household.name
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        labelled = render_corpus(work / "labelled", [household], args.labelled, seed=100 + i)
+        heldout = render_corpus(work / "heldout", [household], args.heldout, seed=200 + i)
+        data = work / "data"
+        log_corrected(data, args.model, labelled)
+        context = context_text(household)
+        before_model = SpeechLLM.load(args.model)
+        before = evaluate(before_model, heldout, context, ("aligned", "cascade"))
+        del before_model
+        t0 = time.monotonic()
+        report = run_night(
+            data, args, ["--context-file", str(household_file(household, work / "household.json"))]
+        )
+        wall = time.monotonic() - t0
+        after_model, version = load_household_model(data)
+        after = evaluate(after_model, heldout, context, ("aligned",))
+        row = {
+            "household": household.name,
+            "labelled": args.labelled,
+            "heldout": args.heldout,
+            "status": report["status"],
+            "reason": report.get("reason"),
+            "version": version,
+            "before": {p: {k: r[k] for k in ("intent_accuracy", "wer")} for p, r in before.items()},
+            "after": {"aligned": {k: after["aligned"][k] for k in ("intent_accuracy", "wer")}},
+            "job": {
+                "wall_s": round(wall, 1),
+                "duration_s": report.get("duration_s"),
+                "peak_rss_mb": report.get("peak_rss_mb"),
+                "train": {k: v for k, v in (report.get("train") or {}).items() if k != "history"},
+                "data": report.get("data"),
+                "general_before": (report.get("before") or {}).get("general"),
+                "general_after": (report.get("after") or {}).get("general"),
+            },
+        }
+        rows.append(row)
+        _LOGGER.info("%s: %s", household.name, json.dumps({k: row[k] for k in ("status", "before", "after")}))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- real size
+def real_size_bundle(dev: Path, out: Path) -> Path:
+    """whisper-base + Qwen2.5-0.5B shapes with random weights, saved as a bundle (the dev model's
+    tokenizers: their ids fit the big vocabularies), with an untrained BridgeFormer."""
+    if (out / "bundle.json").is_file():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    dev_cfg = load_bundle_config(dev)
+    dev_whisper = Path(resolve_ref(dev, dev_cfg.encoder))
+    torch.manual_seed(0)
+    whisper = WhisperForConditionalGeneration(
+        WhisperConfig(
+            d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
+            decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048, vocab_size=51865,
+            num_mel_bins=80,
+        )
+    )  # fmt: skip
+    whisper.generation_config = GenerationConfig.from_pretrained(dev_whisper)
+    whisper.save_pretrained(out / "whisper")
+    del whisper
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(out / "whisper")
+    dev_model = SpeechLLM.load(dev)
+    llm = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+            num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
+            pad_token_id=dev_model.tokenizer.pad_token_id, eos_token_id=dev_model.tokenizer.eos_token_id,
+        )
+    )  # fmt: skip
+    llm.save_pretrained(out / "llm")
+    dev_model.tokenizer.save_pretrained(out / "llm")
+    dev_model.whisper_tokenizer.save_pretrained(out / "whisper")
+    embed_norm = float(llm.get_input_embeddings().weight.detach().norm(dim=-1).mean())
+    del llm, dev_model
+    config = ProjectorConfig(kind="bridgeformer", input_dim=512, output_dim=896, embed_norm=embed_norm)
+    save_projector(
+        out / "projector.safetensors", build_projector(config), ProjectorInfo(config, "whisper", "llm")
+    )
+    save_bundle_config(
+        out, BundleConfig(encoder="whisper", llm="llm", prompt_template=dev_cfg.prompt_template)
+    )
+    return out
+
+
+def real_size(args: argparse.Namespace) -> dict:
+    bundle = real_size_bundle(args.model, args.work / "real-size-bundle")
+    work = args.work / "real-size"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    household = next(h for h in load_households() if h.split == "unseen")
+    manifest = render_corpus(work / "speech", [household], args.real_size_n, seed=300)
+    n = log_corrected(work / "data", bundle, manifest)
+    t0 = time.monotonic()
+    report = run_night(
+        work / "data", args, ["--context-file", str(household_file(household, work / "household.json"))]
+    )
+    return {
+        "utterances": n,
+        "status": report["status"],
+        "reason": report.get("reason"),
+        "wall_s": round(time.monotonic() - t0, 1),
+        "duration_s": report.get("duration_s"),
+        "peak_rss_mb": report.get("peak_rss_mb"),
+        "train": {k: v for k, v in (report.get("train") or {}).items() if k not in ("history", "loss_curve")},
+        "data": report.get("data"),
+    }
+
+
+def bootstrap(args: argparse.Namespace) -> None:
+    """Replay and general held-out speech of the base households, once (the layout the job expects)."""
+    from wyoming_tinyalign.adapt import GENERAL_SEED, REPLAY_SEED
+
+    base = [h for h in load_households() if h.split == "base"]
+    for name, n, seed in (("replay", args.replay_n, REPLAY_SEED), ("general", args.general_n, GENERAL_SEED)):
+        out = args.work / "bootstrap" / f"{name}-{n}-{seed}"
+        if not (out / "manifest.jsonl").is_file():
+            _LOGGER.info("rendering %d base-household utterances for %s", n, name)
+            render_corpus(out, base, n, seed)
+
+
+def report(r: dict) -> str:
+    lines = [
+        f"Date {r['date']}; machine: {r['machine']}; job: `--threads {r['threads']}`, "
+        f"`--budget-minutes {r['budget_minutes']}`; {r['labelled']} corrected utterances per household, "
+        f"{r['heldout']} held-out.",
+        "",
+        "| household | result | intent acc before -> after | intent error cut | WER before -> after "
+        "| WER cut | cascade intent acc / WER | general intent acc before -> after | job s | peak RSS MB |",
+        "|---" * 10 + "|",
+    ]
+    for row in r["quality"]:
+        b, a = row["before"]["aligned"], row["after"]["aligned"]
+        cut = 1 - (1 - a["intent_accuracy"]) / max(1e-9, 1 - b["intent_accuracy"])
+        wcut = 1 - a["wer"] / max(1e-9, b["wer"])
+        c = row["before"]["cascade"]
+        gb, ga = row["job"]["general_before"] or {}, row["job"]["general_after"] or {}
+        lines.append(
+            f"| {row['household']} | {row['status']} "
+            f"| {b['intent_accuracy']:.3f} -> {a['intent_accuracy']:.3f} | {cut:+.0%} "
+            f"| {b['wer']:.3f} -> {a['wer']:.3f} | {wcut:+.0%} "
+            f"| {c['intent_accuracy']:.3f} / {c['wer']:.3f} "
+            f"| {gb.get('intent_accuracy', '-')} -> {ga.get('intent_accuracy', '-')} "
+            f"| {row['job']['duration_s']} | {row['job']['peak_rss_mb']} |"
+        )
+    if r.get("real_size"):
+        s = r["real_size"]
+        lines += [
+            "",
+            "| real-size job (whisper-base + Qwen2.5-0.5B shapes, random weights) | utterances | result "
+            "| wall s | job s | peak RSS MB | train steps | step ms |",
+            "|---" * 8 + "|",
+            f"| `adapt --now --threads {r['threads']}` | {s['utterances']} | {s['status']} | {s['wall_s']} "
+            f"| {s['duration_s']} | {s['peak_rss_mb']} | {s['train'].get('steps')} "
+            f"| {s['train'].get('step_ms')} |",
+        ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model", type=Path, required=True, help="a small dev bundle (dev-model --size small)"
+    )
+    parser.add_argument("--work", type=Path, required=True, help="folder for speech, data dirs and results")
+    parser.add_argument("--budget-minutes", type=float, default=10.0, help="the night's time budget")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the job")
+    parser.add_argument("--labelled", type=int, default=100, help="corrected utterances per household")
+    parser.add_argument("--heldout", type=int, default=50, help="held-out utterances per household")
+    parser.add_argument("--households", type=int, default=3)
+    parser.add_argument("--real-size-n", type=int, default=200, help="utterances of the real-size run")
+    parser.add_argument("--replay-n", type=int, default=400)
+    parser.add_argument("--general-n", type=int, default=60)
+    parser.add_argument("--skip-real-size", action="store_true")
+    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes and budgets")
+    args = parser.parse_args()
+    if args.quick:
+        args.labelled, args.heldout, args.households, args.real_size_n = 12, 6, 1, 16
+        args.budget_minutes, args.replay_n, args.general_n = 1.0, 24, 12
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    if not (args.model / "bundle.json").is_file():
+        raise SystemExit(
+            f"{args.model} is not a bundle: build one with `wyoming-tinyalign dev-model --size small`"
+        )
+    args.work.mkdir(parents=True, exist_ok=True)
+    bootstrap(args)
+    results: dict = {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "model": str(args.model),
+        "threads": args.threads,
+        "budget_minutes": args.budget_minutes,
+        "labelled": args.labelled,
+        "heldout": args.heldout,
+        "quick": args.quick,
+    }
+    results["quality"] = [] if args.skip_quality else quality(args)
+    results["real_size"] = None if args.skip_real_size else real_size(args)
+    (args.work / "personalization.json").write_text(json.dumps(results, indent=2))
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()

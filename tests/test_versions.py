@@ -1,0 +1,221 @@
+"""Projector versions: numbering, promotion, rollback, pruning, a kill -9 in the middle of a write; the
+promotion rule; the day-0 rule of `--path auto`; the nightly timer's clock."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from datetime import datetime
+from datetime import time as dtime
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from wyoming.info import Describe
+
+from wyoming_tinyalign.adapt import decide, sign_test
+from wyoming_tinyalign.handler import ServerSettings, build_info
+from wyoming_tinyalign.model.bundle import BundleConfig, ProjectorInfo
+from wyoming_tinyalign.model.projector import ProjectorConfig, build_projector
+from wyoming_tinyalign.scheduler import next_run, parse_adapt_at, parse_port, with_model_version
+from wyoming_tinyalign.versions import BASE, VersionError, Versions, check_fits, household_validated
+from wyoming_tinyalign.worker import choose_path
+
+CONFIG = ProjectorConfig(kind="linear", input_dim=8, output_dim=8, embed_norm=1.0, stack=1)
+
+
+def info(**metrics: object) -> ProjectorInfo:
+    return ProjectorInfo(CONFIG, "whisper", "llm", trained=True, metrics=dict(metrics))
+
+
+def test_versions_are_numbered_promoted_rolled_back_and_pruned(tmp_path: Path) -> None:
+    versions = Versions(tmp_path)
+    assert versions.current() == BASE and versions.names() == []
+    with pytest.raises(VersionError, match="nothing to roll back"):
+        versions.rollback()
+    for _ in range(4):
+        versions.promote(versions.add(build_projector(CONFIG), info()))
+    assert versions.names() == ["v0001", "v0002", "v0003", "v0004"] and versions.current() == "v0004"
+    assert versions.info("v0003").metrics["version"] == "v0003"  # each file says which version it is
+    assert versions.rollback() == "v0003" and versions.rollback(to="v0001") == "v0001"
+    assert versions.prune(keep=2) == ["v0002"]  # the served v0001 stays, and the two newest
+    assert versions.names() == ["v0001", "v0003", "v0004"]
+    assert versions.add(build_projector(CONFIG), info()) == "v0005"  # numbers are never reused
+    with pytest.raises(VersionError, match="no version 'v0002'"):
+        versions.rollback(to="v0002")
+    assert versions.rollback() == BASE  # nothing older than v0001: the bundle's own projector
+    assert versions.describe()["current"] == BASE
+
+
+def test_a_damaged_pointer_or_version_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    versions = Versions(tmp_path)
+    versions.promote(versions.add(build_projector(CONFIG), info()))
+    versions.pointer.write_text("../../etc/passwd\n")
+    with pytest.raises(VersionError, match="not a version name"):
+        versions.current()
+    versions.path("v0001").write_bytes(b"\0" * 100)
+    with pytest.raises(VersionError, match="corrupt or truncated"):
+        versions.load("v0001")
+    with pytest.raises(VersionError):
+        versions.promote("v0001")  # a version that does not load is never pointed at
+
+
+CHILD = r"""
+import os, sys, time
+from pathlib import Path
+from wyoming_tinyalign.model.bundle import ProjectorInfo
+from wyoming_tinyalign.model.projector import ProjectorConfig, build_projector
+from wyoming_tinyalign.versions import Versions
+
+def stall(fd):  # the write is complete in the page cache, not yet synced nor renamed into place
+    print("WRITING", flush=True)
+    time.sleep(120)
+
+versions = Versions(Path(sys.argv[1]))
+config = ProjectorConfig(kind="linear", input_dim=8, output_dim=8, embed_norm=1.0, stack=1)
+info = ProjectorInfo(config, "whisper", "llm", trained=True)
+if sys.argv[2] == "version":
+    os.fsync = stall
+    versions.add(build_projector(config), info)
+else:
+    name = versions.add(build_projector(config), info)
+    os.fsync = stall
+    versions.promote(name)
+"""
+
+
+def kill_while_writing(data_dir: Path, step: str) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(data_dir), step], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "WRITING"
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(60) == -signal.SIGKILL
+
+
+def test_a_kill_in_the_middle_of_a_write_leaves_the_served_version_loadable(tmp_path: Path) -> None:
+    versions = Versions(tmp_path)
+    versions.promote(versions.add(build_projector(CONFIG), info()))
+
+    kill_while_writing(tmp_path, "version")  # killed writing v0002
+    assert versions.current() == "v0001" and versions.names() == ["v0001"]
+    assert list(versions.folder.glob(".v0002.safetensors.*.tmp"))  # the half-done write, invisible
+    versions.load(versions.current())
+    versions.clean()
+    assert not list(versions.folder.glob(".*.tmp"))
+
+    kill_while_writing(tmp_path, "pointer")  # v0002 complete, killed while replacing the pointer
+    assert versions.current() == "v0001" and versions.names() == ["v0001", "v0002"]
+    for name in versions.names():
+        versions.load(name)
+    versions.promote("v0002")
+    assert versions.current() == "v0002"
+
+
+def test_a_projector_must_fit_the_bundle() -> None:
+    bundle = BundleConfig(encoder="whisper", llm="llm", prompt_template="{context}{audio}")
+    check_fits(info(), bundle, 8, 8)
+    with pytest.raises(VersionError, match="aligned to whisper \\+ llm"):
+        check_fits(info(), BundleConfig("openai/whisper-base", "llm", "{context}{audio}"), 8, 8)
+    with pytest.raises(VersionError, match="8 -> 8"):
+        check_fits(info(), bundle, 512, 896)
+
+
+def test_auto_serves_cascade_until_a_household_version_beats_it() -> None:
+    model = SimpleNamespace(projector=build_projector(CONFIG), projector_info=info())  # trained, no household
+    assert choose_path("auto", model) == "cascade"  # day 0, even with the bundle's aligned projector
+    household = {"intent_accuracy": 0.6, "wer": 0.3}
+    model.projector_info = info(
+        household=household, cascade={"household": {"intent_accuracy": 0.7, "wer": 0.2}}
+    )
+    assert choose_path("auto", model) == "cascade"
+    model.projector_info = info(
+        household=household, cascade={"household": {"intent_accuracy": 0.6, "wer": 0.1}}
+    )
+    assert choose_path("auto", model) == "aligned"
+    assert choose_path("cascade", model) == "cascade" and choose_path("aligned", model) == "aligned"
+    no_intents = {"intent_accuracy": None, "wer": 0.3}
+    assert household_validated(
+        info(household=no_intents, cascade={"household": {"intent_accuracy": None, "wer": 0.4}})
+    )
+    assert not household_validated(None) and not household_validated(info())
+
+
+HOUSE = {"intent_accuracy": 0.5, "wer": 0.4, "loss": 1.0, "n": 10}
+GENERAL = {"intent_accuracy": 0.8, "wer": 0.2, "loss": 1.0, "n": 10}
+
+
+@pytest.mark.parametrize(
+    ("household", "general", "promote", "why"),
+    [
+        ({"intent_accuracy": 0.6, "wer": 0.5, "loss": 1.05}, {}, True, "intent_accuracy 0.5 -> 0.6"),
+        ({"intent_accuracy": 0.7, "wer": 0.1, "loss": 1.5}, {}, False, "EmbedLink loss 1.0 -> 1.5"),
+        (
+            {"intent_accuracy": 0.4, "wer": 0.1, "loss": 0.5},
+            {},
+            False,
+            "worse for the household: intent_accuracy",
+        ),
+        ({"wer": 0.3}, {}, True, "wer 0.4 -> 0.3"),
+        ({"wer": 0.45, "loss": 0.5}, {}, False, "worse for the household: wer"),
+        ({"loss": 0.9}, {}, True, "EmbedLink loss 1.0 -> 0.9"),
+        ({"loss": 0.999}, {}, False, "no better for the household"),
+        (
+            {"intent_accuracy": 0.7},
+            {"intent_accuracy": 0.77},
+            False,
+            "worse on other voices: intent accuracy",
+        ),
+        ({"intent_accuracy": 0.7}, {"intent_accuracy": 0.79, "wer": 0.21}, True, "not worse on other voices"),
+        ({"intent_accuracy": 0.7}, {"wer": 0.25}, False, "worse on other voices: WER"),
+    ],
+)
+def test_promotion_needs_better_for_the_household_and_not_worse_elsewhere(
+    household: dict, general: dict, promote: bool, why: str
+) -> None:
+    candidate = {"household": HOUSE | household, "general": GENERAL | general}
+    verdict, reason = decide(candidate, {"household": HOUSE, "general": GENERAL}, tolerance=0.02)
+    assert verdict is promote and why in reason, reason
+
+
+def test_a_drop_on_other_voices_must_be_more_than_chance() -> None:
+    serving = {"household": HOUSE, "general": GENERAL}
+    candidate = {"household": HOUSE | {"intent_accuracy": 0.7}, "general": GENERAL | {"intent_accuracy": 0.6}}
+    # Two utterances right before and wrong after, none the other way: a coin could do that (p = 0.25).
+    promote, reason = decide(candidate, serving, 0.02, {"intent_accuracy": [2, 0], "wer": [0, 0]})
+    assert promote and "could be chance (p=0.25)" in reason
+    promote, reason = decide(candidate, serving, 0.02, {"intent_accuracy": [6, 1], "wer": [0, 0]})
+    assert not promote and "worse on other voices: intent accuracy 0.8 -> 0.6" in reason
+    assert sign_test(0, 0) == 1.0 and sign_test(4, 0) == 1 / 16
+
+
+def test_tiny_models_can_be_judged_on_the_loss_alone() -> None:
+    serving = {"household": HOUSE, "general": GENERAL}
+    noisy = {"household": HOUSE | {"wer": 0.9, "loss": 0.8}, "general": GENERAL | {"loss": 1.01}}
+    assert decide(noisy, serving, 0.02, on="loss")[0]
+    assert not decide(noisy, serving, 0.02)[0]  # by its answers it is worse
+    assert not decide(noisy | {"general": GENERAL | {"loss": 1.1}}, serving, 0.02, on="loss")[0]
+    assert not decide({"household": HOUSE, "general": GENERAL}, serving, 0.02, on="loss")[0]
+
+
+def test_the_nightly_clock_and_flags() -> None:
+    at = dtime(3, 0)
+    assert next_run(datetime(2025, 3, 1, 2, 59), at) == datetime(2025, 3, 1, 3, 0)
+    assert next_run(datetime(2025, 3, 1, 3, 0), at) == datetime(2025, 3, 2, 3, 0)  # just ran: tomorrow
+    assert next_run(datetime(2025, 12, 31, 23, 0), at) == datetime(2026, 1, 1, 3, 0)
+    assert parse_adapt_at("off") is None and parse_adapt_at("23:45") == dtime(23, 45)
+    assert parse_port("off") is None and parse_port("0") == 0
+    for bad in ("25:00", "3am"):
+        with pytest.raises(Exception, match="HH:MM"):
+            parse_adapt_at(bad)
+
+
+def test_info_reports_the_served_version() -> None:
+    event = build_info("micro", "test", "abc123", ServerSettings()).event()
+    updated = with_model_version(event, "v0007")
+    assert Describe().event().type == "describe" and updated.type == "info"
+    programs = updated.data["asr"] + updated.data["intent"] + updated.data["handle"]
+    assert {m["version"] for p in programs for m in p["models"]} == {"v0007"}

@@ -1,0 +1,981 @@
+"""`wyoming-tinyalign adapt`: the nightly per-household adaptation job; `wyoming-tinyalign rollback`.
+
+One run, in its own low-priority process (`nice` 10, one torch thread unless `--threads` says otherwise):
+
+1. takes a lock (one run at a time) and records itself in the log's `adaptations` table;
+2. runs the teacher (Whisper's own decoder) on logged utterances that have none yet, then labels every
+   logged utterance it can (`labels.py`: correction > teacher > confirmed outcome);
+3. skips, saying why, when the labels have not changed since the last run (hash) or fewer than
+   `--min-new` are new (`--now` runs anyway);
+4. splits the labelled utterances into train and held-out by a hash of the interaction id (1 in
+   `--heldout-every`), so a row never changes sides from one night to the next;
+5. fine-tunes the served projector with EmbedLink (`train.train`; encoder features cached under
+   `DATA/cache/features`) on the household's train split plus a replay sample of the base households'
+   speech (rendered once into `DATA/bootstrap`, so it does not forget them), within the time budget;
+6. validates the candidate and the served projector on the household's held-out set and on a general
+   held-out set of base-household speech (intent accuracy, WER, EmbedLink loss), and the cascade on the
+   household's held-out set (for the day-0 rule of `--path auto`);
+7. promotes the candidate only when it is better for the household and not worse elsewhere beyond
+   `--tolerance`: first a new numbered version file, then the pointer (`versions.py`); otherwise it is
+   recorded as rejected with the reason.
+
+Nothing the server reads is written before step 7, so a kill at any moment leaves it serving a complete
+version. The report (data sizes, label sources, before/after metrics, loss curve, duration, peak memory)
+goes to the `adaptations` table and, as one JSON object, to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import resource
+import shutil
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .assistant import load_context_file
+from .audio import AudioError, read_wav
+from .evaluate import normalize_words, word_error_rate
+from .files import write_atomic
+from .households import context_text, load_households
+from .intents import Intent
+from .labels import (
+    Label,
+    LabelSettings,
+    compute_labels,
+    record_label_sources,
+    rows_needing_teacher,
+    set_teacher,
+)
+from .manifest import Utterance, read_manifest, write_manifest
+from .model.bundle import BundleConfig, ProjectorInfo, load_bundle_config, load_projector
+from .model.projector import Projector
+from .model.prompt import answer_ids
+from .model.speechllm import SpeechLLM
+from .models import projector_version, resolve_model
+from .store import DB_FILE, InteractionStore
+from .synth import render_corpus
+from .train import Example, FeatureCache, TrainConfig, embedlink_loss, encoder_fingerprint, train
+from .versions import BASE, VersionError, Versions, check_fits, household_validated, recorded_model
+
+_LOGGER = logging.getLogger(__name__)
+
+ADAPT_DIR = "adapt"
+STATE_FILE = "state.json"
+CONTEXT_FILE = "context.txt"  # the household context the server used, written when it starts a job
+LOCK_FILE = "lock"
+HOUSEHOLD = "household"
+REPLAY_SEED, GENERAL_SEED = 1000, 1001
+MIN_EVAL_ITEMS = 8
+SIGNIFICANCE = 0.1  # a drop on other voices counts when a one-sided sign test is below this
+LOSS_GUARD = 0.1  # a candidate whose household EmbedLink loss rose more than this share is broken
+CAP_MARGIN = 8  # validation answers may run this many tokens past the reference answer
+TRAIN_VAL_ITEMS = 1  # train() validates once, at the end, on this many utterances (its figures are not used)
+
+
+@dataclass
+class AdaptOptions:
+    """Everything that decides a run (`adapt` flags)."""
+
+    data_dir: Path
+    model: str | None = None  # bundle folder / dev / preset:NAME; default: the one `serve` recorded
+    now: bool = False  # run even when the labels are unchanged or too few are new
+    budget_minutes: float = 10.0
+    min_new: int = 20
+    keep: int = 5
+    heldout_every: int = 5
+    heldout_max: int = 100
+    train_max: int = 600
+    tolerance: float = 0.02
+    decide_on: str = "answers"  # or "loss" (development models whose answers mean nothing yet)
+    teacher_min_confidence: float = -0.5
+    teacher_max: int = 500
+    outcome_window_s: float = 120.0
+    replay_n: int = 400
+    general_n: int = 60
+    lr: float = 3e-4
+    batch: int = 16
+    seed: int = 0
+    device: str = "cpu"
+    context_file: Path | None = None
+    bootstrap_dir: Path | None = None
+    cache_dir: Path | None = None
+
+    @property
+    def work(self) -> Path:
+        return self.data_dir / ADAPT_DIR
+
+
+class Skip(Exception):
+    """The run has nothing to do; the message says why."""
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+@dataclass
+class Item:
+    """One held-out utterance: its audio, cached encoder features, reference and household context."""
+
+    key: str
+    audio: np.ndarray
+    features: torch.Tensor
+    utterance: Utterance
+    context: str
+
+
+class Predictions:
+    """What one projector (or the cascade) answered on held-out items, kept across nights: its answers do
+    not change, so each night only new items (and a new candidate) cost model runs."""
+
+    def __init__(self, folder: Path, key: str) -> None:
+        self.path = folder / f"{key}.json"
+        try:
+            self.data: dict[str, list] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.data = {}
+        self.used: set[str] = set()
+
+    def get(self, key: str) -> tuple[str, Intent | None] | None:
+        hit = self.data.get(key)
+        if hit is None:
+            return None
+        self.used.add(key)
+        return hit[0], Intent.from_json(hit[1]) if hit[1] else None
+
+    def put(self, key: str, transcript: str, intent: Intent | None) -> None:
+        self.data[key] = [transcript, intent.to_json() if intent else None]
+        self.used.add(key)
+
+    def save(self) -> None:
+        """Keep what this night used (answers for deleted or dropped items go)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = {k: v for k, v in self.data.items() if k in self.used}
+        write_atomic(self.path, json.dumps(kept).encode())
+
+
+def weights_key(projector: Projector) -> str:
+    """A digest of a projector's weights (a candidate and the version made of it share it)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(projector.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@contextmanager
+def capped(model: SpeechLLM, utterance: Utterance) -> Iterator[None]:
+    """Cap generation at the reference answer's length plus a margin: a longer answer cannot be right,
+    and a model that never stops (random weights) must not cost the whole `max_new_tokens`."""
+    answer = len(answer_ids(model.tokenizer, utterance.text, utterance.intent)) + CAP_MARGIN
+    heard = len(model.whisper_tokenizer(utterance.text, add_special_tokens=False)["input_ids"])
+    old_new, config = model.max_new_tokens, model.whisper.config
+    old_positions = config.max_target_positions
+    model.max_new_tokens = min(old_new, answer)
+    config.max_target_positions = min(old_positions, heard + CAP_MARGIN + 4)  # 4: the decoder's prefix
+    try:
+        yield
+    finally:
+        model.max_new_tokens, config.max_target_positions = old_new, old_positions
+
+
+def answers(
+    model: SpeechLLM, items: list[Item], path: str, cache: Predictions
+) -> list[tuple[str, Intent | None]]:
+    """Answers along `aligned` (the model's current projector) or `cascade`, from the cache when known."""
+    out = []
+    for item in items:
+        key = f"{item.key}/{_digest(item.context, item.utterance.text, _intent_text(item.utterance.intent))}"
+        hit = cache.get(key)
+        if hit is None:
+            with capped(model, item.utterance):
+                if path == "cascade":
+                    result = model.run(item.audio, "cascade", item.context)
+                else:
+                    result = model.run_features(item.features, "aligned", item.context)
+            hit = (result.transcript, result.intent)
+            cache.put(key, *hit)
+        out.append(hit)
+    return out
+
+
+@torch.no_grad()
+def embedlink_val_loss(model: SpeechLLM, projector: Projector, items: list[Item], batch: int = 16) -> float:
+    """Mean EmbedLink loss of a projector on items (the objective it is trained with)."""
+    from .train import collate
+
+    projector.eval()
+    total = 0.0
+    for i in range(0, len(items), batch):
+        chunk = [Example(it.features, it.utterance, it.context) for it in items[i : i + batch]]
+        feats, lengths = collate(chunk)
+        out, out_lengths = projector(feats.to(model.device), lengths.to(model.device))
+        total += float(embedlink_loss(model, out, out_lengths, chunk)) * len(chunk)
+    return round(total / max(1, len(items)), 5)
+
+
+def score_answers(items: list[Item], got: list[tuple[str, Intent | None]]) -> dict[str, Any]:
+    """WER on all items; intent accuracy (exact, and name only) on the items with a reference intent."""
+    with_intent = [
+        (it.utterance.intent, a[1]) for it, a in zip(items, got, strict=True) if it.utterance.intent
+    ]
+    exact = sum(ref.matches(hyp) for ref, hyp in with_intent)
+    names = sum(hyp is not None and hyp.name == ref.name for ref, hyp in with_intent)
+    wer = word_error_rate([it.utterance.text for it in items], [a[0] for a in got]) if items else None
+    return {
+        "n": len(items),
+        "n_intent": len(with_intent),
+        "intent_accuracy": round(exact / len(with_intent), 4) if with_intent else None,
+        "intent_name_accuracy": round(names / len(with_intent), 4) if with_intent else None,
+        "wer": round(wer, 4) if wer is not None else None,
+    }
+
+
+def paired_changes(
+    items: list[Item], before: list[tuple[str, Intent | None]], after: list[tuple[str, Intent | None]]
+) -> dict[str, list[int]]:
+    """Per utterance, how many got worse and how many better: intent right/wrong, and word edits."""
+    intent, wer = [0, 0], [0, 0]
+    for item, old, new in zip(items, before, after, strict=True):
+        ref = item.utterance.intent
+        if ref is not None:
+            was, now = ref.matches(old[1]), ref.matches(new[1])
+            intent[0] += was and not now
+            intent[1] += now and not was
+        was_edits, now_edits = (_edits(item.utterance.text, hyp[0]) for hyp in (old, new))
+        wer[0] += now_edits > was_edits
+        wer[1] += now_edits < was_edits
+    return {"intent_accuracy": intent, "wer": wer}
+
+
+def _edits(ref: str, hyp: str) -> int:
+    words = max(1, len(normalize_words(ref)))
+    return round(word_error_rate([ref], [hyp]) * words)
+
+
+def sign_test(worse: int, better: int) -> float:
+    """One-sided p-value of at least `worse` of the `worse + better` changed utterances getting worse if
+    each change were a coin flip."""
+    n = worse + better
+    return sum(math.comb(n, k) for k in range(worse, n + 1)) / 2**n if n else 1.0
+
+
+def decide(
+    candidate: dict,
+    serving: dict,
+    tolerance: float,
+    paired: dict[str, list[int]] | None = None,
+    on: str = "answers",
+) -> tuple[bool, str]:
+    """Promote only if better for the household (intent accuracy, then WER, then EmbedLink loss decide,
+    in that order; and never with an EmbedLink loss more than `LOSS_GUARD` above the served one's, which
+    marks a broken projector whose answers happened to suit a small held-out set) and not worse on the
+    general held-out set: a drop of intent accuracy or a rise of WER beyond `tolerance` (absolute)
+    rejects, unless a paired sign test over the utterances (`paired`: worse and better counts per metric)
+    finds it could be chance (p >= `SIGNIFICANCE`): on a small set one or two utterances flipping must
+    not block the household's progress. Returns (promote, reason).
+
+    `on="loss"` decides on the EmbedLink loss alone (household: lower by 0.5 %; general: not higher by
+    more than `tolerance`, relative): for development models too small for their answers to mean
+    anything."""
+    mine, theirs = candidate["household"], serving["household"]
+    if on == "loss":
+        return _decide_on_loss(
+            mine, theirs, candidate.get("general") or {}, serving.get("general") or {}, tolerance
+        )
+    c, s = mine.get("loss"), theirs.get("loss")
+    if c is not None and s is not None and c > s * (1 + LOSS_GUARD):
+        return False, f"worse for the household: EmbedLink loss {s} -> {c} (up more than {LOSS_GUARD:.0%})"
+    verdict = None
+    for key, higher_is_better, margin in (("intent_accuracy", True, 1e-9), ("wer", False, 1e-9)):
+        c, s = mine.get(key), theirs.get(key)
+        if c is None or s is None:
+            continue
+        gain = (c - s) if higher_is_better else (s - c)
+        if gain < -margin:
+            return False, f"worse for the household: {key} {c} vs {s} served"
+        if gain > margin:
+            verdict = f"{key} {s} -> {c}"
+            break
+    if verdict is None:
+        c, s = mine.get("loss"), theirs.get("loss")
+        if c is None or s is None or not c < s * (1 - 0.005):
+            return False, f"no better for the household (intent accuracy, WER and loss: {c} vs {s} served)"
+        verdict = f"equal intent accuracy and WER, EmbedLink loss {s} -> {c}"
+    general, before = candidate.get("general") or {}, serving.get("general") or {}
+    notes = []
+    if general.get("n") and before.get("n"):
+        for key, label, sign in (("intent_accuracy", "intent accuracy", -1), ("wer", "WER", 1)):
+            c, s = general.get(key), before.get(key)
+            if c is None or s is None or sign * (c - s) <= tolerance + 1e-9:
+                continue
+            change = f"{label} {s} -> {c}"
+            if paired is not None and key in paired:
+                p = sign_test(*paired[key])
+                if p >= SIGNIFICANCE:
+                    notes.append(f"{change} on {general['n']} utterances could be chance (p={p:.2f})")
+                    continue
+            why = f"worse on other voices: {change} (tolerance {tolerance})"
+            return False, f"better for the household ({verdict}) but {why}"
+    tail = f"; {'; '.join(notes)}" if notes else ""
+    return True, f"better for the household ({verdict}), not worse on other voices{tail}"
+
+
+def _decide_on_loss(
+    mine: dict, theirs: dict, general: dict, before: dict, tolerance: float
+) -> tuple[bool, str]:
+    c, s = mine.get("loss"), theirs.get("loss")
+    if c is None or s is None or not c < s * (1 - 0.005):
+        return False, f"no better for the household: EmbedLink loss {s} -> {c}"
+    gc, gs = general.get("loss"), before.get("loss")
+    if gc is not None and gs is not None and gc > gs * (1 + tolerance):
+        return (
+            False,
+            f"better for the household (EmbedLink loss {s} -> {c}) but worse on other voices ({gs} -> {gc})",
+        )
+    return (
+        True,
+        f"better for the household (EmbedLink loss {s} -> {c}), not worse on other voices ({gs} -> {gc})",
+    )
+
+
+# ------------------------------------------------------------------------------------------------ job
+class _LossCurve(logging.Handler):
+    """Collects the training loss from `train`'s progress lines (every ~10 s of training)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.points: list[list[float]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 6 and " loss " in str(record.msg):
+            with suppress(TypeError, ValueError):
+                self.points.append([round(float(args[1]), 1), round(float(args[4]), 5)])
+
+
+def run_job(opts: AdaptOptions) -> dict[str, Any]:
+    """One adaptation run; returns its report (also stored in the `adaptations` table)."""
+    opts.work.mkdir(parents=True, exist_ok=True)
+    lock = open(opts.work / LOCK_FILE, "a+")  # noqa: SIM115 - held for the whole run
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        return {"status": "busy", "reason": "another adaptation is running"}
+    try:
+        if not (opts.data_dir / "log" / DB_FILE).is_file():
+            return {
+                "status": "skipped",
+                "reason": "no interaction log here (logging off, or nothing logged yet)",
+            }
+        store = InteractionStore(opts.data_dir / "log")
+        store.open()
+        try:
+            return Job(opts, store.conn).run()
+        finally:
+            store.close()
+    finally:
+        lock.close()
+
+
+class Job:
+    """One run against an open interaction log (see the module docstring for the steps)."""
+
+    def __init__(self, opts: AdaptOptions, conn: sqlite3.Connection) -> None:
+        self.opts, self.conn = opts, conn
+        self.start = time.monotonic()
+        self.budget_s = max(0.0, opts.budget_minutes * 60)
+        self.versions = Versions(opts.data_dir)
+        self.model: SpeechLLM | None = None
+        self.bundle: Path | None = None
+        self.bundle_cfg: BundleConfig | None = None
+        self.report: dict[str, Any] = {"status": "running", "started_at": time.time()}
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    # ------------------------------------------------------------------------------------ bookkeeping
+    def run(self) -> dict[str, Any]:
+        self.conn.execute(
+            "UPDATE adaptations SET status = 'failed', finished_at = ?, "
+            "reason = 'interrupted (the job was killed, or the machine stopped)' WHERE status = 'running'",
+            (time.time(),),
+        )
+        self.versions.clean()
+        try:
+            self.report["serving_version"] = self.versions.current()
+        except VersionError as err:
+            self.report["serving_version"] = None
+            _LOGGER.error("the version pointer is unreadable: %s", err)
+        row = self.conn.execute(
+            "INSERT INTO adaptations (started_at, status, serving_version) VALUES (?, 'running', ?)",
+            (self.report["started_at"], self.report["serving_version"]),
+        ).lastrowid
+        self.report["run"] = row
+        try:
+            self._run()
+        except Skip as skip:
+            self.report.update(status="skipped", reason=str(skip))
+        except Exception as err:  # recorded, then reported as a failure
+            _LOGGER.exception("adaptation failed")
+            self.report.update(status="failed", reason=f"{type(err).__name__}: {err}")
+        finish = time.time()
+        self.report["finished_at"] = finish
+        self.report["duration_s"] = round(self.elapsed(), 1)
+        self.report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        self.conn.execute(
+            "UPDATE adaptations SET finished_at = ?, status = ?, reason = ?, version = ?, data_hash = ?, "
+            "report = ? WHERE id = ?",
+            (
+                finish, self.report["status"], self.report.get("reason"), self.report.get("version"),
+                self.report.get("data_hash"), json.dumps(self.report), row,
+            ),
+        )  # fmt: skip
+        _LOGGER.info("adaptation %s: %s", self.report["status"], self.report.get("reason"))
+        return self.report
+
+    def _state(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.opts.work / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _save_state(self, data_hash: str, digests: dict[str, str]) -> None:
+        state = {"data_hash": data_hash, "labels": digests, "at": time.time()}
+        write_atomic(self.opts.work / STATE_FILE, json.dumps(state).encode())
+
+    # ---------------------------------------------------------------------------------------- model
+    def _resolve_bundle(self) -> None:
+        if self.bundle is not None:
+            return
+        if self.opts.model:
+            self.bundle = resolve_model(self.opts.model, self.opts.data_dir).folder
+        else:
+            self.bundle = recorded_model(self.opts.data_dir)
+        self.bundle_cfg = load_bundle_config(self.bundle)
+
+    def _load_model(self) -> SpeechLLM:
+        if self.model is None:
+            self._resolve_bundle()
+            assert self.bundle is not None
+            _LOGGER.info("loading %s", self.bundle)
+            self.model = SpeechLLM.load(self.bundle, device=self.opts.device)
+        return self.model
+
+    def _serving_projector(
+        self, model: SpeechLLM
+    ) -> tuple[str, Projector | None, ProjectorInfo | None, Path | None]:
+        """The served version (checked against the bundle), or the bundle's own projector."""
+        assert self.bundle is not None and self.bundle_cfg is not None
+        name = self.report.get("serving_version") or BASE
+        if name != BASE:
+            try:
+                projector, info = self.versions.load(name, self.opts.device)
+                check_fits(info, self.bundle_cfg, model.encoder.dim, model.llm.config.hidden_size)
+                return name, projector, info, self.versions.path(name)
+            except VersionError as err:
+                _LOGGER.error(
+                    "version %s cannot be used (%s); starting from the bundle's projector", name, err
+                )
+        if self.bundle_cfg.projector and (self.bundle / self.bundle_cfg.projector).is_file():
+            path = self.bundle / self.bundle_cfg.projector
+            projector, info = load_projector(path, self.opts.device)
+            return BASE, projector, info, path
+        return BASE, None, None, None
+
+    # ---------------------------------------------------------------------------------------- steps
+    def _teacher(self) -> int:
+        """Whisper's transcript of logged utterances that have none yet (within a share of the budget)."""
+        rows = rows_needing_teacher(self.conn, self.opts.teacher_max)
+        done = 0
+        deadline = self.start + 0.3 * self.budget_s
+        for row in rows:
+            if row["path"] == "cascade" and row["confidence"] is not None:  # the cascade *is* the teacher
+                set_teacher(self.conn, row["id"], row["transcript"] or "", float(row["confidence"]))
+                continue
+            if time.monotonic() > deadline and done:
+                _LOGGER.info("teacher: stopping for the time budget, %d left for later", len(rows) - done)
+                break
+            try:
+                audio = read_wav(self.opts.data_dir / "log" / row["audio_path"])
+            except AudioError as err:
+                _LOGGER.warning("teacher: skipping interaction %s: %s", row["id"], err)
+                continue
+            model = self._load_model()
+            if audio.size == 0 or float(np.abs(audio).max(initial=0.0)) < 1e-4:
+                text, confidence = "", -99.0
+            else:
+                with torch.no_grad():
+                    feats = model.encode(audio, pad_30s=model.cascade_pad_30s)
+                    text, confidence = model.transcribe_cascade(feats, row["language"])
+            set_teacher(self.conn, row["id"], text, confidence)
+            done += 1
+        return done
+
+    def _items(self, labels: list[Label]) -> list[tuple[Label, np.ndarray]]:
+        out = []
+        for label in labels:
+            try:
+                out.append((label, read_wav(self.opts.data_dir / "log" / label.audio_path)))
+            except AudioError as err:
+                _LOGGER.warning("skipping interaction %d: %s", label.id, err)
+        return out
+
+    def _bootstrap(self, name: str, n: int, seed: int) -> Path:
+        """Base-household speech, rendered once (deterministic for n and seed) and reused every night."""
+        folder = (self.opts.bootstrap_dir or self.opts.data_dir / "bootstrap") / f"{name}-{n}-{seed}"
+        manifest = folder / "manifest.jsonl"
+        if not manifest.is_file():  # the manifest is written last: present means complete
+            base = [h for h in load_households() if h.split == "base"]
+            _LOGGER.info("rendering %d utterances of base-household speech for %s (once)", n, name)
+            shutil.rmtree(folder, ignore_errors=True)
+            render_corpus(folder, base, n, seed)
+        return manifest
+
+    def _run(self) -> None:
+        opts = self.opts
+        report = self.report
+        # Labels (the teacher first, for utterances that have no teacher transcript yet).
+        report["data"] = data = {"teacher_runs": self._teacher()}
+        settings = LabelSettings(opts.teacher_min_confidence, opts.outcome_window_s)
+        labels, counts = compute_labels(self.conn, settings)
+        record_label_sources(self.conn, labels)
+        data["labelled"] = len(labels)
+        data["sources"] = {s: counts.get(s, 0) for s in ("correction", "teacher", "outcome")}
+        data["outcomes"] = {
+            k.removeprefix("outcome_"): v for k, v in counts.items() if k.startswith("outcome_")
+        }
+        self._resolve_bundle()
+        assert self.bundle is not None
+        digests = {str(lab.id): _digest(lab.text, _intent_text(lab.intent)) for lab in labels}
+        data_hash = _digest(
+            str(self.bundle.resolve()), projector_version(self.bundle) or "", str(opts.heldout_every),
+            *sorted(f"{k}:{v}" for k, v in digests.items()),
+        )  # fmt: skip
+        report["data_hash"] = data_hash
+        state = self._state()
+        new = sum(state.get("labels", {}).get(k) != v for k, v in digests.items())
+        data["new"] = new
+        if not opts.now:
+            if state.get("data_hash") == data_hash:
+                raise Skip("the labelled data has not changed since the last run")
+            if new < opts.min_new:
+                raise Skip(f"only {new} new label(s); at least {opts.min_new} are needed (--min-new)")
+        held = [lab for lab in labels if _held_out(lab.id, opts.heldout_every)]
+        trainable = [lab for lab in labels if not _held_out(lab.id, opts.heldout_every)]
+        held = sorted(held, key=lambda lab: -lab.created_at)[: opts.heldout_max]
+        trainable = sorted(trainable, key=lambda lab: -lab.created_at)[: opts.train_max]
+        if not trainable or not held:
+            raise Skip(
+                f"not enough labelled utterances: {len(trainable)} to train on and {len(held)} held out "
+                f"(1 in {opts.heldout_every} is held out)"
+            )
+        data["heldout_sources"] = {
+            s: sum(lab.source == s for lab in held) for s in ("correction", "teacher", "outcome")
+        }
+
+        model = self._load_model()
+        self._memory("model loaded")
+        serving_name, serving, serving_info, init_path = self._serving_projector(model)
+        context = self._context()
+        cache = FeatureCache(
+            opts.cache_dir or opts.data_dir / "cache" / "features", model.encoder, opts.batch
+        )
+
+        # Household items, base-household replay and general held-out speech.
+        train_pairs, held_pairs = self._items(trainable), self._items(held)
+        if not train_pairs or not held_pairs:
+            raise Skip("the audio of the labelled utterances is missing or unreadable")
+        replay_manifest = self._bootstrap("replay", opts.replay_n, REPLAY_SEED)
+        general_manifest = self._bootstrap("general", opts.general_n, GENERAL_SEED)
+        contexts = {h.name: context_text(h) for h in load_households()}
+        rng = random.Random(data_hash)
+        replay_all = read_manifest(replay_manifest)
+        replay = rng.sample(replay_all, min(len(replay_all), max(len(train_pairs), 16)))
+        general_utts = read_manifest(general_manifest)
+        held_items = self._eval_items(
+            cache, [(f"i{lab.id}", a, _utterance(lab), context) for lab, a in held_pairs]
+        )
+        general_items = self._eval_items(
+            cache,
+            [
+                (f"g{i}", read_wav(u.audio), u, contexts.get(u.household, ""))
+                for i, u in enumerate(general_utts)
+            ],
+        )
+        data.update(
+            train=len(train_pairs), heldout=len(held_items), replay=len(replay), general=len(general_items)
+        )
+
+        # Before: the served projector (and the cascade) on the held-out sets, sized to the budget.
+        predictions = opts.work / "predictions"
+        cascade_cache = Predictions(predictions, "cascade-" + encoder_fingerprint(model.encoder))
+        serving_cache = Predictions(predictions, weights_key(serving)) if serving is not None else None
+        per_item = self._time_one(model, serving, held_items[0])
+        held_items, general_items = self._fit_validation(per_item, held_items, general_items)
+        data.update(heldout_evaluated=len(held_items), general_evaluated=len(general_items))
+        before, before_answers = self._evaluate(model, serving, serving_cache, held_items, general_items)
+        cascade = score_answers(held_items, answers(model, held_items, "cascade", cascade_cache))
+        cascade_cache.save()
+        report["before"] = before
+        self._memory("validated the served projector")
+        report["cascade"] = {"household": cascade}
+
+        # Train within what is left of the budget (keeping time for validating the candidate).
+        candidate_eval_s = per_item * (len(held_items) + len(general_items) + 2 * TRAIN_VAL_ITEMS) + 5
+        # At least a quarter of the budget: a first night that spent it rendering replay speech and
+        # computing features should still learn something (the budget is a target, not a wall).
+        train_s = max(0.25 * self.budget_s, self.budget_s - self.elapsed() - candidate_eval_s)
+        out = opts.work / "candidate"
+        shutil.rmtree(out, ignore_errors=True)
+        manifests = self._manifests(train_pairs, replay)
+        cfg = TrainConfig(
+            objective="embedlink", batch=opts.batch, lr=opts.lr, warmup=10, max_minutes=train_s / 60,
+            max_epochs=100_000, patience=1_000_000, val_every_s=1e9, seed=opts.seed,
+        )  # fmt: skip
+        curve = _LossCurve()
+        train_logger = logging.getLogger("wyoming_tinyalign.train")
+        old_level = train_logger.level
+        train_logger.addHandler(curve)
+        train_logger.setLevel(logging.INFO)
+        # train() ends with its own validation: answers along the aligned and readout paths. This job
+        # validates on its own sets below, so only train()'s loss is wanted: its answers are stubbed
+        # out (at real size they cost seconds each, and the readout's distance to every embedding row
+        # allocates a copy of the embedding table, ~0.5 GB for Qwen2.5-0.5B).
+        model.generate = lambda embeds: ""  # type: ignore[method-assign]
+        model.readout = lambda embeds: ""  # type: ignore[method-assign]
+        self._memory("features and manifests ready")
+        t_train = time.monotonic()
+        _LOGGER.info(
+            "training for up to %.0f s on %d household and %d replay utterances (from %s)",
+            train_s, len(train_pairs), len(replay), serving_name,
+        )  # fmt: skip
+        try:
+            result = train(
+                self.bundle, manifests["train"], manifests["val"], out, cfg,
+                cache_dir=cache.folder.parent, init_projector=init_path, model=model,
+            )  # fmt: skip
+        finally:
+            train_logger.removeHandler(curve)
+            train_logger.setLevel(old_level)
+            del model.generate, model.readout  # the methods again
+        report["train"] = {
+            "budget_s": round(train_s, 1),
+            "seconds": round(time.monotonic() - t_train, 1),
+            "steps": result.steps,
+            "step_ms": round(result.step_ms, 1) if not math.isnan(result.step_ms) else None,
+            "loss_curve": curve.points,
+            "history": [  # train()'s own validation, losses only (its answers were stubbed out)
+                {k: h[k] for k in ("epoch", "step", "train_loss", "val_loss", "train_s") if k in h}
+                for h in result.history
+            ],
+            "init": serving_name if init_path is not None else None,
+            "lr": opts.lr,
+        }
+
+        # After: the candidate on the same sets; promote only if it is better.
+        candidate, candidate_info = load_projector(out / "projector.safetensors", opts.device)
+        after, after_answers = self._evaluate(
+            model, candidate, Predictions(predictions, weights_key(candidate)), held_items, general_items
+        )
+        report["after"] = after
+        self._memory("validated the candidate")
+        paired = None
+        if before_answers is not None and after_answers is not None:
+            paired = paired_changes(general_items, before_answers, after_answers)
+            report["general_changes"] = paired  # utterances that got [worse, better]
+        promote, reason = decide(after, before, opts.tolerance, paired, opts.decide_on)
+        report["reason"] = reason
+        if not promote:
+            report["status"] = "rejected"
+        else:
+            assert self.bundle_cfg is not None
+            info = ProjectorInfo(
+                config=candidate_info.config,
+                encoder=self.bundle_cfg.encoder,
+                llm=self.bundle_cfg.llm,
+                data_hash=data_hash,
+                trained=True,
+                metrics={
+                    "household": after["household"],
+                    "general": after["general"],
+                    "cascade": {"household": cascade},
+                    "before": {"version": serving_name, **before},
+                    "run": report["run"],
+                    "promoted_at": time.time(),
+                    "labels": data["sources"],
+                },
+            )
+            name = self.versions.add(candidate, info)
+            self.versions.promote(name)
+            pruned = self.versions.prune(opts.keep)
+            report.update(status="promoted", version=name, pruned=pruned)
+            report["path_auto"] = "aligned" if household_validated(info) else "cascade"
+        self._save_state(data_hash, digests)
+        keep = {cascade_cache.path, *([serving_cache.path] if serving_cache else [])}
+        for name in self.versions.names():
+            with suppress(VersionError):
+                keep.add(Predictions(predictions, weights_key(self.versions.load(name)[0])).path)
+        for path in predictions.glob("*.json"):
+            if path not in keep:
+                path.unlink(missing_ok=True)
+        shutil.rmtree(out, ignore_errors=True)
+        if opts.cache_dir is None:  # the data dir's own cache: features of audio no longer used go
+            # (deleted by retention, or computed by an old encoder); a shared --cache-dir is left alone
+            audios = [a for _, a in train_pairs + held_pairs]
+            audios += [a for _, a in _readable(replay_all) + _readable(general_utts)]
+            data["features_pruned"] = prune_features(cache.folder.parent, audios)
+
+    def _memory(self, stage: str) -> None:
+        """Resident memory at a stage of the run (Linux), for the report."""
+        with suppress(OSError, ValueError, IndexError):
+            status = Path("/proc/self/status").read_text().splitlines()
+            kb = {
+                line.split(":")[0]: int(line.split()[1])
+                for line in status
+                if line.startswith(("VmRSS", "VmHWM"))
+            }
+            self.report.setdefault("memory_mb", {})[stage] = {
+                "rss": round(kb["VmRSS"] / 1024),
+                "peak": round(kb["VmHWM"] / 1024),
+            }
+
+    def _context(self) -> str:
+        """The household context the server gives the LLM (as it was when it started this job)."""
+        path = self.opts.context_file
+        if path is not None:
+            return load_context_file(path) if path.suffix == ".json" else path.read_text().strip()
+        default = self.opts.work / CONTEXT_FILE
+        return default.read_text().strip() if default.is_file() else ""
+
+    def _eval_items(
+        self, cache: FeatureCache, rows: list[tuple[str, np.ndarray, Utterance, str]]
+    ) -> list[Item]:
+        feats = cache.features([audio for _, audio, _, _ in rows]) if rows else []
+        return [Item(k, a, f, u, c) for (k, a, u, c), f in zip(rows, feats, strict=True)]
+
+    @torch.no_grad()
+    def _time_one(self, model: SpeechLLM, serving: Projector | None, item: Item) -> float:
+        """Seconds of one validation answer (what sizes the validation and the training time)."""
+        t0 = time.perf_counter()
+        with capped(model, item.utterance):
+            if serving is not None:
+                model.projector = serving.eval()
+                model.run_features(item.features, "aligned", item.context)
+            else:
+                model.understand_text(item.utterance.text, item.context)
+        return max(1e-3, time.perf_counter() - t0)
+
+    def _fit_validation(
+        self, per_item: float, held: list[Item], general: list[Item]
+    ) -> tuple[list[Item], list[Item]]:
+        """Trim the held-out sets (general first, never below a minimum) so that validating the served
+        projector, the cascade and the candidate takes at most half of what is left of the budget.
+        (Answers of the served projector and the cascade are cached across nights, so this is the first
+        night's worst case.)"""
+        allowance = 0.5 * max(0.0, self.budget_s - self.elapsed())
+
+        def cost(nh: int, ng: int) -> float:  # served + cascade (1.5x) + candidate on household; 2x general
+            return per_item * (3.5 * nh + 2 * ng)
+
+        nh, ng = len(held), len(general)
+        while cost(nh, ng) > allowance and ng > MIN_EVAL_ITEMS:
+            ng = max(MIN_EVAL_ITEMS, int(ng * 0.8))
+        while cost(nh, ng) > allowance and nh > MIN_EVAL_ITEMS:
+            nh = max(MIN_EVAL_ITEMS, int(nh * 0.8))
+        if (nh, ng) != (len(held), len(general)):
+            _LOGGER.info("validating on %d of %d household and %d of %d general utterances (budget)",
+                         nh, len(held), ng, len(general))  # fmt: skip
+        return held[:nh], general[:ng]
+
+    def _evaluate(
+        self,
+        model: SpeechLLM,
+        projector: Projector | None,
+        cache: Predictions | None,
+        held: list[Item],
+        general: list[Item],
+    ) -> tuple[dict[str, Any], list[tuple[str, Intent | None]] | None]:
+        """Aligned-path metrics and EmbedLink loss of one projector on both held-out sets, and its answers
+        on the general one."""
+        if projector is None or cache is None:  # nothing served yet: the worst possible figures
+            empty = {"n": 0, "intent_accuracy": 0.0, "wer": 1.0, "loss": None}
+            return {"household": {**empty, "n": len(held)}, "general": dict(empty)}, None
+        model.projector = projector.eval()
+        out = {}
+        general_answers: list[tuple[str, Intent | None]] = []
+        for name, items in (("household", held), ("general", general)):
+            got = answers(model, items, "aligned", cache)
+            scores = score_answers(items, got)
+            scores["loss"] = embedlink_val_loss(model, projector, items) if items else None
+            out[name] = scores
+            general_answers = got
+        cache.save()
+        return out, general_answers
+
+    def _manifests(
+        self, train_pairs: list[tuple[Label, np.ndarray]], replay: list[Utterance]
+    ) -> dict[str, Path]:
+        folder = self.opts.work / "manifests"
+        folder.mkdir(parents=True, exist_ok=True)
+        household = [_utterance(lab, absolute=self.opts.data_dir / "log") for lab, _ in train_pairs]
+        paths = {"train": folder / "train.jsonl", "val": folder / "val.jsonl"}
+        write_manifest(paths["train"], household + replay)
+        write_manifest(paths["val"], household[:TRAIN_VAL_ITEMS])
+        return paths
+
+
+def _held_out(row_id: int, every: int) -> bool:
+    """1 in `every` interactions is held out, by a hash of its id: the same side every night."""
+    return every > 1 and int(hashlib.sha256(f"heldout/{row_id}".encode()).hexdigest(), 16) % every == 0
+
+
+def _utterance(label: Label, absolute: Path | None = None) -> Utterance:
+    audio = Path(label.audio_path) if absolute is None else (absolute / label.audio_path).resolve()
+    return Utterance(audio, label.text, label.intent, "", HOUSEHOLD)
+
+
+def _intent_text(intent: Intent | None) -> str:
+    return intent.to_text() if intent else ""
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
+
+
+def _feature_key(audio: np.ndarray) -> str:
+    """`FeatureCache`'s key of a clip: the digest of its float32 samples."""
+    return hashlib.sha256(np.ascontiguousarray(audio, dtype=np.float32).tobytes()).hexdigest()
+
+
+def _readable(utterances: list[Utterance]) -> list[tuple[Utterance, np.ndarray]]:
+    out = []
+    for utt in utterances:
+        with suppress(AudioError):
+            out.append((utt, read_wav(utt.audio)))
+    return out
+
+
+def prune_features(cache_dir: Path, keep: list[np.ndarray]) -> int:
+    """Delete cached encoder features of every clip not in `keep` (under any encoder)."""
+    wanted = {_feature_key(a) for a in keep}
+    removed = 0
+    for path in Path(cache_dir).glob("*/*/*.safetensors"):
+        if path.stem not in wanted:
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def forget_features(cache_dir: Path, audio: np.ndarray) -> int:
+    """Delete the cached encoder features of this audio (under every encoder); returns how many."""
+    key = _feature_key(audio)
+    removed = 0
+    for path in Path(cache_dir).glob(f"*/{key[:2]}/{key}.safetensors"):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def add_adapt_args(parser: argparse.ArgumentParser) -> None:
+    d = AdaptOptions(Path("."))
+    parser.add_argument("--data-dir", required=True, type=Path, help="the server's data dir")
+    parser.add_argument("--model", help="bundle folder, dev or preset:NAME (default: the one serve recorded)")
+    parser.add_argument(
+        "--now", action="store_true", help="run even if the labels are unchanged or few are new"
+    )
+    parser.add_argument(
+        "--budget-minutes", type=float, default=d.budget_minutes, help="time budget of the run"
+    )
+    parser.add_argument("--min-new", type=int, default=d.min_new, help="skip with fewer new labels than this")
+    parser.add_argument("--keep", type=int, default=d.keep, help="projector versions kept")
+    parser.add_argument(
+        "--tolerance", type=float, default=d.tolerance,
+        help="how much worse on other voices a candidate may be (intent accuracy, WER)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--decide-on", choices=("answers", "loss"), default=d.decide_on,
+        help="answers: intent accuracy, WER, then loss; loss: the EmbedLink loss alone (tiny dev models)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--heldout-every", type=int, default=d.heldout_every, help="hold out 1 in N utterances"
+    )
+    parser.add_argument(
+        "--heldout-max", type=int, default=d.heldout_max, help="most recent held-out utterances used"
+    )
+    parser.add_argument(
+        "--train-max", type=int, default=d.train_max, help="most recent utterances trained on"
+    )
+    parser.add_argument(
+        "--teacher-min-confidence", type=float, default=d.teacher_min_confidence,
+        help="keep teacher transcripts at or above this mean token log-probability",
+    )  # fmt: skip
+    parser.add_argument(
+        "--outcome-window", type=float, default=d.outcome_window_s,
+        help="seconds in which a repeat or an undo means the outcome is not confirmed",
+    )  # fmt: skip
+    parser.add_argument(
+        "--replay-n", type=int, default=d.replay_n, help="base-household utterances for replay"
+    )
+    parser.add_argument(
+        "--general-n", type=int, default=d.general_n, help="base-household held-out utterances"
+    )
+    parser.add_argument("--lr", type=float, default=d.lr, help="learning rate of the fine-tuning")
+    parser.add_argument("--batch", type=int, default=d.batch)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--nice", type=int, default=10, help="CPU priority increment of the job (0: none)")
+    parser.add_argument("--context-file", type=Path, help="household context (JSON as for serve, or text)")
+    parser.add_argument(
+        "--bootstrap-dir", type=Path, help="where base-household speech is rendered (default DATA/bootstrap)"
+    )
+    parser.add_argument("--cache-dir", type=Path, help="encoder feature cache (default DATA/cache/features)")
+
+
+def run_adapt(args: argparse.Namespace) -> int:
+    if args.nice > 0:
+        with suppress(OSError):
+            os.nice(args.nice)
+    if not args.threads:  # the job shares the machine with the server: one thread unless told otherwise
+        torch.set_num_threads(1)
+    with suppress(RuntimeError):
+        torch.set_num_interop_threads(1)
+    opts = AdaptOptions(
+        data_dir=args.data_dir, model=args.model, now=args.now, budget_minutes=args.budget_minutes,
+        min_new=args.min_new, keep=args.keep, heldout_every=args.heldout_every, decide_on=args.decide_on,
+        heldout_max=args.heldout_max, train_max=args.train_max, tolerance=args.tolerance,
+        teacher_min_confidence=args.teacher_min_confidence, outcome_window_s=args.outcome_window,
+        replay_n=args.replay_n, general_n=args.general_n, lr=args.lr, batch=args.batch, seed=args.seed,
+        device=args.device, context_file=args.context_file, bootstrap_dir=args.bootstrap_dir,
+        cache_dir=args.cache_dir,
+    )  # fmt: skip
+    report = run_job(opts)
+    print(json.dumps(report))
+    return 1 if report["status"] == "failed" else 0
+
+
+def add_rollback_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", required=True, type=Path, help="the server's data dir")
+    parser.add_argument("--to", help="version to serve (e.g. v0002, or base); default: the one before")
+
+
+def run_rollback(args: argparse.Namespace) -> int:
+    versions = Versions(args.data_dir)
+    before = versions.current()
+    after = versions.rollback(args.to)
+    _LOGGER.info("rolled back from %s to %s; a running server picks it up within seconds", before, after)
+    print(json.dumps({"from": before, "to": after}))
+    return 0

@@ -1,0 +1,266 @@
+"""The household's projector versions, and which one is served.
+
+    DATA_DIR/model.json                      the bundle the server serves (written by `serve` at start-up)
+    DATA_DIR/projectors/v0001.safetensors    promoted projectors, numbered in promotion order; each is a
+    DATA_DIR/projectors/v0002.safetensors    full self-describing checkpoint (`save_projector`) whose
+    ...                                      `metrics` hold its validation (household, general, cascade)
+    DATA_DIR/projectors/current              the pointer: `v0002`, or `base` (the bundle's own projector)
+
+A version file is written completely (temporary file, fsync, rename) before the pointer names it, and the
+pointer is replaced the same way, so a kill at any moment leaves the pointer naming a complete file (or
+no pointer: the bundle's projector). Numbers are never reused; pruning keeps the newest versions and the
+one being served.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .files import write_atomic
+from .model.bundle import (
+    BundleConfig,
+    BundleError,
+    ProjectorInfo,
+    load_bundle_config,
+    load_projector,
+    save_projector,
+)
+from .model.projector import Projector
+
+_LOGGER = logging.getLogger(__name__)
+
+FOLDER = "projectors"
+POINTER = "current"
+BASE = "base"
+MODEL_FILE = "model.json"
+_NAME = re.compile(r"v(\d{4,})")
+
+
+class VersionError(ValueError):
+    """A version that does not exist, does not load, or does not fit the bundle."""
+
+
+@dataclass(frozen=True)
+class Served:
+    """What the data dir serves: the version's name (or `base`), its projector and self-description."""
+
+    name: str
+    projector: Projector | None
+    info: ProjectorInfo | None
+
+
+class Versions:
+    """Numbered projector versions under `DATA_DIR/projectors` and the pointer to the served one."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.folder = Path(data_dir) / FOLDER
+
+    @property
+    def pointer(self) -> Path:
+        return self.folder / POINTER
+
+    def path(self, name: str) -> Path:
+        if not _NAME.fullmatch(name):
+            raise VersionError(f"{name!r} is not a version name (v0001, v0002, ...)")
+        return self.folder / f"{name}.safetensors"
+
+    def names(self) -> list[str]:
+        """Versions on disk, oldest first (temporary files of an interrupted write are not versions)."""
+        if not self.folder.is_dir():
+            return []
+        found = [p.stem for p in self.folder.glob("v*.safetensors") if _NAME.fullmatch(p.stem)]
+        return sorted(found, key=_number)
+
+    def current(self) -> str:
+        """The served version's name, or `base` (no pointer yet, or rolled back to the bundle's)."""
+        try:
+            name = self.pointer.read_text().strip()
+        except FileNotFoundError:
+            return BASE
+        if name != BASE and not _NAME.fullmatch(name):
+            raise VersionError(f"{self.pointer} holds {name[:40]!r}, not a version name")
+        return name
+
+    def load(self, name: str, device: str = "cpu") -> tuple[Projector, ProjectorInfo]:
+        try:
+            return load_projector(self.path(name), device)
+        except BundleError as err:
+            raise VersionError(str(err)) from err
+
+    def info(self, name: str) -> ProjectorInfo:
+        return self.load(name)[1]
+
+    def add(self, projector: Projector, info: ProjectorInfo) -> str:
+        """Write the next version (complete before it is visible); the pointer is not touched."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        numbers = [_number(n) for n in self.names()]
+        with_pointer = self.current()
+        if with_pointer != BASE:
+            numbers.append(_number(with_pointer))
+        name = f"v{max(numbers, default=0) + 1:04d}"
+        info.metrics = {**info.metrics, "version": name}
+        save_projector(self.path(name), projector, info)
+        _fsync_dir(self.folder)
+        return name
+
+    def promote(self, name: str) -> None:
+        """Serve `name` (a version, or `base`): one atomic replacement of the pointer file."""
+        if name != BASE:
+            self.load(name)  # it must load before anything points at it
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.pointer, f"{name}\n".encode())
+        _fsync_dir(self.folder)
+
+    def rollback(self, to: str | None = None) -> str:
+        """Serve `to` (a version or `base`); by default the newest version older than the served one, or
+        `base` when there is none. Returns the version now pointed at."""
+        current = self.current()
+        if to is None:
+            if current == BASE:
+                raise VersionError("already serving the bundle's own projector (base); nothing to roll back")
+            older = [n for n in self.names() if _number(n) < _number(current)]
+            to = older[-1] if older else BASE
+        elif to != BASE and to not in self.names():
+            raise VersionError(f"there is no version {to!r}; versions: {', '.join(self.names()) or 'none'}")
+        self.promote(to)
+        return to
+
+    def prune(self, keep: int) -> list[str]:
+        """Delete all but the `keep` newest versions, never the served one; returns what was deleted."""
+        names = self.names()
+        current = self.current()
+        doomed = [n for n in names[: max(0, len(names) - max(1, keep))] if n != current]
+        for name in doomed:
+            self.path(name).unlink(missing_ok=True)
+        return doomed
+
+    def clean(self) -> None:
+        """Remove temporary files left by a write that was killed."""
+        if self.folder.is_dir():
+            for tmp in self.folder.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+
+    def describe(self) -> dict[str, Any]:
+        """Versions with their validation metrics, for the API."""
+        try:
+            current = self.current()
+        except VersionError:
+            current = None
+        items = []
+        for name in reversed(self.names()):
+            entry: dict[str, Any] = {"name": name, "current": name == current}
+            try:
+                entry["metrics"] = self.info(name).metrics
+            except VersionError as err:
+                entry["error"] = str(err)
+            items.append(entry)
+        return {"current": current, "versions": items}
+
+
+def _number(name: str) -> int:
+    match = _NAME.fullmatch(name)
+    if match is None:
+        raise VersionError(f"{name!r} is not a version name")
+    return int(match.group(1))
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (a power cut, not only a kill)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------- fit and day-0
+def check_fits(info: ProjectorInfo, cfg: BundleConfig, encoder_dim: int, llm_dim: int) -> None:
+    """A projector serves a bundle only when it was aligned to the same encoder and LLM (and fits their
+    sizes); raises VersionError otherwise."""
+    if (info.encoder, info.llm) != (cfg.encoder, cfg.llm):
+        raise VersionError(
+            f"it was aligned to {info.encoder} + {info.llm}, but the bundle uses {cfg.encoder} + {cfg.llm}"
+        )
+    if (info.config.input_dim, info.config.output_dim) != (encoder_dim, llm_dim):
+        raise VersionError(
+            f"it maps {info.config.input_dim} -> {info.config.output_dim} features, but the bundle's encoder "
+            f"and LLM need {encoder_dim} -> {llm_dim}"
+        )
+
+
+def household_validated(info: ProjectorInfo | None) -> bool:
+    """Day-0 rule of `--path auto`: a promoted household version whose held-out intent accuracy is at or
+    above the cascade's on the same household held-out set (measured by the same adaptation run). When
+    the held-out set has no intent labels, WER decides (at or below the cascade's)."""
+    if info is None or not info.trained:
+        return False
+    metrics = info.metrics or {}
+    household = metrics.get("household") or {}
+    cascade = (metrics.get("cascade") or {}).get("household") or {}
+    if not household or not cascade:
+        return False
+    mine, theirs = household.get("intent_accuracy"), cascade.get("intent_accuracy")
+    if mine is not None and theirs is not None:
+        return mine >= theirs
+    if household.get("wer") is not None and cascade.get("wer") is not None:
+        return household["wer"] <= cascade["wer"]
+    return False
+
+
+# ------------------------------------------------------------------------------------- the data dir
+def record_model(data_dir: Path, folder: Path, name: str) -> None:
+    """Remember which bundle this data dir serves (the adaptation job and `eval --data-dir` read it)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    record = {"folder": str(Path(folder).resolve()), "name": name}
+    write_atomic(data_dir / MODEL_FILE, json.dumps(record, indent=2).encode())
+
+
+def recorded_model(data_dir: Path) -> Path:
+    """The bundle folder `serve` recorded for this data dir."""
+    path = Path(data_dir) / MODEL_FILE
+    try:
+        folder = Path(json.loads(path.read_text())["folder"])
+    except FileNotFoundError as err:
+        raise VersionError(
+            f"{data_dir} does not say which model it serves ({MODEL_FILE} is missing): start `serve "
+            "--data-dir` once, or pass --model"
+        ) from err
+    except (ValueError, KeyError, TypeError) as err:
+        raise VersionError(f"{path} is not valid: {err}") from err
+    load_bundle_config(folder)  # a clear error now if the bundle has gone
+    return folder
+
+
+def served(data_dir: Path, bundle: Path, encoder_dim: int, llm_dim: int, device: str = "cpu") -> Served:
+    """The version the pointer names, checked against the bundle. A pointer to `base` (or none) gives
+    `Served("base", None, None)`: the bundle's own projector."""
+    versions = Versions(data_dir)
+    name = versions.current()
+    if name == BASE:
+        return Served(BASE, None, None)
+    projector, info = versions.load(name, device)
+    check_fits(info, load_bundle_config(bundle), encoder_dim, llm_dim)
+    return Served(name, projector, info)
+
+
+def load_household_model(data_dir: Path, device: str = "cpu", bundle: Path | None = None):
+    """The bundle of a data dir with its promoted projector version; returns (SpeechLLM, version name)."""
+    from .model.speechllm import SpeechLLM
+
+    bundle = bundle or recorded_model(data_dir)
+    model = SpeechLLM.load(bundle, device=device)
+    current = served(data_dir, bundle, model.encoder.dim, model.llm.config.hidden_size, device)
+    if current.projector is not None:
+        model.projector, model.projector_info = current.projector, current.info
+    return model, current.name

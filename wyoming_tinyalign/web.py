@@ -1,0 +1,514 @@
+"""The server's HTTP side (aiohttp, `--web-port`, 127.0.0.1 unless `--web-host` says otherwise).
+
+    GET    /healthz                              liveness, served projector version and path
+    GET    /metrics                              Prometheus text: requests, latency, adaptations, version
+    GET    /api/interactions                     paged (page, per_page), filters: since, until (ISO date or
+                                                 time, local; or unix seconds), labelled=true|false, kind
+    GET    /api/interactions/{id}                one interaction
+    GET    /api/interactions/{id}/audio          its audio (WAV), found by id only
+    PUT    /api/interactions/{id}/correction     {"text": ..., "intent": {"name": ..., "slots": {...}}}
+    DELETE /api/interactions/{id}/correction
+    DELETE /api/interactions/{id}                the row, its audio file and its cached encoder features
+    DELETE /api/interactions                     all of them (or those matching since/until)
+    GET    /api/adaptations                      adaptation runs with their reports
+    GET    /api/versions                         projector versions with their validation metrics
+    POST   /api/adapt                            run the adaptation now (202; 409 while one runs)
+    POST   /api/rollback                         {"to": "v0002"} (optional; default: the version before)
+
+Everything under `/api/` needs the token (`Authorization: Bearer <token>` or a `token` cookie; with the
+cookie, a cross-site `Origin` is refused): the log holds the household's voices. Requests through Home
+Assistant ingress (an `X-Ingress-Path` header from 172.30.32.2, the supervisor's proxy) need none.
+`/healthz` and `/metrics` are open. The token is `--web-token`, else the one generated once into
+`DATA_DIR/web-token` (mode 0600). Extend the app by adding routes in `build_app`; the auth middleware
+covers every `/api/` route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from .audio import AudioError, read_wav
+from .labels import parse_correction, set_correction, validate_correction
+from .store import InteractionStore
+from .versions import VersionError, Versions
+
+_LOGGER = logging.getLogger(__name__)
+
+TOKEN_FILE = "web-token"
+INGRESS_PEER = "172.30.32.2"
+LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+MAX_PER_PAGE = 500
+UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
+
+
+class Control(Protocol):
+    """What the API asks of the server's adaptation side (`scheduler.Nightly`)."""
+
+    data_dir: Path
+    served_name: str
+    version: str | None
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def job_running(self) -> bool: ...
+
+    async def start_job(self, now: bool = True) -> bool: ...
+
+    async def rollback(self, to: str | None) -> str: ...
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+@dataclass
+class Metrics:
+    """Request counters and a latency histogram, written in Prometheus' text format by hand."""
+
+    requests: dict[tuple[str, str], int] = field(default_factory=dict)
+    buckets: dict[str, list[int]] = field(default_factory=dict)
+    sums: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def observe(self, kind: str, path: str, latency_ms: float) -> None:
+        self.requests[(kind, path)] = self.requests.get((kind, path), 0) + 1
+        seconds = latency_ms / 1000
+        row = self.buckets.setdefault(kind, [0] * len(LATENCY_BUCKETS_S))
+        for i, bound in enumerate(LATENCY_BUCKETS_S):
+            if seconds <= bound:
+                row[i] += 1
+        self.sums[kind] = self.sums.get(kind, 0.0) + seconds
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+
+    def render(self, control: Control, runs: dict[str, int]) -> str:
+        lines = [
+            "# HELP tinyalign_requests_total Requests answered, by kind (audio/text) and model path.",
+            "# TYPE tinyalign_requests_total counter",
+        ]
+        for (kind, path), n in sorted(self.requests.items()):
+            lines.append(f'tinyalign_requests_total{{kind="{kind}",path="{path}"}} {n}')
+        lines += [
+            "# HELP tinyalign_request_latency_seconds End of speech (or text) to result, queueing included.",
+            "# TYPE tinyalign_request_latency_seconds histogram",
+        ]
+        for kind in sorted(self.counts):
+            for bound, n in zip(LATENCY_BUCKETS_S, self.buckets[kind], strict=True):
+                lines.append(f'tinyalign_request_latency_seconds_bucket{{kind="{kind}",le="{bound}"}} {n}')
+            lines.append(
+                f'tinyalign_request_latency_seconds_bucket{{kind="{kind}",le="+Inf"}} {self.counts[kind]}'
+            )
+            lines.append(f'tinyalign_request_latency_seconds_sum{{kind="{kind}"}} {self.sums[kind]:.6f}')
+            lines.append(f'tinyalign_request_latency_seconds_count{{kind="{kind}"}} {self.counts[kind]}')
+        lines += [
+            "# HELP tinyalign_adaptation_runs_total Nightly adaptation runs, by outcome.",
+            "# TYPE tinyalign_adaptation_runs_total counter",
+        ]
+        for status in ("promoted", "rejected", "skipped", "failed", "running"):
+            lines.append(f'tinyalign_adaptation_runs_total{{status="{status}"}} {runs.get(status, 0)}')
+        number = int(control.served_name[1:]) if control.served_name.startswith("v") else 0
+        lines += [
+            "# HELP tinyalign_adaptation_running 1 while an adaptation job runs.",
+            "# TYPE tinyalign_adaptation_running gauge",
+            f"tinyalign_adaptation_running {int(control.job_running)}",
+            "# HELP tinyalign_projector_version Number of the served projector version (0: the bundle's).",
+            "# TYPE tinyalign_projector_version gauge",
+            f"tinyalign_projector_version {number}",
+            "# HELP tinyalign_projector_info The served projector version and model path.",
+            "# TYPE tinyalign_projector_info gauge",
+            f'tinyalign_projector_info{{version="{control.version or "none"}",path="{control.path}"}} 1',
+        ]
+        return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ token
+def load_token(data_dir: Path, given: str | None) -> str:
+    """`--web-token`, else the token stored in `DATA_DIR/web-token` (generated once, mode 0600)."""
+    if given:
+        return given
+    path = Path(data_dir) / TOKEN_FILE
+    try:
+        token = path.read_text().strip()
+        if token:
+            return token
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(token + "\n")
+    os.replace(tmp, path)
+    return token
+
+
+# ---------------------------------------------------------------------------------------------- the app
+CONTEXT = web.AppKey("tinyalign", object)
+
+
+@dataclass
+class WebContext:
+    control: Control
+    store: InteractionStore | None
+    metrics: Metrics
+    token: str
+    forget_audio: Callable[[list[Path]], int] | None = None  # removes derived data (cached features)
+
+
+def build_app(ctx: WebContext) -> web.Application:
+    """The aiohttp application (the review page of a later issue adds its routes here)."""
+    app = web.Application(middlewares=[_auth], client_max_size=64 * 1024)
+    app[CONTEXT] = ctx
+    app.add_routes(
+        [
+            web.get("/healthz", healthz),
+            web.get("/metrics", metrics),
+            web.get("/api/interactions", list_interactions),
+            web.delete("/api/interactions", delete_interactions),
+            web.get("/api/interactions/{id:\\d+}", get_interaction),
+            web.delete("/api/interactions/{id:\\d+}", delete_interaction),
+            web.get("/api/interactions/{id:\\d+}/audio", get_audio),
+            web.put("/api/interactions/{id:\\d+}/correction", put_correction),
+            web.delete("/api/interactions/{id:\\d+}/correction", delete_correction),
+            web.get("/api/adaptations", list_adaptations),
+            web.get("/api/versions", list_versions),
+            web.post("/api/adapt", post_adapt),
+            web.post("/api/rollback", post_rollback),
+        ]
+    )
+    return app
+
+
+def _ctx(request: web.Request) -> WebContext:
+    return request.app[CONTEXT]  # type: ignore[return-value]
+
+
+def _error(status: int, text: str) -> web.Response:
+    return web.json_response({"error": text}, status=status)
+
+
+def authorized(request: web.Request, token: str) -> bool:
+    """Bearer header, or `token` cookie (same-origin for changes), or Home Assistant ingress."""
+    if request.headers.get("X-Ingress-Path") and request.remote == INGRESS_PEER:
+        return True
+    header = request.headers.get("Authorization", "")
+    if header.startswith("Bearer ") and hmac.compare_digest(header[7:].strip().encode(), token.encode()):
+        return True
+    cookie = request.cookies.get("token")
+    if cookie and hmac.compare_digest(cookie.encode(), token.encode()):
+        origin = request.headers.get("Origin")
+        return request.method not in UNSAFE or not origin or urlsplit(origin).netloc == request.host
+    return False
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Callable) -> web.StreamResponse:
+    if request.path.startswith("/api/") and not authorized(request, _ctx(request).token):
+        return _error(
+            401, "this needs the API token: 'Authorization: Bearer <token>' (see DATA_DIR/web-token)"
+        )
+    return await handler(request)
+
+
+# ------------------------------------------------------------------------------------------ health, metrics
+async def healthz(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    return web.json_response(
+        {
+            "status": "ok",
+            "projector_version": ctx.control.version,
+            "served": ctx.control.served_name,
+            "path": ctx.control.path,
+            "adaptation_running": ctx.control.job_running,
+            "log": ctx.store is not None,
+        }
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    runs: dict[str, int] = {}
+    if ctx.store is not None:
+        rows = await ctx.store.async_call(
+            lambda: ctx.store.conn.execute(
+                "SELECT status, COUNT(*) FROM adaptations GROUP BY status"
+            ).fetchall()
+        )
+        runs = {status: n for status, n in rows}
+    text = ctx.metrics.render(ctx.control, runs)
+    return web.Response(text=text, content_type="text/plain", charset="utf-8", headers={"X-Version": "0.0.4"})
+
+
+# ---------------------------------------------------------------------------------------- interactions
+def _store(request: web.Request) -> InteractionStore:
+    store = _ctx(request).store
+    if store is None:
+        raise web.HTTPConflict(
+            text=json.dumps({"error": "interaction logging is off (--no-log)"}),
+            content_type="application/json",
+        )
+    return store
+
+
+def _time_bound(value: str, end: bool) -> float:
+    """A filter bound: unix seconds, or an ISO date (a whole local day) or date-time (local if naive)."""
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        if len(value) == 10:
+            day = datetime.fromisoformat(value)
+            return day.timestamp() + (86400 if end else 0)
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError as err:
+        raise web.HTTPBadRequest(
+            text=json.dumps(
+                {"error": f"bad time {value!r}: use YYYY-MM-DD, an ISO date-time or unix seconds"}
+            ),
+            content_type="application/json",
+        ) from err
+
+
+def _filters(query: Any) -> tuple[str, list[Any]]:
+    where, args = ["1"], []
+    if "since" in query:
+        where.append("created_at >= ?")
+        args.append(_time_bound(query["since"], end=False))
+    if "until" in query:
+        where.append("created_at < ?")
+        args.append(_time_bound(query["until"], end=True))
+    if "labelled" in query:
+        flag = query["labelled"].lower() in ("1", "true", "yes")
+        labelled = "(correction IS NOT NULL OR label_source IS NOT NULL)"
+        where.append(labelled if flag else f"NOT {labelled}")
+    if "kind" in query:
+        where.append("kind = ?")
+        args.append(query["kind"])
+    return " AND ".join(where), args
+
+
+def _row_json(row: sqlite3.Row) -> dict[str, Any]:
+    def loads(raw: str | None) -> Any:
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:
+            return None
+
+    return {
+        "id": row["id"],
+        "created_at": row["created_at"],
+        "time": datetime.fromtimestamp(row["created_at"]).astimezone().isoformat(timespec="seconds"),
+        "kind": row["kind"],
+        "client": row["client"],
+        "satellite_id": row["satellite_id"],
+        "device_id": row["device_id"],
+        "conversation_id": row["conversation_id"],
+        "context": loads(row["context"]),
+        "language": row["language"],
+        "duration_s": row["duration_s"],
+        "path": row["path"],
+        "transcript": row["transcript"],
+        "intent": loads(row["intent"]),
+        "confidence": row["confidence"],
+        "latency_ms": row["latency_ms"],
+        "projector_version": row["projector_version"],
+        "audio": f"/api/interactions/{row['id']}/audio" if row["audio_path"] else None,
+        "correction": parse_correction(row["correction"]),
+        "teacher": (
+            {"text": row["teacher_transcript"], "confidence": row["teacher_confidence"]}
+            if row["teacher_transcript"] is not None
+            else None
+        ),
+        "ha_outcome": row["ha_outcome"],
+        "label_source": row["label_source"],
+        "labelled_at": row["labelled_at"],
+    }
+
+
+def _select(store: InteractionStore, sql: str, args: list[Any]) -> list[sqlite3.Row]:
+    cursor = store.conn.cursor()
+    cursor.row_factory = sqlite3.Row
+    return cursor.execute(sql, args).fetchall()
+
+
+async def list_interactions(request: web.Request) -> web.Response:
+    store = _store(request)
+    try:
+        page = max(1, int(request.query.get("page", "1")))
+        per_page = min(MAX_PER_PAGE, max(1, int(request.query.get("per_page", "50"))))
+    except ValueError:
+        return _error(400, "page and per_page must be whole numbers")
+    where, args = _filters(request.query)
+
+    def query() -> tuple[int, list[dict[str, Any]]]:
+        total = store.conn.execute(f"SELECT COUNT(*) FROM interactions WHERE {where}", args).fetchone()[0]
+        rows = _select(
+            store,
+            f"SELECT * FROM interactions WHERE {where} ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?",
+            [*args, per_page, (page - 1) * per_page],
+        )
+        return total, [_row_json(r) for r in rows]
+
+    total, items = await store.async_call(query)
+    return web.json_response({"items": items, "page": page, "per_page": per_page, "total": total})
+
+
+async def _one(store: InteractionStore, row_id: int) -> sqlite3.Row | None:
+    rows = await store.async_call(_select, store, "SELECT * FROM interactions WHERE id = ?", [row_id])
+    return rows[0] if rows else None
+
+
+async def get_interaction(request: web.Request) -> web.Response:
+    store = _store(request)
+    row = await _one(store, int(request.match_info["id"]))
+    return web.json_response(_row_json(row)) if row is not None else _error(404, "no such interaction")
+
+
+async def get_audio(request: web.Request) -> web.StreamResponse:
+    store = _store(request)
+    row = await _one(store, int(request.match_info["id"]))
+    if row is None or not row["audio_path"]:
+        return _error(404, "no audio for this interaction")
+    root = store.folder.resolve()
+    path = (root / row["audio_path"]).resolve()
+    if not path.is_relative_to(root) or not path.is_file():  # only files of the log, found by id
+        return _error(404, "the audio file is gone")
+    return web.FileResponse(path, headers={"Content-Type": "audio/wav", "Cache-Control": "no-store"})
+
+
+async def _json_body(request: web.Request) -> Any:
+    if not request.can_read_body:
+        return None
+    try:
+        return await request.json()
+    except ValueError as err:
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": f"the body is not JSON: {err}"}), content_type="application/json"
+        ) from err
+
+
+async def put_correction(request: web.Request) -> web.Response:
+    store = _store(request)
+    row_id = int(request.match_info["id"])
+    try:
+        correction = validate_correction(await _json_body(request))
+    except ValueError as err:
+        return _error(400, str(err))
+    if not await store.async_call(set_correction, store.conn, row_id, correction):
+        return _error(404, "no such interaction")
+    row = await _one(store, row_id)
+    assert row is not None
+    return web.json_response(_row_json(row))
+
+
+async def delete_correction(request: web.Request) -> web.Response:
+    store = _store(request)
+    if not await store.async_call(set_correction, store.conn, int(request.match_info["id"]), None):
+        return _error(404, "no such interaction")
+    return web.Response(status=204)
+
+
+async def _delete(request: web.Request, where: str, args: list[Any]) -> int:
+    """Forget the audio's derived data (off the store's thread), then delete rows and audio files."""
+    ctx, store = _ctx(request), _store(request)
+    rows = await store.async_call(
+        _select, store, f"SELECT id, audio_path FROM interactions WHERE {where}", args
+    )
+    if ctx.forget_audio is not None:
+        paths = [store.folder / r["audio_path"] for r in rows if r["audio_path"]]
+        await asyncio.to_thread(ctx.forget_audio, paths)
+    return await store.async_call(store.delete, [r["id"] for r in rows])
+
+
+async def delete_interaction(request: web.Request) -> web.Response:
+    deleted = await _delete(request, "id = ?", [int(request.match_info["id"])])
+    return web.Response(status=204) if deleted else _error(404, "no such interaction")
+
+
+async def delete_interactions(request: web.Request) -> web.Response:
+    where, args = _filters(request.query)
+    deleted = await _delete(request, where, args)
+    _LOGGER.info("web: deleted %d interaction(s) with their audio", deleted)
+    return web.json_response({"deleted": deleted})
+
+
+# ------------------------------------------------------------------------------------------- adaptation
+async def list_adaptations(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    try:
+        limit = min(500, max(1, int(request.query.get("limit", "20"))))
+    except ValueError:
+        return _error(400, "limit must be a whole number")
+    items: list[dict[str, Any]] = []
+    if ctx.store is not None:
+        rows = await ctx.store.async_call(
+            _select, ctx.store, "SELECT * FROM adaptations ORDER BY started_at DESC, id DESC LIMIT ?", [limit]
+        )
+        for row in rows:
+            item = {k: row[k] for k in row.keys() if k != "report"}  # noqa: SIM118 (a Row)
+            try:
+                item["report"] = json.loads(row["report"]) if row["report"] else None
+            except ValueError:
+                item["report"] = None
+            items.append(item)
+    return web.json_response({"items": items, "running": ctx.control.job_running})
+
+
+async def list_versions(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    listing = await asyncio.to_thread(Versions(ctx.control.data_dir).describe)
+    return web.json_response({**listing, "served": ctx.control.served_name, "version": ctx.control.version})
+
+
+async def post_adapt(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    if not await ctx.control.start_job(now=True):
+        return _error(409, "an adaptation is already running")
+    return web.json_response({"started": True, "at": time.time()}, status=202)
+
+
+async def post_rollback(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    body = await _json_body(request)
+    to = None
+    if body is not None:
+        if not isinstance(body, dict) or set(body) - {"to"} or not isinstance(body.get("to", ""), str | None):
+            return _error(400, 'expected {"to": "v0002"} (or no body: the version before)')
+        to = body.get("to")
+    try:
+        served = await ctx.control.rollback(to)
+    except VersionError as err:
+        return _error(400, str(err))
+    return web.json_response({"served": served, "version": ctx.control.version})
+
+
+def forget_features_of(cache_dir: Path) -> Callable[[list[Path]], int]:
+    """A `forget_audio` that deletes the cached encoder features of these audio files."""
+
+    def forget(paths: list[Path]) -> int:
+        from .adapt import forget_features
+
+        removed = 0
+        for path in paths:
+            try:
+                removed += forget_features(cache_dir, read_wav(path))
+            except AudioError:
+                continue
+        return removed
+
+    return forget
