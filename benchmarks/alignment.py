@@ -27,13 +27,8 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from transformers import (
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    WhisperConfig,
-    WhisperFeatureExtractor,
-    WhisperForConditionalGeneration,
-)
+from realsize import qwen25_05b, whisper_base
+from transformers import WhisperFeatureExtractor
 
 from wyoming_tinyalign.devmodel import build_dev_model
 from wyoming_tinyalign.evaluate import evaluate_items
@@ -85,19 +80,8 @@ def step_seconds(model: SpeechLLM, examples: list[Example], objective: str, lora
 
 def real_size_model(dev: SpeechLLM) -> SpeechLLM:
     """whisper-base encoder and Qwen2.5-0.5B shapes with random weights (the compute is real)."""
-    whisper = WhisperForConditionalGeneration(
-        WhisperConfig(
-            d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
-            decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048, vocab_size=51865,
-        )
-    )  # fmt: skip
-    llm = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-            num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
-            pad_token_id=dev.tokenizer.pad_token_id, eos_token_id=dev.tokenizer.eos_token_id,
-        )
-    )  # fmt: skip
+    whisper = whisper_base()
+    llm = qwen25_05b(dev.tokenizer.pad_token_id, dev.tokenizer.eos_token_id)
     return SpeechLLM(
         whisper=whisper,
         whisper_tokenizer=dev.whisper_tokenizer,

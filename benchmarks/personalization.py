@@ -32,14 +32,8 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from transformers import (
-    GenerationConfig,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    WhisperConfig,
-    WhisperFeatureExtractor,
-    WhisperForConditionalGeneration,
-)
+from realsize import qwen25_05b, whisper_base
+from transformers import GenerationConfig, WhisperFeatureExtractor
 
 from wyoming_tinyalign.evaluate import evaluate_items
 from wyoming_tinyalign.households import Household, context_text, load_households
@@ -168,25 +162,13 @@ def real_size_bundle(dev: Path, out: Path) -> Path:
     dev_cfg = load_bundle_config(dev)
     dev_whisper = Path(resolve_ref(dev, dev_cfg.encoder))
     torch.manual_seed(0)
-    whisper = WhisperForConditionalGeneration(
-        WhisperConfig(
-            d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
-            decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048, vocab_size=51865,
-            num_mel_bins=80,
-        )
-    )  # fmt: skip
+    whisper = whisper_base()
     whisper.generation_config = GenerationConfig.from_pretrained(dev_whisper)
     whisper.save_pretrained(out / "whisper")
     del whisper
     WhisperFeatureExtractor(feature_size=80).save_pretrained(out / "whisper")
     dev_model = SpeechLLM.load(dev)
-    llm = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-            num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
-            pad_token_id=dev_model.tokenizer.pad_token_id, eos_token_id=dev_model.tokenizer.eos_token_id,
-        )
-    )  # fmt: skip
+    llm = qwen25_05b(dev_model.tokenizer.pad_token_id, dev_model.tokenizer.eos_token_id)
     llm.save_pretrained(out / "llm")
     dev_model.tokenizer.save_pretrained(out / "llm")
     dev_model.whisper_tokenizer.save_pretrained(out / "whisper")
