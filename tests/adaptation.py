@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wyoming_tinyalign.adapt import GENERAL_SEED, REPLAY_SEED
+from wyoming_tinyalign.adapt import GENERAL_SEED, REPLAY_SEED, bootstrap_speech
 from wyoming_tinyalign.households import load_households
 from wyoming_tinyalign.labels import set_correction, validate_correction
 from wyoming_tinyalign.manifest import Utterance, load_utterances
@@ -34,9 +34,7 @@ def bootstrap_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = _once(tmp_path_factory, "bootstrap")
     base = [h for h in load_households() if h.split == "base"]
     for name, n, seed in (("replay", REPLAY_N, REPLAY_SEED), ("general", GENERAL_N, GENERAL_SEED)):
-        out = folder / f"{name}-{n}-{seed}"
-        if not (out / "manifest.jsonl").is_file():
-            render_corpus(out, base, n, seed)
+        bootstrap_speech(folder, name, n, seed, base)
     return folder
 
 

@@ -16,8 +16,9 @@ import pytest
 from adaptation import cli, job_flags, last_json, log_household, unseen_speech
 
 from wyoming_tinyalign.__main__ import main
-from wyoming_tinyalign.adapt import AdaptOptions, run_job
-from wyoming_tinyalign.manifest import write_manifest
+from wyoming_tinyalign.adapt import AdaptOptions, Job, bootstrap_speech, run_job
+from wyoming_tinyalign.households import load_households
+from wyoming_tinyalign.manifest import read_manifest, write_manifest
 from wyoming_tinyalign.model.speechllm import SpeechLLM
 from wyoming_tinyalign.versions import Versions, served
 
@@ -165,3 +166,23 @@ def test_a_job_killed_at_any_moment_leaves_a_loadable_version(
     assert run_job(options(household, tmp_path_factory))["status"] == "skipped"
     assert adaptations(household)[-2]["status"] == "failed"
     assert "interrupted" in adaptations(household)[-2]["reason"]
+
+
+def test_replay_speech_rehearses_the_homes_own_names(tmp_path: Path) -> None:
+    """Names fetched from Home Assistant (`DATA/household.json`) are spoken by the base voices in the
+    replay speech; without the file the replay is the base households alone."""
+    data = tmp_path / "data"
+    data.mkdir()
+    base = [h for h in load_households() if h.split == "base"]
+    home = {"name": "home", "split": "household", "speakers": [], "areas": ["sunroom"],
+            "devices": [{"name": "aquarium pump", "domain": "switch", "area": "sunroom"}]}  # fmt: skip
+    with closing(sqlite3.connect(":memory:")) as conn:
+        job = Job(AdaptOptions(data_dir=data), conn)
+        assert job._replay_households(base) == base
+        (data / "household.json").write_text(json.dumps({"households": [home]}))
+        houses = job._replay_households(base)
+    assert [h.name for h in houses] == [h.name for h in base] + ["home"]
+    assert houses[-1].speakers == [s for h in base for s in h.speakers]
+    manifest = bootstrap_speech(tmp_path / "boot", "replay", 40, 1, houses)
+    texts = [u.text for u in read_manifest(manifest) if u.household == "home"]
+    assert texts and any("aquarium pump" in t for t in texts)

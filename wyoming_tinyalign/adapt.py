@@ -40,7 +40,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,8 @@ from .assistant import load_context_file
 from .audio import AudioError, read_wav
 from .evaluate import normalize_words, word_error_rate
 from .files import write_atomic
-from .households import context_text, load_households
+from .hass import HOUSEHOLD_FILE
+from .households import Household, context_text, load_households
 from .intents import Intent
 from .labels import (
     Label,
@@ -534,16 +535,21 @@ class Job:
                 _LOGGER.warning("skipping interaction %d: %s", label.id, err)
         return out
 
-    def _bootstrap(self, name: str, n: int, seed: int) -> Path:
-        """Base-household speech, rendered once (deterministic for n and seed) and reused every night."""
-        folder = (self.opts.bootstrap_dir or self.opts.data_dir / "bootstrap") / f"{name}-{n}-{seed}"
-        manifest = folder / "manifest.jsonl"
-        if not manifest.is_file():  # the manifest is written last: present means complete
-            base = [h for h in load_households() if h.split == "base"]
-            _LOGGER.info("rendering %d utterances of base-household speech for %s (once)", n, name)
-            shutil.rmtree(folder, ignore_errors=True)
-            render_corpus(folder, base, n, seed)
-        return manifest
+    def _bootstrap(self, name: str, n: int, seed: int, households: list[Household]) -> Path:
+        root = self.opts.bootstrap_dir or self.opts.data_dir / "bootstrap"
+        return bootstrap_speech(root, name, n, seed, households)
+
+    def _replay_households(self, base: list[Household]) -> list[Household]:
+        """The base households, plus this home's own area and device names (from Home Assistant, kept in
+        `DATA/household.json`) spoken by the base voices, so replay also rehearses the family's names."""
+        path = self.opts.data_dir / HOUSEHOLD_FILE
+        try:
+            own = load_households(path) if path.is_file() else []
+        except (OSError, ValueError) as err:
+            _LOGGER.warning("not using %s for replay speech: %s", path, err)
+            own = []
+        voices = [speaker for house in base for speaker in house.speakers]
+        return base + [replace(house, speakers=voices) for house in own if house.devices]
 
     def _run(self) -> None:
         opts = self.opts
@@ -599,8 +605,9 @@ class Job:
         train_pairs, held_pairs = self._items(trainable), self._items(held)
         if not train_pairs or not held_pairs:
             raise Skip("the audio of the labelled utterances is missing or unreadable")
-        replay_manifest = self._bootstrap("replay", opts.replay_n, REPLAY_SEED)
-        general_manifest = self._bootstrap("general", opts.general_n, GENERAL_SEED)
+        base = [h for h in load_households() if h.split == "base"]
+        replay_manifest = self._bootstrap("replay", opts.replay_n, REPLAY_SEED, self._replay_households(base))
+        general_manifest = self._bootstrap("general", opts.general_n, GENERAL_SEED, base)
         contexts = {h.name: context_text(h) for h in load_households()}
         rng = random.Random(data_hash)
         replay_all = read_manifest(replay_manifest)
@@ -836,6 +843,19 @@ class Job:
         write_manifest(paths["train"], household + replay)
         write_manifest(paths["val"], household[:TRAIN_VAL_ITEMS])
         return paths
+
+
+def bootstrap_speech(root: Path, name: str, n: int, seed: int, households: list[Household]) -> Path:
+    """Synthetic speech of `households` under `root`, rendered once (deterministic for n, seed and the
+    households' names) and reused every night; returns its manifest."""
+    names = json.dumps([[h.name, h.areas, [d.name for d in h.devices]] for h in households])
+    folder = root / f"{name}-{n}-{seed}-{hashlib.sha256(names.encode()).hexdigest()[:8]}"
+    manifest = folder / "manifest.jsonl"
+    if not manifest.is_file():  # the manifest is written last: present means complete
+        _LOGGER.info("rendering %d utterances of synthetic speech for %s (once)", n, name)
+        shutil.rmtree(folder, ignore_errors=True)
+        render_corpus(folder, households, n, seed)
+    return manifest
 
 
 def _held_out(row_id: int, every: int) -> bool:
