@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -9,11 +10,21 @@ import torch
 
 from wyoming_tinyalign.devmodel import build_dev_model
 from wyoming_tinyalign.households import load_households
+from wyoming_tinyalign.store import InteractionStore
 from wyoming_tinyalign.synth import render_corpus
 
 # Tiny models gain nothing from more threads, and a test process shares the CPU with the servers it
 # starts: oversubscribed torch threads run several times slower.
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[InteractionStore]:
+    """An open interaction log in a fresh folder."""
+    s = InteractionStore(tmp_path / "log")
+    s.open()
+    yield s
+    s.close()
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -30,14 +29,6 @@ OFF = Intent("HassTurnOff", {"name": "porch light"})
 T0 = 1_700_000_000.0
 NOW = T0 + 86400
 SETTINGS = LabelSettings(teacher_min_confidence=-0.5, outcome_window_s=120)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[InteractionStore]:
-    s = InteractionStore(tmp_path / "log")
-    s.open()
-    yield s
-    s.close()
 
 
 def add(store: InteractionStore, at: float, intent: Intent | None = ON, kind: str = "audio", **fields) -> int:

@@ -6,7 +6,6 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -29,14 +28,6 @@ def tone(seconds: float) -> np.ndarray:
 def utterance(**fields: object) -> Interaction:
     base: dict = {"kind": "audio", "client": "10.0.0.7:5000", "language": "en", "path": "cascade"}
     return Interaction(**(base | fields))
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[InteractionStore]:
-    s = InteractionStore(tmp_path / "log")
-    s.open()
-    yield s
-    s.close()
 
 
 def test_a_new_log_is_wal_at_the_current_schema_with_label_columns(store: InteractionStore) -> None:

@@ -180,7 +180,8 @@ def encode_llm_examples(
     rng: random.Random,
 ) -> list[tuple[list[int], int]]:
     """Token ids of prompt + answer, and where the answer starts (the loss covers only the answer)."""
-    regular = [i for i in range(len(tokenizer)) if i not in set(tokenizer.all_special_ids)]
+    special = set(tokenizer.all_special_ids)
+    regular = [i for i in range(len(tokenizer)) if i not in special]
 
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]

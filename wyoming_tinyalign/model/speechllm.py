@@ -15,6 +15,7 @@ is given, so the LLM only writes the intent line.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,8 @@ class SpeechLLM:
         self.projector_info = projector_info
         self.cascade_pad_30s = cascade_pad_30s
         self.max_new_tokens = max_new_tokens
+        # Token ids of the prompt around the audio slot, per household context (tokenized once).
+        self.prompt_ids = functools.lru_cache(maxsize=16)(self._prompt_ids)
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -142,10 +145,14 @@ class SpeechLLM:
     def text_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def _prompt_ids(self, context: str) -> tuple[list[int], list[int]]:
+        before, after = self.template.split(context)
+        return self.text_ids(before), self.text_ids(after)
+
     def prompt_embeds(self, content: torch.Tensor, context: str) -> tuple[torch.Tensor, slice]:
         """Place `content` `[M, D]` in the template's audio slot; returns `[1, L, D]` and the slot's span."""
-        before, after = self.template.split(context)
-        pre, post = self.embed_tokens(self.text_ids(before)), self.embed_tokens(self.text_ids(after))
+        before_ids, after_ids = self.prompt_ids(context)
+        pre, post = self.embed_tokens(before_ids), self.embed_tokens(after_ids)
         embeds = torch.cat([pre, content.to(pre.dtype), post]).unsqueeze(0)
         return embeds, slice(len(pre), len(pre) + len(content))
 
