@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +33,9 @@ from wyoming.server import AsyncEventHandler
 from wyoming.tts import Synthesize
 
 READY = re.compile(r"ready: serving on (\S+)")
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's, for the web page's tests
+WEB = re.compile(r"web: serving the HTTP API on (http://\S+)")
+PAGE_LINK = re.compile(r"web: the household's page: (http://\S+)")
 TIMEOUT = 60.0  # generous: this machine may be busy with training
 
 
@@ -64,6 +68,15 @@ class ServerProcess:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.text[-3000:]}")
             time.sleep(0.05)
         raise TimeoutError(f"server not ready after {timeout} s:\n{self.text[-3000:]}")
+
+    def wait_log(self, pattern: re.Pattern[str], timeout: float = TIMEOUT) -> re.Match[str]:
+        """Wait for a log line matching `pattern` (e.g. `WEB`, `PAGE_LINK`)."""
+        deadline = time.monotonic() + timeout
+        while not (match := pattern.search(self.text)):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise TimeoutError(f"no {pattern.pattern!r} in the server log:\n{self.text[-3000:]}")
+            time.sleep(0.05)
+        return match
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -141,12 +154,21 @@ async def read_until(c: AsyncTcpClient, *types: str) -> list[Event]:
 
 
 async def transcribe(
-    host: str, port: int, pcm: bytes, rate: int, width: int = 2, channels: int = 1, tag: str | None = None
+    host: str,
+    port: int,
+    pcm: bytes,
+    rate: int,
+    width: int = 2,
+    channels: int = 1,
+    tag: str | None = None,
+    context: dict | None = None,
 ) -> tuple[list[Event], float]:
-    """One ASR request (`tag` goes in its context, and so in the log); returns the events up to
-    `transcript` and the end-of-speech (audio-stop sent) -> transcript seconds."""
+    """One ASR request (`tag` and `context`, e.g. a `satellite_id`, go in its context, and so in the
+    log); returns the events up to `transcript` and the end-of-speech (audio-stop sent) -> transcript
+    seconds."""
+    context = {**(context or {}), **({"tag": tag} if tag else {})}
     async with client(host, port) as c:
-        await c.write_event(Transcribe(language="en", context={"tag": tag} if tag else None).event())
+        await c.write_event(Transcribe(language="en", context=context or None).event())
         await send_audio(c, pcm, rate, width, channels)
         t0 = time.perf_counter()
         events = await read_until(c, "transcript")

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from adaptation import job_flags, unseen_speech
 from aiohttp.test_utils import make_mocked_request
-from serving import TIMEOUT, ServerProcess, client, describe_rtt, read_until, send_audio, serve_args
+from serving import TIMEOUT, WEB, ServerProcess, client, describe_rtt, read_until, send_audio, serve_args
 from wyoming.asr import Transcribe, Transcript
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 
@@ -33,7 +33,6 @@ from wyoming_tinyalign.models import projector_version
 from wyoming_tinyalign.versions import Versions
 from wyoming_tinyalign.web import authorized
 
-WEB = re.compile(r"web: serving the HTTP API on (http://\S+)")
 TAGGED = "json_extract(context, '$.tag') = ?"
 
 
@@ -67,10 +66,7 @@ def srv(micro_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     process = ServerProcess(serve_args(micro_model, data, *extra), work / "server.log")
     try:
         process.wait_ready()
-        deadline = time.monotonic() + TIMEOUT
-        while not (match := WEB.search(process.text)):
-            assert time.monotonic() < deadline, process.text[-2000:]
-            time.sleep(0.05)
+        match = process.wait_log(WEB)
         token = (data / "web-token").read_text().strip()
         assert (data / "web-token").stat().st_mode & 0o777 == 0o600
         yield Server(process, *process.host_port, match.group(1), token, data)

@@ -299,6 +299,8 @@ def test_the_run_script_starts_the_server_with_the_options(
     assert args["hass_token"] == SUPERVISOR_TOKEN and env["WYOMING_TINYALIGN_HASS_TOKEN"] == SUPERVISOR_TOKEN
     assert env["HF_HOME"] == "/data/huggingface" and env["XDG_CACHE_HOME"] == "/data/cache"
     assert args["debug"] is False
+    # The web page, where Home Assistant's ingress proxy (another container) reaches it.
+    assert args["web_host"] == "0.0.0.0" and args["web_port"] == config["ingress_port"] == WEB_PORT
 
 
 def test_every_option_is_mapped_to_the_server(

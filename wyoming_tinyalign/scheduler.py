@@ -9,7 +9,8 @@
   version is loaded off the event loop, checked against the bundle (encoder and LLM ids, sizes; a
   mismatch is refused with a logged error), then swapped in on the inference thread between requests.
   The new version shows in `info` (the programs' model `version`) and in the log rows' projector_version.
-- The web API (`web.py`) runs on `--web-port`.
+- The web API and the household's page (`web.py`, `webui/`) run on `--web-port`; the log shows a link
+  that logs the browser in (`?token=...`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from datetime import datetime, timedelta
 from datetime import time as dtime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 from wyoming.event import Event
@@ -98,6 +100,17 @@ def next_run(now: datetime, at: dtime) -> datetime:
     return target if target > now else datetime.combine(now.date() + timedelta(days=1), at)
 
 
+def page_link(host: str, port: int, token: str) -> str:
+    """The link that opens the household's page logged in (its `?token=` becomes a cookie)."""
+    if host in ("", "0.0.0.0", "::"):
+        from .serve import advertised_address  # serve imports this module
+
+        host = advertised_address(host) or "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}/?token={quote(token)}"
+
+
 def with_model_version(info: Event, version: str) -> Event:
     """`info` with every program's model `version` replaced."""
     parsed = Info.from_event(info)
@@ -134,6 +147,7 @@ class Nightly:
         ]  # fmt: skip
         self.served_name = BASE
         self.version = base_version
+        self.model_name = choice.name
         self.app: Any = None
         self.metrics = Metrics()
         self._refused: str | None = None
@@ -177,6 +191,15 @@ class Nightly:
     @property
     def path(self) -> str:
         return self.worker.path
+
+    @property
+    def requested_path(self) -> str:
+        return self.worker.requested_path
+
+    @property
+    def next_run_at(self) -> datetime | None:
+        """When the nightly timer starts the next run (None: `--adapt-at off`)."""
+        return next_run(datetime.now(), self.adapt_at) if self.adapt_at is not None else None
 
     @property
     def job_running(self) -> bool:
@@ -242,6 +265,7 @@ class Nightly:
             "the token from --web-token" if self.web_token else f"the token in {self.data_dir / 'web-token'}"
         )
         _LOGGER.info("web: serving the HTTP API on http://%s:%d (%s)", host, port, where)
+        _LOGGER.info("web: the household's page: %s", page_link(self.web_host, port, ctx.token))
 
     # ------------------------------------------------------------------------------------- hot-swap
     async def _watch(self) -> None:

@@ -1,9 +1,12 @@
 """The server's HTTP side (aiohttp, `--web-port`, 127.0.0.1 unless `--web-host` says otherwise).
 
+    GET    /, /interactions, /learning           the household's page (`webui/`: server-rendered HTML)
     GET    /healthz                              liveness, served projector version and path
     GET    /metrics                              Prometheus text: requests, latency, adaptations, version
     GET    /api/interactions                     paged (page, per_page), filters: since, until (ISO date or
-                                                 time, local; or unix seconds), labelled=true|false, kind
+                                                 time, local; or unix seconds), labelled=true|false, kind,
+                                                 corrected=true|false, failed=true|false (not recognized,
+                                                 or Home Assistant reported a failure)
     GET    /api/interactions/{id}                one interaction
     GET    /api/interactions/{id}/audio          its audio (WAV), found by id only
     PUT    /api/interactions/{id}/correction     {"text": ..., "intent": {"name": ..., "slots": {...}}}
@@ -17,7 +20,10 @@
 
 Everything under `/api/` needs the token (`Authorization: Bearer <token>` or a `token` cookie; with the
 cookie, a cross-site `Origin` is refused): the log holds the household's voices. Requests through Home
-Assistant ingress (an `X-Ingress-Path` header from 172.30.32.2, the supervisor's proxy) need none.
+Assistant ingress (an `X-Ingress-Path` header from 172.30.32.2, the supervisor's proxy) need none. A
+change (POST, PUT, DELETE) made with the cookie or through ingress must also carry an
+`X-Requested-With` header, which a cross-site form cannot send (the page's script does). The page
+itself asks for the token with a login form, or takes it once from `?token=...` and sets the cookie.
 `/healthz` and `/metrics` are open. The token is `--web-token`, else the one generated once into
 `DATA_DIR/web-token` (mode 0600). Extend the app by adding routes in `build_app`; the auth middleware
 covers every `/api/` route.
@@ -43,7 +49,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from .audio import AudioError, read_wav
-from .labels import parse_correction, set_correction, validate_correction
+from .labels import FAILED_OUTCOMES, parse_correction, set_correction, validate_correction
 from .store import InteractionStore
 from .versions import VersionError, Versions
 
@@ -54,6 +60,7 @@ INGRESS_PEER = "172.30.32.2"
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 MAX_PER_PAGE = 500
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
+CSRF_HEADER = "X-Requested-With"
 
 
 class Control(Protocol):
@@ -62,9 +69,16 @@ class Control(Protocol):
     data_dir: Path
     served_name: str
     version: str | None
+    model_name: str
 
     @property
     def path(self) -> str: ...
+
+    @property
+    def requested_path(self) -> str: ...
+
+    @property
+    def next_run_at(self) -> datetime | None: ...
 
     @property
     def job_running(self) -> bool: ...
@@ -170,7 +184,9 @@ class WebContext:
 
 
 def build_app(ctx: WebContext) -> web.Application:
-    """The aiohttp application (the review page of a later issue adds its routes here)."""
+    """The aiohttp application: the JSON API and the household's page (`webui`)."""
+    from .webui import page_routes
+
     app = web.Application(middlewares=[_auth], client_max_size=64 * 1024)
     app[CONTEXT] = ctx
     app.add_routes(
@@ -188,12 +204,14 @@ def build_app(ctx: WebContext) -> web.Application:
             web.get("/api/versions", list_versions),
             web.post("/api/adapt", post_adapt),
             web.post("/api/rollback", post_rollback),
+            *page_routes(),
         ]
     )
     return app
 
 
-def _ctx(request: web.Request) -> WebContext:
+def web_context(request: web.Request) -> WebContext:
+    """What the app was built with."""
     return request.app[CONTEXT]  # type: ignore[return-value]
 
 
@@ -201,32 +219,54 @@ def _error(status: int, text: str) -> web.Response:
     return web.json_response({"error": text}, status=status)
 
 
+def same_token(given: str, token: str) -> bool:
+    """Constant-time comparison of a token given by a client with the server's."""
+    return hmac.compare_digest(given.encode(), token.encode())
+
+
+def bearer(request: web.Request, token: str) -> bool:
+    """An `Authorization: Bearer` header with the token (scripts; a browser never adds it by itself)."""
+    header = request.headers.get("Authorization", "")
+    return header.startswith("Bearer ") and same_token(header[7:].strip(), token)
+
+
+def ingress(request: web.Request) -> bool:
+    """A request through Home Assistant ingress: the header, from the supervisor's proxy only."""
+    return bool(request.headers.get("X-Ingress-Path")) and request.remote == INGRESS_PEER
+
+
+def same_origin(request: web.Request) -> bool:
+    """No `Origin` header, or one naming this server."""
+    origin = request.headers.get("Origin")
+    return not origin or urlsplit(origin).netloc == request.host
+
+
 def authorized(request: web.Request, token: str) -> bool:
     """Bearer header, or `token` cookie (same-origin for changes), or Home Assistant ingress."""
-    if request.headers.get("X-Ingress-Path") and request.remote == INGRESS_PEER:
-        return True
-    header = request.headers.get("Authorization", "")
-    if header.startswith("Bearer ") and hmac.compare_digest(header[7:].strip().encode(), token.encode()):
+    if ingress(request) or bearer(request, token):
         return True
     cookie = request.cookies.get("token")
-    if cookie and hmac.compare_digest(cookie.encode(), token.encode()):
-        origin = request.headers.get("Origin")
-        return request.method not in UNSAFE or not origin or urlsplit(origin).netloc == request.host
+    if cookie and same_token(cookie, token):
+        return request.method not in UNSAFE or same_origin(request)
     return False
 
 
 @web.middleware
 async def _auth(request: web.Request, handler: Callable) -> web.StreamResponse:
-    if request.path.startswith("/api/") and not authorized(request, _ctx(request).token):
-        return _error(
-            401, "this needs the API token: 'Authorization: Bearer <token>' (see DATA_DIR/web-token)"
-        )
+    if request.path.startswith("/api/"):
+        token = web_context(request).token
+        if not authorized(request, token):
+            return _error(
+                401, "this needs the API token: 'Authorization: Bearer <token>' (see DATA_DIR/web-token)"
+            )
+        if request.method in UNSAFE and not bearer(request, token) and not request.headers.get(CSRF_HEADER):
+            return _error(403, f"a change from a browser must carry an {CSRF_HEADER} header (cross-site?)")
     return await handler(request)
 
 
 # ------------------------------------------------------------------------------------------ health, metrics
 async def healthz(request: web.Request) -> web.Response:
-    ctx = _ctx(request)
+    ctx = web_context(request)
     return web.json_response(
         {
             "status": "ok",
@@ -240,7 +280,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    ctx = _ctx(request)
+    ctx = web_context(request)
     runs: dict[str, int] = {}
     if ctx.store is not None:
         rows = await ctx.store.async_call(
@@ -254,8 +294,9 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 # ---------------------------------------------------------------------------------------- interactions
-def _store(request: web.Request) -> InteractionStore:
-    store = _ctx(request).store
+def log_store(request: web.Request) -> InteractionStore:
+    """The interaction log, or a 409 answer when logging is off."""
+    store = web_context(request).store
     if store is None:
         raise web.HTTPConflict(
             text=json.dumps({"error": "interaction logging is off (--no-log)"}),
@@ -284,7 +325,8 @@ def _time_bound(value: str, end: bool) -> float:
         ) from err
 
 
-def _filters(query: Any) -> tuple[str, list[Any]]:
+def interaction_filters(query: Any) -> tuple[str, list[Any]]:
+    """The SQL condition (and its arguments) of the interaction filters in a query string."""
     where, args = ["1"], []
     if "since" in query:
         where.append("created_at >= ?")
@@ -293,16 +335,28 @@ def _filters(query: Any) -> tuple[str, list[Any]]:
         where.append("created_at < ?")
         args.append(_time_bound(query["until"], end=True))
     if "labelled" in query:
-        flag = query["labelled"].lower() in ("1", "true", "yes")
         labelled = "(correction IS NOT NULL OR label_source IS NOT NULL)"
-        where.append(labelled if flag else f"NOT {labelled}")
+        where.append(labelled if _flag(query["labelled"]) else f"NOT {labelled}")
     if "kind" in query:
         where.append("kind = ?")
         args.append(query["kind"])
+    if "corrected" in query:
+        where.append("correction IS NOT NULL" if _flag(query["corrected"]) else "correction IS NULL")
+    if "failed" in query:
+        marks = ",".join("?" * len(FAILED_OUTCOMES))
+        failed = f"(intent IS NULL OR COALESCE(lower(trim(ha_outcome)), '') IN ({marks}))"
+        where.append(failed if _flag(query["failed"]) else f"NOT {failed}")
+        args.extend(sorted(FAILED_OUTCOMES))
     return " AND ".join(where), args
 
 
-def _row_json(row: sqlite3.Row) -> dict[str, Any]:
+def _flag(value: str) -> bool:
+    return value.lower() in ("1", "true", "yes")
+
+
+def row_json(row: sqlite3.Row) -> dict[str, Any]:
+    """One interaction as the API shows it."""
+
     def loads(raw: str | None) -> Any:
         try:
             return json.loads(raw) if raw else None
@@ -340,47 +394,48 @@ def _row_json(row: sqlite3.Row) -> dict[str, Any]:
     }
 
 
-def _select(store: InteractionStore, sql: str, args: list[Any]) -> list[sqlite3.Row]:
+def select_rows(store: InteractionStore, sql: str, args: list[Any]) -> list[sqlite3.Row]:
+    """Rows with named columns (call it on the store's thread)."""
     cursor = store.conn.cursor()
     cursor.row_factory = sqlite3.Row
     return cursor.execute(sql, args).fetchall()
 
 
 async def list_interactions(request: web.Request) -> web.Response:
-    store = _store(request)
+    store = log_store(request)
     try:
         page = max(1, int(request.query.get("page", "1")))
         per_page = min(MAX_PER_PAGE, max(1, int(request.query.get("per_page", "50"))))
     except ValueError:
         return _error(400, "page and per_page must be whole numbers")
-    where, args = _filters(request.query)
+    where, args = interaction_filters(request.query)
 
     def query() -> tuple[int, list[dict[str, Any]]]:
         total = store.conn.execute(f"SELECT COUNT(*) FROM interactions WHERE {where}", args).fetchone()[0]
-        rows = _select(
+        rows = select_rows(
             store,
             f"SELECT * FROM interactions WHERE {where} ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?",
             [*args, per_page, (page - 1) * per_page],
         )
-        return total, [_row_json(r) for r in rows]
+        return total, [row_json(r) for r in rows]
 
     total, items = await store.async_call(query)
     return web.json_response({"items": items, "page": page, "per_page": per_page, "total": total})
 
 
 async def _one(store: InteractionStore, row_id: int) -> sqlite3.Row | None:
-    rows = await store.async_call(_select, store, "SELECT * FROM interactions WHERE id = ?", [row_id])
+    rows = await store.async_call(select_rows, store, "SELECT * FROM interactions WHERE id = ?", [row_id])
     return rows[0] if rows else None
 
 
 async def get_interaction(request: web.Request) -> web.Response:
-    store = _store(request)
+    store = log_store(request)
     row = await _one(store, int(request.match_info["id"]))
-    return web.json_response(_row_json(row)) if row is not None else _error(404, "no such interaction")
+    return web.json_response(row_json(row)) if row is not None else _error(404, "no such interaction")
 
 
 async def get_audio(request: web.Request) -> web.StreamResponse:
-    store = _store(request)
+    store = log_store(request)
     row = await _one(store, int(request.match_info["id"]))
     if row is None or not row["audio_path"]:
         return _error(404, "no audio for this interaction")
@@ -403,7 +458,7 @@ async def _json_body(request: web.Request) -> Any:
 
 
 async def put_correction(request: web.Request) -> web.Response:
-    store = _store(request)
+    store = log_store(request)
     row_id = int(request.match_info["id"])
     try:
         correction = validate_correction(await _json_body(request))
@@ -413,11 +468,11 @@ async def put_correction(request: web.Request) -> web.Response:
         return _error(404, "no such interaction")
     row = await _one(store, row_id)
     assert row is not None
-    return web.json_response(_row_json(row))
+    return web.json_response(row_json(row))
 
 
 async def delete_correction(request: web.Request) -> web.Response:
-    store = _store(request)
+    store = log_store(request)
     if not await store.async_call(set_correction, store.conn, int(request.match_info["id"]), None):
         return _error(404, "no such interaction")
     return web.Response(status=204)
@@ -425,9 +480,9 @@ async def delete_correction(request: web.Request) -> web.Response:
 
 async def _delete(request: web.Request, where: str, args: list[Any]) -> int:
     """Forget the audio's derived data (off the store's thread), then delete rows and audio files."""
-    ctx, store = _ctx(request), _store(request)
+    ctx, store = web_context(request), log_store(request)
     rows = await store.async_call(
-        _select, store, f"SELECT id, audio_path FROM interactions WHERE {where}", args
+        select_rows, store, f"SELECT id, audio_path FROM interactions WHERE {where}", args
     )
     if ctx.forget_audio is not None:
         paths = [store.folder / r["audio_path"] for r in rows if r["audio_path"]]
@@ -441,7 +496,7 @@ async def delete_interaction(request: web.Request) -> web.Response:
 
 
 async def delete_interactions(request: web.Request) -> web.Response:
-    where, args = _filters(request.query)
+    where, args = interaction_filters(request.query)
     deleted = await _delete(request, where, args)
     _LOGGER.info("web: deleted %d interaction(s) with their audio", deleted)
     return web.json_response({"deleted": deleted})
@@ -449,41 +504,44 @@ async def delete_interactions(request: web.Request) -> web.Response:
 
 # ------------------------------------------------------------------------------------------- adaptation
 async def list_adaptations(request: web.Request) -> web.Response:
-    ctx = _ctx(request)
+    ctx = web_context(request)
     try:
         limit = min(500, max(1, int(request.query.get("limit", "20"))))
     except ValueError:
         return _error(400, "limit must be a whole number")
-    items: list[dict[str, Any]] = []
-    if ctx.store is not None:
-        rows = await ctx.store.async_call(
-            _select, ctx.store, "SELECT * FROM adaptations ORDER BY started_at DESC, id DESC LIMIT ?", [limit]
-        )
-        for row in rows:
-            item = {k: row[k] for k in row.keys() if k != "report"}  # noqa: SIM118 (a Row)
-            try:
-                item["report"] = json.loads(row["report"]) if row["report"] else None
-            except ValueError:
-                item["report"] = None
-            items.append(item)
+    items = await ctx.store.async_call(adaptation_runs, ctx.store, limit) if ctx.store is not None else []
     return web.json_response({"items": items, "running": ctx.control.job_running})
 
 
+def adaptation_runs(store: InteractionStore, limit: int) -> list[dict[str, Any]]:
+    """Adaptation runs, newest first, each with its report parsed (call it on the store's thread)."""
+    rows = select_rows(store, "SELECT * FROM adaptations ORDER BY started_at DESC, id DESC LIMIT ?", [limit])
+    items = []
+    for row in rows:
+        item = {k: row[k] for k in row.keys() if k != "report"}  # noqa: SIM118 (a Row)
+        try:
+            item["report"] = json.loads(row["report"]) if row["report"] else None
+        except ValueError:
+            item["report"] = None
+        items.append(item)
+    return items
+
+
 async def list_versions(request: web.Request) -> web.Response:
-    ctx = _ctx(request)
+    ctx = web_context(request)
     listing = await asyncio.to_thread(Versions(ctx.control.data_dir).describe)
     return web.json_response({**listing, "served": ctx.control.served_name, "version": ctx.control.version})
 
 
 async def post_adapt(request: web.Request) -> web.Response:
-    ctx = _ctx(request)
+    ctx = web_context(request)
     if not await ctx.control.start_job(now=True):
         return _error(409, "an adaptation is already running")
     return web.json_response({"started": True, "at": time.time()}, status=202)
 
 
 async def post_rollback(request: web.Request) -> web.Response:
-    ctx = _ctx(request)
+    ctx = web_context(request)
     body = await _json_body(request)
     to = None
     if body is not None:

@@ -1,0 +1,430 @@
+"""The household's page in headless Chromium (Debian's `chromium`, driven by Playwright), against a real
+server whose utterances were logged through Wyoming: the dashboard, audio playing in the page, a
+correction made with the keyboard and kept by the API, delete one, "run now" listing the run, the page
+under Home Assistant ingress's base path, the token outside ingress, delete all. A screenshot of each
+page goes to $TINYALIGN_SCREENSHOTS (or the test's temporary folder)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.error import HTTPError
+from urllib.request import Request, urlopen
+
+import aiohttp
+import playwright.sync_api as playwright
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from serving import CHROMIUM, PAGE_LINK, TIMEOUT, ServerProcess, espeak_pcm, serve_args, transcribe
+
+from wyoming_tinyalign.intents import INTENT_SLOTS
+from wyoming_tinyalign.store import InteractionStore
+from wyoming_tinyalign.versions import VersionError
+from wyoming_tinyalign.web import INGRESS_PEER, Metrics, WebContext, build_app
+
+PREFIX = "/api/hassio_ingress/abc123"  # what Home Assistant's ingress puts before the add-on's paths
+SAID = [  # (text, satellite), oldest first
+    ("turn on the porch light", "porch"),
+    ("set the kitchen light to fifty percent", "kitchen"),
+    ("what is the temperature in the bedroom", "bedroom"),
+    ("start a timer for five minutes", "kitchen"),
+]
+VIEWPORT = {"width": 960, "height": 720}
+
+
+# ------------------------------------------------------------------- ingress from the right address
+@dataclass
+class FakeControl:
+    """What the page asks of the server's adaptation side, without a model."""
+
+    data_dir: Path
+    served_name: str = "base"
+    version: str | None = "f2305ef185a8"
+    model_name: str = "micro"
+    path: str = "cascade"
+    requested_path: str = "auto"
+    next_run_at: None = None
+    job_running: bool = False
+    started: list[bool] = field(default_factory=list)
+
+    async def start_job(self, now: bool = True) -> bool:
+        self.started.append(now)
+        return True
+
+    async def rollback(self, to: str | None) -> str:
+        raise VersionError("already serving the bundle's own projector (base); nothing to roll back")
+
+
+@web.middleware
+async def peer_from_header(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """Test only: the peer address a request claims (a test client cannot connect from 172.30.32.2)."""
+    peer = request.headers.get("X-Test-Peer")
+    return await handler(request.clone(remote=peer) if peer else request)
+
+
+async def test_ingress_needs_no_token_but_changes_need_the_header(
+    tmp_path: Path, store: InteractionStore
+) -> None:
+    report = {
+        "before": {"household": {"intent_accuracy": 0.5, "wer": 0.4}},
+        "after": {"household": {"intent_accuracy": 0.7, "wer": 0.25}},
+        "train": {"loss_curve": [[10.0, 1.2], [20.0, 0.8], [30.0, 0.6]]},
+        "data": {"train": 24, "heldout": 6, "new": 24, "sources": {"correction": 30}},
+        "duration_s": 95.0,
+        "peak_rss_mb": 812.0,
+    }
+    store.conn.execute(
+        "INSERT INTO adaptations (started_at, finished_at, status, reason, version, report) "
+        "VALUES (?, ?, 'promoted', 'better for the household', 'v0001', ?)",
+        (time.time() - 3600, time.time() - 3500, json.dumps(report)),
+    )
+    control = FakeControl(tmp_path)
+    app = build_app(WebContext(control=control, store=store, metrics=Metrics(), token="secret"))
+    app.middlewares.insert(0, peer_from_header)
+    ingress = {"X-Ingress-Path": PREFIX, "X-Test-Peer": INGRESS_PEER}
+    async with TestClient(TestServer(app)) as http:
+        for page in ("/", "/interactions", "/learning"):
+            answer = await http.get(page, headers=ingress)
+            assert answer.status == 200, page
+            assert 'name="token"' not in await answer.text()
+        learning = await (await http.get("/learning", headers=ingress)).text()
+        assert learning.count('<svg class="chart"') == 2  # accuracy over the nights, loss curve
+        assert "50% &rarr; 70%" in learning and "1 min 35 s" in learning and "812 MB" in learning
+        # The header alone, from any other address, is no way in.
+        answer = await http.get("/", headers={"X-Ingress-Path": PREFIX})
+        assert answer.status == 401 and 'name="token"' in await answer.text()
+        # A change through ingress needs the header a cross-site form cannot send.
+        assert (await http.post("/api/adapt", headers=ingress)).status == 403
+        changed = await http.post("/api/adapt", headers={**ingress, "X-Requested-With": "tinyalign"})
+        assert changed.status == 202 and control.started == [True]
+
+
+# -------------------------------------------------------------------------------------- the server
+@dataclass
+class Site:
+    process: ServerProcess
+    url: str  # the page, http://127.0.0.1:PORT/
+    link: str  # the link the server logged, with ?token=
+    token: str
+    data: Path
+
+
+@pytest.fixture(scope="module")
+def site(micro_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    """A real server (cascade path, so the job's teacher is the logged transcript) with SAID logged through
+    Wyoming; its job labels nothing but corrections, so "run now" with one correction is skipped."""
+    work = tmp_path_factory.mktemp("web-ui")
+    data = work / "data"
+    job = "--teacher-min-confidence 1 --outcome-window 100000"
+    extra = [
+        "--uri", "tcp://127.0.0.1:0", "--path", "cascade", "--web-port", "0", "--adapt-at", "03:00",
+        "--adapt-args", job,
+    ]  # fmt: skip
+    process = ServerProcess(serve_args(micro_model, data, *extra), work / "server.log")
+    try:
+        process.wait_ready()
+        link = process.wait_log(PAGE_LINK).group(1)
+        host, port = process.host_port
+
+        async def say_all() -> None:
+            for text, satellite in SAID:
+                pcm, rate = espeak_pcm(text, work)
+                await transcribe(host, port, pcm, rate, context={"satellite_id": satellite})
+
+        with ThreadPoolExecutor(1) as thread:  # its own event loop, whatever runs in this one
+            thread.submit(asyncio.run, say_all()).result()
+        site = Site(process, link.split("?")[0], link, (data / "web-token").read_text().strip(), data)
+        deadline = time.monotonic() + TIMEOUT
+        while api(site, "GET", "api/interactions")[1]["total"] < len(SAID):  # logged in the background
+            assert time.monotonic() < deadline, process.text[-2000:]
+            time.sleep(0.1)
+        yield site
+    finally:
+        process.stop()
+
+
+def api(site: Site, method: str, path: str) -> tuple[int, dict]:
+    """The JSON API with the token, as a script would call it: (status, JSON body or {})."""
+    request = Request(site.url + path, method=method, headers={"Authorization": f"Bearer {site.token}"})
+    try:
+        with urlopen(request, timeout=TIMEOUT) as answer:
+            body = answer.read()
+            return answer.status, json.loads(
+                body
+            ) if answer.headers.get_content_type() == "application/json" else {}
+    except HTTPError as err:
+        return err.code, {}
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the screenshots go: $TINYALIGN_SCREENSHOTS, or a temporary folder of the test run."""
+    folder = Path(os.environ.get("TINYALIGN_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[playwright.Browser]:
+    if not Path(CHROMIUM).is_file():  # CI installs it (script/setup): there, a missing browser fails
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(
+            "no chromium: script/setup installs Debian's chromium package"
+        )
+    with playwright.sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM, args=["--autoplay-policy=no-user-gesture-required"]
+        )
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def fresh(chromium: playwright.Browser) -> Iterator[playwright.Page]:
+    """A page in a browser context of its own (no cookie); fails the test on a script error."""
+    context = chromium.new_context(viewport=VIEWPORT)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    yield page
+    context.close()
+    assert not errors, errors
+
+
+@pytest.fixture
+def page(fresh: playwright.Page, site: Site) -> playwright.Page:
+    """A page logged in with the link the server logged."""
+    fresh.goto(site.link)
+    return fresh
+
+
+def rows(page: playwright.Page) -> list[str]:
+    return page.locator("tr.row").evaluate_all("rows => rows.map(r => r.dataset.id)")
+
+
+# --------------------------------------------------------------------------------------- the page
+def test_the_link_logs_in_and_the_dashboard_shows_the_server(page, site: Site, shots: Path) -> None:
+    assert page.url == site.url  # the token left the address bar
+    (cookie,) = page.context.cookies()
+    assert cookie["name"] == "token" and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert page.evaluate("document.cookie") == ""  # no script can read it
+    text = page.inner_text("main")
+    for expected in (
+        "Dashboard",
+        "micro",
+        "Path in use\ncascade",
+        "not adapted yet",
+        f"{len(SAID)} ({len(SAID)} spoken)",
+    ):
+        assert expected in text, expected
+    for health in ("model loaded", "log OK", "free", "logging on"):
+        assert health in text, health
+    assert "tomorrow at 03:00" in text or "today at 03:00" in text
+    assert " ms / " in text  # latency p50 / p95
+    page.screenshot(path=shots / "dashboard.png", full_page=True)
+
+
+def test_audio_plays_in_the_page(page, site: Site) -> None:
+    page.goto(site.url + "interactions")
+    row = page.locator("tr.row").first
+    row.focus()
+    page.keyboard.press("p")  # the page's key for play
+    audio = row.locator("audio")
+    page.wait_for_function(
+        "a => !a.paused && a.readyState >= 2 && a.duration > 0", arg=audio.element_handle(), timeout=20_000
+    )
+    _, item = api(site, "GET", f"api/interactions/{row.get_attribute('data-id')}")
+    assert abs(audio.evaluate("a => a.duration") - item["duration_s"]) < 0.05
+
+
+def test_a_correction_typed_in_the_page_is_kept(page, site: Site, shots: Path) -> None:
+    page.goto(site.url + "interactions?filter=unlabelled")
+    ids = rows(page)
+    assert len(ids) == len(SAID)
+    first = page.locator("tr.row").first
+    first.focus()
+    page.keyboard.press("Enter")
+    form = page.locator("tr.editing form")
+    names = form.locator("select[name=intent] option").evaluate_all("os => os.map(o => o.value)")
+    assert names == ["", *INTENT_SLOTS]  # "not a command", then intents.py's catalogue
+    form.locator("input[name=text]").fill("start a timer for five minutes")
+    form.locator("select[name=intent]").select_option("HassStartTimer")
+    shown = form.locator("[data-slot]:not([hidden])").evaluate_all("ls => ls.map(l => l.dataset.slot)")
+    assert shown == list(INTENT_SLOTS["HassStartTimer"])  # the slots of that intent, and only those
+    form.locator("input[name=slot-minutes]").fill("5")
+    page.screenshot(path=shots / "interactions.png", full_page=True)
+    form.locator("input[name=text]").press("Enter")
+    form.wait_for(state="detached")
+    assert first.locator(".label").inner_text() == "correction"
+    assert page.evaluate("document.activeElement.dataset.id") == ids[1]  # on to the next one
+
+    status, item = api(site, "GET", f"api/interactions/{ids[0]}")
+    assert status == 200 and item["label_source"] == "correction"
+    assert item["correction"]["text"] == "start a timer for five minutes"
+    assert item["correction"]["intent"] == {"name": "HassStartTimer", "slots": {"minutes": "5"}}
+    page.goto(site.url + "interactions?filter=corrected")
+    assert rows(page) == [ids[0]]
+    assert "HassStartTimer | minutes=5" in page.locator("tr.row .fixed-intent").inner_text()
+
+
+def test_delete_one(page, site: Site) -> None:
+    page.goto(site.url + "interactions")
+    before = rows(page)
+    last = page.locator(f'tr.row[data-id="{before[-1]}"]')  # the oldest; not the corrected one
+    last.locator("button.delete").click()
+    last.wait_for(state="detached")
+    assert rows(page) == before[:-1]
+    assert api(site, "GET", f"api/interactions/{before[-1]}")[0] == 404
+    assert api(site, "GET", f"api/interactions/{before[-1]}/audio")[0] == 404
+
+
+def test_run_now_lists_the_run(page, site: Site, shots: Path) -> None:
+    page.goto(site.url + "learning")
+    assert "No adaptation has run yet" in page.inner_text("main")
+    page.click("#run-now")
+    # The page polls while the job runs and reloads when it is done. One correction cannot be split into
+    # a training and a held-out set, so the run is skipped, saying why.
+    run = page.locator("tr.run").first
+    run.wait_for(timeout=120_000)
+    assert "skipped" in run.inner_text() and "not enough labelled utterances" in run.inner_text()
+    assert "correction 1" in run.inner_text()
+    _, runs = api(site, "GET", "api/adaptations")
+    assert not runs["running"] and runs["items"][0]["status"] == "skipped"
+    page.screenshot(path=shots / "learning.png", full_page=True)
+    page.click("nav >> text=Dashboard")
+    assert "skipped" in page.inner_text("main")  # the last run, on the dashboard too
+
+
+# -------------------------------------------------------------------------------------------- ingress
+class IngressProxy:
+    """A stand-in for Home Assistant's ingress: the page under PREFIX, forwarded without the prefix and
+    with `X-Ingress-Path`. The real ingress is trusted by its address (172.30.32.2, which a test cannot
+    connect from; see test_ingress_needs_no_token_but_changes_need_the_header): this one brings the token.
+    It answers 404 to, and remembers, any request outside PREFIX: an absolute URL in the page."""
+
+    def __init__(self, target: str, token: str) -> None:
+        self.target, self.token = target.rstrip("/"), token
+        self.seen: list[str] = []
+        self.port = 0
+        self._ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append(request.path_qs)
+        if not request.path.startswith(PREFIX + "/"):
+            return web.Response(status=404, text="outside the ingress path")
+        drop = {"host", "content-length", "transfer-encoding", "cookie", "accept-encoding"}
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in drop}
+        headers |= {"X-Ingress-Path": PREFIX, "Authorization": f"Bearer {self.token}"}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.request(
+                request.method,
+                self.target + request.path_qs[len(PREFIX) :],
+                headers=headers,
+                data=await request.read(),
+                allow_redirects=False,
+            ) as answer,
+        ):
+            body = await answer.read()
+            keep = {
+                k: v
+                for k, v in answer.headers.items()
+                if k.lower() not in {"content-length", "transfer-encoding"}
+            }
+            return web.Response(status=answer.status, body=body, headers=keep)
+
+    async def _start(self) -> web.AppRunner:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._forward)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = runner.addresses[0][1]
+        return runner
+
+    def __enter__(self) -> IngressProxy:
+        self._thread.start()
+        self._runner = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(TIMEOUT)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(TIMEOUT)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(TIMEOUT)
+
+
+def test_the_page_works_under_the_ingress_base_path(fresh, site: Site) -> None:
+    with IngressProxy(site.url, site.token) as proxy:
+        base = f"http://127.0.0.1:{proxy.port}{PREFIX}/"
+        assert fresh.goto(base).status == 200 and "Dashboard" in fresh.inner_text("h1")
+        fresh.click("nav >> text=Interactions")
+        assert fresh.url == base + "interactions"
+        row_id = rows(fresh)[-1]
+        row = fresh.locator(f'tr.row[data-id="{row_id}"]')
+        row.focus()
+        fresh.keyboard.press("p")
+        fresh.wait_for_function(
+            "a => a.readyState >= 2 && a.duration > 0",
+            arg=row.locator("audio").element_handle(),
+            timeout=20_000,
+        )
+        row.locator("button.right").click()  # "heard right": a change through the prefix
+        fresh.wait_for_function(
+            "r => r.querySelector('.label').textContent === 'correction'", arg=row.element_handle()
+        )
+        fresh.click("nav >> text=Learning")
+        assert fresh.url == base + "learning" and fresh.locator("tr.run").count() >= 1
+        fresh.click("nav >> text=Dashboard")
+        assert fresh.url == base
+        outside = [path for path in proxy.seen if not path.startswith(PREFIX + "/")]
+    assert not outside, outside  # every URL the page used was relative to the ingress path
+    assert any("/audio" in path for path in proxy.seen) and any("/correction" in path for path in proxy.seen)
+    _, item = api(site, "GET", f"api/interactions/{row_id}")
+    assert item["label_source"] == "correction"
+
+
+# ---------------------------------------------------------------------------------------- the token
+def test_the_token_is_needed_outside_ingress(fresh, site: Site, shots: Path) -> None:
+    for page in ("", "interactions", "learning"):
+        answer = fresh.goto(site.url + page)
+        assert answer.status == 401 and fresh.locator("input[name=token]").is_visible(), page
+        assert fresh.locator("tr.row").count() == 0 and "Requests today" not in fresh.content()
+    assert fresh.request.get(site.url + "api/interactions").status == 401
+    fresh.screenshot(path=shots / "login.png")
+    assert fresh.goto(site.url + "learning?token=wrong").status == 401
+    assert "not right" in fresh.inner_text("main")
+    fresh.fill("input[name=token]", "still wrong")
+    fresh.click("button[type=submit]")
+    assert "not right" in fresh.inner_text("main")
+    fresh.fill("input[name=token]", site.token)
+    fresh.click("button[type=submit]")
+    assert fresh.url == site.url + "learning" and fresh.inner_text("h1") == "Learning"  # back where it was
+    # Logged in by the cookie, a change without the page's header is refused (a cross-site form).
+    status = fresh.evaluate("fetch('api/interactions', {method: 'DELETE'}).then(r => r.status)")
+    assert status == 403 and api(site, "GET", "api/interactions")[1]["total"] > 0
+    fresh.click("text=Log out")
+    assert fresh.locator("input[name=token]").is_visible() and not fresh.context.cookies()
+
+
+def test_delete_all_asks_first(page, site: Site) -> None:
+    page.goto(site.url + "interactions")
+    before = rows(page)
+    page.once("dialog", lambda dialog: dialog.dismiss())
+    page.click("#delete-all")
+    page.wait_for_timeout(300)
+    assert rows(page) == before and api(site, "GET", "api/interactions")[1]["total"] == len(before)
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#delete-all")
+    page.locator(".empty").wait_for()
+    assert api(site, "GET", "api/interactions")[1]["total"] == 0
+    assert not list((site.data / "log" / "audio").rglob("*.wav"))

@@ -1,0 +1,699 @@
+"""The household's page: what the assistant heard (listen, correct, delete) and how it learns.
+
+Served by the same aiohttp app as the JSON API (`web.py`) as server-rendered HTML, with one small script
+(`app.js`: the buttons, the correction form, the keys) and one style sheet (`style.css`), both shipped in
+this package; charts are inline SVG drawn here (`charts.py`). Every URL in the page is relative, so it
+works at the server's root and under Home Assistant ingress (`/api/hassio_ingress/<token>/`) alike.
+
+    GET  /                  dashboard: model and projector, path, today's requests and latency, the next
+                            nightly run, health (model, log, disk, logging)
+    GET  /interactions      the log, newest first, paged; filter=unlabelled|corrected|failed; audio,
+                            inline corrections (intent names and slots from `intents.INTENT_SLOTS`), deletes
+    GET  /learning          adaptation runs, accuracy over the nights, the last run's loss curve, versions;
+                            run now, roll back
+    POST /login, /logout    the token form (outside ingress); sets or clears the `token` cookie
+    GET  /static/{name}     app.js, style.css
+
+Outside ingress a page needs the token: the login form, or `?token=...` once (Jupyter-style; the server
+logs such a link at start), which sets an HttpOnly, SameSite=Strict cookie and redirects to the same page
+without it. Changes go through the JSON API with the `X-Requested-With` header that `web.py` requires of
+browsers, so a cross-site form cannot make them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import json
+import re
+import shutil
+import sqlite3
+from collections.abc import Awaitable, Callable
+from datetime import date, datetime
+from datetime import time as dtime
+from html import escape
+from importlib import resources
+from typing import Any
+from urllib.parse import urlencode
+
+from aiohttp import web
+
+from ..intents import INTENT_SLOTS, Intent
+from ..store import InteractionStore
+from ..versions import BASE, VersionError, Versions
+from ..web import (
+    adaptation_runs,
+    authorized,
+    ingress,
+    interaction_filters,
+    row_json,
+    same_origin,
+    same_token,
+    select_rows,
+    web_context,
+)
+from .charts import Series, line_chart
+
+PER_PAGE = 25
+RUNS_SHOWN = 30
+COOKIE_MAX_AGE = 30 * 86400
+LOW_DISK_BYTES = 1 << 30
+STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
+PAGES = {"": "Dashboard", "interactions": "Interactions", "learning": "Learning"}
+FILTERS: dict[str, dict[str, str]] = {
+    "all": {},
+    "unlabelled": {"labelled": "false", "kind": "audio"},  # only utterances can teach the projector
+    "corrected": {"corrected": "true"},
+    "failed": {"failed": "true"},
+}
+HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; media-src 'self'; frame-ancestors 'self'; "
+        "form-action 'self'; base-uri 'none'"
+    ),
+    "X-Frame-Options": "SAMEORIGIN",  # Home Assistant's iframe is same-origin (ingress)
+    "Referrer-Policy": "same-origin",  # "no-referrer" would make form posts send "Origin: null"
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def page_routes() -> list[web.RouteDef]:
+    """The page's routes, for `web.build_app`."""
+    return [
+        web.get("/", _page(dashboard)),
+        web.get("/interactions", _page(interactions)),
+        web.get("/learning", _page(learning)),
+        web.post("/login", login),
+        web.post("/logout", logout),
+        web.get("/static/{name}", static),
+    ]
+
+
+# ------------------------------------------------------------------------------------------- access
+def _page(render: Callable[[web.Request], Awaitable[str]]) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        token = web_context(request).token
+        given = request.query.get("token")
+        if given is not None:  # a link with the token: log in, then the same page without it
+            if not same_token(given, token):
+                return _login_page(request.path, wrong=True)
+            rest = {k: v for k, v in request.query.items() if k != "token"}
+            answer = web.Response(status=303, headers={"Location": _here(request) + _query(rest)})
+            _set_cookie(answer, request, token)
+            return answer
+        if not authorized(request, token):
+            return _login_page(request.path)
+        return web.Response(text=await render(request), content_type="text/html", headers=HEADERS)
+
+    return handler
+
+
+def _here(request: web.Request) -> str:
+    """This page as a relative URL (pages sit at the top level)."""
+    return request.path.rsplit("/", 1)[-1] or "./"
+
+
+def _query(params: dict[str, Any]) -> str:
+    return f"?{urlencode(params)}" if params else ""
+
+
+def _set_cookie(answer: web.Response, request: web.Request, token: str) -> None:
+    secure = request.secure
+    answer.set_cookie(
+        "token", token, max_age=COOKIE_MAX_AGE, path="/", httponly=True, samesite="Strict", secure=secure
+    )
+
+
+async def login(request: web.Request) -> web.Response:
+    """The login form's POST: the right token sets the cookie and goes back to the page asked for."""
+    form = await request.post()
+    back = str(form.get("next", ""))
+    back = back if back in PAGES else ""
+    if not same_origin(request):
+        return web.Response(status=403, text="cross-site login refused")
+    if not same_token(str(form.get("token", "")), web_context(request).token):
+        return _login_page(back, wrong=True)
+    answer = web.Response(status=303, headers={"Location": back or "./"})
+    _set_cookie(answer, request, web_context(request).token)
+    return answer
+
+
+async def logout(request: web.Request) -> web.Response:
+    """Forget the cookie; the next page asks for the token again."""
+    if not same_origin(request):
+        return web.Response(status=403, text="cross-site logout refused")
+    answer = web.Response(status=303, headers={"Location": "./"})
+    answer.del_cookie("token", path="/")
+    return answer
+
+
+def _login_page(page: str, wrong: bool = False) -> web.Response:
+    """The token form (401); after it, back to `page` (one of PAGES, with or without its slash)."""
+    back = page.strip("/") if page.strip("/") in PAGES else ""
+    body = f"""<form class="login card" method="post" action="login">
+<h1>TinyAlign</h1>
+<p>This page shows what the voice assistant heard in your home. Enter its access token: the file
+<code>web-token</code> in the server's data folder, or open the link the server printed when it started.</p>
+<label>Access token
+<input type="password" name="token" autocomplete="current-password" required autofocus></label>
+<input type="hidden" name="next" value="{escape(back)}">
+<button type="submit">Open</button>
+{'<p class="bad" role="alert">That token is not right.</p>' if wrong else ""}
+</form>"""
+    return web.Response(
+        text=_layout("Log in", None, body, nav=False), content_type="text/html", status=401, headers=HEADERS
+    )
+
+
+@functools.cache
+def _asset(name: str) -> tuple[bytes, str]:
+    """A static file of this package and a short hash of it (the URL changes when the file does)."""
+    data = (resources.files(__package__) / name).read_bytes()
+    return data, hashlib.sha256(data).hexdigest()[:12]
+
+
+async def static(request: web.Request) -> web.Response:
+    """app.js and style.css (by name from a fixed list: no path from the request reaches the disk)."""
+    name = request.match_info["name"]
+    if name not in STATIC:
+        raise web.HTTPNotFound()
+    data, _ = _asset(name)
+    return web.Response(
+        body=data,
+        content_type=STATIC[name],
+        charset="utf-8",
+        headers={"Cache-Control": "public, max-age=31536000, immutable", "X-Content-Type-Options": "nosniff"},
+    )
+
+
+# ------------------------------------------------------------------------------------------- layout
+def _current(yes: bool) -> str:
+    return ' aria-current="page"' if yes else ""
+
+
+def _layout(
+    title: str,
+    active: str | None,
+    body: str,
+    *,
+    nav: bool = True,
+    logout: bool = False,
+    running: bool = False,
+) -> str:
+    """The whole page around `body`: header with the links between pages, the style sheet and script."""
+    links = "".join(
+        f'<a href="{href or "./"}"{_current(href == active)}>{name}</a>' for href, name in PAGES.items()
+    )
+    out = (
+        '<form method="post" action="logout"><button class="link" type="submit">Log out</button></form>'
+        if logout
+        else ""
+    )
+    header = f'<header><span class="brand">TinyAlign</span><nav>{links}</nav>{out}</header>' if nav else ""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<link rel="icon" href="data:,">
+<title>{escape(title)} - TinyAlign</title>
+<link rel="stylesheet" href="static/style.css?v={_asset("style.css")[1]}">
+<script src="static/app.js?v={_asset("app.js")[1]}" defer></script>
+</head><body data-running="{int(running)}">
+{header}<main>
+{body}
+<p id="status" role="status" aria-live="polite"></p>
+</main></body></html>
+"""
+
+
+def _logged_in_by_cookie(request: web.Request) -> bool:
+    cookie = request.cookies.get("token")
+    return not ingress(request) and bool(cookie) and same_token(cookie or "", web_context(request).token)
+
+
+def _when(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M") if ts else "-"
+
+
+def _short(ts: float) -> str:
+    """`09:41` today, `Tue 09:41` within the week, else `Nov 20 09:41` (the log keeps weeks, not years)."""
+    when = datetime.fromtimestamp(ts)
+    days = (date.today() - when.date()).days
+    return when.strftime("%H:%M" if days == 0 else "%a %H:%M" if 0 < days < 7 else "%b %d %H:%M")
+
+
+def _pct(value: Any) -> str:
+    return f"{value * 100:.0f}%" if isinstance(value, int | float) else "-"
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:.0f} ms" if value is not None else "-"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return "under 1 s"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    """Linear interpolation between the closest ranks (like numpy's default)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def _intent_text(intent: dict[str, Any] | None) -> str:
+    if not intent:
+        return "not recognized"
+    try:
+        return Intent.from_json(intent).to_text()
+    except (KeyError, TypeError, AttributeError):
+        return "?"
+
+
+def _breakable(text: str) -> str:
+    """Escaped, with line-break chances inside CamelCase names (`Hass<wbr>Light<wbr>Set`)."""
+    return re.sub(r"(?<=[a-z])(?=[A-Z])", "<wbr>", escape(text))
+
+
+def _intent_title(name: str) -> str:
+    """`HassLightSet` -> `Light set`: the intent name as words."""
+    words = "".join(f" {c}" if c.isupper() else c for c in name.removeprefix("Hass")).split()
+    return " ".join([words[0], *(w.lower() for w in words[1:])]) if words else name
+
+
+# ---------------------------------------------------------------------------------------- dashboard
+def _overview(store: InteractionStore) -> dict[str, Any]:
+    """Today's requests and latency, what is left to review, the last run (on the store's thread)."""
+    midnight = datetime.combine(date.today(), dtime()).timestamp()
+    today = store.conn.execute(
+        "SELECT kind, latency_ms FROM interactions WHERE created_at >= ?", (midnight,)
+    ).fetchall()
+    where, args = interaction_filters(FILTERS["unlabelled"])
+    to_review = store.conn.execute(f"SELECT COUNT(*) FROM interactions WHERE {where}", args).fetchone()[0]
+    latencies = [ms for kind, ms in today if kind == "audio" and ms is not None]
+    return {
+        "requests": len(today),
+        "audio": sum(kind == "audio" for kind, _ in today),
+        "p50": _percentile(latencies, 50),
+        "p95": _percentile(latencies, 95),
+        "to_review": to_review,
+        "last_run": next(iter(adaptation_runs(store, 1)), None),
+    }
+
+
+def _promoted_at(versions: Versions, name: str) -> float | None:
+    if name == BASE:
+        return None
+    try:
+        return versions.info(name).metrics.get("promoted_at")
+    except VersionError:
+        return None
+
+
+async def dashboard(request: web.Request) -> str:
+    """Model and projector, path, today's requests and latency, the next run, health."""
+    ctx = web_context(request)
+    control, store = ctx.control, ctx.store
+    overview: dict[str, Any] | None = None
+    store_state = "off"
+    if store is not None:
+        try:
+            overview = await store.async_call(_overview, store)
+            store_state = "ok"
+        except sqlite3.Error as err:
+            store_state = f"error: {err}"
+    promoted = await asyncio.to_thread(_promoted_at, Versions(control.data_dir), control.served_name)
+    disk = await asyncio.to_thread(shutil.disk_usage, control.data_dir)
+
+    if control.served_name == BASE:
+        projector = f"the model's own ({escape(control.version or 'none')}), not adapted yet"
+    else:
+        projector = f"{escape(control.served_name)}, promoted {_when(promoted)}"
+    path = escape(control.path) + (" (auto)" if control.requested_path == "auto" else "")
+    nxt = control.next_run_at
+    if control.job_running:
+        next_text = "running now"
+    elif nxt is None:
+        next_text = "off"
+    else:
+        day = "today" if nxt.date() == date.today() else "tomorrow"  # the timer's next is within a day
+        next_text = f"{day} at {nxt.strftime('%H:%M')}"
+    if overview is not None:
+        today = (
+            f"<dt>Requests today</dt><dd>{overview['requests']} ({overview['audio']} spoken)</dd>"
+            f"<dt>Latency (p50 / p95)</dt><dd>{_ms(overview['p50'])} / {_ms(overview['p95'])}</dd>"
+        )
+        review = (
+            f'<dt>To review</dt><dd><a href="interactions?filter=unlabelled">{overview["to_review"]} '
+            "utterance(s) nobody has checked</a></dd>"
+        )
+        last = overview["last_run"]
+        last_text = (
+            f'<a href="learning">{escape(last["status"])}</a> {_when(last["started_at"])}'
+            f'<div class="small">{escape(last["reason"] or "")}</div>'
+            if last
+            else "none yet"
+        )
+    else:
+        today = "<dt>Requests today</dt><dd>- (logging is off)</dd>"
+        review, last_text = "", "-"
+    if store is None:
+        logging_text, store_item = "logging off", ""
+    else:
+        logging_text = "logging on" + ("" if store.log_audio else " (without audio)")
+        ok = store_state == "ok"
+        store_item = f'<li class="{"ok" if ok else "bad"}">log {"OK" if ok else escape(store_state)}</li>'
+    disk_ok = disk.free >= LOW_DISK_BYTES
+    health = (
+        '<ul class="health"><li class="ok">model loaded</li>'
+        f"{store_item}"
+        f'<li class="{"ok" if disk_ok else "bad"}">disk: {disk.free / (1 << 30):.1f} GB free</li>'
+        f'<li class="{"ok" if store is not None else "warn"}">{logging_text}</li></ul>'
+    )
+    body = f"""<h1>Dashboard</h1>
+{health}
+<div class="cards">
+<section class="card"><h2>Model</h2><dl>
+<dt>Model</dt><dd>{escape(control.model_name)}</dd>
+<dt>Projector</dt><dd>{projector}</dd>
+<dt>Path in use</dt><dd>{path}</dd></dl></section>
+<section class="card"><h2>Today</h2><dl>{today}{review}</dl></section>
+<section class="card"><h2>Learning</h2><dl>
+<dt>Next nightly run</dt><dd>{next_text}</dd>
+<dt>Last run</dt><dd>{last_text}</dd></dl></section>
+</div>"""
+    return _layout("Dashboard", "", body, logout=_logged_in_by_cookie(request))
+
+
+# ------------------------------------------------------------------------------------- interactions
+def _page_of(store: InteractionStore, name: str, page: int) -> dict[str, Any]:
+    """One page of the log under a filter, and how many rows each filter has (store's thread)."""
+    counts = {}
+    for key, params in FILTERS.items():
+        where, args = interaction_filters(params)
+        sql = f"SELECT COUNT(*) FROM interactions WHERE {where}"
+        (counts[key],) = store.conn.execute(sql, args).fetchone()
+    where, args = interaction_filters(FILTERS[name])
+    rows = select_rows(
+        store,
+        f"SELECT * FROM interactions WHERE {where} ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?",
+        [*args, PER_PAGE, (page - 1) * PER_PAGE],
+    )
+    return {"counts": counts, "items": [row_json(r) for r in rows]}
+
+
+def _where(item: dict[str, Any]) -> str:
+    if item["satellite_id"] or item["device_id"]:
+        return item["satellite_id"] or item["device_id"]
+    client = item["client"] or ""
+    return client.rsplit(":", 1)[0] if client.count(":") == 1 else client or "-"
+
+
+def _row(item: dict[str, Any]) -> str:
+    correction = item["correction"] or {}
+    heard_text, heard_intent = item["transcript"] or "", item["intent"]
+    text = correction.get("text") or heard_text
+    intent = correction.get("intent", heard_intent)
+    fixed_text = correction.get("text") if correction.get("text") not in (None, heard_text) else ""
+    fixed_intent = (
+        _intent_text(correction["intent"])
+        if "intent" in correction and _intent_text(correction["intent"]) != _intent_text(heard_intent)
+        else ""
+    )
+    outcome = item["ha_outcome"] or ("not understood" if heard_intent is None else "answered")
+    spoken = item["kind"] == "audio"
+    audio = (
+        f'<audio controls preload="none" src="api/interactions/{item["id"]}/audio"></audio>'
+        if item["audio"]
+        else ""
+    )
+    buttons = (
+        '<button type="button" class="fix">Correct</button>'
+        '<button type="button" class="right" title="What it heard was right">Heard right</button>'
+        if spoken
+        else ""
+    ) + '<button type="button" class="delete danger">Delete</button>'
+    attrs = {
+        "data-id": item["id"],
+        "data-text": text,
+        "data-intent": json.dumps(intent),
+        "data-heard-text": heard_text,
+        "data-heard-intent": json.dumps(heard_intent),
+    }
+    data = " ".join(f'{k}="{escape(str(v))}"' for k, v in attrs.items())
+    label = item["label_source"]
+    return f"""<tr class="row{" labelled" if label else ""}" tabindex="0" {data}>
+<td data-label="Time" class="nowrap">
+<time datetime="{escape(item["time"])}">{_short(item["created_at"])}</time></td>
+<td data-label="Where">{escape(_where(item))}</td>
+<td data-label="Length">{f"{item['duration_s']:.1f} s" if item["duration_s"] else "text"}</td>
+<td data-label="Heard" class="heard">{escape(heard_text) or "<i>nothing</i>"}
+<div class="fixed fixed-text">{escape(fixed_text)}</div></td>
+<td data-label="Intent" class="intent"><code>{_breakable(_intent_text(heard_intent))}</code>
+<div class="fixed fixed-intent">{_breakable(fixed_intent)}</div></td>
+<td data-label="Outcome">{escape(outcome)}</td>
+<td data-label="Label" class="label">{escape(label or "-")}</td>
+<td class="actions">{audio}<span class="buttons">{buttons}</span></td>
+</tr>"""
+
+
+def _editor() -> str:
+    """The correction form (cloned under a row by app.js): intents and their slots from INTENT_SLOTS."""
+    options = "".join(
+        f'<option value="{name}" data-slots="{" ".join(slots)}">{_intent_title(name)} ({name})</option>'
+        for name, slots in INTENT_SLOTS.items()
+    )
+    slot_names = list(dict.fromkeys(slot for slots in INTENT_SLOTS.values() for slot in slots))
+    fields = "".join(
+        f'<label data-slot="{s}">{s} <input name="slot-{s}" autocomplete="off"></label>' for s in slot_names
+    )
+    return f"""<template id="editor"><form class="editor">
+<label class="wide">What was said <input name="text" required maxlength="1000" autocomplete="off"></label>
+<label>Intent <select name="intent"><option value="">not a command</option>{options}</select></label>
+<div class="slots">{fields}</div>
+<div class="buttons"><button type="submit">Save</button>
+<button type="button" class="cancel">Cancel</button></div>
+<p class="error bad" role="alert"></p>
+</form></template>"""
+
+
+async def interactions(request: web.Request) -> str:
+    """The log, newest first, with filters, audio, corrections and deletes."""
+    ctx = web_context(request)
+    logout = _logged_in_by_cookie(request)
+    if ctx.store is None:
+        body = "<h1>Interactions</h1><p>Logging is off (<code>--no-log</code>): nothing is kept.</p>"
+        return _layout("Interactions", "interactions", body, logout=logout)
+    name = request.query.get("filter", "all")
+    name = name if name in FILTERS else "all"
+    try:
+        page = max(1, int(request.query.get("page", "1")))
+    except ValueError:
+        page = 1
+    data = await ctx.store.async_call(_page_of, ctx.store, name, page)
+    total = data["counts"][name]
+    pages = max(1, -(-total // PER_PAGE))
+    tabs = "".join(
+        f'<a href="interactions{_query({"filter": key} if key != "all" else {})}"'
+        f"{_current(key == name)}>{key} ({data['counts'][key]})</a>"
+        for key in FILTERS
+    )
+    rows = "".join(_row(item) for item in data["items"])
+    table = (
+        f"""<div class="scroll"><table class="log"><thead>
+<tr><th>Time</th><th>Where</th><th>Length</th><th>Heard</th>
+<th>Intent</th><th>Outcome</th><th>Label</th><th>Listen and fix</th></tr></thead>
+<tbody>{rows}</tbody></table></div>"""
+        if rows
+        else '<p class="empty">Nothing here.</p>'
+    )
+    base = {"filter": name} if name != "all" else {}
+    newer = f'<a href="interactions{_query({**base, "page": page - 1})}">&larr; newer</a>'
+    older = f'<a href="interactions{_query({**base, "page": page + 1})}">older &rarr;</a>'
+    pager = f"{newer if page > 1 else ''}<span>page {page} of {pages}</span>{older if page < pages else ''}"
+    everything = data["counts"]["all"]
+    delete_all = (
+        f'<button type="button" id="delete-all" class="danger" data-total="{everything}">'
+        f"Delete all {everything} recordings</button>"
+        if everything
+        else ""
+    )
+    body = f"""<h1>Interactions</h1>
+<nav class="tabs">{tabs}</nav>
+<p class="keys">Keys: <kbd>j</kbd>/<kbd>k</kbd> next/previous, <kbd>p</kbd> play, <kbd>Enter</kbd> correct,
+<kbd>y</kbd> heard right, <kbd>Esc</kbd> close. Corrections teach the assistant tonight.</p>
+{table}
+<nav class="pager">{pager}</nav>
+<p class="danger-zone">{delete_all}</p>
+{_editor()}"""
+    return _layout("Interactions", "interactions", body, logout=logout)
+
+
+# ------------------------------------------------------------------------------------------ learning
+def _household(report: dict[str, Any] | None, when: str, metric: str) -> Any:
+    return (((report or {}).get(when) or {}).get("household") or {}).get(metric)
+
+
+def _accuracy_chart(runs: list[dict[str, Any]]) -> str:
+    """The served projector's held-out intent accuracy and WER after each night that validated."""
+    nights = [r for r in reversed(runs) if (r["report"] or {}).get("before") and r["report"].get("after")]
+    accuracy, wer = Series("intent accuracy", "s1", []), Series("word error rate", "s2", [])
+    ticks = []
+    for i, run in enumerate(nights):
+        promoted = run["status"] == "promoted"
+        served = "after" if promoted else "before"
+        for series, metric in ((accuracy, "intent_accuracy"), (wer, "wer")):
+            value = _household(run["report"], served, metric)
+            if value is not None:
+                if not promoted:
+                    series.hollow.add(len(series.points))
+                series.points.append((i, min(float(value), 1.0)))
+        ticks.append((i, datetime.fromtimestamp(run["started_at"]).strftime("%m-%d")))
+    step = max(1, -(-len(ticks) // 8))
+    return line_chart(
+        [accuracy, wer],
+        label="Intent accuracy and word error rate over the nights",
+        y_range=(0.0, 1.0),
+        y_format=lambda v: f"{v * 100:.0f}%",
+        x_ticks=ticks[::step],
+        x_format=lambda v: ticks[int(v)][1] if 0 <= int(v) < len(ticks) else "",
+    )
+
+
+def _loss_chart(runs: list[dict[str, Any]]) -> tuple[str, dict[str, Any] | None]:
+    for run in runs:
+        curve = ((run["report"] or {}).get("train") or {}).get("loss_curve") or []
+        if len(curve) >= 2:
+            points = [(float(s), float(loss)) for s, loss in curve]
+            chart = line_chart(
+                [Series("training loss", "s1", points)],
+                label="Training loss of the last run",
+                y_format=lambda v: f"{v:.3g}",
+                x_format=lambda v: f"{v:.0f} s",
+            )
+            return chart, run
+    return "", None
+
+
+def _run_row(run: dict[str, Any]) -> str:
+    report = run["report"] or {}
+    data = report.get("data") or {}
+    sizes = [f"{data[k]} {label}" for k, label in (("train", "train"), ("heldout", "held out")) if k in data]
+    if "new" in data:
+        sizes.append(f"{data['new']} new")
+    sources = " &middot; ".join(f"{k} {v}" for k, v in (data.get("sources") or {}).items() if v)
+    status = escape(run["status"]) + (f" {escape(run['version'])}" if run.get("version") else "")
+    before_after = [
+        f"{_pct(_household(report, 'before', m))} &rarr; {_pct(_household(report, 'after', m))}"
+        if report.get("after")
+        else "-"
+        for m in ("intent_accuracy", "wer")
+    ]
+    took = report.get("duration_s")
+    if took is None and run["finished_at"]:
+        took = run["finished_at"] - run["started_at"]
+    peak = report.get("peak_rss_mb")
+    return f"""<tr class="run {escape(run["status"])}">
+<td data-label="Started" class="nowrap">{_when(run["started_at"])}</td>
+<td data-label="Result"><b>{status}</b><div class="small">{escape(run["reason"] or "")}</div></td>
+<td data-label="Data">{" &middot; ".join(sizes) or "-"}</td>
+<td data-label="Labels">{sources or "-"}</td>
+<td data-label="Intent accuracy" class="nowrap">{before_after[0]}</td>
+<td data-label="WER" class="nowrap">{before_after[1]}</td>
+<td data-label="Took" class="nowrap">{_duration(took)}</td>
+<td data-label="Peak memory">{f"{peak:.0f} MB" if peak else "-"}</td>
+</tr>"""
+
+
+def _version_rows(listing: dict[str, Any], served: str) -> str:
+    rows = []
+    for entry in [*listing["versions"], {"name": BASE}]:
+        name = entry["name"]
+        metrics = entry.get("metrics") or {}
+        household = metrics.get("household") or {}
+        button = (
+            "<b>serving</b>"
+            if name == served
+            else f'<button type="button" class="rollback" data-to="{escape(name)}">Serve this</button>'
+        )
+        what = (
+            "the model's own projector"
+            if name == BASE
+            else f"promoted {_when(metrics.get('promoted_at'))}"
+            if "error" not in entry
+            else escape(entry["error"])
+        )
+        rows.append(
+            f'<tr><td data-label="Version">{escape(name)}</td><td data-label="">{what}</td>'
+            f'<td data-label="Intent accuracy">{_pct(household.get("intent_accuracy"))}</td>'
+            f'<td data-label="WER">{_pct(household.get("wer"))}</td><td>{button}</td></tr>'
+        )
+    return "".join(rows)
+
+
+async def learning(request: web.Request) -> str:
+    """Adaptation runs, charts, versions; run now and roll back."""
+    ctx = web_context(request)
+    control = ctx.control
+    runs = await ctx.store.async_call(adaptation_runs, ctx.store, RUNS_SHOWN) if ctx.store is not None else []
+    listing = await asyncio.to_thread(Versions(control.data_dir).describe)
+    running = control.job_running
+    accuracy = _accuracy_chart(runs)
+    loss, loss_run = _loss_chart(runs)
+    charts = (
+        '<section class="card"><h2>Accuracy over the nights</h2>'
+        + (
+            accuracy
+            + '<p class="small">On the household\'s held-out utterances, for the projector served after each '
+            "night (hollow: the candidate was rejected).</p>"
+            if accuracy
+            else "<p>No night has been validated yet.</p>"
+        )
+        + "</section>"
+        + '<section class="card"><h2>Last training</h2>'
+        + (
+            loss + f'<p class="small">Loss while training, run of {_when(loss_run["started_at"])}.</p>'
+            if loss_run
+            else "<p>No training yet.</p>"
+        )
+        + "</section>"
+    )
+    rows = "".join(_run_row(run) for run in runs)
+    table = (
+        f"""<div class="scroll"><table class="runs"><thead>
+<tr><th>Started</th><th>Result</th><th>Data</th><th>Labels</th>
+<th>Intent accuracy</th><th>WER</th><th>Took</th><th>Peak memory</th></tr></thead>
+<tbody>{rows}</tbody></table></div>"""
+        if rows
+        else '<p class="empty">No adaptation has run yet.</p>'
+    )
+    nxt = control.next_run_at
+    schedule = f"next nightly run {_when(nxt.timestamp())}" if nxt else "the nightly run is off"
+    state = "An adaptation is running now; this page updates when it is done." if running else schedule
+    disabled = " disabled" if running else ""
+    back_disabled = " disabled" if control.served_name == BASE else ""
+    body = f"""<h1>Learning</h1>
+<p class="lead">Every night the assistant practises on what it heard in this home, and keeps the result only
+if it understands the household better. Serving: <b>{escape(control.served_name)}</b>; {escape(state)}.</p>
+<p class="buttons"><button type="button" id="run-now"{disabled}>Run now</button>
+<button type="button" class="rollback"{back_disabled}>Roll back</button></p>
+<div class="cards charts">{charts}</div>
+<h2>Runs</h2>
+{table}
+<h2>Versions</h2>
+<table class="versions"><thead><tr><th>Version</th><th></th><th>Intent accuracy</th><th>WER</th><th></th></tr>
+</thead>
+<tbody>{_version_rows(listing, control.served_name)}</tbody></table>"""
+    return _layout("Learning", "learning", body, logout=_logged_in_by_cookie(request), running=running)
