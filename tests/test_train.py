@@ -46,6 +46,28 @@ def test_each_objective_lowers_the_loss(
     assert (load_bundle_config(tmp_path / "out").lora == "lora") == bool(lora_r)
 
 
+def test_loss_only_validation_and_loss_curve(micro_model: Path, tiny_manifest: Path, tmp_path: Path) -> None:
+    """`val_answers=False` (the nightly job's choice) validates without generating; the curve is kept."""
+    model = SpeechLLM.load(micro_model)
+    calls = {"generate": 0}
+    generate = model.generate
+
+    def counted(*args, **kwargs):
+        calls["generate"] += 1
+        return generate(*args, **kwargs)
+
+    model.generate = counted  # type: ignore[method-assign]
+    cfg = TrainConfig(max_epochs=3, val_answers=False, **FAST)
+    result = train(
+        micro_model, tiny_manifest, tiny_manifest, tmp_path / "o", cfg, cache_dir=tmp_path / "c", model=model
+    )
+    assert calls["generate"] == 0
+    assert [set(h) & {"val_loss", "intent_accuracy"} for h in result.history] == [{"val_loss"}] * 3
+    seconds = [s for s, _ in result.loss_curve]
+    assert len(result.loss_curve) >= 2 and seconds == sorted(seconds)
+    assert all(loss > 0 for _, loss in result.loss_curve)
+
+
 def test_lora_adapters_round_trip(micro_model: Path, tiny_manifest: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(objective="generative", lora_r=4, max_epochs=2, **FAST)
     train(micro_model, tiny_manifest, tiny_manifest, tmp_path / "out", cfg, cache_dir=tmp_path / "cache")

@@ -38,8 +38,7 @@ import resource
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -176,20 +175,10 @@ def weights_key(projector: Projector) -> str:
     return digest.hexdigest()[:16]
 
 
-@contextmanager
-def capped(model: SpeechLLM, utterance: Utterance) -> Iterator[None]:
-    """Cap generation at the reference answer's length plus a margin: a longer answer cannot be right,
-    and a model that never stops (random weights) must not cost the whole `max_new_tokens`."""
-    answer = len(answer_ids(model.tokenizer, utterance.text, utterance.intent)) + CAP_MARGIN
-    heard = len(model.whisper_tokenizer(utterance.text, add_special_tokens=False)["input_ids"])
-    old_new, config = model.max_new_tokens, model.whisper.config
-    old_positions = config.max_target_positions
-    model.max_new_tokens = min(old_new, answer)
-    config.max_target_positions = min(old_positions, heard + CAP_MARGIN + 4)  # 4: the decoder's prefix
-    try:
-        yield
-    finally:
-        model.max_new_tokens, config.max_target_positions = old_new, old_positions
+def answer_cap(model: SpeechLLM, utterance: Utterance) -> int:
+    """Tokens worth generating for an utterance: the reference answer's length plus a margin. A longer
+    answer cannot be right, and a model that never stops (random weights) must not cost the full cap."""
+    return len(answer_ids(model.tokenizer, utterance.text, utterance.intent)) + CAP_MARGIN
 
 
 def answers(
@@ -201,11 +190,11 @@ def answers(
         key = f"{item.key}/{_digest(item.context, item.utterance.text, _intent_text(item.utterance.intent))}"
         hit = cache.get(key)
         if hit is None:
-            with capped(model, item.utterance):
-                if path == "cascade":
-                    result = model.run(item.audio, "cascade", item.context)
-                else:
-                    result = model.run_features(item.features, "aligned", item.context)
+            cap = answer_cap(model, item.utterance)
+            if path == "cascade":
+                result = model.run(item.audio, "cascade", item.context, max_new_tokens=cap)
+            else:
+                result = model.run_features(item.features, "aligned", item.context, max_new_tokens=cap)
             hit = (result.transcript, result.intent)
             cache.put(key, *hit)
         out.append(hit)
@@ -353,20 +342,6 @@ def _decide_on_loss(
 
 
 # ------------------------------------------------------------------------------------------------ job
-class _LossCurve(logging.Handler):
-    """Collects the training loss from `train`'s progress lines (every ~10 s of training)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.points: list[list[float]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        args = record.args
-        if isinstance(args, tuple) and len(args) == 6 and " loss " in str(record.msg):
-            with suppress(TypeError, ValueError):
-                self.points.append([round(float(args[1]), 1), round(float(args[4]), 5)])
-
-
 def run_job(opts: AdaptOptions) -> dict[str, Any]:
     """One adaptation run; returns its report (also stored in the `adaptations` table)."""
     opts.work.mkdir(parents=True, exist_ok=True)
@@ -652,40 +627,25 @@ class Job:
         cfg = TrainConfig(
             objective="embedlink", batch=opts.batch, lr=opts.lr, warmup=10, max_minutes=train_s / 60,
             max_epochs=100_000, patience=1_000_000, val_every_s=1e9, seed=opts.seed,
+            val_answers=False,  # the candidate is scored on this job's own sets below
         )  # fmt: skip
-        curve = _LossCurve()
-        train_logger = logging.getLogger("wyoming_tinyalign.train")
-        old_level = train_logger.level
-        train_logger.addHandler(curve)
-        train_logger.setLevel(logging.INFO)
-        # train() ends with its own validation: answers along the aligned and readout paths. This job
-        # validates on its own sets below, so only train()'s loss is wanted: its answers are stubbed
-        # out (at real size they cost seconds each, and the readout's distance to every embedding row
-        # allocates a copy of the embedding table, ~0.5 GB for Qwen2.5-0.5B).
-        model.generate = lambda embeds: ""  # type: ignore[method-assign]
-        model.readout = lambda embeds: ""  # type: ignore[method-assign]
         self._memory("features and manifests ready")
         t_train = time.monotonic()
         _LOGGER.info(
             "training for up to %.0f s on %d household and %d replay utterances (from %s)",
             train_s, len(train_pairs), len(replay), serving_name,
         )  # fmt: skip
-        try:
-            result = train(
-                self.bundle, manifests["train"], manifests["val"], out, cfg,
-                cache_dir=cache.folder.parent, init_projector=init_path, model=model,
-            )  # fmt: skip
-        finally:
-            train_logger.removeHandler(curve)
-            train_logger.setLevel(old_level)
-            del model.generate, model.readout  # the methods again
+        result = train(
+            self.bundle, manifests["train"], manifests["val"], out, cfg,
+            cache_dir=cache.folder.parent, init_projector=init_path, model=model,
+        )  # fmt: skip
         report["train"] = {
             "budget_s": round(train_s, 1),
             "seconds": round(time.monotonic() - t_train, 1),
             "steps": result.steps,
             "step_ms": round(result.step_ms, 1) if not math.isnan(result.step_ms) else None,
-            "loss_curve": curve.points,
-            "history": [  # train()'s own validation, losses only (its answers were stubbed out)
+            "loss_curve": result.loss_curve,
+            "history": [  # train()'s own validation, on the loss only
                 {k: h[k] for k in ("epoch", "step", "train_loss", "val_loss", "train_s") if k in h}
                 for h in result.history
             ],
@@ -778,12 +738,12 @@ class Job:
     def _time_one(self, model: SpeechLLM, serving: Projector | None, item: Item) -> float:
         """Seconds of one validation answer (what sizes the validation and the training time)."""
         t0 = time.perf_counter()
-        with capped(model, item.utterance):
-            if serving is not None:
-                model.projector = serving.eval()
-                model.run_features(item.features, "aligned", item.context)
-            else:
-                model.understand_text(item.utterance.text, item.context)
+        cap = answer_cap(model, item.utterance)
+        if serving is not None:
+            model.projector = serving.eval()
+            model.run_features(item.features, "aligned", item.context, max_new_tokens=cap)
+        else:
+            model.understand_text(item.utterance.text, item.context, cap)
         return max(1e-3, time.perf_counter() - t0)
 
     def _fit_validation(

@@ -7,7 +7,7 @@
   context, so it learns to lean on the context),
 - a tiny Whisper trained as an ASR on espeak-ng speech of the base households (a frozen *random* encoder
   carries too little for a projector to learn from; real Whisper is pretrained, so the stand-in is too),
-- an untrained BridgeFormer projector shaped for the two.
+- a BridgeFormer projector aligned with EmbedLink on that speech (`train.train`), so every path works.
 Everything is saved with `save_pretrained` and loaded back through the same `from_pretrained` code as
 real models.
 """
@@ -51,6 +51,8 @@ _LOGGER = logging.getLogger(__name__)
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 WHISPER_SPECIALS = ["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|translate|>", "<|notimestamps|>"]
+CTC_CHARS = " abcdefghijklmnopqrstuvwxyz0123456789'"
+CTC_WEIGHT = 0.3
 CHITCHAT = [
     "what a lovely day",
     "tell me a joke",
@@ -292,7 +294,13 @@ def train_whisper(
     size: DevSize,
     seed: int,
 ) -> WhisperForConditionalGeneration:
-    """Train a tiny Whisper as an ASR, on the true length of each clip (as it is run)."""
+    """Train a tiny Whisper as an ASR, on the true length of each clip (as it is run).
+
+    Besides the decoder's cross-entropy, a character CTC head on the encoder (dropped after training)
+    carries `CTC_WEIGHT` of the loss: it makes the encoder's frames carry the sounds early, before the
+    decoder has learned to look at them (measured at small size, 1500 steps: WER 0.148 without, 0.074
+    with, on held-out speech of the trained voices).
+    """
     torch.manual_seed(seed)
     gen = whisper_generation_config(tokenizer)
     cfg = WhisperConfig(
@@ -323,26 +331,29 @@ def train_whisper(
             torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
         enc.embed_positions.weight.mul_(0.1)
     encoder = AudioEncoder(whisper.get_encoder(), feature_extractor)
+    ctc_head = torch.nn.Linear(size.whisper_dim, len(CTC_CHARS) + 1)  # + the blank, index 0
     prefix = [gen.decoder_start_token_id, gen.lang_to_id["<|en|>"], gen.task_to_id["transcribe"]]
     prefix.append(gen.no_timestamps_token_id)
     items = []
     for audio, text in speech:
         mel, _ = encoder.features([audio])
-        items.append((mel[0], prefix + tokenizer(text, add_special_tokens=False)["input_ids"]))
+        chars = torch.tensor([CTC_CHARS.index(c) + 1 for c in text.lower() if c in CTC_CHARS])
+        items.append((mel[0], prefix + tokenizer(text, add_special_tokens=False)["input_ids"], chars))
     # Batches of similar length: the decoder's cross-attention has no padding mask.
     items.sort(key=lambda it: it[0].shape[-1])
     groups = [items[i : i + size.batch] for i in range(0, len(items), size.batch)]
-    opt = torch.optim.AdamW(whisper.parameters(), lr=1.5e-3, weight_decay=0.01)
+    params = [*whisper.parameters(), *ctc_head.parameters()]
+    opt = torch.optim.AdamW(params, lr=1.5e-3, weight_decay=0.01)
     rng, progress = random.Random(seed), Progress("whisper", size.whisper_steps)
     whisper.train()
     for step in range(1, size.whisper_steps + 1):
         group = rng.choice(groups)
-        mel_len = torch.tensor([m.shape[-1] for m, _ in group])
+        mel_len = torch.tensor([m.shape[-1] for m, _, _ in group])
         mel = torch.zeros(len(group), group[0][0].shape[0], int(mel_len.max()))
-        width = max(len(ids) for _, ids in group) + 1
+        width = max(len(ids) for _, ids, _ in group) + 1
         dec = torch.full((len(group), width), tokenizer.pad_token_id)
         labels = torch.full((len(group), width), -100)
-        for i, (m, ids) in enumerate(group):
+        for i, (m, ids, _) in enumerate(group):
             mel[i, :, : m.shape[-1]] = _spec_augment(m, m.shape[-1], rng)
             target = ids + [tokenizer.eos_token_id]
             dec[i, : len(ids)] = torch.tensor(ids)
@@ -353,12 +364,21 @@ def train_whisper(
             input_ids=dec, attention_mask=(dec != tokenizer.pad_token_id).long(), encoder_hidden_states=feats
         ).last_hidden_state
         logits = whisper.proj_out(hidden)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        chars = [c for _, _, c in group]
+        ctc = torch.nn.functional.ctc_loss(
+            ctc_head(feats).log_softmax(-1).transpose(0, 1),
+            torch.cat(chars),
+            lengths,
+            torch.tensor([len(c) for c in chars]),
+            zero_infinity=True,
+        )
+        loss = (1 - CTC_WEIGHT) * ce + CTC_WEIGHT * ctc
         for g in opt.param_groups:
             g["lr"] = _lr(step, size.whisper_steps, 1.5e-3)
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(whisper.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         progress.update(step, loss.item())
     return whisper.eval()

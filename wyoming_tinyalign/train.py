@@ -202,6 +202,9 @@ def train_step(
 
 
 # ------------------------------------------------------------------- config
+CURVE_POINTS = 100  # the loss curve a run returns keeps at most this many points
+
+
 @dataclass
 class TrainConfig:
     """Everything that decides a training run (stored with the result)."""
@@ -223,6 +226,7 @@ class TrainConfig:
     val_every_s: float = 0.0  # validate at the end of an epoch when this long has passed (0: every epoch)
     seed: int = 0
     context: bool = True
+    val_answers: bool = True  # False: validate on the loss only (the caller scores answers itself)
 
 
 @dataclass
@@ -232,6 +236,7 @@ class TrainResult:
     out: Path
     best: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    loss_curve: list[list[float]] = field(default_factory=list)  # [training seconds, loss], evenly spaced
     steps: int = 0
     step_ms: float = 0.0
     encoder_calls: int = 0
@@ -380,6 +385,8 @@ def train(
         "best": None,
         "bad_epochs": 0,
         "history": [],
+        "loss_curve": [],
+        "curve_stride": 1,
         "wall_s": 0.0,  # for the time budget across resumes
         "step_s": 0.0,
     }
@@ -401,6 +408,10 @@ def train(
                 feats, lengths = collate(batch)
                 o, ol = projector(feats, lengths)
                 losses.append(float(LOSSES[cfg.objective](model, o, ol, batch)) * len(batch))
+        metrics = {"val_loss": round(sum(losses) / len(val_set), 5)}
+        if not cfg.val_answers:
+            projector.train()
+            return metrics
         aligned = score(
             [(e.utterance, model.run_features(e.features, "aligned", e.context)) for e in val_set]
         )
@@ -409,7 +420,7 @@ def train(
         )
         projector.train()
         return {
-            "val_loss": round(sum(losses) / len(val_set), 5),
+            **metrics,
             "wer": aligned["wer"],
             "intent_accuracy": aligned["intent_accuracy"],
             "intent_name_accuracy": aligned["intent_name_accuracy"],
@@ -417,8 +428,8 @@ def train(
         }
 
     def better(m: dict, best: dict | None) -> bool:
-        return best is None or (m["intent_accuracy"], -m["val_loss"]) > (
-            best["intent_accuracy"],
+        return best is None or (m.get("intent_accuracy", 0), -m["val_loss"]) > (
+            best.get("intent_accuracy", 0),
             -best["val_loss"],
         )
 
@@ -446,6 +457,12 @@ def train(
             state["step"] += 1
             step_times.append(time.perf_counter() - t0)
             state["step_s"] += step_times[-1]
+            if state["step"] % state["curve_stride"] == 0:  # at most CURVE_POINTS, evenly spaced
+                curve = state["loss_curve"]
+                curve.append([round(state["step_s"], 2), round(loss_value, 5)])
+                if len(curve) > CURVE_POINTS:
+                    del curve[1::2]
+                    state["curve_stride"] *= 2
             elapsed = time.monotonic() - t_loop
             progress.update(min(elapsed, budget_s), loss_value, "s")
             if elapsed > budget_s:
@@ -480,6 +497,7 @@ def train(
         out=out,
         best=state["best"] or {},
         history=state["history"],
+        loss_curve=state["loss_curve"],
         steps=state["step"],
         step_ms=1000 * float(np.median(step_times)) if step_times else math.nan,
         encoder_calls=cache.encoder_calls,

@@ -175,13 +175,13 @@ class SpeechLLM:
         return out[0, : int(out_lengths[0])]
 
     @torch.no_grad()
-    def generate(self, embeds: torch.Tensor) -> str:
+    def generate(self, embeds: torch.Tensor, max_new_tokens: int | None = None) -> str:
         """Greedy answer of the LLM to a prompt given as embeddings `[1, L, D]`."""
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
         out = self.llm.generate(
             inputs_embeds=embeds,
             attention_mask=mask,
-            max_new_tokens=self.max_new_tokens,
+            max_new_tokens=min(self.max_new_tokens, max_new_tokens or self.max_new_tokens),
             do_sample=False,
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
@@ -197,18 +197,22 @@ class SpeechLLM:
         return self.tokenizer.decode([i for i in ids if i not in special]).strip()
 
     @torch.no_grad()
-    def understand_text(self, text: str, context: str = "") -> Intent | None:
+    def understand_text(
+        self, text: str, context: str = "", max_new_tokens: int | None = None
+    ) -> Intent | None:
         """Text -> intent with the LLM; the transcript line of the answer is given."""
         text = " ".join(text.strip().lower().split())
         if not text:
             return None
         embeds, _ = self.prompt_embeds(self.embed_tokens(self.text_ids(text)), context)
         answer = self.embed_tokens(self.text_ids(text + "\n")).unsqueeze(0)
-        line = self.generate(torch.cat([embeds, answer], dim=1))
+        line = self.generate(torch.cat([embeds, answer], dim=1), max_new_tokens)
         return parse_intent(line.strip().split("\n")[0])
 
     @torch.no_grad()
-    def transcribe_cascade(self, feats: torch.Tensor, language: str | None = None) -> tuple[str, float]:
+    def transcribe_cascade(
+        self, feats: torch.Tensor, language: str | None = None, max_new_tokens: int | None = None
+    ) -> tuple[str, float]:
         """Whisper's own greedy transcript of encoder features `[N, Da]`, and its mean token log-prob."""
         gen = self.whisper.generation_config
         ids = [gen.decoder_start_token_id]
@@ -223,7 +227,8 @@ class SpeechLLM:
         banned = [i for i in self.whisper_tokenizer.all_special_ids if i != eos]
         encoder_outputs = (feats.unsqueeze(0).to(self.device),)
         start, logprobs = len(ids), []
-        for _ in range(self.whisper.config.max_target_positions - len(ids)):
+        steps = self.whisper.config.max_target_positions - len(ids)
+        for _ in range(min(steps, max_new_tokens or steps)):
             decoder_ids = torch.tensor([ids], device=self.device)
             logits = self.whisper(encoder_outputs=encoder_outputs, decoder_input_ids=decoder_ids).logits
             logits = logits[0, -1].float()
@@ -258,10 +263,12 @@ class SpeechLLM:
         context: str = "",
         language: str | None = None,
         with_intent: bool = True,
+        max_new_tokens: int | None = None,
     ) -> Result:
         """Audio (float32, 16 kHz mono) -> transcript and intent along one path.
 
-        `with_intent=False` skips the LLM on the readout and cascade paths (transcript only).
+        `with_intent=False` skips the LLM on the readout and cascade paths (transcript only);
+        `max_new_tokens` caps each decoder (validation: a longer answer than the reference cannot be right).
         """
         if path not in PATHS:
             raise ValueError(f"unknown path {path!r}; expected one of {', '.join(PATHS)}")
@@ -269,7 +276,7 @@ class SpeechLLM:
         if audio.size == 0 or float(np.abs(audio).max(initial=0.0)) < 1e-4:
             return Result("", None, path)
         feats = self.encode(audio, pad_30s=path == "cascade" and self.cascade_pad_30s)
-        result = self.run_features(feats, path, context, language, with_intent)
+        result = self.run_features(feats, path, context, language, with_intent, max_new_tokens)
         result.latency_ms = (time.perf_counter() - t0) * 1000
         return result
 
@@ -281,19 +288,20 @@ class SpeechLLM:
         context: str = "",
         language: str | None = None,
         with_intent: bool = True,
+        max_new_tokens: int | None = None,
     ) -> Result:
         """`run` from encoder features `[N, Da]` (training validates on cached features)."""
         t0 = time.perf_counter()
-        confidence = None
+        confidence, cap = None, max_new_tokens
         if path == "cascade":
-            transcript, confidence = self.transcribe_cascade(feats, language)
-            intent = self.understand_text(transcript, context) if with_intent else None
+            transcript, confidence = self.transcribe_cascade(feats, language, cap)
+            intent = self.understand_text(transcript, context, cap) if with_intent else None
         else:
             content = self.project_features(feats)
             if path == "readout":
                 transcript = self.readout(content)
-                intent = self.understand_text(transcript, context) if with_intent else None
+                intent = self.understand_text(transcript, context, cap) if with_intent else None
             else:
                 embeds, _ = self.prompt_embeds(content, context)
-                transcript, intent = parse_answer(self.generate(embeds))
+                transcript, intent = parse_answer(self.generate(embeds, cap))
         return Result(transcript, intent, path, confidence, (time.perf_counter() - t0) * 1000)
