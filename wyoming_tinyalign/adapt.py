@@ -84,7 +84,7 @@ MIN_EVAL_ITEMS = 8
 SIGNIFICANCE = 0.1  # a drop on other voices counts when a one-sided sign test is below this
 LOSS_GUARD = 0.1  # a candidate whose household EmbedLink loss rose more than this share is broken
 CAP_MARGIN = 8  # validation answers may run this many tokens past the reference answer
-TRAIN_VAL_ITEMS = 1  # train() validates once, at the end, on this many utterances (its figures are not used)
+EARLY_STOP_EVERY = 6  # 1 in this many training utterances (and as many replayed ones) stops training early
 
 
 @dataclass
@@ -617,16 +617,19 @@ class Job:
         report["cascade"] = {"household": cascade}
 
         # Train within what is left of the budget (keeping time for validating the candidate).
-        candidate_eval_s = per_item * (len(held_items) + len(general_items) + 2 * TRAIN_VAL_ITEMS) + 5
+        candidate_eval_s = per_item * (len(held_items) + len(general_items)) + 5
         # At least a quarter of the budget: a first night that spent it rendering replay speech and
         # computing features should still learn something (the budget is a target, not a wall).
         train_s = max(0.25 * self.budget_s, self.budget_s - self.elapsed() - candidate_eval_s)
         out = opts.work / "candidate"
         shutil.rmtree(out, ignore_errors=True)
         manifests = self._manifests(train_pairs, replay)
+        # A few hundred utterances are learnt by heart long before the budget ends: train() validates
+        # its loss on utterances kept out of training (household and replay) every ~2.5 % of the
+        # budget, keeps the best projector and stops after `patience` validations without progress.
         cfg = TrainConfig(
             objective="embedlink", batch=opts.batch, lr=opts.lr, warmup=10, max_minutes=train_s / 60,
-            max_epochs=100_000, patience=1_000_000, val_every_s=1e9, seed=opts.seed,
+            max_epochs=100_000, patience=8, val_every_s=max(5.0, train_s / 40), seed=opts.seed,
             val_answers=False,  # the candidate is scored on this job's own sets below
         )  # fmt: skip
         self._memory("features and manifests ready")
@@ -799,9 +802,12 @@ class Job:
         folder = self.opts.work / "manifests"
         folder.mkdir(parents=True, exist_ok=True)
         household = [_utterance(lab, absolute=self.opts.data_dir / "log") for lab, _ in train_pairs]
+        # The newest household utterances and as many replayed ones (a random sample) validate.
+        n_val = len(household) // EARLY_STOP_EVERY
+        n_replay = max(1, n_val)
         paths = {"train": folder / "train.jsonl", "val": folder / "val.jsonl"}
-        write_manifest(paths["train"], household + replay)
-        write_manifest(paths["val"], household[:TRAIN_VAL_ITEMS])
+        write_manifest(paths["train"], household[n_val:] + replay[n_replay:])
+        write_manifest(paths["val"], household[:n_val] + replay[:n_replay])
         return paths
 
 
