@@ -13,7 +13,6 @@ before the server starts. Headless Debian chromium, as in test_web_ui.py.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import json
 import struct
@@ -29,7 +28,7 @@ from urllib.request import Request, urlopen
 import numpy as np
 import torch
 from playwright.sync_api import Browser, sync_playwright
-from serving import CHROMIUM, PAGE_LINK, ServerProcess, espeak_pcm, serve_args, transcribe
+from serving import CHROMIUM, PAGE_LINK, ServerProcess, say_all, serve_args
 
 from wyoming_tinyalign.devmodel import build_dev_model
 from wyoming_tinyalign.model.bundle import load_projector
@@ -161,14 +160,7 @@ def main() -> None:
         try:
             server.wait_ready()
             link = server.wait_log(PAGE_LINK).group(1)
-            host, port = server.host_port
-
-            async def say_all() -> None:
-                for text, satellite, voice in SAID:
-                    pcm, rate = espeak_pcm(text, work, voice)
-                    await transcribe(host, port, pcm, rate, context={"satellite_id": satellite})
-
-            asyncio.run(say_all())
+            say_all(*server.host_port, work, SAID)
             token = (data / "web-token").read_text().strip()
             while len(items := call(link, token, "GET", "api/interactions")["items"]) < len(SAID):
                 time.sleep(0.1)  # the log is written in the background

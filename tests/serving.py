@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import wave
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +174,19 @@ async def transcribe(
         t0 = time.perf_counter()
         events = await read_until(c, "transcript")
         return events, time.perf_counter() - t0
+
+
+def say_all(host: str, port: int, work: Path, said: list[tuple[str, ...]]) -> None:
+    """Speak each `(text, satellite[, voice])` to the server as a satellite would, one after another (in
+    a thread with its own event loop, so it works whatever runs in the caller's)."""
+
+    async def run() -> None:
+        for text, satellite, *voice in said:
+            pcm, rate = espeak_pcm(text, work, *voice)
+            await transcribe(host, port, pcm, rate, context={"satellite_id": satellite})
+
+    with ThreadPoolExecutor(1) as thread:
+        thread.submit(asyncio.run, run()).result()
 
 
 async def describe_rtt(host: str, port: int) -> tuple[Info, float]:

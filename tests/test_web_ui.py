@@ -12,7 +12,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.error import HTTPError
@@ -23,7 +22,7 @@ import playwright.sync_api as playwright
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from serving import CHROMIUM, PAGE_LINK, TIMEOUT, ServerProcess, espeak_pcm, serve_args, transcribe
+from serving import CHROMIUM, PAGE_LINK, TIMEOUT, ServerProcess, say_all, serve_args
 
 from wyoming_tinyalign.intents import INTENT_SLOTS
 from wyoming_tinyalign.store import InteractionStore
@@ -132,15 +131,7 @@ def site(micro_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     try:
         process.wait_ready()
         link = process.wait_log(PAGE_LINK).group(1)
-        host, port = process.host_port
-
-        async def say_all() -> None:
-            for text, satellite in SAID:
-                pcm, rate = espeak_pcm(text, work)
-                await transcribe(host, port, pcm, rate, context={"satellite_id": satellite})
-
-        with ThreadPoolExecutor(1) as thread:  # its own event loop, whatever runs in this one
-            thread.submit(asyncio.run, say_all()).result()
+        say_all(*process.host_port, work, SAID)
         site = Site(process, link.split("?")[0], link, (data / "web-token").read_text().strip(), data)
         deadline = time.monotonic() + TIMEOUT
         while api(site, "GET", "api/interactions")[1]["total"] < len(SAID):  # logged in the background
