@@ -24,12 +24,12 @@ from serving import TIMEOUT, WEB, ServerProcess, client, describe_rtt, read_unti
 from wyoming.asr import Transcribe, Transcript
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 
-from wyoming_tinyalign.adapt import Item, embedlink_val_loss
 from wyoming_tinyalign.audio import read_wav
 from wyoming_tinyalign.manifest import Utterance
 from wyoming_tinyalign.model.bundle import load_projector
 from wyoming_tinyalign.model.speechllm import SpeechLLM
 from wyoming_tinyalign.models import projector_version
+from wyoming_tinyalign.train import Example, val_loss
 from wyoming_tinyalign.versions import Versions
 from wyoming_tinyalign.web import authorized
 
@@ -197,18 +197,11 @@ async def test_a_household_is_recognised_better_after_one_night(
     assert [expected(model, srv, r, micro_model) for r in served] == after
     # The same never-labelled utterances sit closer to their words' embeddings with the new version.
     items = [
-        Item(
-            "x",
-            audio,
-            model.encoder.encode([audio])[0][0],
-            Utterance(Path("x"), u.text, u.intent, "", ""),
-            "",
-        )
-        for u, audio in fresh
+        Example(model.encode(audio), Utterance(Path("x"), u.text, u.intent, "", ""), "") for u, audio in fresh
     ]
     old, _ = load_projector(micro_model / "projector.safetensors")
     new, _ = Versions(srv.data).load("v0001")
-    old_loss, new_loss = embedlink_val_loss(model, old, items), embedlink_val_loss(model, new, items)
+    old_loss, new_loss = (val_loss(model, p, items, "embedlink", 16) for p in (old, new))
     print(f"fresh utterances: loss {old_loss} -> {new_loss}; transcripts {before} -> {after}")
     assert new_loss < old_loss
 

@@ -326,7 +326,7 @@ async def test_household_json_is_a_households_file_and_is_rewritten_only_on_chan
 async def test_the_provider_answers_at_once_while_home_assistant_hangs(hass: FakeHass) -> None:
     hass.mode = "hang"
     context = HassContext(hass.url, TOKEN, initial="areas: a; devices: b", fetch_timeout=0.3)
-    context.start()
+    await context.start()
     try:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
@@ -342,7 +342,7 @@ async def test_refresh_backs_off_keeps_the_last_context_and_recovers(hass: FakeH
     context = HassContext(
         hass.url, TOKEN, refresh_s=0.2, fetch_timeout=TIMEOUT, backoff_first_s=0.05, backoff_max_s=0.2
     )
-    context.start()
+    await context.start()
     try:
         await asyncio.wait_for(context.updated.wait(), TIMEOUT)
         good = context()
@@ -366,7 +366,7 @@ async def test_a_refused_token_is_retried_and_logged_once(
     hass: FakeHass, caplog: pytest.LogCaptureFixture
 ) -> None:
     context = HassContext(hass.url, "wrong", initial="", backoff_first_s=0.02, backoff_max_s=0.05)
-    context.start()
+    await context.start()
     try:
         await until(lambda: context.failures >= 3)
     finally:

@@ -48,7 +48,7 @@ import torch
 
 from .assistant import load_context_file
 from .audio import AudioError, read_wav
-from .evaluate import normalize_words, word_error_rate
+from .evaluate import normalize_words, score_answers, word_error_rate
 from .files import write_atomic
 from .hass import HOUSEHOLD_FILE
 from .households import Household, context_text, load_households
@@ -69,7 +69,7 @@ from .model.speechllm import SpeechLLM
 from .models import projector_version, resolve_model
 from .store import DB_FILE, InteractionStore
 from .synth import render_corpus
-from .train import Example, FeatureCache, TrainConfig, embedlink_loss, encoder_fingerprint, train
+from .train import Example, FeatureCache, TrainConfig, encoder_fingerprint, train, val_loss
 from .versions import BASE, VersionError, Versions, check_fits, household_validated, recorded_model
 
 _LOGGER = logging.getLogger(__name__)
@@ -199,38 +199,6 @@ def answers(
             cache.put(key, *hit)
         out.append(hit)
     return out
-
-
-@torch.no_grad()
-def embedlink_val_loss(model: SpeechLLM, projector: Projector, items: list[Item], batch: int = 16) -> float:
-    """Mean EmbedLink loss of a projector on items (the objective it is trained with)."""
-    from .train import collate
-
-    projector.eval()
-    total = 0.0
-    for i in range(0, len(items), batch):
-        chunk = [Example(it.features, it.utterance, it.context) for it in items[i : i + batch]]
-        feats, lengths = collate(chunk)
-        out, out_lengths = projector(feats.to(model.device), lengths.to(model.device))
-        total += float(embedlink_loss(model, out, out_lengths, chunk)) * len(chunk)
-    return round(total / max(1, len(items)), 5)
-
-
-def score_answers(items: list[Item], got: list[tuple[str, Intent | None]]) -> dict[str, Any]:
-    """WER on all items; intent accuracy (exact, and name only) on the items with a reference intent."""
-    with_intent = [
-        (it.utterance.intent, a[1]) for it, a in zip(items, got, strict=True) if it.utterance.intent
-    ]
-    exact = sum(ref.matches(hyp) for ref, hyp in with_intent)
-    names = sum(hyp is not None and hyp.name == ref.name for ref, hyp in with_intent)
-    wer = word_error_rate([it.utterance.text for it in items], [a[0] for a in got]) if items else None
-    return {
-        "n": len(items),
-        "n_intent": len(with_intent),
-        "intent_accuracy": round(exact / len(with_intent), 4) if with_intent else None,
-        "intent_name_accuracy": round(names / len(with_intent), 4) if with_intent else None,
-        "wer": round(wer, 4) if wer is not None else None,
-    }
 
 
 def paired_changes(
@@ -610,7 +578,8 @@ class Job:
         held_items, general_items = self._fit_validation(per_item, held_items, general_items)
         data.update(heldout_evaluated=len(held_items), general_evaluated=len(general_items))
         before, before_answers = self._evaluate(model, serving, serving_cache, held_items, general_items)
-        cascade = score_answers(held_items, answers(model, held_items, "cascade", cascade_cache))
+        held_refs = [it.utterance for it in held_items]
+        cascade = score_answers(held_refs, answers(model, held_items, "cascade", cascade_cache))
         cascade_cache.save()
         report["before"] = before
         self._memory("validated the served projector")
@@ -789,8 +758,12 @@ class Job:
         general_answers: list[tuple[str, Intent | None]] = []
         for name, items in (("household", held), ("general", general)):
             got = answers(model, items, "aligned", cache)
-            scores = score_answers(items, got)
-            scores["loss"] = embedlink_val_loss(model, projector, items) if items else None
+            scores = score_answers([it.utterance for it in items], got)
+            examples = [Example(it.features, it.utterance, it.context) for it in items]
+            if examples:
+                scores["loss"] = val_loss(model, projector, examples, "embedlink", self.opts.batch)
+            else:
+                scores["loss"] = None
             out[name] = scores
             general_answers = got
         cache.save()

@@ -12,6 +12,7 @@ import numpy as np
 
 from .corpus import Command
 from .households import context_text, load_households
+from .intents import Intent
 from .manifest import Utterance, load_utterances, read_manifest
 from .model.speechllm import PATHS, Result, SpeechLLM
 
@@ -48,21 +49,29 @@ def evaluate_text(model: SpeechLLM, pairs: list[tuple[Command, str]]) -> float:
     return hits / max(1, len(pairs))
 
 
-def score(pairs: list[tuple[Utterance, Result]]) -> dict:
-    """WER, intent accuracy (exact and name only) and latency percentiles of results."""
-    n = len(pairs)
-    latencies = [r.latency_ms for _, r in pairs]
-    exact = sum(u.intent.matches(r.intent) for u, r in pairs if u.intent is not None)
-    names = sum(
-        r.intent is not None and r.intent.name == u.intent.name for u, r in pairs if u.intent is not None
-    )
+def score_answers(refs: list[Utterance], got: list[tuple[str, Intent | None]]) -> dict:
+    """WER on all utterances; intent accuracy (exact, and name only) on those with a reference intent
+    (None when there is none)."""
+    with_intent = [(u.intent, hyp) for u, (_, hyp) in zip(refs, got, strict=True) if u.intent is not None]
+    exact = sum(ref.matches(hyp) for ref, hyp in with_intent)
+    names = sum(hyp is not None and hyp.name == ref.name for ref, hyp in with_intent)
+    wer = word_error_rate([u.text for u in refs], [text for text, _ in got]) if refs else None
     return {
-        "n": n,
-        "wer": round(word_error_rate([u.text for u, _ in pairs], [r.transcript for _, r in pairs]), 4),
-        "intent_accuracy": round(exact / max(1, n), 4),
-        "intent_name_accuracy": round(names / max(1, n), 4),
-        "latency_ms_p50": round(float(np.percentile(latencies, 50)), 1) if n else None,
-        "latency_ms_p95": round(float(np.percentile(latencies, 95)), 1) if n else None,
+        "n": len(refs),
+        "n_intent": len(with_intent),
+        "wer": round(wer, 4) if wer is not None else None,
+        "intent_accuracy": round(exact / len(with_intent), 4) if with_intent else None,
+        "intent_name_accuracy": round(names / len(with_intent), 4) if with_intent else None,
+    }
+
+
+def score(pairs: list[tuple[Utterance, Result]]) -> dict:
+    """`score_answers` of results, with their latency percentiles."""
+    latencies = [r.latency_ms for _, r in pairs]
+    return {
+        **score_answers([u for u, _ in pairs], [(r.transcript, r.intent) for _, r in pairs]),
+        "latency_ms_p50": round(float(np.percentile(latencies, 50)), 1) if pairs else None,
+        "latency_ms_p95": round(float(np.percentile(latencies, 95)), 1) if pairs else None,
     }
 
 

@@ -375,9 +375,10 @@ class HassContext:
     def __call__(self) -> str:
         return self.text
 
-    def start(self) -> None:
-        """Start the background task (needs a running event loop); returns at once."""
+    async def start(self, app: Any = None) -> None:
+        """Start the background task and return at once (a server service: `app` is not needed)."""
         if self._task is None:
+            _LOGGER.info("household context: from Home Assistant at %s", self.url)
             self._task = asyncio.create_task(self._run(), name="home assistant context")
 
     async def stop(self) -> None:

@@ -163,8 +163,7 @@ def run_serve(args: argparse.Namespace) -> int:
         settings=settings,
         info=build_info(choice.name, description, version, settings).event(),
         max_connections=args.max_connections,
-        hass=hass,
-        services=[nightly],
+        services=[nightly] if hass is None else [hass, nightly],
     )
     zeroconf = args.zeroconf
     if zeroconf is not None and zeroconf.strip().lower() in _TRUE:  # WYOMING_TINYALIGN_ZEROCONF=true
@@ -190,7 +189,6 @@ class App:
     settings: ServerSettings
     info: Event
     max_connections: int
-    hass: HassContext | None = None
     services: list[Any] = field(default_factory=list)  # start(app) once listening, stop() at the end
     _handlers: dict[asyncio.Task[None], TinyAlignHandler] = field(default_factory=dict, init=False)
 
@@ -207,18 +205,14 @@ class App:
             if isinstance(server, AsyncStdioServer):
                 stdio_task = await self._serve_stdio()
                 _LOGGER.info("ready: serving on stdio://")
-                self._start_background()
-                for service in self.services:
-                    await service.start(self)
+                await self._start_services()
                 stopped = asyncio.create_task(stop.wait())
                 await asyncio.wait({stopped, stdio_task}, return_when=asyncio.FIRST_COMPLETED)
                 stopped.cancel()
             else:
                 listener, where = await self._listen(server)
                 _LOGGER.info("ready: serving on %s", where)
-                self._start_background()
-                for service in self.services:
-                    await service.start(self)
+                await self._start_services()
                 if zeroconf_name and isinstance(server, AsyncTcpServer):
                     advert = await Advert.start(zeroconf_name, server.host, listener)
                 await stop.wait()
@@ -231,8 +225,6 @@ class App:
                     server.socket_path.unlink(missing_ok=True)
             if advert is not None:
                 await advert.stop()
-            if self.hass is not None:
-                await self.hass.stop()
             for service in self.services:
                 await service.stop()
             await self._stop_handlers()
@@ -249,11 +241,10 @@ class App:
         for handler in self._handlers.values():
             handler._info = info
 
-    def _start_background(self) -> None:
-        """Household context from Home Assistant: fetched in the background, never awaited here."""
-        if self.hass is not None:
-            _LOGGER.info("household context: from Home Assistant at %s", self.hass.url)
-            self.hass.start()
+    async def _start_services(self) -> None:
+        """Once listening: the background services (Home Assistant context, nightly adaptation, web)."""
+        for service in self.services:
+            await service.start(self)
 
     async def _listen(self, server: AsyncServer) -> tuple[asyncio.Server, str]:
         if isinstance(server, AsyncTcpServer):

@@ -201,6 +201,21 @@ def train_step(
     return float(loss.detach())
 
 
+@torch.no_grad()
+def val_loss(
+    model: SpeechLLM, projector: Projector, examples: list[Example], objective: str, batch: int
+) -> float:
+    """Mean training loss of a projector on examples (leaves it in eval mode)."""
+    projector.eval()
+    total = 0.0
+    for i in range(0, len(examples), batch):
+        chunk = examples[i : i + batch]
+        feats, lengths = collate(chunk)
+        out, out_lengths = projector(feats.to(model.device), lengths.to(model.device))
+        total += float(LOSSES[objective](model, out, out_lengths, chunk)) * len(chunk)
+    return round(total / max(1, len(examples)), 5)
+
+
 # ------------------------------------------------------------------- config
 CURVE_POINTS = 100  # the loss curve a run returns keeps at most this many points
 
@@ -400,15 +415,7 @@ def train(
     state["config"] = fingerprint
 
     def validate() -> dict:
-        projector.eval()
-        with torch.no_grad():
-            losses = []
-            for i in range(0, len(val_set), cfg.batch):
-                batch = val_set[i : i + cfg.batch]
-                feats, lengths = collate(batch)
-                o, ol = projector(feats, lengths)
-                losses.append(float(LOSSES[cfg.objective](model, o, ol, batch)) * len(batch))
-        metrics = {"val_loss": round(sum(losses) / len(val_set), 5)}
+        metrics = {"val_loss": val_loss(model, projector, val_set, cfg.objective, cfg.batch)}
         if not cfg.val_answers:
             projector.train()
             return metrics
@@ -428,8 +435,8 @@ def train(
         }
 
     def better(m: dict, best: dict | None) -> bool:
-        return best is None or (m.get("intent_accuracy", 0), -m["val_loss"]) > (
-            best.get("intent_accuracy", 0),
+        return best is None or (m.get("intent_accuracy") or 0, -m["val_loss"]) > (
+            best.get("intent_accuracy") or 0,
             -best["val_loss"],
         )
 

@@ -37,6 +37,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import urlencode
 
+import numpy as np
 from aiohttp import web
 
 from ..intents import INTENT_SLOTS, Intent
@@ -262,17 +263,6 @@ def _duration(seconds: float | None) -> str:
     return f"{minutes} min {secs} s" if minutes else f"{secs} s"
 
 
-def _percentile(values: list[float], q: float) -> float | None:
-    """Linear interpolation between the closest ranks (like numpy's default)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
 def _intent_text(intent: dict[str, Any] | None) -> str:
     if not intent:
         return "not recognized"
@@ -306,8 +296,8 @@ def _overview(store: InteractionStore) -> dict[str, Any]:
     return {
         "requests": len(today),
         "audio": sum(kind == "audio" for kind, _ in today),
-        "p50": _percentile(latencies, 50),
-        "p95": _percentile(latencies, 95),
+        "p50": float(np.percentile(latencies, 50)) if latencies else None,
+        "p95": float(np.percentile(latencies, 95)) if latencies else None,
         "to_review": to_review,
         "last_run": next(iter(adaptation_runs(store, 1)), None),
     }
