@@ -10,7 +10,8 @@
    is the error rate at least halved.
 2. Cost at real size: the same job on 200 corrected utterances with whisper-base + Qwen2.5-0.5B shapes
    (random weights; the compute is real, the words are not): its wall time and peak RSS (the job
-   process's `ru_maxrss`); targets <= 10 minutes and <= 3 GB on 2 cores.
+   process's `ru_maxrss`); targets <= 10 minutes and <= 3 GB on 2 cores. `--real-size-dtype float32
+   --real-size-dtype bfloat16` runs it with the backbones in each precision, side by side.
 
 Prints markdown tables (for benchmarks/RESULTS.md) and writes every figure to WORK/personalization.json.
 `--quick` is a smoke run (few utterances, short budgets, 16 real-size utterances). Base-household speech
@@ -24,6 +25,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -91,7 +93,7 @@ def run_night(data: Path, args: argparse.Namespace, extra: list[str]) -> dict:
         sys.executable, "-m", "wyoming_tinyalign", "adapt", "--data-dir", str(data), "--now",
         "--budget-minutes", str(args.budget_minutes), "--threads", str(args.threads),
         "--bootstrap-dir", str(args.work / "bootstrap"), "--replay-n", str(args.replay_n),
-        "--general-n", str(args.general_n), *extra,
+        "--general-n", str(args.general_n), *shlex.split(args.job_args), *extra,
     ]  # fmt: skip
     _LOGGER.info("running %s", " ".join(cmd))
     with open(data.parent / "adapt.log", "w") as log:
@@ -184,25 +186,26 @@ def real_size_bundle(dev: Path, out: Path) -> Path:
     return out
 
 
-def real_size(args: argparse.Namespace) -> dict:
+def real_size(args: argparse.Namespace, dtype: str) -> dict:
     bundle = real_size_bundle(args.model, args.work / "real-size-bundle")
-    work = args.work / "real-size"
+    work = args.work / f"real-size-{dtype}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     household = next(h for h in load_households() if h.split == "unseen")
     manifest = render_corpus(work / "speech", [household], args.real_size_n, seed=300)
     n = log_corrected(work / "data", bundle, manifest)
     t0 = time.monotonic()
-    report = run_night(
-        work / "data", args, ["--context-file", str(household_file(household, work / "household.json"))]
-    )
+    household_json = str(household_file(household, work / "household.json"))
+    report = run_night(work / "data", args, ["--context-file", household_json, "--dtype", dtype])
     return {
+        "dtype": dtype,
         "utterances": n,
         "status": report["status"],
         "reason": report.get("reason"),
         "wall_s": round(time.monotonic() - t0, 1),
         "duration_s": report.get("duration_s"),
         "peak_rss_mb": report.get("peak_rss_mb"),
+        "memory_mb": report.get("memory_mb"),
         "train": {k: v for k, v in (report.get("train") or {}).items() if k not in ("history", "loss_curve")},
         "data": report.get("data"),
     }
@@ -244,17 +247,19 @@ def report(r: dict) -> str:
             f"| {gb.get('intent_accuracy', '-')} -> {ga.get('intent_accuracy', '-')} "
             f"| {row['job']['duration_s']} | {row['job']['peak_rss_mb']} |"
         )
-    if r.get("real_size"):
-        s = r["real_size"]
+    if r["real_size"]:
         lines += [
             "",
             "| real-size job (whisper-base + Qwen2.5-0.5B shapes, random weights) | utterances | result "
             "| wall s | job s | peak RSS MB | train steps | step ms |",
             "|---" * 8 + "|",
-            f"| `adapt --now --threads {r['threads']}` | {s['utterances']} | {s['status']} | {s['wall_s']} "
-            f"| {s['duration_s']} | {s['peak_rss_mb']} | {s['train'].get('steps')} "
-            f"| {s['train'].get('step_ms')} |",
         ]
+        for s in r["real_size"]:
+            lines.append(
+                f"| `adapt --now --threads {r['threads']} --dtype {s['dtype']}` | {s['utterances']} "
+                f"| {s['status']} | {s['wall_s']} | {s['duration_s']} | {s['peak_rss_mb']} "
+                f"| {s['train'].get('steps')} | {s['train'].get('step_ms')} |"
+            )
     return "\n".join(lines)
 
 
@@ -272,6 +277,12 @@ def main() -> None:
     parser.add_argument("--real-size-n", type=int, default=200, help="utterances of the real-size run")
     parser.add_argument("--replay-n", type=int, default=400)
     parser.add_argument("--general-n", type=int, default=60)
+    parser.add_argument(
+        "--real-size-dtype", action="append", choices=("float32", "bfloat16"),
+        help="backbone precision of the real-size run; give it twice to run both side by side "
+        "(default float32)",
+    )  # fmt: skip
+    parser.add_argument("--job-args", default="", help="more `adapt` flags for every night (one string)")
     parser.add_argument("--skip-real-size", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes and budgets")
@@ -298,7 +309,8 @@ def main() -> None:
         "quick": args.quick,
     }
     results["quality"] = [] if args.skip_quality else quality(args)
-    results["real_size"] = None if args.skip_real_size else real_size(args)
+    dtypes = [] if args.skip_real_size else args.real_size_dtype or ["float32"]
+    results["real_size"] = [real_size(args, dtype) for dtype in dtypes]
     (args.work / "personalization.json").write_text(json.dumps(results, indent=2))
     print(report(results))
 

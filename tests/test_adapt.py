@@ -186,3 +186,15 @@ def test_replay_speech_rehearses_the_homes_own_names(tmp_path: Path) -> None:
     manifest = bootstrap_speech(tmp_path / "boot", "replay", 40, 1, houses)
     texts = [u.text for u in read_manifest(manifest) if u.household == "home"]
     assert texts and any("aquarium pump" in t for t in texts)
+
+
+def test_the_job_runs_in_bfloat16_as_a_server_started_with_it(
+    micro_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`--dtype bfloat16` (what a server run in it passes on): half-size backbones, a float32 projector."""
+    data = tmp_path_factory.mktemp("bf16") / "data"
+    log_household(data, micro_model, unseen_speech(tmp_path_factory, 12, seed=23))
+    report = run_job(options(data, tmp_path_factory, now=True, dtype="bfloat16", budget_minutes=0.1))
+    assert report["status"] in ("promoted", "rejected"), report
+    assert report["dtype"] == "bfloat16" and report["train"]["steps"] > 0
+    assert report["before"]["household"]["loss"] > 0 and report["after"]["household"]["loss"] > 0

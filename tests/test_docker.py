@@ -30,7 +30,7 @@ from serving import espeak_pcm
 from wyoming_tinyalign.__main__ import build_parser, main
 from wyoming_tinyalign.audio import pcm_to_float
 from wyoming_tinyalign.model.speechllm import PATHS, SpeechLLM
-from wyoming_tinyalign.serve import inference_dtype
+from wyoming_tinyalign.models import inference_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 60.0

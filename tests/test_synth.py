@@ -1,6 +1,7 @@
 import argparse
 import json
 import logging
+import random
 import subprocess
 import wave
 from pathlib import Path
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from wyoming_tinyalign.audio import TARGET_RATE, read_wav
+from wyoming_tinyalign.devmodel import CROWD_LANGUAGES, CROWD_VARIANTS, crowd_households
 from wyoming_tinyalign.households import Household, load_households
 from wyoming_tinyalign.intents import Intent
 from wyoming_tinyalign.manifest import load_utterances, read_manifest
@@ -40,6 +42,20 @@ def test_packaged_voices_exist() -> None:
                 ["espeak-ng", "-v", speaker.voice, "-q", "test"], capture_output=True, text=True, check=False
             )
             assert proc.returncode == 0 and not proc.stderr, (speaker.voice, proc.stderr)
+
+
+def test_crowd_voices_exist_and_leave_the_unseen_households_unheard() -> None:
+    """The dev Whisper's crowd speaks in voices espeak-ng has, none of an `unseen` household's language."""
+    for voice in {lang + variant for lang in CROWD_LANGUAGES for variant in CROWD_VARIANTS}:
+        proc = subprocess.run(
+            ["espeak-ng", "-v", voice, "-q", "test"], capture_output=True, text=True, check=False
+        )
+        assert proc.returncode == 0 and not proc.stderr, (voice, proc.stderr)
+    unseen = {s.voice.split("+")[0] for h in load_households() if h.split == "unseen" for s in h.speakers}
+    crowd = crowd_households(50, random.Random(0))
+    assert {s.voice.split("+")[0] for h in crowd for s in h.speakers} <= set(CROWD_LANGUAGES)
+    assert not unseen & set(CROWD_LANGUAGES)
+    assert len({s.voice for h in crowd for s in h.speakers}) > 50  # a crowd, not a handful
 
 
 def test_deterministic(tmp_path: Path, corpus: Path, households: list[Household]) -> None:

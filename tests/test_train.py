@@ -14,7 +14,7 @@ from wyoming_tinyalign.households import load_households
 from wyoming_tinyalign.model.bundle import load_bundle_config
 from wyoming_tinyalign.model.speechllm import SpeechLLM
 from wyoming_tinyalign.synth import render_corpus
-from wyoming_tinyalign.train import STATE_FILE, TrainConfig, train
+from wyoming_tinyalign.train import STATE_FILE, TrainConfig, made_progress, train
 
 FAST = dict(hidden_dim=32, heads=2, layers=1, batch=4, lr=3e-3, warmup=1, patience=100)
 
@@ -68,6 +68,27 @@ def test_loss_only_validation_and_loss_curve(micro_model: Path, tiny_manifest: P
     assert all(loss > 0 for _, loss in result.loss_curve)
 
 
+def test_early_stopping_counts_validations_without_any_progress(
+    micro_model: Path, tiny_manifest: Path, tmp_path: Path
+) -> None:
+    """Patience runs out when neither the kept checkpoint nor the validation loss improves."""
+    frozen = TrainConfig(max_epochs=10, **{**FAST, "lr": 0.0, "patience": 2})
+    result = train(
+        micro_model, tiny_manifest, tiny_manifest, tmp_path / "a", frozen, cache_dir=tmp_path / "c"
+    )
+    assert len(result.history) == 3  # the first validation, then two without progress
+    learning = TrainConfig(max_epochs=4, val_answers=False, **{**FAST, "patience": 1})
+    result = train(
+        micro_model, tiny_manifest, tiny_manifest, tmp_path / "b", learning, cache_dir=tmp_path / "c"
+    )
+    losses = [h["val_loss"] for h in result.history]
+    assert losses == sorted(losses, reverse=True) and len(losses) == 4  # a falling loss keeps it going
+    # A lower loss resets patience even when intent accuracy peaked earlier; nothing better does not.
+    best = {"intent_accuracy": 0.2, "val_loss": 0.6}
+    assert made_progress({"intent_accuracy": 0.1, "val_loss": 0.5}, best, min_val_loss=0.55)
+    assert not made_progress({"intent_accuracy": 0.1, "val_loss": 0.56}, best, min_val_loss=0.55)
+
+
 def test_lora_adapters_round_trip(micro_model: Path, tiny_manifest: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(objective="generative", lora_r=4, max_epochs=2, **FAST)
     train(micro_model, tiny_manifest, tiny_manifest, tmp_path / "out", cfg, cache_dir=tmp_path / "cache")
@@ -96,6 +117,30 @@ def test_features_are_cached_across_epochs_and_runs(
         micro_model, tiny_manifest, tiny_manifest, tmp_path / "b", cfg, cache_dir=tmp_path / "cache"
     )
     assert again.encoder_calls == 0
+
+
+def test_a_fine_tune_that_only_hurts_keeps_the_starting_projector(
+    micro_model: Path, tiny_manifest: Path, tmp_path: Path
+) -> None:
+    """With an initial projector, step 0 is validated too: a learning rate of 50 never beats it."""
+    init = micro_model / "projector.safetensors"
+    cfg = TrainConfig(max_epochs=3, val_answers=False, **{**FAST, "lr": 50.0})
+    result = train(
+        micro_model,
+        tiny_manifest,
+        tiny_manifest,
+        tmp_path / "o",
+        cfg,
+        cache_dir=tmp_path / "c",
+        init_projector=init,
+    )
+    assert [h["step"] for h in result.history] == [0, 2, 4, 6]
+    assert result.best["step"] == 0 and result.best["train_loss"] is None
+    assert min(h["val_loss"] for h in result.history[1:]) > result.best["val_loss"]
+    with safe_open(str(init), "pt") as a, safe_open(str(tmp_path / "o" / "projector.safetensors"), "pt") as b:
+        names = list(a.keys())
+        assert names and set(names) == set(b.keys())
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in names)
 
 
 def test_training_resumes_from_the_saved_step(micro_model: Path, tiny_manifest: Path, tmp_path: Path) -> None:

@@ -5,8 +5,9 @@
 - a tiny Qwen2 LLM pretrained to answer the prompt template with "transcript, newline, intent" for text
   placed in the audio slot (clean, padded to the cast length, or corrupted, with and without household
   context, so it learns to lean on the context),
-- a tiny Whisper trained as an ASR on espeak-ng speech of the base households (a frozen *random* encoder
-  carries too little for a projector to learn from; real Whisper is pretrained, so the stand-in is too),
+- a tiny Whisper trained as an ASR on espeak-ng speech of the base households and of a crowd of other
+  voices (a frozen *random* encoder carries too little for a projector to learn from; real Whisper is
+  pretrained on many voices and accents, so the stand-in is too),
 - a BridgeFormer projector aligned with EmbedLink on that speech (`train.train`), so every path works.
 Everything is saved with `save_pretrained` and loaded back through the same `from_pretrained` code as
 real models.
@@ -37,7 +38,7 @@ from transformers import (
 
 from .corpus import Command, generate_commands, random_household
 from .evaluate import evaluate_items, evaluate_text
-from .households import Household, context_text, load_households
+from .households import Household, Speaker, context_text, load_households
 from .intents import format_answer
 from .manifest import load_utterances
 from .model.bundle import BundleConfig, load_bundle_config, save_bundle_config
@@ -53,6 +54,14 @@ PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 WHISPER_SPECIALS = ["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|translate|>", "<|notimestamps|>"]
 CTC_CHARS = " abcdefghijklmnopqrstuvwxyz0123456789'"
 CTC_WEIGHT = 0.3
+# The crowd: voices that only the tiny Whisper hears, as real Whisper has heard many accents before a
+# household ever speaks to it. English accents and other languages' voices reading English; none is a
+# voice or a language of the `unseen` households, which stay unheard by every part of the dev model.
+CROWD_LANGUAGES = (
+    "en-us", "en-gb", "en-gb-x-rp", "en-gb-x-gbclan", "en-us-nyc",
+    "es", "it", "pt", "pl", "sv", "da", "cs", "hu", "ro", "fi", "tr",
+)  # fmt: skip
+CROWD_VARIANTS = ("", "+m1", "+m2", "+m4", "+m5", "+m6", "+m7", "+f1", "+f3", "+f4", "+f5", "+klatt")
 CHITCHAT = [
     "what a lovely day",
     "tell me a joke",
@@ -82,6 +91,7 @@ class DevSize:
     whisper_heads: int
     whisper_steps: int
     speech_utterances: int
+    crowd_utterances: int  # of crowd voices, for the tiny Whisper only
     val_utterances: int
     eval_utterances: int
     projector_hidden: int
@@ -96,14 +106,15 @@ SIZES = {
     "micro": DevSize(
         vocab=400, llm_hidden=64, llm_layers=2, llm_heads=2, llm_steps=200,
         whisper_dim=64, whisper_enc_layers=1, whisper_dec_layers=1, whisper_heads=2, whisper_steps=60,
-        speech_utterances=48, val_utterances=8, eval_utterances=12, projector_hidden=64, heldout_commands=24,
+        speech_utterances=48, crowd_utterances=20, val_utterances=8, eval_utterances=12,
+        projector_hidden=64, heldout_commands=24,
         align_minutes=1, align_epochs=2, batch=16,
     ),
     "small": DevSize(
         vocab=700, llm_hidden=256, llm_layers=3, llm_heads=4, llm_steps=1200,
-        whisper_dim=192, whisper_enc_layers=3, whisper_dec_layers=2, whisper_heads=4, whisper_steps=2000,
-        speech_utterances=2400, val_utterances=100, eval_utterances=150, projector_hidden=256,
-        heldout_commands=240, align_minutes=4, align_epochs=200, batch=16,
+        whisper_dim=192, whisper_enc_layers=3, whisper_dec_layers=2, whisper_heads=4, whisper_steps=3200,
+        speech_utterances=2400, crowd_utterances=2400, val_utterances=100, eval_utterances=150,
+        projector_hidden=256, heldout_commands=240, align_minutes=4, align_epochs=200, batch=16,
     ),
 }  # fmt: skip
 
@@ -141,6 +152,26 @@ class TextExample:
     content: str  # what is in the audio slot (may be corrupted)
     answer: Command | None  # None for chit-chat
     transcript: str
+
+
+def crowd_households(n: int, rng: random.Random) -> list[Household]:
+    """`n` households with random names, each of three random crowd voices at random pitch and speed."""
+    households = []
+    for i in range(n):
+        house = random_household(rng)
+        house.name, house.split = f"crowd{i}", "crowd"
+        house.speakers = [
+            Speaker(
+                id=f"crowd{i}-{j}",
+                voice=rng.choice(CROWD_LANGUAGES) + rng.choice(CROWD_VARIANTS),
+                speed=rng.randint(135, 190),
+                pitch=rng.randint(25, 80),
+                noise_snr_db=rng.choice([None, None, 15.0, 25.0]),
+            )
+            for j in range(3)
+        ]
+        households.append(house)
+    return households
 
 
 def text_examples(households: list[Household], n: int, rng: random.Random) -> list[TextExample]:
@@ -398,12 +429,17 @@ def build_dev_model(out: Path, size_name: str = "small", seed: int = 0, work_dir
 
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp_name:
         tmp = Path(tmp_name)
-        n_all = size.speech_utterances + size.val_utterances + size.eval_utterances
+        n_all = size.speech_utterances + size.val_utterances + size.eval_utterances + size.crowd_utterances
         _LOGGER.info("rendering %d utterances of synthetic speech", n_all)
         train_manifest = render_corpus(tmp / "train", households, size.speech_utterances, seed)
         val_manifest = render_corpus(tmp / "val", households, size.val_utterances, seed + 1)
         heldout = load_utterances(render_corpus(tmp / "heldout", households, size.eval_utterances, seed + 2))
         speech = [(a, u.text) for u, a in load_utterances(train_manifest)]
+        crowd = crowd_households(size.crowd_utterances // 20, random.Random(f"{seed}/crowd"))
+        crowd_speech = [
+            (a, u.text)
+            for u, a in load_utterances(render_corpus(tmp / "crowd", crowd, size.crowd_utterances, seed + 3))
+        ]
         times["speech_s"] = time.monotonic() - t
 
         t = time.monotonic()
@@ -417,7 +453,7 @@ def build_dev_model(out: Path, size_name: str = "small", seed: int = 0, work_dir
 
         t = time.monotonic()
         feature_extractor = WhisperFeatureExtractor(feature_size=80)
-        whisper = train_whisper(tokenizer, feature_extractor, speech, size, seed)
+        whisper = train_whisper(tokenizer, feature_extractor, speech + crowd_speech, size, seed)
         times["whisper_s"] = time.monotonic() - t
 
         for sub, model in (("llm", llm), ("whisper", whisper)):

@@ -15,6 +15,7 @@ from .households import context_text, load_households
 from .intents import Intent
 from .manifest import Utterance, load_utterances, read_manifest
 from .model.speechllm import PATHS, Result, SpeechLLM
+from .models import add_dtype_arg, inference_dtype
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -103,19 +104,20 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--households", type=Path, help="households file for context (default: packaged)")
     parser.add_argument("--no-context", action="store_true", help="leave household context out of the prompt")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_dtype_arg(parser)
 
 
 def run_eval(args: argparse.Namespace) -> int:
     if (args.model is None) == (args.data_dir is None):
         raise ValueError("give either --model (a bundle) or --data-dir (a server's data dir)")
-    version = None
+    version, dtype = None, inference_dtype(args.device, args.dtype)
     if args.data_dir is not None:
         from .versions import load_household_model, recorded_model
 
-        model, version = load_household_model(args.data_dir, args.device)
+        model, version = load_household_model(args.data_dir, args.device, dtype)
         args.model = recorded_model(args.data_dir)
     else:
-        model = SpeechLLM.load(args.model, device=args.device)
+        model = SpeechLLM.load(args.model, device=args.device, dtype=dtype)
     report = evaluate_manifest(model, args.manifest, args.path, args.households, not args.no_context)
     report["model"] = str(args.model)
     if version is not None:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import os
@@ -85,7 +86,7 @@ def ensure_dev_model(folder: Path, build: Builder | None = None) -> Path:
         shutil.rmtree(stale, ignore_errors=True)
     tmp = folder.parent / f".{folder.name}.building-{os.getpid()}"
     _LOGGER.warning(
-        "building the offline DEMO model into %s (once; about 15-20 minutes on 2 cores); progress follows",
+        "building the offline DEMO model into %s (once; about 25-30 minutes on 2 cores); progress follows",
         folder,
     )
     try:
@@ -98,6 +99,27 @@ def ensure_dev_model(folder: Path, build: Builder | None = None) -> Path:
         raise
     _LOGGER.info("demo model ready in %s", folder)
     return folder
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
+    """`--dtype`, shared by `serve`, `adapt` and `eval` (the nightly job runs at the server's)."""
+    parser.add_argument(
+        "--dtype", choices=("auto", *DTYPES), default="auto",
+        help="backbone precision; auto: float32 on cpu, bfloat16 (or float16) on cuda",
+    )  # fmt: skip
+
+
+def inference_dtype(device: str, requested: str = "auto") -> torch.dtype:
+    """`--dtype`: auto is float32 on the CPU and half precision on CUDA: bfloat16 where the GPU has it
+    (Ampere and later, e.g. Jetson Orin), float16 otherwise (bfloat16 emulated on older GPUs is slow)."""
+    if requested != "auto":
+        return DTYPES[requested]
+    if not device.startswith("cuda"):
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def load_model(choice: ModelChoice, device: str, dtype: torch.dtype = torch.float32) -> SpeechLLM:

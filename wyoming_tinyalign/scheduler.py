@@ -143,7 +143,8 @@ class Nightly:
         self.web_token: str | None = args.web_token
         self.job_args = [
             "--budget-minutes", str(args.adapt_budget_minutes), "--min-new", str(args.adapt_min_new),
-            "--threads", str(args.adapt_threads), "--device", args.device, *shlex.split(args.adapt_args),
+            "--threads", str(args.adapt_threads), "--device", args.device, "--dtype", args.dtype,
+            *shlex.split(args.adapt_args),
         ]  # fmt: skip
         self.served_name = BASE
         self.version = base_version

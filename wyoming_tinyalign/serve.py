@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from wyoming.client import AsyncClient
 from wyoming.error import Error
 from wyoming.event import Event, async_get_stdin, async_write_event
@@ -32,7 +31,16 @@ from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 from .assistant import Assistant, ContextProvider, load_context_file, static_context
 from .handler import MAX_HEADER_BYTES, ServerSettings, TinyAlignHandler, build_info, close_gently
 from .hass import DEFAULT_REFRESH_MINUTES, HOUSEHOLD_FILE, HassContext, cached_context
-from .models import DEV, PRESET_PREFIX, PRESETS, load_model, projector_version, resolve_model
+from .models import (
+    DEV,
+    PRESET_PREFIX,
+    PRESETS,
+    add_dtype_arg,
+    inference_dtype,
+    load_model,
+    projector_version,
+    resolve_model,
+)
 from .scheduler import Nightly, add_adaptation_args
 from .store import InteractionStore, StoreError
 from .worker import PATH_CHOICES, InferenceWorker
@@ -42,7 +50,6 @@ _LOGGER = logging.getLogger(__name__)
 DEFAULT_ZEROCONF_NAME = "tinyalign"
 SHUTDOWN_GRACE_S = 30.0
 _TRUE = {"1", "true", "yes", "on"}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -81,10 +88,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "--hass-refresh-minutes", type=float, default=DEFAULT_REFRESH_MINUTES,
         help="how often the household context is fetched again",
     )  # fmt: skip
-    parser.add_argument(
-        "--dtype", choices=("auto", *DTYPES), default="auto",
-        help="model precision; auto: float32 on cpu, bfloat16 (or float16) on cuda",
-    )  # fmt: skip
+    add_dtype_arg(parser)
     parser.add_argument("--tts-uri", help="Wyoming TTS server for run-pipeline clients ending in tts")
     parser.add_argument("--no-streaming", action="store_true", help="no transcript-start/-chunk/-stop events")
     parser.add_argument("--max-connections", type=int, default=16, help="more concurrent clients are refused")
@@ -169,16 +173,6 @@ def run_serve(args: argparse.Namespace) -> int:
     if zeroconf is not None and zeroconf.strip().lower() in _TRUE:  # WYOMING_TINYALIGN_ZEROCONF=true
         zeroconf = DEFAULT_ZEROCONF_NAME
     return asyncio.run(app.serve(server, zeroconf))
-
-
-def inference_dtype(device: str, requested: str = "auto") -> torch.dtype:
-    """`--dtype`: auto is float32 on the CPU and half precision on CUDA: bfloat16 where the GPU has it
-    (Ampere and later, e.g. Jetson Orin), float16 otherwise (bfloat16 emulated on older GPUs is slow)."""
-    if requested != "auto":
-        return DTYPES[requested]
-    if not device.startswith("cuda"):
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 @dataclass

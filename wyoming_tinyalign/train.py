@@ -258,6 +258,23 @@ class TrainResult:
     seconds: float = 0.0
 
 
+def better(m: dict, best: dict | None) -> bool:
+    """Whether validation `m` beats the kept checkpoint: intent accuracy first, then the loss."""
+    return best is None or (m.get("intent_accuracy") or 0, -m["val_loss"]) > (
+        best.get("intent_accuracy") or 0,
+        -best["val_loss"],
+    )
+
+
+def made_progress(m: dict, best: dict | None, min_val_loss: float | None) -> bool:
+    """Whether validation `m` resets early stopping's patience.
+
+    It does when it beats the kept checkpoint or lowers the validation loss: intent accuracy on a
+    small validation set is too noisy to stop on alone while the loss still falls.
+    """
+    return better(m, best) or min_val_loss is None or m["val_loss"] < min_val_loss
+
+
 def data_hash(utterances: list[Utterance], features: list[torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for u, f in zip(utterances, features, strict=True):
@@ -399,6 +416,7 @@ def train(
         "step": 0,
         "best": None,
         "bad_epochs": 0,
+        "min_val_loss": None,
         "history": [],
         "loss_curve": [],
         "curve_stride": 1,
@@ -434,12 +452,6 @@ def train(
             "readout_wer": readout["wer"],
         }
 
-    def better(m: dict, best: dict | None) -> bool:
-        return best is None or (m.get("intent_accuracy") or 0, -m["val_loss"]) > (
-            best.get("intent_accuracy") or 0,
-            -best["val_loss"],
-        )
-
     budget_s = cfg.max_minutes * 60
     steps_per_epoch = max(1, len(train_set) // cfg.batch)
     progress = Progress(f"train {cfg.objective}/{proj_cfg.kind}", budget_s, every_s=10)
@@ -448,6 +460,31 @@ def train(
     if cfg.lora_r:
         model.llm.train()
     t_loop = time.monotonic() - state["wall_s"]
+
+    def checkpoint(train_loss: float | None) -> None:
+        """Validate; keep the projector when it is the best so far; count patience."""
+        metrics = {"epoch": state["epoch"], "step": state["step"], "train_loss": train_loss}
+        metrics.update(validate())
+        metrics["elapsed_s"] = round(time.monotonic() - t_loop, 1)
+        metrics["train_s"] = round(state["step_s"], 1)  # optimizer steps only, without validation
+        state["history"].append(metrics)
+        _LOGGER.info("epoch %d: %s", state["epoch"], json.dumps(metrics))
+        min_val_loss = state.get("min_val_loss")  # absent in state files of older versions
+        progress_made = made_progress(metrics, state["best"], min_val_loss)
+        state["bad_epochs"] = 0 if progress_made else state["bad_epochs"] + 1
+        if min_val_loss is None or metrics["val_loss"] < min_val_loss:
+            state["min_val_loss"] = metrics["val_loss"]
+        if better(metrics, state["best"]):
+            state["best"] = metrics
+            info = ProjectorInfo(proj_cfg, enc_ref, llm_ref, data_hash=hash_, trained=True, metrics=metrics)
+            meta = {"config": asdict(cfg), "train_manifest": str(train_manifest), "best": metrics}
+            _write_bundle(out, src_cfg, projector, info, bool(cfg.lora_r), meta)
+            if cfg.lora_r:
+                model.llm.save_pretrained(out / "lora")
+
+    if init_projector is not None and not state["history"]:
+        # The starting point is a candidate too: a fine-tune that only makes things worse keeps it.
+        checkpoint(None)
     last_validation = time.monotonic()
     loss_value = float("nan")
     while state["epoch"] < cfg.max_epochs and state["bad_epochs"] < cfg.patience:
@@ -479,23 +516,7 @@ def train(
         finished = out_of_time or state["epoch"] >= cfg.max_epochs
         if finished or time.monotonic() - last_validation >= cfg.val_every_s:
             last_validation = time.monotonic()
-            metrics = {"epoch": state["epoch"], "step": state["step"], "train_loss": round(loss_value, 5)}
-            metrics.update(validate())
-            metrics["elapsed_s"] = round(time.monotonic() - t_loop, 1)
-            metrics["train_s"] = round(state["step_s"], 1)  # optimizer steps only, without validation
-            state["history"].append(metrics)
-            _LOGGER.info("epoch %d: %s", state["epoch"], json.dumps(metrics))
-            if better(metrics, state["best"]):
-                state["best"], state["bad_epochs"] = metrics, 0
-                info = ProjectorInfo(
-                    proj_cfg, enc_ref, llm_ref, data_hash=hash_, trained=True, metrics=metrics
-                )
-                meta = {"config": asdict(cfg), "train_manifest": str(train_manifest), "best": metrics}
-                _write_bundle(out, src_cfg, projector, info, bool(cfg.lora_r), meta)
-                if cfg.lora_r:
-                    model.llm.save_pretrained(out / "lora")
-            else:
-                state["bad_epochs"] += 1
+            checkpoint(round(loss_value, 5))
         state["wall_s"] = time.monotonic() - t_loop
         _save_state(state_path, projector, model.llm, opt, state)
         if out_of_time:
@@ -537,7 +558,12 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--max-minutes", type=float, default=d.max_minutes, help="time budget")
     parser.add_argument("--max-epochs", type=int, default=d.max_epochs)
-    parser.add_argument("--patience", type=int, default=d.patience, help="epochs without improvement")
+    parser.add_argument(
+        "--patience",
+        type=int,
+        default=d.patience,
+        help="validations without a better checkpoint or a lower validation loss before stopping",
+    )
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--no-context", action="store_true", help="train without household context")
     parser.add_argument("--init-projector", type=Path, help="start from this projector checkpoint")

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .files import write_atomic
 from .model.bundle import (
     BundleConfig,
@@ -254,12 +256,14 @@ def served(data_dir: Path, bundle: Path, encoder_dim: int, llm_dim: int, device:
     return Served(name, projector, info)
 
 
-def load_household_model(data_dir: Path, device: str = "cpu", bundle: Path | None = None):
+def load_household_model(
+    data_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32, bundle: Path | None = None
+):
     """The bundle of a data dir with its promoted projector version; returns (SpeechLLM, version name)."""
     from .model.speechllm import SpeechLLM
 
     bundle = bundle or recorded_model(data_dir)
-    model = SpeechLLM.load(bundle, device=device)
+    model = SpeechLLM.load(bundle, device=device, dtype=dtype)
     current = served(data_dir, bundle, model.encoder.dim, model.llm.config.hidden_size, device)
     if current.projector is not None:
         model.projector, model.projector_info = current.projector, current.info
