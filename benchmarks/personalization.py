@@ -157,7 +157,8 @@ def quality(args: argparse.Namespace) -> list[dict]:
 # ------------------------------------------------------------------------------------------- real size
 def real_size_bundle(dev: Path, out: Path) -> Path:
     """whisper-base + Qwen2.5-0.5B shapes with random weights, saved as a bundle (the dev model's
-    tokenizers: their ids fit the big vocabularies), with an untrained BridgeFormer."""
+    tokenizers: their ids fit the big vocabularies; each backbone in the precision its hub checkpoint
+    has: float32 Whisper, bfloat16 Qwen), with an untrained BridgeFormer."""
     if (out / "bundle.json").is_file():
         return out
     shutil.rmtree(out, ignore_errors=True)
@@ -171,10 +172,10 @@ def real_size_bundle(dev: Path, out: Path) -> Path:
     WhisperFeatureExtractor(feature_size=80).save_pretrained(out / "whisper")
     dev_model = SpeechLLM.load(dev)
     llm = qwen25_05b(dev_model.tokenizer.pad_token_id, dev_model.tokenizer.eos_token_id)
-    llm.save_pretrained(out / "llm")
+    llm.to(torch.bfloat16).save_pretrained(out / "llm")  # as Qwen2.5-0.5B-Instruct is on the hub
     dev_model.tokenizer.save_pretrained(out / "llm")
     dev_model.whisper_tokenizer.save_pretrained(out / "whisper")
-    embed_norm = float(llm.get_input_embeddings().weight.detach().norm(dim=-1).mean())
+    embed_norm = float(llm.get_input_embeddings().weight.detach().float().norm(dim=-1).mean())
     del llm, dev_model
     config = ProjectorConfig(kind="bridgeformer", input_dim=512, output_dim=896, embed_norm=embed_norm)
     save_projector(
