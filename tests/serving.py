@@ -264,11 +264,13 @@ def start_tts() -> tuple[subprocess.Popen, int]:
 
 
 # --------------------------------------------------------------------------- bench
-async def _bench(model: Path, path: str, n: int, seconds: float, loaders: int) -> dict:
+async def _bench(model: Path, path: str, n: int, seconds: float, loaders: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         server = ServerProcess(
-            serve_args(model, work / "data", "--uri", "tcp://127.0.0.1:0", "--path", path),
+            serve_args(
+                model, work / "data", "--uri", "tcp://127.0.0.1:0", "--path", path, "--threads", str(threads)
+            ),
             work / "server.log",
         )
         try:
@@ -316,13 +318,15 @@ def main() -> None:
     bench.add_argument("--n", type=int, default=20)
     bench.add_argument("--seconds", type=float, default=3.0)
     bench.add_argument("--loaders", type=int, default=4)
+    bench.add_argument("--threads", type=int, default=1, help="the server's torch threads (0: all cores)")
     args = parser.parse_args()
     if args.command == "tts":
         asyncio.run(_run_tts())
     else:
         print(
             json.dumps(
-                asyncio.run(_bench(args.model, args.path, args.n, args.seconds, args.loaders)), indent=2
+                asyncio.run(_bench(args.model, args.path, args.n, args.seconds, args.loaders, args.threads)),
+                indent=2,
             )
         )
 
