@@ -112,6 +112,9 @@ def test_a_worse_candidate_is_rejected_and_the_served_version_stays(
     report = run_job(options(household, tmp_path_factory, now=True, lr=50.0, budget_minutes=0.1))
     assert report["status"] == "rejected", report
     assert "for the household" in report["reason"] and report.get("version") is None
+    # train() kept its starting point, so the served projector's figures stand for the candidate.
+    assert "no epoch of training beat the served projector" in report["reason"]
+    assert report["after"] == report["before"] and report["train"]["history"][0]["step"] == 0
     assert Versions(household).current() == "v0001" and Versions(household).names() == ["v0001"]
     assert [r["status"] for r in adaptations(household)][-1] == "rejected"
 
@@ -191,7 +194,8 @@ def test_replay_speech_rehearses_the_homes_own_names(tmp_path: Path) -> None:
 def test_the_job_runs_in_bfloat16_as_a_server_started_with_it(
     micro_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """`--dtype bfloat16` (what a server run in it passes on): half-size backbones, a float32 projector."""
+    """`--dtype bfloat16`, which a server run in it passes on: the night loads the backbones in
+    bfloat16 and still trains and validates its float32 projector."""
     data = tmp_path_factory.mktemp("bf16") / "data"
     log_household(data, micro_model, unseen_speech(tmp_path_factory, 12, seed=23))
     report = run_job(options(data, tmp_path_factory, now=True, dtype="bfloat16", budget_minutes=0.1))

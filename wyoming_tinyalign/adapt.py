@@ -630,18 +630,30 @@ class Job:
             "lr": opts.lr,
         }
 
-        # After: the candidate on the same sets; promote only if it is better.
-        candidate, candidate_info = load_projector(out / "projector.safetensors", opts.device)
-        after, after_answers = self._evaluate(
-            model, candidate, Predictions(predictions, weights_key(candidate)), held_items, general_items
-        )
-        report["after"] = after
-        self._memory("validated the candidate")
-        paired = None
-        if before_answers is not None and after_answers is not None:
-            paired = paired_changes(general_items, before_answers, after_answers)
-            report["general_changes"] = paired  # utterances that got [worse, better]
-        promote, reason = decide(after, before, opts.tolerance, paired, opts.decide_on)
+        if init_path is not None and result.best.get("step") == 0:
+            # train() kept its starting point: the candidate is the served projector, already validated.
+            start, *later = [h["val_loss"] for h in result.history]
+            promote, reason = (
+                False,
+                (
+                    "no better for the household: no epoch of training beat the served projector "
+                    f"(held-aside loss {start} at the start, {min(later, default=start)} at best after)"
+                ),
+            )
+            report["after"] = before
+        else:
+            # After: the candidate on the same sets; promote only if it is better.
+            candidate, candidate_info = load_projector(out / "projector.safetensors", opts.device)
+            after, after_answers = self._evaluate(
+                model, candidate, Predictions(predictions, weights_key(candidate)), held_items, general_items
+            )
+            report["after"] = after
+            self._memory("validated the candidate")
+            paired = None
+            if before_answers is not None and after_answers is not None:
+                paired = paired_changes(general_items, before_answers, after_answers)
+                report["general_changes"] = paired  # utterances that got [worse, better]
+            promote, reason = decide(after, before, opts.tolerance, paired, opts.decide_on)
         report["reason"] = reason
         if not promote:
             report["status"] = "rejected"
@@ -765,10 +777,9 @@ class Job:
             got = answers(model, items, "aligned", cache)
             scores = score_answers([it.utterance for it in items], got)
             examples = [Example(it.features, it.utterance, it.context) for it in items]
-            if examples:
-                scores["loss"] = val_loss(model, projector, examples, "embedlink", self.opts.batch)
-            else:
-                scores["loss"] = None
+            scores["loss"] = (
+                val_loss(model, projector, examples, "embedlink", self.opts.batch) if examples else None
+            )
             out[name] = scores
             general_answers = got
         cache.save()

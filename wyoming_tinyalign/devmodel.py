@@ -20,7 +20,7 @@ import math
 import random
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -159,8 +159,7 @@ def crowd_households(n: int, rng: random.Random) -> list[Household]:
     households = []
     for i in range(n):
         house = random_household(rng)
-        house.name, house.split = f"crowd{i}", "crowd"
-        house.speakers = [
+        speakers = [
             Speaker(
                 id=f"crowd{i}-{j}",
                 voice=rng.choice(CROWD_LANGUAGES) + rng.choice(CROWD_VARIANTS),
@@ -170,7 +169,7 @@ def crowd_households(n: int, rng: random.Random) -> list[Household]:
             )
             for j in range(3)
         ]
-        households.append(house)
+        households.append(replace(house, name=f"crowd{i}", split="crowd", speakers=speakers))
     return households
 
 

@@ -416,7 +416,6 @@ def train(
         "step": 0,
         "best": None,
         "bad_epochs": 0,
-        "min_val_loss": None,
         "history": [],
         "loss_curve": [],
         "curve_stride": 1,
@@ -467,13 +466,12 @@ def train(
         metrics.update(validate())
         metrics["elapsed_s"] = round(time.monotonic() - t_loop, 1)
         metrics["train_s"] = round(state["step_s"], 1)  # optimizer steps only, without validation
+        min_val_loss = min((h["val_loss"] for h in state["history"]), default=None)
+        state["bad_epochs"] = (
+            0 if made_progress(metrics, state["best"], min_val_loss) else state["bad_epochs"] + 1
+        )
         state["history"].append(metrics)
         _LOGGER.info("epoch %d: %s", state["epoch"], json.dumps(metrics))
-        min_val_loss = state.get("min_val_loss")  # absent in state files of older versions
-        progress_made = made_progress(metrics, state["best"], min_val_loss)
-        state["bad_epochs"] = 0 if progress_made else state["bad_epochs"] + 1
-        if min_val_loss is None or metrics["val_loss"] < min_val_loss:
-            state["min_val_loss"] = metrics["val_loss"]
         if better(metrics, state["best"]):
             state["best"] = metrics
             info = ProjectorInfo(proj_cfg, enc_ref, llm_ref, data_hash=hash_, trained=True, metrics=metrics)

@@ -401,6 +401,23 @@ def select_rows(store: InteractionStore, sql: str, args: list[Any]) -> list[sqli
     return cursor.execute(sql, args).fetchall()
 
 
+def count_interactions(store: InteractionStore, where: str, args: list[Any]) -> int:
+    """How many interactions match an `interaction_filters` condition (store's thread)."""
+    return store.conn.execute(f"SELECT COUNT(*) FROM interactions WHERE {where}", args).fetchone()[0]
+
+
+def interaction_page(
+    store: InteractionStore, where: str, args: list[Any], page: int, per_page: int
+) -> list[dict[str, Any]]:
+    """One page of matching interactions, newest first, as the API shows them (store's thread)."""
+    rows = select_rows(
+        store,
+        f"SELECT * FROM interactions WHERE {where} ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?",
+        [*args, per_page, (page - 1) * per_page],
+    )
+    return [row_json(r) for r in rows]
+
+
 async def list_interactions(request: web.Request) -> web.Response:
     store = log_store(request)
     try:
@@ -411,13 +428,7 @@ async def list_interactions(request: web.Request) -> web.Response:
     where, args = interaction_filters(request.query)
 
     def query() -> tuple[int, list[dict[str, Any]]]:
-        total = store.conn.execute(f"SELECT COUNT(*) FROM interactions WHERE {where}", args).fetchone()[0]
-        rows = select_rows(
-            store,
-            f"SELECT * FROM interactions WHERE {where} ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?",
-            [*args, per_page, (page - 1) * per_page],
-        )
-        return total, [row_json(r) for r in rows]
+        return count_interactions(store, where, args), interaction_page(store, where, args, page, per_page)
 
     total, items = await store.async_call(query)
     return web.json_response({"items": items, "page": page, "per_page": per_page, "total": total})

@@ -292,16 +292,16 @@ class SpeechLLM:
     ) -> Result:
         """`run` from encoder features `[N, Da]` (training validates on cached features)."""
         t0 = time.perf_counter()
-        confidence, cap = None, max_new_tokens
+        confidence = None
         if path == "cascade":
-            transcript, confidence = self.transcribe_cascade(feats, language, cap)
-            intent = self.understand_text(transcript, context, cap) if with_intent else None
+            transcript, confidence = self.transcribe_cascade(feats, language, max_new_tokens)
+            intent = self.understand_text(transcript, context, max_new_tokens) if with_intent else None
         else:
             content = self.project_features(feats)
             if path == "readout":
                 transcript = self.readout(content)
-                intent = self.understand_text(transcript, context, cap) if with_intent else None
+                intent = self.understand_text(transcript, context, max_new_tokens) if with_intent else None
             else:
                 embeds, _ = self.prompt_embeds(content, context)
-                transcript, intent = parse_answer(self.generate(embeds, cap))
+                transcript, intent = parse_answer(self.generate(embeds, max_new_tokens))
         return Result(transcript, intent, path, confidence, (time.perf_counter() - t0) * 1000)

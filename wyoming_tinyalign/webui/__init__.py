@@ -46,12 +46,12 @@ from ..versions import BASE, VersionError, Versions
 from ..web import (
     adaptation_runs,
     authorized,
+    count_interactions,
     ingress,
     interaction_filters,
-    row_json,
+    interaction_page,
     same_origin,
     same_token,
-    select_rows,
     web_context,
 )
 from .charts import Series, line_chart
@@ -290,8 +290,7 @@ def _overview(store: InteractionStore) -> dict[str, Any]:
     today = store.conn.execute(
         "SELECT kind, latency_ms FROM interactions WHERE created_at >= ?", (midnight,)
     ).fetchall()
-    where, args = interaction_filters(FILTERS["unlabelled"])
-    to_review = store.conn.execute(f"SELECT COUNT(*) FROM interactions WHERE {where}", args).fetchone()[0]
+    to_review = count_interactions(store, *interaction_filters(FILTERS["unlabelled"]))
     latencies = [ms for kind, ms in today if kind == "audio" and ms is not None]
     return {
         "requests": len(today),
@@ -390,18 +389,9 @@ async def dashboard(request: web.Request) -> str:
 # ------------------------------------------------------------------------------------- interactions
 def _page_of(store: InteractionStore, name: str, page: int) -> dict[str, Any]:
     """One page of the log under a filter, and how many rows each filter has (store's thread)."""
-    counts = {}
-    for key, params in FILTERS.items():
-        where, args = interaction_filters(params)
-        sql = f"SELECT COUNT(*) FROM interactions WHERE {where}"
-        (counts[key],) = store.conn.execute(sql, args).fetchone()
-    where, args = interaction_filters(FILTERS[name])
-    rows = select_rows(
-        store,
-        f"SELECT * FROM interactions WHERE {where} ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?",
-        [*args, PER_PAGE, (page - 1) * PER_PAGE],
-    )
-    return {"counts": counts, "items": [row_json(r) for r in rows]}
+    counts = {key: count_interactions(store, *interaction_filters(params)) for key, params in FILTERS.items()}
+    items = interaction_page(store, *interaction_filters(FILTERS[name]), page, PER_PAGE)
+    return {"counts": counts, "items": items}
 
 
 def _where(item: dict[str, Any]) -> str:
