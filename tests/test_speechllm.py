@@ -11,7 +11,7 @@ import torch
 
 from wyoming_tinyalign.manifest import load_utterances
 from wyoming_tinyalign.model.bundle import BundleError, load_bundle_config, save_bundle_config
-from wyoming_tinyalign.model.speechllm import PATHS, SpeechLLM
+from wyoming_tinyalign.model.speechllm import PATHS, SpeechLLM, loop_start
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,41 @@ def test_silence_and_empty_audio_give_an_empty_transcript(model: SpeechLLM) -> N
     for audio in (np.zeros(0, np.float32), np.zeros(16000, np.float32)):
         result = model.run(audio, "aligned")
         assert (result.transcript, result.intent) == ("", None)
+
+
+def test_loops_are_found_where_they_begin() -> None:
+    assert loop_start([7, 1, 2, 3, 3, 3, 3]) == 3
+    assert loop_start([7, 3, 3, 3, 3, 3]) == 1
+    assert loop_start([7, 1, 2, 1, 2, 1, 2]) == 1
+    assert loop_start([4, 5, 6, 4, 5, 6, 4, 5, 6]) == 0
+    assert loop_start([1, 0, 0]) is None and loop_start([1, 2, 1, 2]) is None and loop_start([]) is None
+
+
+def test_a_looping_answer_is_cut_where_the_loop_began(model: SpeechLLM) -> None:
+    """Prompts of random embeddings send the tiny LLM into loops; `generate` stops them early and
+    returns what came before."""
+    torch.manual_seed(0)
+    looped = 0
+    for _ in range(20):
+        embeds = torch.randn(1, 20, model.llm.config.hidden_size) * 0.05
+        raw = model.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+            max_new_tokens=model.max_new_tokens,
+            do_sample=False,
+            eos_token_id=model.tokenizer.eos_token_id,
+            pad_token_id=model.tokenizer.pad_token_id,
+        )[0].tolist()
+        # where generation stops: the first point at which the answer so far ends in a loop
+        stop = next((n for n in range(1, len(raw) + 1) if loop_start(raw[:n]) is not None), len(raw))
+        start = loop_start(raw[:stop])
+        answer = model.generate(embeds)
+        if start is None:
+            assert answer == model.tokenizer.decode(raw, skip_special_tokens=True)
+        else:
+            looped += 1
+            assert answer == model.tokenizer.decode(raw[:start], skip_special_tokens=True)
+    assert looped, "no prompt looped: the test proves nothing"
 
 
 def test_readout_is_nearest_token_embedding(model: SpeechLLM) -> None:

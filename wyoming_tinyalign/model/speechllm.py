@@ -26,6 +26,8 @@ from peft import PeftModel
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    StoppingCriteria,
+    StoppingCriteriaList,
     WhisperFeatureExtractor,
     WhisperForConditionalGeneration,
 )
@@ -37,6 +39,32 @@ from .projector import Projector
 from .prompt import PromptTemplate
 
 PATHS = ("aligned", "readout", "cascade")
+
+
+DECODING_VERSION = 2  # bump when a change to decoding changes what a model answers (stored answers expire)
+LOOP_REPEATS = {1: 4, 2: 3, 3: 3}  # a unit of this many tokens, repeated this often, is a loop
+
+
+def loop_start(ids: list[int]) -> int | None:
+    """Where a greedy decoder's degenerate loop at the end of `ids` begins ("porch porch porch porch",
+    "to 2 to 2 to 2"), or None. No answer of the intent format repeats a unit that often."""
+    for period, repeats in LOOP_REPEATS.items():
+        unit = ids[-period:]
+        if len(ids) < period * repeats or ids[-period * repeats :] != unit * repeats:
+            continue
+        start = len(ids) - period * repeats
+        while start >= period and ids[start - period : start] == unit:
+            start -= period
+        return start
+    return None
+
+
+class _StopOnLoop(StoppingCriteria):
+    """Ends generation once the answer has fallen into a loop (batch of one)."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        done = [loop_start(row.tolist()) is not None for row in input_ids]
+        return torch.tensor(done, device=input_ids.device)
 
 
 @dataclass
@@ -176,7 +204,8 @@ class SpeechLLM:
 
     @torch.no_grad()
     def generate(self, embeds: torch.Tensor, max_new_tokens: int | None = None) -> str:
-        """Greedy answer of the LLM to a prompt given as embeddings `[1, L, D]`."""
+        """Greedy answer of the LLM to a prompt given as embeddings `[1, L, D]`. A degenerate loop
+        ends generation and is cut off: the answer then stops where the loop began."""
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
         out = self.llm.generate(
             inputs_embeds=embeds,
@@ -185,8 +214,10 @@ class SpeechLLM:
             do_sample=False,
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
+            stopping_criteria=StoppingCriteriaList([_StopOnLoop()]),
         )
-        return self.tokenizer.decode(out[0], skip_special_tokens=True)
+        ids = out[0].tolist()
+        return self.tokenizer.decode(ids[: loop_start(ids)], skip_special_tokens=True)
 
     @torch.no_grad()
     def readout(self, embeds: torch.Tensor) -> str:
