@@ -151,7 +151,8 @@ GENERAL = {"intent_accuracy": 0.8, "wer": 0.2, "loss": 1.0, "n": 10}
 @pytest.mark.parametrize(
     ("household", "general", "promote", "why"),
     [
-        ({"intent_accuracy": 0.6, "wer": 0.5, "loss": 1.05}, {}, True, "intent_accuracy 0.5 -> 0.6"),
+        ({"intent_accuracy": 0.6, "wer": 0.4, "loss": 1.05}, {}, True, "intent_accuracy 0.5 -> 0.6"),
+        ({"intent_accuracy": 0.6, "wer": 0.5}, {}, False, "worse for the household: wer"),
         ({"intent_accuracy": 0.7, "wer": 0.1, "loss": 1.5}, {}, False, "EmbedLink loss 1.0 -> 1.5"),
         (
             {"intent_accuracy": 0.4, "wer": 0.1, "loss": 0.5},
@@ -185,11 +186,28 @@ def test_a_drop_on_other_voices_must_be_more_than_chance() -> None:
     serving = {"household": HOUSE, "general": GENERAL}
     candidate = {"household": HOUSE | {"intent_accuracy": 0.7}, "general": GENERAL | {"intent_accuracy": 0.6}}
     # Two utterances right before and wrong after, none the other way: a coin could do that (p = 0.25).
-    promote, reason = decide(candidate, serving, 0.02, {"intent_accuracy": [2, 0], "wer": [0, 0]})
+    changes = {"intent_accuracy": [2, 0], "wer": [0, 0]}
+    promote, reason = decide(candidate, serving, 0.02, {"general": changes})
     assert promote and "could be chance (p=0.25)" in reason
-    promote, reason = decide(candidate, serving, 0.02, {"intent_accuracy": [6, 1], "wer": [0, 0]})
+    changes = {"intent_accuracy": [6, 1], "wer": [0, 0]}
+    promote, reason = decide(candidate, serving, 0.02, {"general": changes})
     assert not promote and "worse on other voices: intent accuracy 0.8 -> 0.6" in reason
     assert sign_test(0, 0) == 1.0 and sign_test(4, 0) == 1 / 16
+
+
+def test_a_gain_for_the_household_must_be_more_than_chance() -> None:
+    serving = {"household": HOUSE, "general": GENERAL}
+    candidate = {"household": HOUSE | {"intent_accuracy": 0.6}, "general": GENERAL}
+    # One utterance wrong before and right after: a coin could do that (p = 0.5), so the served one stays.
+    promote, reason = decide(candidate, serving, 0.02, {"household": {"intent_accuracy": [0, 1]}})
+    assert not promote and "no better for the household" in reason and "could be chance (p=0.50)" in reason
+    promote, reason = decide(candidate, serving, 0.02, {"household": {"intent_accuracy": [0, 4]}})
+    assert promote and "intent_accuracy 0.5 -> 0.6" in reason
+    # A chance gain in one metric does not hide a real gain in the other.
+    candidate["household"] |= {"wer": 0.3}
+    changes = {"intent_accuracy": [1, 2], "wer": [1, 7]}
+    promote, reason = decide(candidate, serving, 0.02, {"household": changes})
+    assert promote and "wer 0.4 -> 0.3" in reason and "intent_accuracy" not in reason
 
 
 def test_tiny_models_can_be_judged_on_the_loss_alone() -> None:

@@ -15,9 +15,10 @@ One run, in its own low-priority process (`nice` 10, one torch thread unless `--
 6. validates the candidate and the served projector on the household's held-out set and on a general
    held-out set of base-household speech (intent accuracy, WER, EmbedLink loss), and the cascade on the
    household's held-out set (for the day-0 rule of `--path auto`);
-7. promotes the candidate only when it is better for the household and not worse elsewhere beyond
-   `--tolerance`: first a new numbered version file, then the pointer (`versions.py`); otherwise it is
-   recorded as rejected with the reason.
+7. promotes the candidate only when it is better for the household by more than chance (a sign test
+   over the held-out utterances that changed) and not worse elsewhere beyond `--tolerance`: first a
+   new numbered version file, then the pointer (`versions.py`); otherwise it is recorded as rejected
+   with the reason.
 
 Nothing the server reads is written before step 7, so a kill at any moment leaves it serving a complete
 version. The report (data sizes, label sources, before/after metrics, loss curve, duration, peak memory)
@@ -65,7 +66,7 @@ from .manifest import Utterance, read_manifest, write_manifest
 from .model.bundle import BundleConfig, ProjectorInfo, load_bundle_config, load_projector
 from .model.projector import Projector
 from .model.prompt import answer_ids
-from .model.speechllm import SpeechLLM
+from .model.speechllm import DECODING_VERSION, SpeechLLM
 from .models import add_dtype_arg, inference_dtype, projector_version, resolve_model
 from .store import DB_FILE, InteractionStore
 from .synth import render_corpus
@@ -81,7 +82,7 @@ LOCK_FILE = "lock"
 HOUSEHOLD = "household"
 REPLAY_SEED, GENERAL_SEED = 1000, 1001
 MIN_EVAL_ITEMS = 8
-SIGNIFICANCE = 0.1  # a drop on other voices counts when a one-sided sign test is below this
+SIGNIFICANCE = 0.1  # a household gain or a drop elsewhere counts when a one-sided sign test is below this
 LOSS_GUARD = 0.1  # a candidate whose household EmbedLink loss rose more than this share is broken
 CAP_MARGIN = 8  # validation answers may run this many tokens past the reference answer
 EARLY_STOP_EVERY = 6  # 1 in this many training utterances (and as many replayed ones) stops training early
@@ -139,10 +140,11 @@ class Item:
 
 class Predictions:
     """What one projector (or the cascade) answered on held-out items, kept across nights: its answers do
-    not change, so each night only new items (and a new candidate) cost model runs."""
+    not change (until the decoding does: `DECODING_VERSION`), so each night only new items (and a new
+    candidate) cost model runs."""
 
     def __init__(self, folder: Path, key: str) -> None:
-        self.path = folder / f"{key}.json"
+        self.path = folder / f"{key}-d{DECODING_VERSION}.json"
         try:
             self.data: dict[str, list] = json.loads(self.path.read_text())
         except (OSError, ValueError):
@@ -235,16 +237,22 @@ def decide(
     candidate: dict,
     serving: dict,
     tolerance: float,
-    paired: dict[str, list[int]] | None = None,
+    paired: dict[str, dict[str, list[int]]] | None = None,
     on: str = "answers",
 ) -> tuple[bool, str]:
-    """Promote only if better for the household (intent accuracy, then WER, then EmbedLink loss decide,
-    in that order; and never with an EmbedLink loss more than `LOSS_GUARD` above the served one's, which
-    marks a broken projector whose answers happened to suit a small held-out set) and not worse on the
-    general held-out set: a drop of intent accuracy or a rise of WER beyond `tolerance` (absolute)
-    rejects, unless a paired sign test over the utterances (`paired`: worse and better counts per metric)
-    finds it could be chance (p >= `SIGNIFICANCE`): on a small set one or two utterances flipping must
-    not block the household's progress. Returns (promote, reason).
+    """Promote only if better for the household and not worse on the general held-out set.
+
+    Household: neither intent accuracy nor WER may get worse, and one must get better by more than
+    chance: a one-sided sign test over the held-out utterances that changed (`paired["household"]`:
+    [worse, better] counts per metric) must be below `SIGNIFICANCE`, so one utterance flipping on a
+    small set cannot promote a projector. Only when both are unchanged does the EmbedLink loss decide
+    (lower by 0.5 %). A loss more than `LOSS_GUARD` above the served one's always rejects: it marks a
+    broken projector whose answers happened to suit a small held-out set.
+
+    General: a drop of intent accuracy or a rise of WER beyond `tolerance` (absolute) rejects, unless
+    the sign test over `paired["general"]` finds it could be chance (p >= `SIGNIFICANCE`): one or two
+    utterances flipping must not block the household's progress either. Without `paired` (nothing was
+    served before) the figures alone decide. Returns (promote, reason).
 
     `on="loss"` decides on the EmbedLink loss alone (household: lower by 0.5 %; general: not higher by
     more than `tolerance`, relative): for development models too small for their answers to mean
@@ -257,22 +265,27 @@ def decide(
     c, s = mine.get("loss"), theirs.get("loss")
     if c is not None and s is not None and c > s * (1 + LOSS_GUARD):
         return False, f"worse for the household: EmbedLink loss {s} -> {c} (up more than {LOSS_GUARD:.0%})"
-    verdict = None
-    for key, higher_is_better, margin in (("intent_accuracy", True, 1e-9), ("wer", False, 1e-9)):
+    gains, chance = [], []
+    for key, higher_is_better in (("intent_accuracy", True), ("wer", False)):
         c, s = mine.get(key), theirs.get(key)
-        if c is None or s is None:
+        if c is None or s is None or abs(c - s) <= 1e-9:
             continue
-        gain = (c - s) if higher_is_better else (s - c)
-        if gain < -margin:
+        if (c > s) != higher_is_better:
             return False, f"worse for the household: {key} {c} vs {s} served"
-        if gain > margin:
-            verdict = f"{key} {s} -> {c}"
-            break
-    if verdict is None:
+        change = f"{key} {s} -> {c}"
+        counts = (paired or {}).get("household", {}).get(key)
+        if counts is not None and (p := sign_test(counts[1], counts[0])) >= SIGNIFICANCE:
+            chance.append(f"{change} on {mine.get('n')} utterances could be chance (p={p:.2f})")
+        else:
+            gains.append(change)
+    if chance and not gains:
+        return False, f"no better for the household: {'; '.join(chance)}"
+    if not gains:
         c, s = mine.get("loss"), theirs.get("loss")
         if c is None or s is None or not c < s * (1 - 0.005):
             return False, f"no better for the household (intent accuracy, WER and loss: {c} vs {s} served)"
-        verdict = f"equal intent accuracy and WER, EmbedLink loss {s} -> {c}"
+        gains.append(f"equal intent accuracy and WER, EmbedLink loss {s} -> {c}")
+    verdict = ", ".join(gains)
     general, before = candidate.get("general") or {}, serving.get("general") or {}
     notes = []
     if general.get("n") and before.get("n"):
@@ -281,11 +294,10 @@ def decide(
             if c is None or s is None or sign * (c - s) <= tolerance + 1e-9:
                 continue
             change = f"{label} {s} -> {c}"
-            if paired is not None and key in paired:
-                p = sign_test(*paired[key])
-                if p >= SIGNIFICANCE:
-                    notes.append(f"{change} on {general['n']} utterances could be chance (p={p:.2f})")
-                    continue
+            counts = (paired or {}).get("general", {}).get(key)
+            if counts is not None and (p := sign_test(*counts)) >= SIGNIFICANCE:
+                notes.append(f"{change} on {general['n']} utterances could be chance (p={p:.2f})")
+                continue
             why = f"worse on other voices: {change} (tolerance {tolerance})"
             return False, f"better for the household ({verdict}) but {why}"
     tail = f"; {'; '.join(notes)}" if notes else ""
@@ -651,8 +663,11 @@ class Job:
             self._memory("validated the candidate")
             paired = None
             if before_answers is not None and after_answers is not None:
-                paired = paired_changes(general_items, before_answers, after_answers)
-                report["general_changes"] = paired  # utterances that got [worse, better]
+                paired = {
+                    name: paired_changes(items, before_answers[name], after_answers[name])
+                    for name, items in (("household", held_items), ("general", general_items))
+                }
+                report["changes"] = paired  # per set and metric, the utterances that got [worse, better]
             promote, reason = decide(after, before, opts.tolerance, paired, opts.decide_on)
         report["reason"] = reason
         if not promote:
@@ -764,15 +779,14 @@ class Job:
         cache: Predictions | None,
         held: list[Item],
         general: list[Item],
-    ) -> tuple[dict[str, Any], list[tuple[str, Intent | None]] | None]:
+    ) -> tuple[dict[str, Any], dict[str, list[tuple[str, Intent | None]]] | None]:
         """Aligned-path metrics and EmbedLink loss of one projector on both held-out sets, and its answers
-        on the general one."""
+        on each."""
         if projector is None or cache is None:  # nothing served yet: the worst possible figures
             empty = {"n": 0, "intent_accuracy": 0.0, "wer": 1.0, "loss": None}
             return {"household": {**empty, "n": len(held)}, "general": dict(empty)}, None
         model.projector = projector.eval()
-        out = {}
-        general_answers: list[tuple[str, Intent | None]] = []
+        out, all_answers = {}, {}
         for name, items in (("household", held), ("general", general)):
             got = answers(model, items, "aligned", cache)
             scores = score_answers([it.utterance for it in items], got)
@@ -780,10 +794,9 @@ class Job:
             scores["loss"] = (
                 val_loss(model, projector, examples, "embedlink", self.opts.batch) if examples else None
             )
-            out[name] = scores
-            general_answers = got
+            out[name], all_answers[name] = scores, got
         cache.save()
-        return out, general_answers
+        return out, all_answers
 
     def _manifests(
         self, train_pairs: list[tuple[Label, np.ndarray]], replay: list[Utterance]
