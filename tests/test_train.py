@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -25,7 +26,9 @@ def tiny_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return render_corpus(tmp_path_factory.mktemp("tiny"), households, 8, seed=3)
 
 
-@pytest.mark.parametrize(("objective", "lora_r"), [("embedlink", 0), ("generative", 0), ("generative", 4)])
+@pytest.mark.parametrize(
+    ("objective", "lora_r"), [("embedlink", 0), ("generative", 0), ("generative", 4), ("combined", 0)]
+)
 def test_each_objective_lowers_the_loss(
     micro_model: Path, tiny_manifest: Path, tmp_path: Path, objective: str, lora_r: int
 ) -> None:
@@ -143,18 +146,33 @@ def test_a_fine_tune_that_only_hurts_keeps_the_starting_projector(
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in names)
 
 
-def test_training_resumes_from_the_saved_step(micro_model: Path, tiny_manifest: Path, tmp_path: Path) -> None:
+def test_training_resumes_from_the_saved_step(
+    micro_model: Path, tiny_manifest: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     out, cache = tmp_path / "out", tmp_path / "cache"
     train(micro_model, tiny_manifest, tiny_manifest, out, TrainConfig(max_epochs=2, **FAST), cache_dir=cache)
     with safe_open(str(out / STATE_FILE), framework="pt") as f:
         state = json.loads(f.metadata()["state"])
     assert (state["epoch"], state["step"]) == (2, 4)
     # "Interrupted" after epoch 2: a new run with a larger epoch budget carries on from there.
+    caplog.set_level(logging.INFO, logger="wyoming_tinyalign.train")
     result = train(
         micro_model, tiny_manifest, tiny_manifest, out, TrainConfig(max_epochs=3, **FAST), cache_dir=cache
     )
+    assert "resuming from epoch 2, step 4" in caplog.text
     assert result.steps == 6
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert result.history[:2] == state["history"]
+    # The same folder with another starting projector is another run: it starts afresh.
+    init = tmp_path / "init.safetensors"
+    shutil.copy(out / "projector.safetensors", init)
+    caplog.clear()
+    result = train(
+        micro_model, tiny_manifest, tiny_manifest, out, TrainConfig(max_epochs=4, **FAST),
+        cache_dir=cache, init_projector=init,
+    )  # fmt: skip
+    assert "starting afresh" in caplog.text and "resuming" not in caplog.text
+    assert result.history[0]["step"] == 0 and result.steps == 8  # the starting projector validated first
 
 
 def test_missing_and_unreadable_audio_are_named_and_skipped(

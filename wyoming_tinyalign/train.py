@@ -49,7 +49,7 @@ from .model.prompt import answer_ids
 from .model.speechllm import SpeechLLM, resolve_ref
 
 _LOGGER = logging.getLogger(__name__)
-OBJECTIVES = ("embedlink", "generative")
+OBJECTIVES = ("embedlink", "generative", "combined")
 STATE_FILE = "train-state.safetensors"
 
 
@@ -179,7 +179,17 @@ def generative_loss(
     return model.llm(inputs_embeds=embeds, attention_mask=mask.to(dev), labels=label_t.to(dev)).loss
 
 
-LOSSES = {"embedlink": embedlink_loss, "generative": generative_loss}
+def combined_loss(
+    model: SpeechLLM, out: torch.Tensor, out_lengths: torch.Tensor, examples: list[Example]
+) -> torch.Tensor:
+    """Generative + EmbedLink: the LLM's answer decides, while the outputs stay near the token
+    embeddings (so that the readout path still works)."""
+    return generative_loss(model, out, out_lengths, examples) + embedlink_loss(
+        model, out, out_lengths, examples
+    )
+
+
+LOSSES = {"embedlink": embedlink_loss, "generative": generative_loss, "combined": combined_loss}
 
 
 def train_step(
@@ -283,6 +293,21 @@ def data_hash(utterances: list[Utterance], features: list[torch.Tensor]) -> str:
 
 
 # --------------------------------------------------------- save and resume
+def llm_fingerprint(llm: nn.Module) -> str:
+    """A hash of 256 evenly spaced rows of the LLM's input embeddings: tells one LLM from another
+    without reading all its weights."""
+    table = llm.get_input_embeddings().weight.detach()
+    rows = table[:: max(1, table.shape[0] // 256)].cpu().contiguous()
+    digest = hashlib.sha256(f"{tuple(table.shape)}".encode())
+    digest.update(rows.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def _file_digest(path: Path | None) -> str | None:
+    """A hash of a file's bytes (None for no file)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:24] if path is not None else None
+
+
 def _save_state(
     path: Path, projector: Projector, llm: nn.Module, opt: torch.optim.Optimizer, state: dict
 ) -> None:
@@ -423,12 +448,21 @@ def train(
         "step_s": 0.0,
     }
     state_path = out / STATE_FILE
-    fingerprint = json.dumps({**asdict(cfg), "data": hash_}, sort_keys=True)
+    start = {
+        "encoder": cache.folder.name,
+        "llm": llm_fingerprint(model.llm),
+        "init": _file_digest(init_projector),
+    }
+    budget = ("max_minutes", "max_epochs", "patience", "val_every_s")  # a resumed run may get more
+    what = {k: v for k, v in asdict(cfg).items() if k not in budget}
+    fingerprint = json.dumps({**what, "data": hash_, **start}, sort_keys=True)
     saved = _read_state(state_path)
     if saved and saved.get("config") == fingerprint:
         _load_state(state_path, projector, model.llm, opt)
         state = saved
         _LOGGER.info("resuming from epoch %d, step %d", state["epoch"], state["step"])
+    elif saved:
+        _LOGGER.info("%s holds a run of other settings, data or backbones: starting afresh", out)
     state["config"] = fingerprint
 
     def validate() -> dict:
@@ -586,8 +620,8 @@ def run_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         context=not args.no_context,
     )
-    if cfg.lora_r and cfg.objective != "generative":
-        raise ValueError("--lora-r needs --objective generative (EmbedLink never runs the LLM)")
+    if cfg.lora_r and cfg.objective == "embedlink":
+        raise ValueError("--lora-r needs an objective that runs the LLM (EmbedLink never does)")
     result = train(
         args.model,
         args.manifest,
