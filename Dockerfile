@@ -42,7 +42,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER tinyalign
 VOLUME /data
 EXPOSE 10300
-# A real describe -> info round trip; the first start may build the demo model (25-30 minutes here, longer on a Raspberry Pi).
+# A real describe -> info round trip; the first start may build the demo model (30-35 minutes here, longer on a Raspberry Pi).
 HEALTHCHECK --start-period=60m --interval=30s --timeout=10s --retries=3 \
     CMD ["python3", "-m", "wyoming_tinyalign.healthcheck", "--uri", "tcp://127.0.0.1:10300", "--timeout", "5"]
 ENTRYPOINT ["wyoming-tinyalign", "serve"]

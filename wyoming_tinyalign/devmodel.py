@@ -8,7 +8,8 @@
 - a tiny Whisper trained as an ASR on espeak-ng speech of the base households and of a crowd of other
   voices (a frozen *random* encoder carries too little for a projector to learn from; real Whisper is
   pretrained on many voices and accents, so the stand-in is too),
-- a BridgeFormer projector aligned with EmbedLink on that speech (`train.train`), so every path works.
+- a BridgeFormer projector aligned on that speech with the combined objective (generative + EmbedLink,
+  `train.train`), so every path works.
 Everything is saved with `save_pretrained` and loaded back through the same `from_pretrained` code as
 real models.
 """
@@ -114,7 +115,7 @@ SIZES = {
         vocab=700, llm_hidden=256, llm_layers=3, llm_heads=4, llm_steps=1200,
         whisper_dim=192, whisper_enc_layers=3, whisper_dec_layers=2, whisper_heads=4, whisper_steps=3200,
         speech_utterances=2400, crowd_utterances=2400, val_utterances=100, eval_utterances=150,
-        projector_hidden=256, heldout_commands=240, align_minutes=4, align_epochs=200, batch=16,
+        projector_hidden=256, heldout_commands=240, align_minutes=8, align_epochs=200, batch=16,
     ),
 }  # fmt: skip
 
@@ -463,11 +464,14 @@ def build_dev_model(out: Path, size_name: str = "small", seed: int = 0, work_dir
             out, BundleConfig(encoder="whisper", llm="llm", prompt_template=template.text, projector=None)
         )
 
-        # Align a BridgeFormer with EmbedLink on the same speech, through the loading code real models use.
+        # Align a BridgeFormer on the same speech, through the loading code real models use. The combined
+        # objective: the generative loss aligns this tiny LLM far better than EmbedLink alone (held-out
+        # intent accuracy 0.41 vs 0.29 in 10 minutes, RESULTS.md), and the EmbedLink term keeps the
+        # outputs near the token embeddings (the readout path).
         t = time.monotonic()
         model = SpeechLLM.load(out)
         align = TrainConfig(
-            objective="embedlink",
+            objective="combined",
             projector="bridgeformer",
             hidden_dim=size.projector_hidden,
             heads=max(2, size.projector_hidden // 64),
