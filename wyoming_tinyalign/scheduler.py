@@ -33,6 +33,7 @@ from aiohttp import web
 from wyoming.event import Event
 from wyoming.info import Info
 
+from .discovery import advertised_address
 from .model.bundle import BundleConfig, BundleError, ProjectorInfo, load_bundle_config, load_projector
 from .model.projector import Projector
 from .models import ModelChoice
@@ -103,8 +104,6 @@ def next_run(now: datetime, at: dtime) -> datetime:
 def page_link(host: str, port: int, token: str) -> str:
     """The link that opens the household's page logged in (its `?token=` becomes a cookie)."""
     if host in ("", "0.0.0.0", "::"):
-        from .serve import advertised_address  # serve imports this module
-
         host = advertised_address(host) or "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
