@@ -49,7 +49,7 @@ import torch
 
 from .assistant import load_context_file
 from .audio import AudioError, read_wav
-from .evaluate import normalize_words, score_answers, word_error_rate
+from .evaluate import score_answers, word_edits
 from .files import write_atomic
 from .hass import HOUSEHOLD_FILE
 from .households import Household, context_text, load_households
@@ -64,7 +64,7 @@ from .labels import (
 )
 from .manifest import Utterance, read_manifest, write_manifest
 from .model.bundle import BundleConfig, ProjectorInfo, load_bundle_config, load_projector
-from .model.projector import Projector
+from .model.projector import Projector, weights_key
 from .model.prompt import answer_ids
 from .model.speechllm import DECODING_VERSION, SpeechLLM
 from .models import add_dtype_arg, inference_dtype, projector_version, resolve_model
@@ -169,15 +169,6 @@ class Predictions:
         write_atomic(self.path, json.dumps(kept).encode())
 
 
-def weights_key(projector: Projector) -> str:
-    """A digest of a projector's weights (a candidate and the version made of it share it)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(projector.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def answer_cap(model: SpeechLLM, utterance: Utterance) -> int:
     """Tokens worth generating for an utterance: the reference answer's length plus a margin. A longer
     answer cannot be right, and a model that never stops (random weights) must not cost the full cap."""
@@ -215,15 +206,10 @@ def paired_changes(
             was, now = ref.matches(old[1]), ref.matches(new[1])
             intent[0] += was and not now
             intent[1] += now and not was
-        was_edits, now_edits = (_edits(item.utterance.text, hyp[0]) for hyp in (old, new))
+        was_edits, now_edits = (word_edits(item.utterance.text, hyp[0]) for hyp in (old, new))
         wer[0] += now_edits > was_edits
         wer[1] += now_edits < was_edits
     return {"intent_accuracy": intent, "wer": wer}
-
-
-def _edits(ref: str, hyp: str) -> int:
-    words = max(1, len(normalize_words(ref)))
-    return round(word_error_rate([ref], [hyp]) * words)
 
 
 def sign_test(worse: int, better: int) -> float:
@@ -844,11 +830,6 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
 
 
-def _feature_key(audio: np.ndarray) -> str:
-    """`FeatureCache`'s key of a clip: the digest of its float32 samples."""
-    return hashlib.sha256(np.ascontiguousarray(audio, dtype=np.float32).tobytes()).hexdigest()
-
-
 def _readable(utterances: list[Utterance]) -> list[tuple[Utterance, np.ndarray]]:
     out = []
     for utt in utterances:
@@ -859,7 +840,7 @@ def _readable(utterances: list[Utterance]) -> list[tuple[Utterance, np.ndarray]]
 
 def prune_features(cache_dir: Path, keep: list[np.ndarray]) -> int:
     """Delete cached encoder features of every clip not in `keep` (under any encoder)."""
-    wanted = {_feature_key(a) for a in keep}
+    wanted = {FeatureCache.key(a) for a in keep}
     removed = 0
     for path in Path(cache_dir).glob("*/*/*.safetensors"):
         if path.stem not in wanted:
@@ -870,7 +851,7 @@ def prune_features(cache_dir: Path, keep: list[np.ndarray]) -> int:
 
 def forget_features(cache_dir: Path, audio: np.ndarray) -> int:
     """Delete the cached encoder features of this audio (under every encoder); returns how many."""
-    key = _feature_key(audio)
+    key = FeatureCache.key(audio)
     removed = 0
     for path in Path(cache_dir).glob(f"*/{key[:2]}/{key}.safetensors"):
         path.unlink(missing_ok=True)

@@ -25,6 +25,11 @@ def normalize_words(text: str) -> list[str]:
     return re.sub(r"[^\w\s']", " ", text.lower()).split()
 
 
+def word_edits(ref: str, hyp: str) -> int:
+    """Word edits (substitutions, insertions, deletions) from a reference to a hypothesis."""
+    return _edit_distance(normalize_words(ref), normalize_words(hyp))
+
+
 def _edit_distance(ref: list[str], hyp: list[str]) -> int:
     row = list(range(len(hyp) + 1))
     for i, r in enumerate(ref, 1):
@@ -38,9 +43,8 @@ def word_error_rate(refs: list[str], hyps: list[str]) -> float:
     """Corpus WER: word edits over reference words."""
     edits = words = 0
     for ref, hyp in zip(refs, hyps, strict=True):
-        r, h = normalize_words(ref), normalize_words(hyp)
-        edits += _edit_distance(r, h)
-        words += len(r)
+        edits += word_edits(ref, hyp)
+        words += len(normalize_words(ref))
     return edits / max(1, words)
 
 

@@ -44,7 +44,7 @@ from .model.bundle import (
     save_projector,
 )
 from .model.encoder import AudioEncoder
-from .model.projector import KINDS, Projector, ProjectorConfig, build_projector
+from .model.projector import KINDS, Projector, ProjectorConfig, build_projector, weights_key
 from .model.prompt import answer_ids
 from .model.speechllm import SpeechLLM, resolve_ref
 
@@ -87,11 +87,17 @@ class FeatureCache:
 
     def __init__(self, folder: Path, encoder: AudioEncoder, batch: int = 16) -> None:
         self.encoder, self.batch = encoder, batch
-        self.folder = Path(folder) / encoder_fingerprint(encoder)
+        self.fingerprint = encoder_fingerprint(encoder)
+        self.folder = Path(folder) / self.fingerprint
         self.encoder_calls = 0
 
+    @staticmethod
+    def key(audio: np.ndarray) -> str:
+        """A clip's key: the digest of its float32 samples."""
+        return hashlib.sha256(np.ascontiguousarray(audio, dtype=np.float32).tobytes()).hexdigest()
+
     def _path(self, audio: np.ndarray) -> Path:
-        key = hashlib.sha256(np.ascontiguousarray(audio, dtype=np.float32).tobytes()).hexdigest()
+        key = self.key(audio)
         return self.folder / key[:2] / f"{key}.safetensors"
 
     def features(self, audios: list[np.ndarray]) -> list[torch.Tensor]:
@@ -303,11 +309,6 @@ def llm_fingerprint(llm: nn.Module) -> str:
     return digest.hexdigest()[:24]
 
 
-def _file_digest(path: Path | None) -> str | None:
-    """A hash of a file's bytes (None for no file)."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:24] if path is not None else None
-
-
 def _save_state(
     path: Path, projector: Projector, llm: nn.Module, opt: torch.optim.Optimizer, state: dict
 ) -> None:
@@ -449,9 +450,9 @@ def train(
     }
     state_path = out / STATE_FILE
     start = {
-        "encoder": cache.folder.name,
+        "encoder": cache.fingerprint,
         "llm": llm_fingerprint(model.llm),
-        "init": _file_digest(init_projector),
+        "init": weights_key(projector) if init_projector is not None else None,
     }
     budget = ("max_minutes", "max_epochs", "patience", "val_every_s")  # a resumed run may get more
     what = {k: v for k, v in asdict(cfg).items() if k not in budget}

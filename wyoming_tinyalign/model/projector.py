@@ -14,6 +14,7 @@ padded positions never change the valid ones.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -142,6 +143,15 @@ class LinearProjector(nn.Module):
 
 
 Projector = BridgeFormer | MLPProjector | LinearProjector
+
+
+def weights_key(projector: Projector) -> str:
+    """A digest of a projector's weights (a candidate and the version made of it share it)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(projector.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def build_projector(cfg: ProjectorConfig) -> Projector:
