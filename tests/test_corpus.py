@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from wyoming_tinyalign.corpus import MAX_WORDS, SWITCHABLE, generate_commands, random_household
+from wyoming_tinyalign.devmodel import number_words, spoken
 from wyoming_tinyalign.households import Household, context_text, load_households
 from wyoming_tinyalign.intents import INTENT_SLOTS, parse_intent
 
@@ -115,3 +116,15 @@ def test_random_household_is_valid_and_deterministic(tmp_path: Path) -> None:
     assert len({h.name for h in households}) == len(households)
     # random households pass the same validation as the packaged file
     assert load_households(_write(tmp_path / "random.json", [asdict(h) for h in households])) == households
+
+
+def test_ctc_targets_spell_out_numbers_in_spoken_order() -> None:
+    # The tiny Whisper's CTC head follows the sound, so "18" must be "eighteen", not "1", "8".
+    text = "Set a timer for 40 minutes and 13 seconds"
+    assert spoken(text) == "set a timer for forty minutes and thirteen seconds"
+    assert [number_words(n) for n in (0, 7, 18, 28, 80, 100, 105)] == [
+        "zero", "seven", "eighteen", "twenty eight", "eighty", "one hundred", "one hundred five",
+    ]  # fmt: skip
+    commands = [c for h in _sample_households() for c in generate_commands(h, 60, random.Random(5))]
+    assert any(re.search(r"\d", c.text) for c in commands)
+    assert not [c.text for c in commands if re.search(r"\d", spoken(c.text))]

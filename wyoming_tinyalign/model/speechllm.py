@@ -26,6 +26,7 @@ from peft import PeftModel
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    PreTrainedTokenizerBase,
     StoppingCriteria,
     StoppingCriteriaList,
     WhisperFeatureExtractor,
@@ -82,6 +83,44 @@ def resolve_ref(folder: Path, ref: str) -> str:
     """A backbone reference is a folder relative to the bundle, an absolute folder, or a hub id."""
     local = folder / ref
     return str(local) if local.is_dir() else ref
+
+
+@torch.no_grad()
+def whisper_transcript(
+    whisper: WhisperForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerBase,
+    feats: torch.Tensor,
+    language: str | None = None,
+    max_new_tokens: int | None = None,
+) -> tuple[str, float]:
+    """Whisper's own greedy transcript of encoder features `[N, Da]`, and its mean token log-prob."""
+    gen = whisper.generation_config
+    ids = [gen.decoder_start_token_id]
+    lang_ids = getattr(gen, "lang_to_id", None) or {}
+    if getattr(gen, "is_multilingual", False) and f"<|{language or 'en'}|>" in lang_ids:
+        ids.append(lang_ids[f"<|{language or 'en'}|>"])
+    if getattr(gen, "task_to_id", None):
+        ids.append(gen.task_to_id["transcribe"])
+    if getattr(gen, "no_timestamps_token_id", None) is not None:
+        ids.append(gen.no_timestamps_token_id)
+    eos = gen.eos_token_id
+    banned = [i for i in tokenizer.all_special_ids if i != eos]
+    encoder_outputs = (feats.unsqueeze(0).to(whisper.device),)
+    start, logprobs = len(ids), []
+    steps = whisper.config.max_target_positions - len(ids)
+    for _ in range(min(steps, max_new_tokens or steps)):
+        decoder_ids = torch.tensor([ids], device=whisper.device)
+        logits = whisper(encoder_outputs=encoder_outputs, decoder_input_ids=decoder_ids).logits
+        logits = logits[0, -1].float()
+        logits[banned] = -float("inf")
+        logp = torch.log_softmax(logits, -1)
+        token = int(logp.argmax())
+        logprobs.append(float(logp[token]))
+        if token == eos:
+            break
+        ids.append(token)
+    text = tokenizer.decode(ids[start:], skip_special_tokens=True)
+    return " ".join(text.strip().lower().split()), float(np.mean(logprobs)) if logprobs else 0.0
 
 
 class SpeechLLM:
@@ -244,34 +283,8 @@ class SpeechLLM:
     def transcribe_cascade(
         self, feats: torch.Tensor, language: str | None = None, max_new_tokens: int | None = None
     ) -> tuple[str, float]:
-        """Whisper's own greedy transcript of encoder features `[N, Da]`, and its mean token log-prob."""
-        gen = self.whisper.generation_config
-        ids = [gen.decoder_start_token_id]
-        lang_ids = getattr(gen, "lang_to_id", None) or {}
-        if getattr(gen, "is_multilingual", False) and f"<|{language or 'en'}|>" in lang_ids:
-            ids.append(lang_ids[f"<|{language or 'en'}|>"])
-        if getattr(gen, "task_to_id", None):
-            ids.append(gen.task_to_id["transcribe"])
-        if getattr(gen, "no_timestamps_token_id", None) is not None:
-            ids.append(gen.no_timestamps_token_id)
-        eos = gen.eos_token_id
-        banned = [i for i in self.whisper_tokenizer.all_special_ids if i != eos]
-        encoder_outputs = (feats.unsqueeze(0).to(self.device),)
-        start, logprobs = len(ids), []
-        steps = self.whisper.config.max_target_positions - len(ids)
-        for _ in range(min(steps, max_new_tokens or steps)):
-            decoder_ids = torch.tensor([ids], device=self.device)
-            logits = self.whisper(encoder_outputs=encoder_outputs, decoder_input_ids=decoder_ids).logits
-            logits = logits[0, -1].float()
-            logits[banned] = -float("inf")
-            logp = torch.log_softmax(logits, -1)
-            token = int(logp.argmax())
-            logprobs.append(float(logp[token]))
-            if token == eos:
-                break
-            ids.append(token)
-        text = self.whisper_tokenizer.decode(ids[start:], skip_special_tokens=True)
-        return " ".join(text.strip().lower().split()), float(np.mean(logprobs)) if logprobs else 0.0
+        """`whisper_transcript` with this model's Whisper."""
+        return whisper_transcript(self.whisper, self.whisper_tokenizer, feats, language, max_new_tokens)
 
     @torch.no_grad()
     def encode(self, audio: np.ndarray, pad_30s: bool = False) -> torch.Tensor:
