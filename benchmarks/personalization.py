@@ -214,14 +214,11 @@ def real_size(args: argparse.Namespace, dtype: str) -> dict:
 
 def bootstrap(args: argparse.Namespace) -> None:
     """Replay and general held-out speech of the base households, once (the layout the job expects)."""
-    from wyoming_tinyalign.adapt import GENERAL_SEED, REPLAY_SEED
+    from wyoming_tinyalign.adapt import GENERAL_SEED, REPLAY_SEED, bootstrap_speech
 
     base = [h for h in load_households() if h.split == "base"]
     for name, n, seed in (("replay", args.replay_n, REPLAY_SEED), ("general", args.general_n, GENERAL_SEED)):
-        out = args.work / "bootstrap" / f"{name}-{n}-{seed}"
-        if not (out / "manifest.jsonl").is_file():
-            _LOGGER.info("rendering %d base-household utterances for %s", n, name)
-            render_corpus(out, base, n, seed)
+        bootstrap_speech(args.work / "bootstrap", name, n, seed, base)
 
 
 def report(r: dict) -> str:
