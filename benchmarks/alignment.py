@@ -27,16 +27,14 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from realsize import qwen25_05b, whisper_base
-from transformers import WhisperFeatureExtractor
+from realsize import speech_llm
 
+from wyoming_tinyalign.adapt import bootstrap_speech
 from wyoming_tinyalign.devmodel import build_dev_model
 from wyoming_tinyalign.evaluate import evaluate_items
 from wyoming_tinyalign.households import context_text, load_households
 from wyoming_tinyalign.manifest import load_utterances, read_manifest
-from wyoming_tinyalign.model.prompt import DEFAULT_TEMPLATE, PromptTemplate
 from wyoming_tinyalign.model.speechllm import SpeechLLM
-from wyoming_tinyalign.synth import render_corpus
 from wyoming_tinyalign.train import Example, TrainConfig, setup_projector, train, train_step
 
 _LOGGER = logging.getLogger("alignment")
@@ -53,13 +51,7 @@ def corpus(work: Path, quick: bool) -> dict[str, Path]:
     sizes = {"train": (1200, 21), "val": (100, 22), "heldout": (200, 23)}
     if quick:
         sizes = {"train": (48, 21), "val": (12, 22), "heldout": (12, 23)}
-    out = {}
-    for name, (n, seed) in sizes.items():
-        manifest = work / name / "manifest.jsonl"
-        if not manifest.is_file():
-            render_corpus(work / name, households, n, seed)
-        out[name] = manifest
-    return out
+    return {name: bootstrap_speech(work, name, n, seed, households) for name, (n, seed) in sizes.items()}
 
 
 def step_seconds(model: SpeechLLM, examples: list[Example], objective: str, lora_r: int, steps: int) -> float:
@@ -78,20 +70,6 @@ def step_seconds(model: SpeechLLM, examples: list[Example], objective: str, lora
     return statistics.median(times)
 
 
-def real_size_model(dev: SpeechLLM) -> SpeechLLM:
-    """whisper-base encoder and Qwen2.5-0.5B shapes with random weights (the compute is real)."""
-    whisper = whisper_base()
-    llm = qwen25_05b(dev.tokenizer.pad_token_id, dev.tokenizer.eos_token_id)
-    return SpeechLLM(
-        whisper=whisper,
-        whisper_tokenizer=dev.whisper_tokenizer,
-        feature_extractor=WhisperFeatureExtractor(feature_size=80),
-        llm=llm,
-        tokenizer=dev.tokenizer,  # ids stay within the big vocabulary; the compute is what counts
-        template=PromptTemplate(DEFAULT_TEMPLATE),
-    )
-
-
 def section_step_times(dev: SpeechLLM, manifests: dict[str, Path], batch: int, quick: bool) -> list[dict]:
     households = {h.name: context_text(h) for h in load_households()}
     loaded = load_utterances(manifests["train"])
@@ -103,7 +81,7 @@ def section_step_times(dev: SpeechLLM, manifests: dict[str, Path], batch: int, q
     ):
         if model is None:
             _LOGGER.info("building real-size random backbones")
-            model = real_size_model(dev)
+            model = speech_llm(dev)
         feats, lengths = model.encoder.encode([a for _, a in loaded[:n]])
         examples = [
             Example(f[: int(k)], u, households[u.household])

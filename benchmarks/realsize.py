@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from transformers import Qwen2Config, Qwen2ForCausalLM, WhisperConfig, WhisperForConditionalGeneration
+from transformers import (
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
+)
+
+from wyoming_tinyalign.model.prompt import DEFAULT_TEMPLATE, PromptTemplate
+from wyoming_tinyalign.model.speechllm import SpeechLLM
 
 
 def whisper_base() -> WhisperForConditionalGeneration:
@@ -25,3 +34,16 @@ def qwen25_05b(pad_token_id: int, eos_token_id: int) -> Qwen2ForCausalLM:
             pad_token_id=pad_token_id, eos_token_id=eos_token_id,
         )
     )  # fmt: skip
+
+
+def speech_llm(dev: SpeechLLM) -> SpeechLLM:
+    """A SpeechLLM of whisper-base and Qwen2.5-0.5B shapes with random weights, speaking through the
+    dev model's tokenizers (their ids fit the big vocabularies; the compute is what counts)."""
+    return SpeechLLM(
+        whisper=whisper_base(),
+        whisper_tokenizer=dev.whisper_tokenizer,
+        feature_extractor=WhisperFeatureExtractor(feature_size=80),
+        llm=qwen25_05b(dev.tokenizer.pad_token_id, dev.tokenizer.eos_token_id),
+        tokenizer=dev.tokenizer,
+        template=PromptTemplate(DEFAULT_TEMPLATE),
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,23 @@ def test_a_looping_answer_is_cut_where_the_loop_began(model: SpeechLLM) -> None:
             looped += 1
             assert answer == model.tokenizer.decode(raw[:start], skip_special_tokens=True)
     assert looped, "no prompt looped: the test proves nothing"
+
+
+def test_answers_start_from_the_cached_prompt_prefix(model: SpeechLLM, audio: np.ndarray) -> None:
+    """The prompt before the audio slot runs through the LLM once per household context; answers from
+    that cache are the answers of a run over the whole prompt."""
+    context = "areas: kitchen, porch; devices: kitchen lamp, porch light"
+    embeds, span = model.prompt_embeds(model.project([audio])[0], context)
+    model.prefix_cache.cache_clear()
+    answers = [model.generate(embeds, context) for _ in range(3)]
+    assert (model.prefix_cache.cache_info().misses, model.prefix_cache.cache_info().hits) == (1, 2)
+    prefix = model.prefix_cache(context)
+    assert prefix.get_seq_length() == span.start  # answering never grows the stored prefix
+    whole = model.generate(embeds)  # no context: the LLM runs over the whole prompt
+    assert whole and answers == [whole] * 3
+    full = model.llm(inputs_embeds=embeds).logits[0, span.start :]
+    cached = model.llm(inputs_embeds=embeds[:, span.start :], cache=deepcopy(prefix)).logits[0]
+    torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
 
 
 def test_readout_is_nearest_token_embedding(model: SpeechLLM) -> None:

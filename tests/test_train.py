@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -11,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from wyoming_tinyalign.households import load_households
+from wyoming_tinyalign.households import context_text, load_households
 from wyoming_tinyalign.model.bundle import load_bundle_config
 from wyoming_tinyalign.model.speechllm import SpeechLLM
 from wyoming_tinyalign.synth import render_corpus
@@ -94,8 +95,24 @@ def test_early_stopping_counts_validations_without_any_progress(
 
 def test_lora_adapters_round_trip(micro_model: Path, tiny_manifest: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(objective="generative", lora_r=4, max_epochs=2, **FAST)
-    train(micro_model, tiny_manifest, tiny_manifest, tmp_path / "out", cfg, cache_dir=tmp_path / "cache")
+    trained = SpeechLLM.load(micro_model)
+    train(
+        micro_model,
+        tiny_manifest,
+        tiny_manifest,
+        tmp_path / "out",
+        cfg,
+        cache_dir=tmp_path / "cache",
+        model=trained,
+    )
     assert (tmp_path / "out" / "lora" / "adapter_model.safetensors").is_file()
+    # Validation answered from prompt prefixes cached after the last step, not before the adapters learned.
+    trained.llm.eval()
+    context = context_text(next(h for h in load_households() if h.split == "base"))
+    token = trained.embed_tokens(trained.text_ids("on")).unsqueeze(0)
+    validated = trained.llm(inputs_embeds=token, cache=copy.deepcopy(trained.prefix_cache(context))).logits
+    fresh = trained.llm(inputs_embeds=token, cache=trained._prefix_cache(context)).logits
+    torch.testing.assert_close(validated, fresh)
     base, adapted = SpeechLLM.load(micro_model), SpeechLLM.load(tmp_path / "out")
     # The adapters changed the LLM's attention weights (merged at load), and only those.
     name = "model.layers.0.self_attn.q_proj.weight"

@@ -467,24 +467,27 @@ def train(
     state["config"] = fingerprint
 
     def validate() -> dict:
+        if cfg.lora_r:  # no LoRA dropout, and prompt prefixes cached from the LLM as it is now
+            model.llm.eval()
+            model.prefix_cache.cache_clear()
         metrics = {"val_loss": val_loss(model, projector, val_set, cfg.objective, cfg.batch)}
-        if not cfg.val_answers:
-            projector.train()
-            return metrics
-        aligned = score(
-            [(e.utterance, model.run_features(e.features, "aligned", e.context)) for e in val_set]
-        )
-        readout = score(
-            [(e.utterance, model.run_features(e.features, "readout", with_intent=False)) for e in val_set]
-        )
+        if cfg.val_answers:
+            aligned = score(
+                [(e.utterance, model.run_features(e.features, "aligned", e.context)) for e in val_set]
+            )
+            readout = score(
+                [(e.utterance, model.run_features(e.features, "readout", with_intent=False)) for e in val_set]
+            )
+            metrics |= {
+                "wer": aligned["wer"],
+                "intent_accuracy": aligned["intent_accuracy"],
+                "intent_name_accuracy": aligned["intent_name_accuracy"],
+                "readout_wer": readout["wer"],
+            }
         projector.train()
-        return {
-            **metrics,
-            "wer": aligned["wer"],
-            "intent_accuracy": aligned["intent_accuracy"],
-            "intent_name_accuracy": aligned["intent_name_accuracy"],
-            "readout_wer": readout["wer"],
-        }
+        if cfg.lora_r:
+            model.llm.train()
+        return metrics
 
     budget_s = cfg.max_minutes * 60
     steps_per_epoch = max(1, len(train_set) // cfg.batch)

@@ -15,6 +15,7 @@ is given, so the LLM only writes the intent line.
 
 from __future__ import annotations
 
+import copy
 import functools
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from peft import PeftModel
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    DynamicCache,
     PreTrainedTokenizerBase,
     StoppingCriteria,
     StoppingCriteriaList,
@@ -150,8 +152,10 @@ class SpeechLLM:
         self.projector_info = projector_info
         self.cascade_pad_30s = cascade_pad_30s
         self.max_new_tokens = max_new_tokens
-        # Token ids of the prompt around the audio slot, per household context (tokenized once).
+        # Token ids of the prompt around the audio slot, per household context (tokenized once), and the
+        # LLM's KV cache of the prompt before the slot (computed once; each answer starts from a copy).
         self.prompt_ids = functools.lru_cache(maxsize=16)(self._prompt_ids)
+        self.prefix_cache = functools.lru_cache(maxsize=4)(self._prefix_cache)
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -216,6 +220,18 @@ class SpeechLLM:
         before, after = self.template.split(context)
         return self.text_ids(before), self.text_ids(after)
 
+    @torch.no_grad()
+    def _prefix_cache(self, context: str) -> DynamicCache | None:
+        """The LLM's KV cache of the prompt text before the audio slot, or None when there is none.
+
+        Call `prefix_cache.cache_clear()` after changing the LLM's weights (LoRA training)."""
+        before_ids, _ = self.prompt_ids(context)
+        if not before_ids:
+            return None
+        cache = DynamicCache(config=self.llm.config)
+        self.llm(inputs_embeds=self.embed_tokens(before_ids).unsqueeze(0), cache=cache)
+        return cache
+
     def prompt_embeds(self, content: torch.Tensor, context: str) -> tuple[torch.Tensor, slice]:
         """Place `content` `[M, D]` in the template's audio slot; returns `[1, L, D]` and the slot's span."""
         before_ids, after_ids = self.prompt_ids(context)
@@ -242,13 +258,18 @@ class SpeechLLM:
         return out[0, : int(out_lengths[0])]
 
     @torch.no_grad()
-    def generate(self, embeds: torch.Tensor, max_new_tokens: int | None = None) -> str:
-        """Greedy answer of the LLM to a prompt given as embeddings `[1, L, D]`. A degenerate loop
-        ends generation and is cut off: the answer then stops where the loop began."""
+    def generate(
+        self, embeds: torch.Tensor, context: str | None = None, max_new_tokens: int | None = None
+    ) -> str:
+        """Greedy answer of the LLM to a prompt given as embeddings `[1, L, D]`. When the prompt is
+        `context`'s (as `prompt_embeds` builds it), the LLM starts from its cached prefix and runs only
+        on the rest. A degenerate loop ends generation and is cut off where the loop began."""
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
+        prefix = self.prefix_cache(context) if context is not None else None
         out = self.llm.generate(
             inputs_embeds=embeds,
             attention_mask=mask,
+            cache=copy.deepcopy(prefix),
             max_new_tokens=min(self.max_new_tokens, max_new_tokens or self.max_new_tokens),
             do_sample=False,
             eos_token_id=self.tokenizer.eos_token_id,
@@ -276,7 +297,7 @@ class SpeechLLM:
             return None
         embeds, _ = self.prompt_embeds(self.embed_tokens(self.text_ids(text)), context)
         answer = self.embed_tokens(self.text_ids(text + "\n")).unsqueeze(0)
-        line = self.generate(torch.cat([embeds, answer], dim=1), max_new_tokens)
+        line = self.generate(torch.cat([embeds, answer], dim=1), context, max_new_tokens)
         return parse_intent(line.strip().split("\n")[0])
 
     @torch.no_grad()
@@ -347,5 +368,5 @@ class SpeechLLM:
                 intent = self.understand_text(transcript, context, max_new_tokens) if with_intent else None
             else:
                 embeds, _ = self.prompt_embeds(content, context)
-                transcript, intent = parse_answer(self.generate(embeds, max_new_tokens))
+                transcript, intent = parse_answer(self.generate(embeds, context, max_new_tokens))
         return Result(transcript, intent, path, confidence, (time.perf_counter() - t0) * 1000)
