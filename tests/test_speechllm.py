@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import WhisperForConditionalGeneration
 
 from wyoming_tinyalign.manifest import load_utterances
 from wyoming_tinyalign.model.bundle import BundleError, load_bundle_config, save_bundle_config
-from wyoming_tinyalign.model.speechllm import PATHS, SpeechLLM, loop_start
+from wyoming_tinyalign.model.speechllm import PATHS, SpeechLLM, loop_start, whisper_transcript
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +106,36 @@ def test_answers_start_from_the_cached_prompt_prefix(model: SpeechLLM, audio: np
     full = model.llm(inputs_embeds=embeds).logits[0, span.start :]
     cached = model.llm(inputs_embeds=embeds[:, span.start :], cache=deepcopy(prefix)).logits[0]
     torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
+
+
+def test_cascade_decoding_steps_one_token_at_a_time_and_gives_the_full_decoding(
+    model: SpeechLLM, audio: np.ndarray
+) -> None:
+    """Whisper's decoder runs on one new token per step (its keys and values cached); the transcript is
+    the one re-running the decoder over the whole sequence at every step gives. Random weights of a wide
+    spread: their long answers depend on every earlier token (the micro Whisper's short ones hardly do)."""
+    torch.manual_seed(0)
+    config = deepcopy(model.whisper.config)
+    config.init_std = 0.3
+    whisper = WhisperForConditionalGeneration(config).eval()
+    whisper.generation_config = gen = model.whisper.generation_config
+    banned = [i for i in model.whisper_tokenizer.all_special_ids if i != gen.eos_token_id]
+    feats = model.encode(audio)
+    ids = [gen.decoder_start_token_id, gen.lang_to_id["<|en|>"], gen.task_to_id["transcribe"]]
+    ids.append(gen.no_timestamps_token_id)
+    start = len(ids)
+    with torch.no_grad():
+        while len(ids) < whisper.config.max_target_positions:
+            logits = whisper(encoder_outputs=(feats[None],), decoder_input_ids=torch.tensor([ids])).logits[
+                0, -1
+            ]
+            logits[banned] = -float("inf")
+            if int(logits.argmax()) == gen.eos_token_id:
+                break
+            ids.append(int(logits.argmax()))
+    assert len(ids) - start > 10, "a short answer proves little"
+    full = " ".join(model.whisper_tokenizer.decode(ids[start:], skip_special_tokens=True).lower().split())
+    assert whisper_transcript(whisper, model.whisper_tokenizer, feats)[0] == full
 
 
 def test_readout_is_nearest_token_embedding(model: SpeechLLM) -> None:

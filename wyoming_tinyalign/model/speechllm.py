@@ -108,12 +108,15 @@ def whisper_transcript(
     eos = gen.eos_token_id
     banned = [i for i in tokenizer.all_special_ids if i != eos]
     encoder_outputs = (feats.unsqueeze(0).to(whisper.device),)
-    start, logprobs = len(ids), []
+    start, logprobs, cache, new = len(ids), [], None, list(ids)
     steps = whisper.config.max_target_positions - len(ids)
     for _ in range(min(steps, max_new_tokens or steps)):
-        decoder_ids = torch.tensor([ids], device=whisper.device)
-        logits = whisper(encoder_outputs=encoder_outputs, decoder_input_ids=decoder_ids).logits
-        logits = logits[0, -1].float()
+        # Self- and cross-attention keys and values are cached: each step runs the decoder on one token.
+        decoder_ids = torch.tensor([new], device=whisper.device)
+        out = whisper(
+            encoder_outputs=encoder_outputs, decoder_input_ids=decoder_ids, cache=cache, use_cache=True
+        )
+        cache, logits = out.cache, out.logits[0, -1].float()
         logits[banned] = -float("inf")
         logp = torch.log_softmax(logits, -1)
         token = int(logp.argmax())
@@ -121,6 +124,7 @@ def whisper_transcript(
         if token == eos:
             break
         ids.append(token)
+        new = [token]
     text = tokenizer.decode(ids[start:], skip_special_tokens=True)
     return " ".join(text.strip().lower().split()), float(np.mean(logprobs)) if logprobs else 0.0
 
