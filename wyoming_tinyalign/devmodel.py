@@ -119,7 +119,7 @@ SIZES = {
     ),
     "small": DevSize(
         vocab=700, llm_hidden=256, llm_layers=3, llm_heads=4, llm_steps=1200,
-        whisper_dim=192, whisper_enc_layers=3, whisper_dec_layers=2, whisper_heads=4, whisper_steps=3200,
+        whisper_dim=192, whisper_enc_layers=3, whisper_dec_layers=2, whisper_heads=4, whisper_steps=6400,
         speech_utterances=9600, crowd_utterances=2400, val_utterances=100, eval_utterances=150,
         projector_hidden=256, heldout_commands=240, align_minutes=8, align_epochs=200, batch=16,
     ),
