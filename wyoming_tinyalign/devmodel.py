@@ -439,7 +439,7 @@ def train_whisper(
 
 
 # ---------------------------------------------------------------------- build
-def build_dev_model(out: Path, size_name: str = "small", seed: int = 0, work_dir: Path | None = None) -> dict:
+def build_dev_model(out: Path, size_name: str = "small", seed: int = 0) -> dict:
     """Build the dev bundle in `out`; returns the build report (times, accuracies)."""
     size = SIZES[size_name]
     out = Path(out)
@@ -450,7 +450,9 @@ def build_dev_model(out: Path, size_name: str = "small", seed: int = 0, work_dir
     times: dict[str, float] = {}
     t_all = t = time.monotonic()
 
-    with tempfile.TemporaryDirectory(dir=work_dir) as tmp_name:
+    # Speech and features go inside `out`: a killed build leaves them where the server's next start
+    # clears unfinished builds, not in the system's temp folder (a gigabyte or more).
+    with tempfile.TemporaryDirectory(dir=out) as tmp_name:
         tmp = Path(tmp_name)
         n_all = size.speech_utterances + size.val_utterances + size.eval_utterances + size.crowd_utterances
         _LOGGER.info("rendering %d utterances of synthetic speech", n_all)
