@@ -22,6 +22,7 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
@@ -30,20 +31,20 @@ from realsize import speech_llm
 from transformers import WhisperForConditionalGeneration
 
 from wyoming_tinyalign.hass import MAX_NAMES
-from wyoming_tinyalign.households import load_households
-from wyoming_tinyalign.model.speechllm import SpeechLLM, whisper_transcript
+from wyoming_tinyalign.households import context_text, load_households
+from wyoming_tinyalign.model.speechllm import SpeechLLM, whisper_prompt, whisper_transcript
 
 
 def contexts() -> list[tuple[int, str]]:
     """(names, context) for homes of 10, 25 and `MAX_NAMES` area and device names (the most the server
-    puts in a prompt), a quarter of them areas, from the packaged households, as `context_text` writes it."""
+    puts in a prompt), a quarter of them areas, taken from all the packaged households."""
     households = load_households()
-    devices = sorted({d.name for h in households for d in h.devices})
+    devices = sorted({d.name: d for h in households for d in h.devices}.items())
     areas = sorted({a for h in households for a in h.areas})
-    sizes = (10, 25, MAX_NAMES)
+    home = households[0]
     return [
-        (n, f"areas: {', '.join(areas[: n // 4])}; devices: {', '.join(devices[: n - n // 4])}")
-        for n in sizes
+        (n, context_text(replace(home, areas=areas[: n // 4], devices=[d for _, d in devices[: n - n // 4]])))
+        for n in (10, 25, MAX_NAMES)
     ]
 
 
@@ -69,14 +70,12 @@ def decode_rerunning(
     whisper: WhisperForConditionalGeneration, tokenizer, feats: torch.Tensor, tokens: int
 ) -> str:
     """`whisper_transcript` as it was: the decoder re-run over the whole sequence at every step."""
-    gen = whisper.generation_config
-    ids = [gen.decoder_start_token_id, gen.lang_to_id["<|en|>"], gen.task_to_id["transcribe"]]
-    ids.append(gen.no_timestamps_token_id)
-    start, banned = len(ids), [i for i in tokenizer.all_special_ids if i != gen.eos_token_id]
+    ids, banned = whisper_prompt(whisper, tokenizer)
+    start = len(ids)
     for _ in range(tokens):
         logits = whisper(encoder_outputs=(feats[None],), decoder_input_ids=torch.tensor([ids])).logits[0, -1]
         logits[banned] = -float("inf")
-        if int(logits.argmax()) == gen.eos_token_id:
+        if int(logits.argmax()) == whisper.generation_config.eos_token_id:
             break
         ids.append(int(logits.argmax()))
     return " ".join(tokenizer.decode(ids[start:], skip_special_tokens=True).strip().lower().split())

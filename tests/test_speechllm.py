@@ -13,7 +13,13 @@ from transformers import WhisperForConditionalGeneration
 
 from wyoming_tinyalign.manifest import load_utterances
 from wyoming_tinyalign.model.bundle import BundleError, load_bundle_config, save_bundle_config
-from wyoming_tinyalign.model.speechllm import PATHS, SpeechLLM, loop_start, whisper_transcript
+from wyoming_tinyalign.model.speechllm import (
+    PATHS,
+    SpeechLLM,
+    loop_start,
+    whisper_prompt,
+    whisper_transcript,
+)
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +125,9 @@ def test_cascade_decoding_steps_one_token_at_a_time_and_gives_the_full_decoding(
     config.init_std = 0.3
     whisper = WhisperForConditionalGeneration(config).eval()
     whisper.generation_config = gen = model.whisper.generation_config
-    banned = [i for i in model.whisper_tokenizer.all_special_ids if i != gen.eos_token_id]
     feats = model.encode(audio)
-    ids = [gen.decoder_start_token_id, gen.lang_to_id["<|en|>"], gen.task_to_id["transcribe"]]
-    ids.append(gen.no_timestamps_token_id)
+    ids, banned = whisper_prompt(whisper, model.whisper_tokenizer)
+    assert len(ids) == 4  # start, language, task, no timestamps
     start = len(ids)
     with torch.no_grad():
         while len(ids) < whisper.config.max_target_positions:

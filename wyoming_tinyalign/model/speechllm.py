@@ -87,15 +87,11 @@ def resolve_ref(folder: Path, ref: str) -> str:
     return str(local) if local.is_dir() else ref
 
 
-@torch.no_grad()
-def whisper_transcript(
-    whisper: WhisperForConditionalGeneration,
-    tokenizer: PreTrainedTokenizerBase,
-    feats: torch.Tensor,
-    language: str | None = None,
-    max_new_tokens: int | None = None,
-) -> tuple[str, float]:
-    """Whisper's own greedy transcript of encoder features `[N, Da]`, and its mean token log-prob."""
+def whisper_prompt(
+    whisper: WhisperForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, language: str | None = None
+) -> tuple[list[int], list[int]]:
+    """The decoder's start tokens (start, language, transcribe, no timestamps, as far as the checkpoint
+    has them) and the special tokens a transcript never contains."""
     gen = whisper.generation_config
     ids = [gen.decoder_start_token_id]
     lang_ids = getattr(gen, "lang_to_id", None) or {}
@@ -105,8 +101,20 @@ def whisper_transcript(
         ids.append(gen.task_to_id["transcribe"])
     if getattr(gen, "no_timestamps_token_id", None) is not None:
         ids.append(gen.no_timestamps_token_id)
-    eos = gen.eos_token_id
-    banned = [i for i in tokenizer.all_special_ids if i != eos]
+    return ids, [i for i in tokenizer.all_special_ids if i != gen.eos_token_id]
+
+
+@torch.no_grad()
+def whisper_transcript(
+    whisper: WhisperForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerBase,
+    feats: torch.Tensor,
+    language: str | None = None,
+    max_new_tokens: int | None = None,
+) -> tuple[str, float]:
+    """Whisper's own greedy transcript of encoder features `[N, Da]`, and its mean token log-prob."""
+    ids, banned = whisper_prompt(whisper, tokenizer, language)
+    eos = whisper.generation_config.eos_token_id
     encoder_outputs = (feats.unsqueeze(0).to(whisper.device),)
     start, logprobs, cache, new = len(ids), [], None, list(ids)
     steps = whisper.config.max_target_positions - len(ids)
