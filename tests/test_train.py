@@ -16,9 +16,10 @@ from wyoming_tinyalign.households import context_text, load_households
 from wyoming_tinyalign.model.bundle import load_bundle_config
 from wyoming_tinyalign.model.speechllm import SpeechLLM
 from wyoming_tinyalign.synth import render_corpus
-from wyoming_tinyalign.train import STATE_FILE, TrainConfig, made_progress, train
+from wyoming_tinyalign.train import STATE_FILE, TrainConfig, lr_factor, made_progress, train
 
-FAST = dict(hidden_dim=32, heads=2, layers=1, batch=4, lr=3e-3, warmup=1, patience=100)
+# A handful of steps at a constant rate (the decay has its own test).
+FAST = dict(hidden_dim=32, heads=2, layers=1, batch=4, lr=3e-3, warmup=1, lr_floor=1.0, patience=100)
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,20 @@ def test_loss_only_validation_and_loss_curve(micro_model: Path, tiny_manifest: P
     seconds = [s for s, _ in result.loss_curve]
     assert len(result.loss_curve) >= 2 and seconds == sorted(seconds)
     assert all(loss > 0 for _, loss in result.loss_curve)
+
+
+def test_the_learning_rate_warms_up_then_decays_to_its_floor_by_the_end(
+    micro_model: Path, tiny_manifest: Path, tmp_path: Path
+) -> None:
+    assert [lr_factor(s, 4, 0.0) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(10, 4, 0.5, floor=0.1) == pytest.approx(0.55)
+    assert lr_factor(10, 4, 1.0, floor=0.1) == lr_factor(10, 4, 3.0, floor=0.1) == pytest.approx(0.1)
+    # An epoch budget (the time budget is far away): the rate falls at each validation, close to the floor.
+    cfg = TrainConfig(max_epochs=4, val_answers=False, **{**FAST, "lr_floor": 0.2})
+    result = train(micro_model, tiny_manifest, tiny_manifest, tmp_path / "o", cfg, cache_dir=tmp_path / "c")
+    rates = [h["lr"] / cfg.lr for h in result.history]
+    assert rates == sorted(rates, reverse=True) and rates[0] < 1.0
+    assert 0.2 <= rates[-1] < 0.25
 
 
 def test_early_stopping_counts_validations_without_any_progress(

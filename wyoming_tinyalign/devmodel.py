@@ -17,7 +17,6 @@ real models.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import re
 import tempfile
@@ -48,7 +47,7 @@ from .model.encoder import AudioEncoder
 from .model.prompt import DEFAULT_TEMPLATE, PromptTemplate, answer_ids
 from .model.speechllm import PATHS, SpeechLLM
 from .synth import render_corpus
-from .train import STATE_FILE, Progress, TrainConfig, train
+from .train import STATE_FILE, Progress, TrainConfig, lr_factor, train
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -121,7 +120,7 @@ SIZES = {
         vocab=700, llm_hidden=256, llm_layers=3, llm_heads=4, llm_steps=1200,
         whisper_dim=192, whisper_enc_layers=3, whisper_dec_layers=2, whisper_heads=4, whisper_steps=6400,
         speech_utterances=9600, crowd_utterances=2400, val_utterances=100, eval_utterances=150,
-        projector_hidden=256, heldout_commands=240, align_minutes=8, align_epochs=200, batch=16,
+        projector_hidden=256, heldout_commands=240, align_minutes=16, align_epochs=200, batch=16,
     ),
 }  # fmt: skip
 
@@ -249,9 +248,7 @@ def _batches(items: list, batch: int, rng: random.Random):
 
 
 def _lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return peak * lr_factor(step, warmup, (step - warmup) / max(1, total - warmup))
 
 
 def train_llm(

@@ -251,6 +251,7 @@ class TrainConfig:
     batch: int = 16
     lr: float = 1e-3
     warmup: int = 50
+    lr_floor: float = 0.05  # after warm-up the rate decays (cosine, over the budget) to this fraction of lr
     max_minutes: float = 10.0
     max_epochs: int = 200
     patience: int = 4
@@ -272,6 +273,13 @@ class TrainResult:
     step_ms: float = 0.0
     encoder_calls: int = 0
     seconds: float = 0.0
+
+
+def lr_factor(step: int, warmup: int, progress: float, floor: float = 0.0) -> float:
+    """Linear warm-up over `warmup` steps, then a cosine decay to `floor` as `progress` goes 0 -> 1."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def better(m: dict, best: dict | None) -> bool:
@@ -504,6 +512,7 @@ def train(
         metrics.update(validate())
         metrics["elapsed_s"] = round(time.monotonic() - t_loop, 1)
         metrics["train_s"] = round(state["step_s"], 1)  # optimizer steps only, without validation
+        metrics["lr"] = opt.param_groups[0]["lr"]
         min_val_loss = min((h["val_loss"] for h in state["history"]), default=None)
         state["bad_epochs"] = (
             0 if made_progress(metrics, state["best"], min_val_loss) else state["bad_epochs"] + 1
@@ -530,8 +539,13 @@ def train(
         out_of_time = False
         for b in range(steps_per_epoch):
             t0 = time.perf_counter()
+            # The budget is time or epochs, whichever ends first: decay along the one nearer its end.
+            spent = max(
+                (time.monotonic() - t_loop) / max(budget_s, 1e-9),
+                state["step"] / (cfg.max_epochs * steps_per_epoch),
+            )
             for g in opt.param_groups:
-                g["lr"] = cfg.lr * min(1.0, (state["step"] + 1) / cfg.warmup)
+                g["lr"] = cfg.lr * lr_factor(state["step"], cfg.warmup, spent, cfg.lr_floor)
             batch = [train_set[i] for i in order[b * cfg.batch : (b + 1) * cfg.batch]]
             loss_value = train_step(model, projector, opt, params, cfg.objective, batch)
             state["step"] += 1
@@ -591,7 +605,10 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stack", type=int, default=d.stack, help="encoder frames stacked per input")
     parser.add_argument("--hidden-dim", type=int, default=d.hidden_dim)
     parser.add_argument("--batch", type=int, default=d.batch)
-    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    parser.add_argument(
+        "--lr-floor", type=float, default=d.lr_floor, help="fraction of --lr the rate decays to (1: constant)"
+    )
     parser.add_argument("--max-minutes", type=float, default=d.max_minutes, help="time budget")
     parser.add_argument("--max-epochs", type=int, default=d.max_epochs)
     parser.add_argument(
@@ -618,6 +635,7 @@ def run_train(args: argparse.Namespace) -> int:
         lora_r=args.lora_r,
         batch=args.batch,
         lr=args.lr,
+        lr_floor=args.lr_floor,
         max_minutes=args.max_minutes,
         max_epochs=args.max_epochs,
         patience=args.patience,
