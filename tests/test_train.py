@@ -13,10 +13,21 @@ import torch
 from safetensors import safe_open
 
 from wyoming_tinyalign.households import context_text, load_households
+from wyoming_tinyalign.manifest import load_utterances
 from wyoming_tinyalign.model.bundle import load_bundle_config
+from wyoming_tinyalign.model.prompt import answer_ids
 from wyoming_tinyalign.model.speechllm import SpeechLLM
 from wyoming_tinyalign.synth import render_corpus
-from wyoming_tinyalign.train import STATE_FILE, TrainConfig, lr_factor, made_progress, train
+from wyoming_tinyalign.train import (
+    STATE_FILE,
+    Example,
+    TrainConfig,
+    generative_loss,
+    lr_factor,
+    made_progress,
+    setup_projector,
+    train,
+)
 
 # A handful of steps at a constant rate (the decay has its own test).
 FAST = dict(hidden_dim=32, heads=2, layers=1, batch=4, lr=3e-3, warmup=1, lr_floor=1.0, patience=100)
@@ -106,6 +117,46 @@ def test_early_stopping_counts_validations_without_any_progress(
     best = {"intent_accuracy": 0.2, "val_loss": 0.6}
     assert made_progress({"intent_accuracy": 0.1, "val_loss": 0.5}, best, min_val_loss=0.55)
     assert not made_progress({"intent_accuracy": 0.1, "val_loss": 0.56}, best, min_val_loss=0.55)
+
+
+def test_the_generative_loss_from_cached_prefixes_equals_the_whole_prompt(
+    micro_model: Path, tiny_manifest: Path
+) -> None:
+    """The frozen LLM runs from the audio slot on, after each household's cached prompt prefix: the loss
+    and the projector's gradient are those of the whole prompt in one batch."""
+    model = SpeechLLM.load(micro_model)
+    setup_projector(model, TrainConfig(**FAST))
+    contexts = {h.name: context_text(h) for h in load_households()}
+    loaded = load_utterances(tiny_manifest)
+    feats, lengths = model.encoder.encode([a for _, a in loaded])
+    examples = [
+        Example(f[: int(n)], u, contexts[u.household])
+        for (u, _), f, n in zip(loaded, feats, lengths, strict=True)
+    ]
+    assert len({e.context for e in examples}) > 1  # one LLM call per household
+    out, out_lengths = model.projector(feats, lengths)
+    out = out.detach().requires_grad_(True)
+
+    model.prefix_cache.cache_clear()
+    loss = generative_loss(model, out, out_lengths, examples)
+    (grad,) = torch.autograd.grad(loss, out)
+    assert model.prefix_cache.cache_info().currsize == len({e.context for e in examples})
+
+    rows, labels = [], []
+    for i, e in enumerate(examples):
+        prompt, _ = model.prompt_embeds(out[i, : int(out_lengths[i])], e.context)
+        answer = answer_ids(model.tokenizer, e.utterance.text, e.utterance.intent)
+        rows.append(torch.cat([prompt[0], model.embed_tokens(answer)]))
+        labels.append(torch.tensor([-100] * prompt.shape[1] + answer))
+    embeds = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    label_t = torch.nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=-100)
+    mask = torch.nn.utils.rnn.pad_sequence(
+        [torch.ones(len(r), dtype=torch.long) for r in rows], batch_first=True
+    )
+    whole = model.llm(inputs_embeds=embeds, attention_mask=mask, labels=label_t).loss
+    (whole_grad,) = torch.autograd.grad(whole, out)
+    torch.testing.assert_close(loss, whole)
+    torch.testing.assert_close(grad, whole_grad)
 
 
 def test_lora_adapters_round_trip(micro_model: Path, tiny_manifest: Path, tmp_path: Path) -> None:

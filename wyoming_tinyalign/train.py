@@ -14,6 +14,7 @@ weights. The loop is plain PyTorch: epochs, validation, early stopping, best che
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import logging
@@ -165,24 +166,50 @@ def embedlink_loss(
 def generative_loss(
     model: SpeechLLM, out: torch.Tensor, out_lengths: torch.Tensor, examples: list[Example]
 ) -> torch.Tensor:
-    """Cross-entropy of the answer through the frozen LLM, the audio in the prompt's audio slot."""
-    rows, labels = [], []
+    """Cross-entropy of the answer through the frozen LLM, the audio in the prompt's audio slot.
+
+    With the LLM frozen, the prompt before the slot is the same for every utterance of a household: the
+    LLM starts from its cached KV (`SpeechLLM.prefix_cache`) and runs from the audio on, one call per
+    household in the batch. With LoRA on the LLM the prefix changes at every step and runs each time.
+    """
+    frozen = not any(p.requires_grad for p in model.llm.parameters())
+    households: dict[str, list[int]] = {}
     for i, e in enumerate(examples):
-        prompt, _ = model.prompt_embeds(out[i, : int(out_lengths[i])], e.context)
-        answer = answer_ids(model.tokenizer, e.utterance.text, e.utterance.intent)
-        rows.append(torch.cat([prompt[0], model.embed_tokens(answer).detach()]))
-        labels.append([-100] * prompt.shape[1] + answer)
-    width = max(len(r) for r in rows)
-    dim = rows[0].shape[-1]
-    embeds = torch.zeros(len(rows), width, dim, dtype=rows[0].dtype, device=rows[0].device)
-    label_t = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, (row, lab) in enumerate(zip(rows, labels, strict=True)):
-        embeds[i, : len(row)] = row
-        label_t[i, : len(lab)] = torch.tensor(lab)
-        mask[i, : len(row)] = 1
-    dev = embeds.device
-    return model.llm(inputs_embeds=embeds, attention_mask=mask.to(dev), labels=label_t.to(dev)).loss
+        households.setdefault(e.context, []).append(i)
+    total, count = out.new_zeros(()), 0
+    for context, members in households.items():
+        prefix = model.prefix_cache(context) if frozen else None
+        rows, labels = [], []
+        for i in members:
+            prompt, slot = model.prompt_embeds(out[i, : int(out_lengths[i])], context)
+            if prefix is not None:
+                prompt = prompt[:, slot.start :]
+            answer = answer_ids(model.tokenizer, examples[i].utterance.text, examples[i].utterance.intent)
+            rows.append(torch.cat([prompt[0], model.embed_tokens(answer).detach()]))
+            labels.append([-100] * prompt.shape[1] + answer)
+        width = max(len(r) for r in rows)
+        embeds = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])
+        label_t = torch.full((len(rows), width), -100, dtype=torch.long, device=embeds.device)
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=embeds.device)
+        for j, (row, lab) in enumerate(zip(rows, labels, strict=True)):
+            embeds[j, : len(row)] = row
+            label_t[j, : len(lab)] = torch.tensor(lab)
+            mask[j, : len(row)] = 1
+        cache = None
+        if prefix is not None:
+            cache = copy.deepcopy(prefix)
+            cache.batch_repeat_interleave(len(rows))
+            mask = torch.cat([mask.new_ones(len(rows), cache.get_seq_length()), mask], dim=1)
+        targets = label_t[:, 1:]  # position t predicts token t + 1
+        # Only positions that predict an answer token go through the LM head (a real LLM's vocabulary
+        # makes that head the largest matrix product of the step).
+        keep = (targets != -100).any(dim=0).nonzero().squeeze(1)
+        logits = model.llm(inputs_embeds=embeds, attention_mask=mask, cache=cache, logits_to_keep=keep).logits
+        total = total + nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), targets[:, keep].flatten(), ignore_index=-100, reduction="sum"
+        )
+        count += int((targets != -100).sum())
+    return total / max(count, 1)
 
 
 def combined_loss(
