@@ -31,6 +31,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from .evaluate import score
 from .files import write_atomic
@@ -186,15 +187,11 @@ def generative_loss(
                 prompt = prompt[:, slot.start :]
             answer = answer_ids(model.tokenizer, examples[i].utterance.text, examples[i].utterance.intent)
             rows.append(torch.cat([prompt[0], model.embed_tokens(answer).detach()]))
-            labels.append([-100] * prompt.shape[1] + answer)
-        width = max(len(r) for r in rows)
-        embeds = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])
-        label_t = torch.full((len(rows), width), -100, dtype=torch.long, device=embeds.device)
-        mask = torch.zeros(len(rows), width, dtype=torch.long, device=embeds.device)
-        for j, (row, lab) in enumerate(zip(rows, labels, strict=True)):
-            embeds[j, : len(row)] = row
-            label_t[j, : len(lab)] = torch.tensor(lab)
-            mask[j, : len(row)] = 1
+            labels.append(torch.tensor([-100] * prompt.shape[1] + answer, device=out.device))
+        embeds = pad_sequence(rows, batch_first=True)
+        label_t = pad_sequence(labels, batch_first=True, padding_value=-100)
+        mask = pad_sequence([torch.ones(len(r), dtype=torch.long) for r in rows], batch_first=True)
+        mask = mask.to(embeds.device)
         cache = None
         if prefix is not None:
             cache = copy.deepcopy(prefix)
