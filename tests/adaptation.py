@@ -51,7 +51,7 @@ def unseen_speech(
 
 def job_flags(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """`adapt` flags for tests: the session's small replay and general sets, no teacher labels, and
-    promotion decided on the EmbedLink loss: the micro model's answers are noise for every projector
+    promotion decided on the held-out loss: the micro model's answers are noise for every projector
     (intent accuracy about 0, WER about 1 on 5-8 held-out utterances), its loss is not."""
     return [
         "--replay-n", str(REPLAY_N), "--general-n", str(GENERAL_N),

@@ -29,7 +29,7 @@ from wyoming_tinyalign.manifest import Utterance
 from wyoming_tinyalign.model.bundle import load_projector
 from wyoming_tinyalign.model.speechllm import SpeechLLM
 from wyoming_tinyalign.models import projector_version
-from wyoming_tinyalign.train import Example, val_loss
+from wyoming_tinyalign.train import Example, objective_loss, val_loss
 from wyoming_tinyalign.versions import Versions
 from wyoming_tinyalign.web import authorized
 
@@ -186,7 +186,7 @@ async def test_a_household_is_recognised_better_after_one_night(
     assert report["data"]["sources"]["correction"] == len(corrected)
     assert report["data"]["teacher_runs"] >= len(fresh)  # the unlabelled ones met the teacher
     # Better, at micro size (every projector's answers are noise here; see adaptation.job_flags): the
-    # household's held-out EmbedLink loss fell, and not at the other voices' expense.
+    # household's held-out loss fell, and not at the other voices' expense.
     assert report["after"]["household"]["loss"] < report["before"]["household"]["loss"]
     assert report["after"]["general"]["loss"] <= 1.02 * report["before"]["general"]["loss"]
 
@@ -195,13 +195,17 @@ async def test_a_household_is_recognised_better_after_one_night(
     served = wait_rows(srv.db, len(fresh), TAGGED, ("after",))
     assert {r["projector_version"] for r in served} == {"v0001"}
     assert [expected(model, srv, r, micro_model) for r in served] == after
-    # The same never-labelled utterances sit closer to their words' embeddings with the new version.
+    # The same never-labelled utterances score better under the loss the projector was aligned with (the
+    # dev model's combined objective, which the night fine-tuned with and recorded in the version).
     items = [
         Example(model.encode(audio), Utterance(Path("x"), u.text, u.intent, "", ""), "") for u, audio in fresh
     ]
-    old, _ = load_projector(micro_model / "projector.safetensors")
-    new, _ = Versions(srv.data).load("v0001")
-    old_loss, new_loss = (val_loss(model, p, items, "embedlink", 16) for p in (old, new))
+    old, old_info = load_projector(micro_model / "projector.safetensors")
+    new, info = Versions(srv.data).load("v0001")
+    assert (info.objective, info.embedlink_weight) == (old_info.objective, old_info.embedlink_weight)
+    assert info.objective == "combined" and report["train"]["objective"] == "combined"
+    loss_fn = objective_loss(info.objective, info.embedlink_weight)
+    old_loss, new_loss = (val_loss(model, p, items, loss_fn, 16) for p in (old, new))
     print(f"fresh utterances: loss {old_loss} -> {new_loss}; transcripts {before} -> {after}")
     assert new_loss < old_loss
 

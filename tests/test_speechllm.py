@@ -9,10 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import WhisperForConditionalGeneration
 
+from wyoming_tinyalign.devmodel import ALIGN_EMBEDLINK_WEIGHT
 from wyoming_tinyalign.manifest import load_utterances
-from wyoming_tinyalign.model.bundle import BundleError, load_bundle_config, save_bundle_config
+from wyoming_tinyalign.model.bundle import (
+    BundleError,
+    load_bundle_config,
+    load_projector,
+    save_bundle_config,
+)
 from wyoming_tinyalign.model.speechllm import (
     PATHS,
     SpeechLLM,
@@ -160,6 +168,19 @@ def test_bundle_round_trip_gives_the_same_outputs(
     again = SpeechLLM.load(copy)
     torch.testing.assert_close(again.project([audio])[0], model.project([audio])[0])
     assert again.run(audio, "aligned").transcript == model.run(audio, "aligned").transcript
+
+
+def test_a_projector_says_which_loss_it_was_aligned_with(micro_model: Path, tmp_path: Path) -> None:
+    """The nightly job fine-tunes a projector with the loss it was aligned with, so the checkpoint says."""
+    path = micro_model / "projector.safetensors"
+    _, info = load_projector(path)
+    assert (info.objective, info.embedlink_weight) == ("combined", ALIGN_EMBEDLINK_WEIGHT)
+    # A checkpoint from before projectors said so was aligned with EmbedLink, the only loss there was.
+    with safe_open(str(path), "pt") as f:
+        meta = {k: v for k, v in (f.metadata() or {}).items() if k not in ("objective", "embedlink_weight")}
+    save_file(load_file(str(path)), str(tmp_path / "old.safetensors"), metadata=meta)
+    _, old = load_projector(tmp_path / "old.safetensors")
+    assert (old.objective, old.embedlink_weight) == ("embedlink", 1.0)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "missing"])

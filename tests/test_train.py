@@ -22,9 +22,11 @@ from wyoming_tinyalign.train import (
     STATE_FILE,
     Example,
     TrainConfig,
+    embedlink_loss,
     generative_loss,
     lr_factor,
     made_progress,
+    objective_loss,
     setup_projector,
     train,
 )
@@ -119,22 +121,29 @@ def test_early_stopping_counts_validations_without_any_progress(
     assert not made_progress({"intent_accuracy": 0.1, "val_loss": 0.56}, best, min_val_loss=0.55)
 
 
-def test_the_generative_loss_from_cached_prefixes_equals_the_whole_prompt(
-    micro_model: Path, tiny_manifest: Path
-) -> None:
-    """The frozen LLM runs from the audio slot on, after each household's cached prompt prefix: the loss
-    and the projector's gradient are those of the whole prompt in one batch."""
+def _projected(
+    micro_model: Path, manifest: Path
+) -> tuple[SpeechLLM, list[Example], tuple[torch.Tensor, torch.Tensor]]:
+    """The micro model with a new projector, the manifest's examples, and the projector's outputs."""
     model = SpeechLLM.load(micro_model)
     setup_projector(model, TrainConfig(**FAST))
     contexts = {h.name: context_text(h) for h in load_households()}
-    loaded = load_utterances(tiny_manifest)
+    loaded = load_utterances(manifest)
     feats, lengths = model.encoder.encode([a for _, a in loaded])
     examples = [
         Example(f[: int(n)], u, contexts[u.household])
         for (u, _), f, n in zip(loaded, feats, lengths, strict=True)
     ]
+    return model, examples, model.projector(feats, lengths)
+
+
+def test_the_generative_loss_from_cached_prefixes_equals_the_whole_prompt(
+    micro_model: Path, tiny_manifest: Path
+) -> None:
+    """The frozen LLM runs from the audio slot on, after each household's cached prompt prefix: the loss
+    and the projector's gradient are those of the whole prompt in one batch."""
+    model, examples, (out, out_lengths) = _projected(micro_model, tiny_manifest)
     assert len({e.context for e in examples}) > 1  # one LLM call per household
-    out, out_lengths = model.projector(feats, lengths)
     out = out.detach().requires_grad_(True)
 
     model.prefix_cache.cache_clear()
@@ -157,6 +166,16 @@ def test_the_generative_loss_from_cached_prefixes_equals_the_whole_prompt(
     (whole_grad,) = torch.autograd.grad(whole, out)
     torch.testing.assert_close(loss, whole)
     torch.testing.assert_close(grad, whole_grad)
+
+
+def test_the_combined_objective_weighs_its_embedlink_term(micro_model: Path, tiny_manifest: Path) -> None:
+    model, examples, (out, out_lengths) = _projected(micro_model, tiny_manifest)
+    gen, link = (loss(model, out, out_lengths, examples) for loss in (generative_loss, embedlink_loss))
+    assert link > 0.1 * gen  # so that a weight left out would show
+    for weight in (0.0, 0.25, 1.0):
+        combined = objective_loss("combined", weight)(model, out, out_lengths, examples)
+        torch.testing.assert_close(combined, gen + weight * link)
+    assert objective_loss("embedlink") is embedlink_loss and objective_loss("generative") is generative_loss
 
 
 def test_lora_adapters_round_trip(micro_model: Path, tiny_manifest: Path, tmp_path: Path) -> None:

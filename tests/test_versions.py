@@ -153,7 +153,7 @@ GENERAL = {"intent_accuracy": 0.8, "wer": 0.2, "loss": 1.0, "n": 10}
     [
         ({"intent_accuracy": 0.6, "wer": 0.4, "loss": 1.05}, {}, True, "intent_accuracy 0.5 -> 0.6"),
         ({"intent_accuracy": 0.6, "wer": 0.5}, {}, False, "worse for the household: wer"),
-        ({"intent_accuracy": 0.7, "wer": 0.1, "loss": 1.5}, {}, False, "EmbedLink loss 1.0 -> 1.5"),
+        ({"intent_accuracy": 0.7, "wer": 0.1, "loss": 1.5}, {}, False, "held-out loss 1.0 -> 1.5"),
         (
             {"intent_accuracy": 0.4, "wer": 0.1, "loss": 0.5},
             {},
@@ -162,7 +162,7 @@ GENERAL = {"intent_accuracy": 0.8, "wer": 0.2, "loss": 1.0, "n": 10}
         ),
         ({"wer": 0.3}, {}, True, "wer 0.4 -> 0.3"),
         ({"wer": 0.45, "loss": 0.5}, {}, False, "worse for the household: wer"),
-        ({"loss": 0.9}, {}, True, "EmbedLink loss 1.0 -> 0.9"),
+        ({"loss": 0.9}, {}, True, "held-out loss 1.0 -> 0.9"),
         ({"loss": 0.999}, {}, False, "no better for the household"),
         (
             {"intent_accuracy": 0.7},

@@ -9,12 +9,13 @@ One run, in its own low-priority process (`nice` 10, one torch thread unless `--
    `--min-new` are new (`--now` runs anyway);
 4. splits the labelled utterances into train and held-out by a hash of the interaction id (1 in
    `--heldout-every`), so a row never changes sides from one night to the next;
-5. fine-tunes the served projector with EmbedLink (`train.train`; encoder features cached under
-   `DATA/cache/features`) on the household's train split plus a replay sample of the base households'
-   speech (rendered once into `DATA/bootstrap`, so it does not forget them), within the time budget;
+5. fine-tunes the served projector with the objective it was aligned with (EmbedLink for a projector
+   the nights grew from nothing; `train.train`, encoder features cached under `DATA/cache/features`) on
+   the household's train split plus a replay sample of the base households' speech (rendered once into
+   `DATA/bootstrap`, so it does not forget them), within the time budget;
 6. validates the candidate and the served projector on the household's held-out set and on a general
-   held-out set of base-household speech (intent accuracy, WER, EmbedLink loss), and the cascade on the
-   household's held-out set (for the day-0 rule of `--path auto`);
+   held-out set of base-household speech (intent accuracy, WER, and that objective's loss), and the
+   cascade on the household's held-out set (for the day-0 rule of `--path auto`);
 7. promotes the candidate only when it is better for the household by more than chance (a sign test
    over the held-out utterances that changed) and not worse elsewhere beyond `--tolerance`: first a
    new numbered version file, then the pointer (`versions.py`); otherwise it is recorded as rejected
@@ -70,7 +71,17 @@ from .model.speechllm import DECODING_VERSION, SpeechLLM
 from .models import add_dtype_arg, inference_dtype, projector_version, resolve_model
 from .store import DB_FILE, InteractionStore
 from .synth import render_corpus
-from .train import Example, FeatureCache, TrainConfig, encoder_fingerprint, train, val_loss
+from .train import (
+    Example,
+    FeatureCache,
+    LossFn,
+    TrainConfig,
+    embedlink_loss,
+    encoder_fingerprint,
+    objective_loss,
+    train,
+    val_loss,
+)
 from .versions import BASE, VersionError, Versions, check_fits, household_validated, recorded_model
 
 _LOGGER = logging.getLogger(__name__)
@@ -83,7 +94,7 @@ HOUSEHOLD = "household"
 REPLAY_SEED, GENERAL_SEED = 1000, 1001
 MIN_EVAL_ITEMS = 8
 SIGNIFICANCE = 0.1  # a household gain or a drop elsewhere counts when a one-sided sign test is below this
-LOSS_GUARD = 0.1  # a candidate whose household EmbedLink loss rose more than this share is broken
+LOSS_GUARD = 0.1  # a candidate whose household held-out loss rose more than this share is broken
 CAP_MARGIN = 8  # validation answers may run this many tokens past the reference answer
 EARLY_STOP_EVERY = 6  # 1 in this many training utterances (and as many replayed ones) stops training early
 
@@ -231,7 +242,7 @@ def decide(
     Household: neither intent accuracy nor WER may get worse, and one must get better by more than
     chance: a one-sided sign test over the held-out utterances that changed (`paired["household"]`:
     [worse, better] counts per metric) must be below `SIGNIFICANCE`, so one utterance flipping on a
-    small set cannot promote a projector. Only when both are unchanged does the EmbedLink loss decide
+    small set cannot promote a projector. Only when both are unchanged does the held-out loss decide
     (lower by 0.5 %). A loss more than `LOSS_GUARD` above the served one's always rejects: it marks a
     broken projector whose answers happened to suit a small held-out set.
 
@@ -240,7 +251,7 @@ def decide(
     utterances flipping must not block the household's progress either. Without `paired` (nothing was
     served before) the figures alone decide. Returns (promote, reason).
 
-    `on="loss"` decides on the EmbedLink loss alone (household: lower by 0.5 %; general: not higher by
+    `on="loss"` decides on the held-out loss alone (household: lower by 0.5 %; general: not higher by
     more than `tolerance`, relative): for development models too small for their answers to mean
     anything."""
     mine, theirs = candidate["household"], serving["household"]
@@ -250,7 +261,7 @@ def decide(
         )
     c, s = mine.get("loss"), theirs.get("loss")
     if c is not None and s is not None and c > s * (1 + LOSS_GUARD):
-        return False, f"worse for the household: EmbedLink loss {s} -> {c} (up more than {LOSS_GUARD:.0%})"
+        return False, f"worse for the household: held-out loss {s} -> {c} (up more than {LOSS_GUARD:.0%})"
     gains, chance = [], []
     for key, higher_is_better in (("intent_accuracy", True), ("wer", False)):
         c, s = mine.get(key), theirs.get(key)
@@ -270,7 +281,7 @@ def decide(
         c, s = mine.get("loss"), theirs.get("loss")
         if c is None or s is None or not c < s * (1 - 0.005):
             return False, f"no better for the household (intent accuracy, WER and loss: {c} vs {s} served)"
-        gains.append(f"equal intent accuracy and WER, EmbedLink loss {s} -> {c}")
+        gains.append(f"equal intent accuracy and WER, held-out loss {s} -> {c}")
     verdict = ", ".join(gains)
     general, before = candidate.get("general") or {}, serving.get("general") or {}
     notes = []
@@ -295,16 +306,16 @@ def _decide_on_loss(
 ) -> tuple[bool, str]:
     c, s = mine.get("loss"), theirs.get("loss")
     if c is None or s is None or not c < s * (1 - 0.005):
-        return False, f"no better for the household: EmbedLink loss {s} -> {c}"
+        return False, f"no better for the household: held-out loss {s} -> {c}"
     gc, gs = general.get("loss"), before.get("loss")
     if gc is not None and gs is not None and gc > gs * (1 + tolerance):
         return (
             False,
-            f"better for the household (EmbedLink loss {s} -> {c}) but worse on other voices ({gs} -> {gc})",
+            f"better for the household (held-out loss {s} -> {c}) but worse on other voices ({gs} -> {gc})",
         )
     return (
         True,
-        f"better for the household (EmbedLink loss {s} -> {c}), not worse on other voices ({gs} -> {gc})",
+        f"better for the household (held-out loss {s} -> {c}), not worse on other voices ({gs} -> {gc})",
     )
 
 
@@ -346,6 +357,7 @@ class Job:
         self.bundle: Path | None = None
         self.bundle_cfg: BundleConfig | None = None
         self.report: dict[str, Any] = {"status": "running", "started_at": time.time()}
+        self.loss_fn: LossFn = embedlink_loss  # the held-out loss: the served projector's objective
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
@@ -540,6 +552,12 @@ class Job:
         model = self._load_model()
         self._memory("model loaded")
         serving_name, serving, serving_info, init_path = self._serving_projector(model)
+        # Fine-tune with the loss the projector was aligned with: EmbedLink pulls a generatively aligned
+        # projector off what the LLM reads (DESIGN.md); a first projector is grown with EmbedLink.
+        objective, weight = ("embedlink", 1.0)
+        if serving_info is not None:
+            objective, weight = serving_info.objective, serving_info.embedlink_weight
+        self.loss_fn = objective_loss(objective, weight)
         context = self._context()
         cache = FeatureCache(
             opts.cache_dir or opts.data_dir / "cache" / "features", model.encoder, opts.batch
@@ -600,8 +618,8 @@ class Job:
         # costs a projector pass over cached features, keeps the best projector (the served one, if
         # no epoch beats it) and stops after `patience` epochs without progress.
         cfg = TrainConfig(
-            objective="embedlink", batch=opts.batch, lr=opts.lr, warmup=10, max_minutes=train_s / 60,
-            max_epochs=100_000, patience=10, val_every_s=0.0, seed=opts.seed,
+            objective=objective, embedlink_weight=weight, batch=opts.batch, lr=opts.lr, warmup=10,
+            max_minutes=train_s / 60, max_epochs=100_000, patience=10, val_every_s=0.0, seed=opts.seed,
             val_answers=False,  # the candidate is scored on this job's own sets below
         )  # fmt: skip
         self._memory("features and manifests ready")
@@ -625,6 +643,8 @@ class Job:
                 for h in result.history
             ],
             "init": serving_name if init_path is not None else None,
+            "objective": objective,
+            "embedlink_weight": weight,
             "lr": opts.lr,
         }
 
@@ -660,8 +680,8 @@ class Job:
             report["status"] = "rejected"
         else:
             assert self.bundle_cfg is not None
-            info = ProjectorInfo(
-                config=candidate_info.config,
+            info = replace(
+                candidate_info,
                 encoder=self.bundle_cfg.encoder,
                 llm=self.bundle_cfg.llm,
                 data_hash=data_hash,
@@ -766,8 +786,8 @@ class Job:
         held: list[Item],
         general: list[Item],
     ) -> tuple[dict[str, Any], dict[str, list[tuple[str, Intent | None]]] | None]:
-        """Aligned-path metrics and EmbedLink loss of one projector on both held-out sets, and its answers
-        on each."""
+        """Aligned-path metrics and held-out loss (`self.loss_fn`) of one projector on both held-out sets,
+        and its answers on each."""
         if projector is None or cache is None:  # nothing served yet: the worst possible figures
             empty = {"n": 0, "intent_accuracy": 0.0, "wer": 1.0, "loss": None}
             return {"household": {**empty, "n": len(held)}, "general": dict(empty)}, None
@@ -778,7 +798,7 @@ class Job:
             scores = score_answers([it.utterance for it in items], got)
             examples = [Example(it.features, it.utterance, it.context) for it in items]
             scores["loss"] = (
-                val_loss(model, projector, examples, "embedlink", self.opts.batch) if examples else None
+                val_loss(model, projector, examples, self.loss_fn, self.opts.batch) if examples else None
             )
             out[name], all_answers[name] = scores, got
         cache.save()
@@ -878,7 +898,7 @@ def add_adapt_args(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--decide-on", choices=("answers", "loss"), default=d.decide_on,
-        help="answers: intent accuracy, WER, then loss; loss: the EmbedLink loss alone (tiny dev models)",
+        help="answers: intent accuracy, WER, then loss; loss: the held-out loss alone (tiny dev models)",
     )  # fmt: skip
     parser.add_argument(
         "--heldout-every", type=int, default=d.heldout_every, help="hold out 1 in N utterances"

@@ -60,6 +60,7 @@ _ONES = (
 )  # fmt: skip
 _TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
 CTC_WEIGHT = 0.3
+ALIGN_EMBEDLINK_WEIGHT = 1.0  # of the EmbedLink term in the projector's combined objective
 # The crowd: voices that only the tiny Whisper hears, as real Whisper has heard many accents before a
 # household ever speaks to it. English accents and other languages' voices reading English; none is a
 # voice or a language of the `unseen` households, which stay unheard by every part of the dev model.
@@ -494,6 +495,7 @@ def build_dev_model(out: Path, size_name: str = "small", seed: int = 0) -> dict:
         model = SpeechLLM.load(out)
         align = TrainConfig(
             objective="combined",
+            embedlink_weight=ALIGN_EMBEDLINK_WEIGHT,
             projector="bridgeformer",
             hidden_dim=size.projector_hidden,
             heads=max(2, size.projector_hidden // 64),

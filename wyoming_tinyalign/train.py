@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -210,16 +212,28 @@ def generative_loss(
 
 
 def combined_loss(
-    model: SpeechLLM, out: torch.Tensor, out_lengths: torch.Tensor, examples: list[Example]
+    model: SpeechLLM,
+    out: torch.Tensor,
+    out_lengths: torch.Tensor,
+    examples: list[Example],
+    embedlink_weight: float = 1.0,
 ) -> torch.Tensor:
-    """Generative + EmbedLink: the LLM's answer decides, while the outputs stay near the token
-    embeddings (so that the readout path still works)."""
-    return generative_loss(model, out, out_lengths, examples) + embedlink_loss(
+    """Generative + `embedlink_weight` x EmbedLink: the LLM's answer decides, while the outputs stay
+    near the token embeddings (so that the readout path still works)."""
+    return generative_loss(model, out, out_lengths, examples) + embedlink_weight * embedlink_loss(
         model, out, out_lengths, examples
     )
 
 
-LOSSES = {"embedlink": embedlink_loss, "generative": generative_loss, "combined": combined_loss}
+LossFn = Callable[[SpeechLLM, torch.Tensor, torch.Tensor, list[Example]], torch.Tensor]
+
+
+def objective_loss(objective: str, embedlink_weight: float = 1.0) -> LossFn:
+    """The loss of an objective (`OBJECTIVES`); `embedlink_weight` weighs the EmbedLink term of
+    `combined`."""
+    if objective == "combined":
+        return functools.partial(combined_loss, embedlink_weight=embedlink_weight)
+    return {"embedlink": embedlink_loss, "generative": generative_loss}[objective]
 
 
 def train_step(
@@ -227,13 +241,13 @@ def train_step(
     projector: Projector,
     opt: torch.optim.Optimizer,
     params: list[nn.Parameter],
-    objective: str,
+    loss_fn: LossFn,
     batch: list[Example],
 ) -> float:
     """One optimizer step on one batch; returns the loss."""
     feats, lengths = collate(batch)
     out, out_lengths = projector(feats.to(model.device), lengths.to(model.device))
-    loss = LOSSES[objective](model, out, out_lengths, batch)
+    loss = loss_fn(model, out, out_lengths, batch)
     opt.zero_grad()
     loss.backward()
     nn.utils.clip_grad_norm_(params, 1.0)
@@ -243,7 +257,7 @@ def train_step(
 
 @torch.no_grad()
 def val_loss(
-    model: SpeechLLM, projector: Projector, examples: list[Example], objective: str, batch: int
+    model: SpeechLLM, projector: Projector, examples: list[Example], loss_fn: LossFn, batch: int
 ) -> float:
     """Mean training loss of a projector on examples (leaves it in eval mode)."""
     projector.eval()
@@ -252,7 +266,7 @@ def val_loss(
         chunk = examples[i : i + batch]
         feats, lengths = collate(chunk)
         out, out_lengths = projector(feats.to(model.device), lengths.to(model.device))
-        total += float(LOSSES[objective](model, out, out_lengths, chunk)) * len(chunk)
+        total += float(loss_fn(model, out, out_lengths, chunk)) * len(chunk)
     return round(total / max(1, len(examples)), 5)
 
 
@@ -265,6 +279,7 @@ class TrainConfig:
     """Everything that decides a training run (stored with the result)."""
 
     objective: str = "embedlink"
+    embedlink_weight: float = 1.0  # of the EmbedLink term in the combined objective
     projector: str = "bridgeformer"
     cast_len: int = 24
     stack: int = 4
@@ -466,6 +481,7 @@ def train(
 
     projector, params = setup_projector(model, cfg, init_projector)
     proj_cfg = projector.cfg
+    loss_fn = objective_loss(cfg.objective, cfg.embedlink_weight)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     hash_ = data_hash([e.utterance for e in train_set], [e.features for e in train_set])
 
@@ -502,7 +518,7 @@ def train(
         if cfg.lora_r:  # no LoRA dropout, and prompt prefixes cached from the LLM as it is now
             model.llm.eval()
             model.prefix_cache.cache_clear()
-        metrics = {"val_loss": val_loss(model, projector, val_set, cfg.objective, cfg.batch)}
+        metrics = {"val_loss": val_loss(model, projector, val_set, loss_fn, cfg.batch)}
         if cfg.val_answers:
             aligned = score(
                 [(e.utterance, model.run_features(e.features, "aligned", e.context)) for e in val_set]
@@ -545,7 +561,10 @@ def train(
         _LOGGER.info("epoch %d: %s", state["epoch"], json.dumps(metrics))
         if better(metrics, state["best"]):
             state["best"] = metrics
-            info = ProjectorInfo(proj_cfg, enc_ref, llm_ref, data_hash=hash_, trained=True, metrics=metrics)
+            info = ProjectorInfo(
+                proj_cfg, enc_ref, llm_ref, data_hash=hash_, trained=True, metrics=metrics,
+                objective=cfg.objective, embedlink_weight=cfg.embedlink_weight,
+            )  # fmt: skip
             meta = {"config": asdict(cfg), "train_manifest": str(train_manifest), "best": metrics}
             _write_bundle(out, src_cfg, projector, info, bool(cfg.lora_r), meta)
             if cfg.lora_r:
@@ -571,7 +590,7 @@ def train(
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * lr_factor(state["step"], cfg.warmup, spent, cfg.lr_floor)
             batch = [train_set[i] for i in order[b * cfg.batch : (b + 1) * cfg.batch]]
-            loss_value = train_step(model, projector, opt, params, cfg.objective, batch)
+            loss_value = train_step(model, projector, opt, params, loss_fn, batch)
             state["step"] += 1
             step_times.append(time.perf_counter() - t0)
             state["step_s"] += step_times[-1]
@@ -620,6 +639,10 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val", required=True, type=Path, help="validation manifest.jsonl")
     parser.add_argument("--out", required=True, type=Path, help="bundle folder to write (resumes if present)")
     parser.add_argument("--objective", choices=OBJECTIVES, default=d.objective)
+    parser.add_argument(
+        "--embedlink-weight", type=float, default=d.embedlink_weight,
+        help="weight of the EmbedLink term in the combined objective",
+    )  # fmt: skip
     parser.add_argument("--projector", choices=KINDS, default=d.projector)
     parser.add_argument(
         "--lora-r", type=int, default=d.lora_r, help="LoRA rank on the LLM (generative; 0: off)"
@@ -651,6 +674,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         objective=args.objective,
+        embedlink_weight=args.embedlink_weight,
         projector=args.projector,
         cast_len=args.cast_len,
         stack=args.stack,

@@ -55,6 +55,9 @@ class ProjectorInfo:
     data_hash: str = ""
     trained: bool = False
     metrics: dict = field(default_factory=dict)
+    # The loss it was aligned with (`train.OBJECTIVES`): a night fine-tunes it with the same one.
+    objective: str = "embedlink"
+    embedlink_weight: float = 1.0  # of the EmbedLink term of the combined objective
 
 
 def save_bundle_config(folder: Path, cfg: BundleConfig) -> None:
@@ -85,6 +88,8 @@ def save_projector(path: Path, projector: Projector, info: ProjectorInfo) -> Non
         "data_hash": info.data_hash,
         "trained": json.dumps(info.trained),
         "metrics": json.dumps(info.metrics),
+        "objective": info.objective,
+        "embedlink_weight": json.dumps(info.embedlink_weight),
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in projector.state_dict().items()}
     write_atomic(Path(path), save(tensors, metadata=meta))
@@ -109,6 +114,8 @@ def load_projector(path: Path, device: str | torch.device = "cpu") -> tuple[Proj
             data_hash=meta.get("data_hash", ""),
             trained=json.loads(meta.get("trained", "false")),
             metrics=json.loads(meta.get("metrics", "{}")),
+            objective=meta.get("objective", "embedlink"),
+            embedlink_weight=float(json.loads(meta.get("embedlink_weight", "1.0"))),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise BundleError(f"projector weights {path} have no valid self-description ({err})") from err
