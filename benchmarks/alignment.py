@@ -7,9 +7,10 @@
 
 1. seconds per training step: EmbedLink vs generative vs generative+LoRA, at dev-model size and at
    real-size shapes (whisper-base encoder + Qwen2.5-0.5B LLM shapes, random weights);
-2. training time to reach a fixed validation intent accuracy at dev-model size;
+2. training time to reach fixed validation intent accuracies at dev-model size;
 3. BridgeFormer vs MLP vs linear, same data and time budget, with and without household context in the
-   prompt (instruction injection), on the aligned and the readout paths;
+   prompt (instruction injection), on the aligned and the readout paths, with a paired sign test over
+   the held-out utterances on which two settings disagree (are they apart by more than chance?);
 4. the cast length T and layer-count sweep behind the defaults.
 """
 
@@ -29,13 +30,13 @@ from pathlib import Path
 import torch
 from realsize import speech_llm
 
-from wyoming_tinyalign.adapt import bootstrap_speech
+from wyoming_tinyalign.adapt import bootstrap_speech, sign_test
 from wyoming_tinyalign.devmodel import build_dev_model
-from wyoming_tinyalign.evaluate import evaluate_items
+from wyoming_tinyalign.evaluate import score
 from wyoming_tinyalign.households import context_text, load_households
 from wyoming_tinyalign.manifest import load_utterances, read_manifest
 from wyoming_tinyalign.model.speechllm import SpeechLLM
-from wyoming_tinyalign.train import Example, TrainConfig, setup_projector, train, train_step
+from wyoming_tinyalign.train import Example, TrainConfig, objective_loss, setup_projector, train, train_step
 
 _LOGGER = logging.getLogger("alignment")
 VARIANTS = {  # name -> (objective, LoRA rank)
@@ -62,7 +63,7 @@ def step_seconds(model: SpeechLLM, examples: list[Example], objective: str, lora
     times = []
     for i in range(steps + 1):
         t0 = time.perf_counter()
-        train_step(model, projector, opt, params, objective, examples)
+        train_step(model, projector, opt, params, objective_loss(objective), examples)
         if i:
             times.append(time.perf_counter() - t0)
     if lora_r:
@@ -103,17 +104,29 @@ def run_train(model_dir: Path, manifests: dict[str, Path], work: Path, name: str
 
 
 def evaluate_bundle(bundle: Path, manifests: dict[str, Path]) -> dict:
-    """Held-out intent accuracy and WER, aligned and readout paths, with and without context."""
+    """Held-out intent accuracy and WER, aligned and readout paths, with and without context; and which
+    utterances got the exact intent (for the paired tests)."""
     model = SpeechLLM.load(bundle)
     contexts = {h.name: context_text(h) for h in load_households()}
     loaded = load_utterances(manifests["heldout"])
     out = {}
     for path in ("aligned", "readout"):
         for ctx in (True, False):
-            items = [(u, a, contexts[u.household] if ctx else "") for u, a in loaded]
-            r = evaluate_items(model, items, path)
-            out[f"{path}/{'context' if ctx else 'none'}"] = {k: r[k] for k in ("intent_accuracy", "wer")}
+            pairs = [(u, model.run(a, path, contexts[u.household] if ctx else "")) for u, a in loaded]
+            r = score(pairs)
+            hits = [u.intent is not None and u.intent.matches(res.intent) for u, res in pairs]
+            out[f"{path}/{'context' if ctx else 'none'}"] = {
+                "intent_accuracy": r["intent_accuracy"], "wer": r["wer"], "hits": hits,
+            }  # fmt: skip
     return out
+
+
+def paired(a: list[bool], b: list[bool]) -> str:
+    """Utterances only `a` / only `b` got right, and the two-sided sign test's p-value."""
+    only_a = sum(x and not y for x, y in zip(a, b, strict=True))
+    only_b = sum(y and not x for x, y in zip(a, b, strict=True))
+    p = min(1.0, 2 * sign_test(max(only_a, only_b), min(only_a, only_b)))
+    return f"{only_a} / {only_b} (p={p:.2f})"
 
 
 def time_to(history: list[dict], accuracy: float) -> float | None:
@@ -125,7 +138,10 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True, help="small dev bundle (built if missing)")
     parser.add_argument("--work", type=Path, required=True, help="folder for speech, caches and runs")
     parser.add_argument("--budget-minutes", type=float, default=3.0, help="training budget per run")
-    parser.add_argument("--target-accuracy", type=float, default=0.8, help="for time-to-quality")
+    parser.add_argument(
+        "--target-accuracy", type=float, nargs="+", default=[0.1, 0.2, 0.3],
+        help="validation intent accuracies for time-to-quality",
+    )  # fmt: skip
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny corpus, one real-size step")
@@ -153,7 +169,7 @@ def main() -> None:
     for name, (objective, lora_r) in VARIANTS.items():
         cfg = replace(base, objective=objective, lora_r=lora_r)
         run = run_train(args.model, manifests, args.work, f"objective-{objective}-{lora_r}", cfg)
-        run["time_to_target_s"] = time_to(run["history"], args.target_accuracy)
+        run["time_to_target_s"] = {str(t): time_to(run["history"], t) for t in args.target_accuracy}
         results["objectives"][name] = run
 
     results["projectors"] = {}
@@ -178,7 +194,7 @@ def main() -> None:
     print(report(results, args.target_accuracy))
 
 
-def report(r: dict, target: float) -> str:
+def report(r: dict, targets: list[float]) -> str:
     """Markdown tables of the results."""
     lines = [
         f"Date {r['date']}; machine: {r['machine']}; budget {r['budget_minutes']} min per run; "
@@ -195,15 +211,17 @@ def report(r: dict, target: float) -> str:
             f"{row['generative'] / row['EmbedLink']:.0f}x | {row['generative+LoRA'] / row['EmbedLink']:.0f}x"
         )
         lines.append(f"| {row['size']} size | {row['batch']} | {cells} | {ratios} |")
+    to = " | ".join(f"train s to {t:.0%}" for t in targets)
     lines += [
         "",
-        f"| objective (dev size) | steps | best val intent acc | train s to {target:.0%} |",
-        "|---|---|---|---|",
+        f"| objective (dev size) | steps | best val intent acc | {to} |",
+        "|---" * (3 + len(targets)) + "|",
     ]
     for name, run in r["objectives"].items():
-        t = run["time_to_target_s"]
         best = run["best"]
-        reached = t if t is not None else "not reached"
+        reached = " | ".join(
+            "not reached" if (s := run["time_to_target_s"][str(t)]) is None else f"{s:.0f}" for t in targets
+        )
         lines.append(
             f"| {name} | {best.get('step', '-')} | {best.get('intent_accuracy', 0):.3f} | {reached} |"
         )
@@ -216,6 +234,19 @@ def report(r: dict, target: float) -> str:
                 c, n = h[f"{path}/context"], h[f"{path}/none"]
                 acc = f"{c['intent_accuracy']:.3f} | {n['intent_accuracy']:.3f}"
                 lines.append(f"| {name} | {path} | {acc} | {c['wer']:.3f} | {n['wer']:.3f} |")
+    # Paired over the same held-out utterances: exact intents only one side got, and whether the
+    # difference could be chance.
+    aligned = {name: run["heldout"]["aligned/context"]["hits"] for name, run in r["projectors"].items()}
+    lines += [
+        "",
+        "| aligned path, exact intents only A / only B got | A / B (two-sided sign test) |",
+        "|---|---|",
+    ]
+    for a, b in (("bridgeformer", "mlp"), ("bridgeformer", "linear"), ("mlp", "linear")):
+        lines.append(f"| A {a} vs B {b} (with context) | {paired(aligned[a], aligned[b])} |")
+    for name, run in r["projectors"].items():
+        without = run["heldout"]["aligned/none"]["hits"]
+        lines.append(f"| {name}: A with context vs B without | {paired(aligned[name], without)} |")
     return "\n".join(lines)
 
 
