@@ -145,6 +145,8 @@ def quality(args: argparse.Namespace) -> list[dict]:
                 "peak_rss_mb": report.get("peak_rss_mb"),
                 "train": {k: v for k, v in (report.get("train") or {}).items() if k != "history"},
                 "data": report.get("data"),
+                "household_before": (report.get("before") or {}).get("household"),
+                "household_after": (report.get("after") or {}).get("household"),
                 "general_before": (report.get("before") or {}).get("general"),
                 "general_after": (report.get("after") or {}).get("general"),
             },
@@ -228,8 +230,9 @@ def report(r: dict) -> str:
         f"{r['heldout']} held-out.",
         "",
         "| household | result | intent acc before -> after | intent error cut | WER before -> after "
-        "| WER cut | cascade intent acc / WER | general intent acc before -> after | job s | peak RSS MB |",
-        "|---" * 10 + "|",
+        "| WER cut | cascade intent acc / WER | the job's held-out: intent acc, WER served -> candidate "
+        "| general intent acc before -> after | job s | peak RSS MB |",
+        "|---" * 11 + "|",
     ]
     for row in r["quality"]:
         b, a = row["before"]["aligned"], row["after"]["aligned"]
@@ -237,11 +240,14 @@ def report(r: dict) -> str:
         wcut = 1 - a["wer"] / max(1e-9, b["wer"])
         c = row["before"]["cascade"]
         gb, ga = row["job"]["general_before"] or {}, row["job"]["general_after"] or {}
+        hb, ha = row["job"]["household_before"] or {}, row["job"]["household_after"] or {}
         lines.append(
             f"| {row['household']} | {row['status']} "
             f"| {b['intent_accuracy']:.3f} -> {a['intent_accuracy']:.3f} | {cut:+.0%} "
             f"| {b['wer']:.3f} -> {a['wer']:.3f} | {wcut:+.0%} "
             f"| {c['intent_accuracy']:.3f} / {c['wer']:.3f} "
+            f"| {hb.get('intent_accuracy', '-')} -> {ha.get('intent_accuracy', '-')}, "
+            f"{hb.get('wer', '-')} -> {ha.get('wer', '-')} ({hb.get('n', '-')} utterances) "
             f"| {gb.get('intent_accuracy', '-')} -> {ga.get('intent_accuracy', '-')} "
             f"| {row['job']['duration_s']} | {row['job']['peak_rss_mb']} |"
         )
