@@ -231,6 +231,8 @@ LossFn = Callable[[SpeechLLM, torch.Tensor, torch.Tensor, list[Example]], torch.
 def objective_loss(objective: str, embedlink_weight: float = 1.0) -> LossFn:
     """The loss of an objective (`OBJECTIVES`); `embedlink_weight` weighs the EmbedLink term of
     `combined`."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
     if objective == "combined":
         return functools.partial(combined_loss, embedlink_weight=embedlink_weight)
     return {"embedlink": embedlink_loss, "generative": generative_loss}[objective]
