@@ -8,8 +8,9 @@
 - a tiny Whisper trained as an ASR on espeak-ng speech of the base households and of a crowd of other
   voices (a frozen *random* encoder carries too little for a projector to learn from; real Whisper is
   pretrained on many voices and accents, so the stand-in is too),
-- a BridgeFormer projector aligned on that speech with the combined objective (generative + EmbedLink,
-  `train.train`), so every path works.
+- a BridgeFormer projector aligned on that speech with the combined objective (generative + a light
+  EmbedLink term, `train.train`) for a fixed number of epochs (not minutes: a slower machine builds the
+  same model, only later).
 Everything is saved with `save_pretrained` and loaded back through the same `from_pretrained` code as
 real models.
 """
@@ -60,7 +61,11 @@ _ONES = (
 )  # fmt: skip
 _TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
 CTC_WEIGHT = 0.3
-ALIGN_EMBEDLINK_WEIGHT = 1.0  # of the EmbedLink term in the projector's combined objective
+# The EmbedLink term's weight in the projector's combined objective. At 1 it dominates the loss late in
+# training and holds the aligned path back (held-out intent accuracy 0.847 against 0.916 at 0.1, same
+# 6 epochs, RESULTS.md); 0.1 keeps the outputs in the embeddings' space but gives up most of the
+# readout path (WER 0.35 -> 0.78).
+ALIGN_EMBEDLINK_WEIGHT = 0.1
 # The crowd: voices that only the tiny Whisper hears, as real Whisper has heard many accents before a
 # household ever speaks to it. English accents and other languages' voices reading English; none is a
 # voice or a language of the `unseen` households, which stay unheard by every part of the dev model.
@@ -103,8 +108,7 @@ class DevSize:
     eval_utterances: int
     projector_hidden: int
     heldout_commands: int
-    align_minutes: float
-    align_epochs: int
+    align_epochs: int  # the projector's budget: epochs, not minutes, so a slow machine builds the same model
     cast_len: int = 24
     batch: int = 32
 
@@ -115,13 +119,13 @@ SIZES = {
         whisper_dim=64, whisper_enc_layers=1, whisper_dec_layers=1, whisper_heads=2, whisper_steps=60,
         speech_utterances=48, crowd_utterances=20, val_utterances=8, eval_utterances=12,
         projector_hidden=64, heldout_commands=24,
-        align_minutes=1, align_epochs=2, batch=16,
+        align_epochs=2, batch=16,
     ),
     "small": DevSize(
         vocab=700, llm_hidden=256, llm_layers=3, llm_heads=4, llm_steps=1200,
         whisper_dim=192, whisper_enc_layers=3, whisper_dec_layers=2, whisper_heads=4, whisper_steps=6400,
         speech_utterances=9600, crowd_utterances=2400, val_utterances=100, eval_utterances=150,
-        projector_hidden=256, heldout_commands=240, align_minutes=16, align_epochs=200, batch=16,
+        projector_hidden=256, heldout_commands=240, align_epochs=6, batch=16,
     ),
 }  # fmt: skip
 
@@ -489,8 +493,8 @@ def build_dev_model(out: Path, size_name: str = "small", seed: int = 0) -> dict:
 
         # Align a BridgeFormer on the same speech, through the loading code real models use. The combined
         # objective: the generative loss aligns this tiny LLM far better than EmbedLink alone (held-out
-        # intent accuracy 0.41 vs 0.29 in 10 minutes, RESULTS.md), and the EmbedLink term keeps the
-        # outputs near the token embeddings (the readout path).
+        # intent accuracy 0.41 vs 0.29 in 10 minutes, RESULTS.md), and a light EmbedLink term
+        # (ALIGN_EMBEDLINK_WEIGHT) keeps the outputs in the token embeddings' space.
         t = time.monotonic()
         model = SpeechLLM.load(out)
         align = TrainConfig(
@@ -501,9 +505,8 @@ def build_dev_model(out: Path, size_name: str = "small", seed: int = 0) -> dict:
             heads=max(2, size.projector_hidden // 64),
             cast_len=size.cast_len,
             batch=size.batch,
-            max_minutes=size.align_minutes,
+            max_minutes=24 * 60,  # no wall: the epochs are the budget
             max_epochs=size.align_epochs,
-            val_every_s=size.align_minutes * 6,  # about ten validations in the budget
             seed=seed,
         )
         train(out, train_manifest, val_manifest, out, align, cache_dir=tmp / "features", model=model)

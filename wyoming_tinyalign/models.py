@@ -86,7 +86,7 @@ def ensure_dev_model(folder: Path, build: Builder | None = None) -> Path:
         shutil.rmtree(stale, ignore_errors=True)
     tmp = folder.parent / f".{folder.name}.building-{os.getpid()}"
     _LOGGER.warning(
-        "building the offline DEMO model into %s (once; about 55 minutes on 2 cores); progress follows",
+        "building the offline DEMO model into %s (once; 1 to 2 hours on 2 cores); progress follows",
         folder,
     )
     try:

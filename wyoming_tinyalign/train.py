@@ -541,12 +541,19 @@ def train(
 
     budget_s = cfg.max_minutes * 60
     steps_per_epoch = max(1, len(train_set) // cfg.batch)
-    progress = Progress(f"train {cfg.objective}/{proj_cfg.kind}", budget_s, every_s=10)
+    progress = Progress(f"train {cfg.objective}/{proj_cfg.kind}", 100, every_s=10)
     step_times: list[float] = []
     projector.train()
     if cfg.lora_r:
         model.llm.train()
     t_loop = time.monotonic() - state["wall_s"]
+
+    def spent() -> float:
+        """The share of the budget used: time or epochs, whichever ends first."""
+        return max(
+            (time.monotonic() - t_loop) / max(budget_s, 1e-9),
+            state["step"] / (cfg.max_epochs * steps_per_epoch),
+        )
 
     def checkpoint(train_loss: float | None) -> None:
         """Validate; keep the projector when it is the best so far; count patience."""
@@ -584,13 +591,8 @@ def train(
         out_of_time = False
         for b in range(steps_per_epoch):
             t0 = time.perf_counter()
-            # The budget is time or epochs, whichever ends first: decay along the one nearer its end.
-            spent = max(
-                (time.monotonic() - t_loop) / max(budget_s, 1e-9),
-                state["step"] / (cfg.max_epochs * steps_per_epoch),
-            )
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * lr_factor(state["step"], cfg.warmup, spent, cfg.lr_floor)
+            for g in opt.param_groups:  # decays along the budget that ends first
+                g["lr"] = cfg.lr * lr_factor(state["step"], cfg.warmup, spent(), cfg.lr_floor)
             batch = [train_set[i] for i in order[b * cfg.batch : (b + 1) * cfg.batch]]
             loss_value = train_step(model, projector, opt, params, loss_fn, batch)
             state["step"] += 1
@@ -602,9 +604,8 @@ def train(
                 if len(curve) > CURVE_POINTS:
                     del curve[1::2]
                     state["curve_stride"] *= 2
-            elapsed = time.monotonic() - t_loop
-            progress.update(min(elapsed, budget_s), loss_value, "s")
-            if elapsed > budget_s:
+            progress.update(min(100.0, 100 * spent()), loss_value, "% of the budget")
+            if time.monotonic() - t_loop > budget_s:
                 out_of_time = True
                 break
         state["epoch"] += 1
