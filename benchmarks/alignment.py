@@ -100,7 +100,7 @@ def run_train(model_dir: Path, manifests: dict[str, Path], work: Path, name: str
     result = train(
         model_dir, manifests["train"], manifests["val"], work / "runs" / name, cfg, cache_dir=work / "cache"
     )
-    return {"history": result.history, "best": result.best, "step_ms": result.step_ms}
+    return {"history": result.history, "best": result.best, "steps": result.steps, "step_ms": result.step_ms}
 
 
 def evaluate_bundle(bundle: Path, manifests: dict[str, Path]) -> dict:
@@ -208,13 +208,13 @@ def report(r: dict, targets: list[float]) -> str:
     for row in r["step_seconds"]:
         cells = " | ".join(f"{row[v]:.4f}" for v in VARIANTS)
         ratios = (
-            f"{row['generative'] / row['EmbedLink']:.0f}x | {row['generative+LoRA'] / row['EmbedLink']:.0f}x"
+            f"{row['generative'] / row['EmbedLink']:.1f}x | {row['generative+LoRA'] / row['EmbedLink']:.1f}x"
         )
         lines.append(f"| {row['size']} size | {row['batch']} | {cells} | {ratios} |")
     to = " | ".join(f"train s to {t:.0%}" for t in targets)
     lines += [
         "",
-        f"| objective (dev size) | steps | best val intent acc | {to} |",
+        f"| objective (dev size) | steps | best val intent acc (at step) | {to} |",
         "|---" * (3 + len(targets)) + "|",
     ]
     for name, run in r["objectives"].items():
@@ -223,17 +223,20 @@ def report(r: dict, targets: list[float]) -> str:
             "not reached" if (s := run["time_to_target_s"][str(t)]) is None else f"{s:.0f}" for t in targets
         )
         lines.append(
-            f"| {name} | {best.get('step', '-')} | {best.get('intent_accuracy', 0):.3f} | {reached} |"
+            f"| {name} | {run['steps']} | {best.get('intent_accuracy', 0):.3f} ({best.get('step', '-')}) "
+            f"| {reached} |"
         )
-    header = "| path | intent acc (context) | intent acc (none) | WER (context) | WER (none) |"
+    header = "| steps | path | intent acc (context) | intent acc (none) | WER (context) | WER (none) |"
     for title, runs in (("projector", r["projectors"]), ("BridgeFormer T-layers", r["sweep"])):
-        lines += ["", f"| {title} {header}", "|---" * 6 + "|"]
+        lines += ["", f"| {title} {header}", "|---" * 7 + "|"]
         for name, run in runs.items():
             h = run["heldout"]
             for path in ("aligned", "readout"):
                 c, n = h[f"{path}/context"], h[f"{path}/none"]
                 acc = f"{c['intent_accuracy']:.3f} | {n['intent_accuracy']:.3f}"
-                lines.append(f"| {name} | {path} | {acc} | {c['wer']:.3f} | {n['wer']:.3f} |")
+                lines.append(
+                    f"| {name} | {run['steps']} | {path} | {acc} | {c['wer']:.3f} | {n['wer']:.3f} |"
+                )
     # Paired over the same held-out utterances: exact intents only one side got, and whether the
     # difference could be chance.
     aligned = {name: run["heldout"]["aligned/context"]["hits"] for name, run in r["projectors"].items()}

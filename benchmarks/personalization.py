@@ -11,7 +11,9 @@
 2. Cost at real size: the same job on 200 corrected utterances with whisper-base + Qwen2.5-0.5B shapes
    (random weights; the compute is real, the words are not): its wall time and peak RSS (the job
    process's `ru_maxrss`); targets <= 10 minutes and <= 3 GB on 2 cores. `--real-size-dtype float32
-   --real-size-dtype bfloat16` runs it with the backbones in each precision, side by side.
+   --real-size-dtype bfloat16` runs it with the backbones in each precision, side by side. The night
+   fine-tunes with the loss the dev model's projector was aligned with (`--real-size-objective`
+   overrides it): a combined night runs the LLM forward and backward, an EmbedLink night does not.
 
 Prints markdown tables (for benchmarks/RESULTS.md) and writes every figure to WORK/personalization.json.
 `--quick` is a smoke run (few utterances, short budgets, 16 real-size utterances). Base-household speech
@@ -52,6 +54,7 @@ from wyoming_tinyalign.model.projector import ProjectorConfig, build_projector
 from wyoming_tinyalign.model.speechllm import SpeechLLM, resolve_ref
 from wyoming_tinyalign.store import Interaction, InteractionStore
 from wyoming_tinyalign.synth import render_corpus
+from wyoming_tinyalign.train import OBJECTIVES
 from wyoming_tinyalign.versions import load_household_model, record_model
 
 _LOGGER = logging.getLogger("personalization")
@@ -157,10 +160,11 @@ def quality(args: argparse.Namespace) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------- real size
-def real_size_bundle(dev: Path, out: Path) -> Path:
+def real_size_bundle(dev: Path, out: Path, objective: str) -> Path:
     """whisper-base + Qwen2.5-0.5B shapes with random weights, saved as a bundle (the dev model's
     tokenizers: their ids fit the big vocabularies; each backbone in the precision its hub checkpoint
-    has: float32 Whisper, bfloat16 Qwen), with an untrained BridgeFormer."""
+    has: float32 Whisper, bfloat16 Qwen), with an untrained BridgeFormer that says it was aligned with
+    `objective` (and the dev projector's EmbedLink weight), so the night fine-tunes it with that loss."""
     if (out / "bundle.json").is_file():
         return out
     shutil.rmtree(out, ignore_errors=True)
@@ -178,11 +182,11 @@ def real_size_bundle(dev: Path, out: Path) -> Path:
     dev_model.tokenizer.save_pretrained(out / "llm")
     dev_model.whisper_tokenizer.save_pretrained(out / "whisper")
     embed_norm = float(llm.get_input_embeddings().weight.detach().float().norm(dim=-1).mean())
+    weight = dev_model.projector_info.embedlink_weight if dev_model.projector_info else 1.0
     del llm, dev_model
     config = ProjectorConfig(kind="bridgeformer", input_dim=512, output_dim=896, embed_norm=embed_norm)
-    save_projector(
-        out / "projector.safetensors", build_projector(config), ProjectorInfo(config, "whisper", "llm")
-    )
+    info = ProjectorInfo(config, "whisper", "llm", objective=objective, embedlink_weight=weight)
+    save_projector(out / "projector.safetensors", build_projector(config), info)
     save_bundle_config(
         out, BundleConfig(encoder="whisper", llm="llm", prompt_template=dev_cfg.prompt_template)
     )
@@ -190,8 +194,9 @@ def real_size_bundle(dev: Path, out: Path) -> Path:
 
 
 def real_size(args: argparse.Namespace, dtype: str) -> dict:
-    bundle = real_size_bundle(args.model, args.work / "real-size-bundle")
-    work = args.work / f"real-size-{dtype}"
+    objective = args.real_size_objective
+    bundle = real_size_bundle(args.model, args.work / f"real-size-bundle-{objective}", objective)
+    work = args.work / f"real-size-{objective}-{dtype}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     household = next(h for h in load_households() if h.split == "unseen")
@@ -201,6 +206,7 @@ def real_size(args: argparse.Namespace, dtype: str) -> dict:
     household_json = str(household_file(household, work / "household.json"))
     report = run_night(work / "data", args, ["--context-file", household_json, "--dtype", dtype])
     return {
+        "objective": objective,
         "dtype": dtype,
         "utterances": n,
         "status": report["status"],
@@ -254,13 +260,14 @@ def report(r: dict) -> str:
     if r["real_size"]:
         lines += [
             "",
-            "| real-size job (whisper-base + Qwen2.5-0.5B shapes, random weights) | utterances | result "
-            "| wall s | job s | peak RSS MB | train steps | step ms |",
-            "|---" * 8 + "|",
+            "| real-size job (whisper-base + Qwen2.5-0.5B shapes, random weights) | objective | utterances "
+            "| result | wall s | job s | peak RSS MB | train steps | step ms |",
+            "|---" * 9 + "|",
         ]
         for s in r["real_size"]:
             lines.append(
-                f"| `adapt --now --threads {r['threads']} --dtype {s['dtype']}` | {s['utterances']} "
+                f"| `adapt --now --threads {r['threads']} --dtype {s['dtype']}` | {s['objective']} "
+                f"| {s['utterances']} "
                 f"| {s['status']} | {s['wall_s']} | {s['duration_s']} | {s['peak_rss_mb']} "
                 f"| {s['train'].get('steps')} | {s['train'].get('step_ms')} |"
             )
@@ -286,6 +293,11 @@ def main() -> None:
         help="backbone precision of the real-size run; give it twice to run both side by side "
         "(default float32)",
     )  # fmt: skip
+    parser.add_argument(
+        "--real-size-objective", choices=OBJECTIVES,
+        help="the loss the real-size projector says it was aligned with, so its night's loss "
+        "(default: the dev model's projector's)",
+    )  # fmt: skip
     parser.add_argument("--job-args", default="", help="more `adapt` flags for every night (one string)")
     parser.add_argument("--skip-real-size", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
@@ -300,6 +312,9 @@ def main() -> None:
         raise SystemExit(
             f"{args.model} is not a bundle: build one with `wyoming-tinyalign dev-model --size small`"
         )
+    if args.real_size_objective is None:
+        info = SpeechLLM.load(args.model).projector_info
+        args.real_size_objective = info.objective if info else "embedlink"
     args.work.mkdir(parents=True, exist_ok=True)
     bootstrap(args)
     results: dict = {
