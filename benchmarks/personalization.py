@@ -47,6 +47,7 @@ from wyoming_tinyalign.model.bundle import (
     BundleConfig,
     ProjectorInfo,
     load_bundle_config,
+    load_projector,
     save_bundle_config,
     save_projector,
 )
@@ -160,11 +161,11 @@ def quality(args: argparse.Namespace) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------- real size
-def real_size_bundle(dev: Path, out: Path, objective: str) -> Path:
+def real_size_bundle(dev: Path, out: Path, objective: str, embedlink_weight: float) -> Path:
     """whisper-base + Qwen2.5-0.5B shapes with random weights, saved as a bundle (the dev model's
     tokenizers: their ids fit the big vocabularies; each backbone in the precision its hub checkpoint
     has: float32 Whisper, bfloat16 Qwen), with an untrained BridgeFormer that says it was aligned with
-    `objective` (and the dev projector's EmbedLink weight), so the night fine-tunes it with that loss."""
+    `objective`, so the night fine-tunes it with that loss."""
     if (out / "bundle.json").is_file():
         return out
     shutil.rmtree(out, ignore_errors=True)
@@ -182,10 +183,9 @@ def real_size_bundle(dev: Path, out: Path, objective: str) -> Path:
     dev_model.tokenizer.save_pretrained(out / "llm")
     dev_model.whisper_tokenizer.save_pretrained(out / "whisper")
     embed_norm = float(llm.get_input_embeddings().weight.detach().float().norm(dim=-1).mean())
-    weight = dev_model.projector_info.embedlink_weight if dev_model.projector_info else 1.0
     del llm, dev_model
     config = ProjectorConfig(kind="bridgeformer", input_dim=512, output_dim=896, embed_norm=embed_norm)
-    info = ProjectorInfo(config, "whisper", "llm", objective=objective, embedlink_weight=weight)
+    info = ProjectorInfo(config, "whisper", "llm", objective=objective, embedlink_weight=embedlink_weight)
     save_projector(out / "projector.safetensors", build_projector(config), info)
     save_bundle_config(
         out, BundleConfig(encoder="whisper", llm="llm", prompt_template=dev_cfg.prompt_template)
@@ -193,9 +193,20 @@ def real_size_bundle(dev: Path, out: Path, objective: str) -> Path:
     return out
 
 
+def dev_objective(dev: Path) -> tuple[str, float]:
+    """The objective and EmbedLink weight the dev model's projector was aligned with (its checkpoint's
+    record; EmbedLink when it has no projector)."""
+    name = load_bundle_config(dev).projector
+    if not name:
+        return "embedlink", 1.0
+    _, info = load_projector(dev / name)
+    return info.objective, info.embedlink_weight
+
+
 def real_size(args: argparse.Namespace, dtype: str) -> dict:
-    objective = args.real_size_objective
-    bundle = real_size_bundle(args.model, args.work / f"real-size-bundle-{objective}", objective)
+    objective, weight = dev_objective(args.model)
+    objective = args.real_size_objective or objective
+    bundle = real_size_bundle(args.model, args.work / f"real-size-bundle-{objective}", objective, weight)
     work = args.work / f"real-size-{objective}-{dtype}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -312,9 +323,6 @@ def main() -> None:
         raise SystemExit(
             f"{args.model} is not a bundle: build one with `wyoming-tinyalign dev-model --size small`"
         )
-    if args.real_size_objective is None:
-        info = SpeechLLM.load(args.model).projector_info
-        args.real_size_objective = info.objective if info else "embedlink"
     args.work.mkdir(parents=True, exist_ok=True)
     bootstrap(args)
     results: dict = {
