@@ -92,12 +92,17 @@ def test_the_learning_rate_warms_up_then_decays_to_its_floor_by_the_end(
     assert [lr_factor(s, 4, 0.0) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert lr_factor(10, 4, 0.5, floor=0.1) == pytest.approx(0.55)
     assert lr_factor(10, 4, 1.0, floor=0.1) == lr_factor(10, 4, 3.0, floor=0.1) == pytest.approx(0.1)
-    # An epoch budget (the time budget is far away): the rate falls at each validation, close to the floor.
-    cfg = TrainConfig(max_epochs=4, val_answers=False, **{**FAST, "lr_floor": 0.2})
+    # An epoch budget, no time limit: 4 epochs, and the rate falls at each validation, close to the floor.
+    cfg = TrainConfig(max_minutes=None, max_epochs=4, val_answers=False, **{**FAST, "lr_floor": 0.2})
     result = train(micro_model, tiny_manifest, tiny_manifest, tmp_path / "o", cfg, cache_dir=tmp_path / "c")
     rates = [h["lr"] / cfg.lr for h in result.history]
-    assert rates == sorted(rates, reverse=True) and rates[0] < 1.0
+    assert len(rates) == 4 and rates == sorted(rates, reverse=True) and rates[0] < 1.0
     assert 0.2 <= rates[-1] < 0.25
+    with pytest.raises(ValueError, match="needs a budget"):
+        train(
+            micro_model, tiny_manifest, tiny_manifest, tmp_path / "none",
+            TrainConfig(max_minutes=None, max_epochs=None, **FAST), cache_dir=tmp_path / "c",
+        )  # fmt: skip
 
 
 def test_early_stopping_counts_validations_without_any_progress(

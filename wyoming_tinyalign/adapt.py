@@ -619,7 +619,7 @@ class Job:
         # no epoch beats it) and stops after `patience` epochs without progress.
         cfg = TrainConfig(
             objective=objective, embedlink_weight=weight, batch=opts.batch, lr=opts.lr, warmup=10,
-            max_minutes=train_s / 60, max_epochs=100_000, patience=10, val_every_s=0.0, seed=opts.seed,
+            max_minutes=train_s / 60, max_epochs=None, patience=10, val_every_s=0.0, seed=opts.seed,
             val_answers=False,  # the candidate is scored on this job's own sets below
         )  # fmt: skip
         self._memory("features and manifests ready")

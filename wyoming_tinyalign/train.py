@@ -293,8 +293,8 @@ class TrainConfig:
     lr: float = 1e-3
     warmup: int = 50
     lr_floor: float = 0.05  # after warm-up the rate decays (cosine, over the budget) to this fraction of lr
-    max_minutes: float = 10.0
-    max_epochs: int = 200
+    max_minutes: float | None = 10.0  # None: no time limit (the epochs are the budget)
+    max_epochs: int | None = 200  # None: no epoch limit (the time is the budget)
     patience: int = 4
     val_every_s: float = 0.0  # validate at the end of an epoch when this long has passed (0: every epoch)
     seed: int = 0
@@ -462,6 +462,8 @@ def train(
     model: SpeechLLM | None = None,
 ) -> TrainResult:
     """Train a projector; writes a loadable bundle with the best one to `out`."""
+    if cfg.max_minutes is None and cfg.max_epochs is None:
+        raise ValueError("a training run needs a budget: max_minutes, max_epochs or both")
     t_start = time.monotonic()
     torch.manual_seed(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -539,7 +541,8 @@ def train(
             model.llm.train()
         return metrics
 
-    budget_s = cfg.max_minutes * 60
+    budget_s = math.inf if cfg.max_minutes is None else cfg.max_minutes * 60
+    max_epochs = math.inf if cfg.max_epochs is None else cfg.max_epochs
     steps_per_epoch = max(1, len(train_set) // cfg.batch)
     progress = Progress(f"train {cfg.objective}/{proj_cfg.kind}", 100, every_s=10)
     step_times: list[float] = []
@@ -552,7 +555,7 @@ def train(
         """The share of the budget used: time or epochs, whichever ends first."""
         return max(
             (time.monotonic() - t_loop) / max(budget_s, 1e-9),
-            state["step"] / (cfg.max_epochs * steps_per_epoch),
+            state["step"] / (max_epochs * steps_per_epoch),
         )
 
     def checkpoint(train_loss: float | None) -> None:
@@ -584,7 +587,7 @@ def train(
         checkpoint(None)
     last_validation = time.monotonic()
     loss_value = float("nan")
-    while state["epoch"] < cfg.max_epochs and state["bad_epochs"] < cfg.patience:
+    while state["epoch"] < max_epochs and state["bad_epochs"] < cfg.patience:
         rng = random.Random(cfg.seed * 1000 + state["epoch"])
         order = list(range(len(train_set)))
         rng.shuffle(order)
@@ -609,7 +612,7 @@ def train(
                 out_of_time = True
                 break
         state["epoch"] += 1
-        finished = out_of_time or state["epoch"] >= cfg.max_epochs
+        finished = out_of_time or state["epoch"] >= max_epochs
         if finished or time.monotonic() - last_validation >= cfg.val_every_s:
             last_validation = time.monotonic()
             checkpoint(round(loss_value, 5))
