@@ -29,6 +29,8 @@ from wyoming_tinyalign.train import (
     objective_loss,
     setup_projector,
     train,
+    train_step,
+    val_loss,
 )
 
 # A handful of steps at a constant rate (the decay has its own test).
@@ -171,6 +173,37 @@ def test_the_generative_loss_from_cached_prefixes_equals_the_whole_prompt(
     (whole_grad,) = torch.autograd.grad(whole, out)
     torch.testing.assert_close(loss, whole)
     torch.testing.assert_close(grad, whole_grad)
+
+
+@pytest.mark.parametrize("objective", ["generative", "embedlink"])
+def test_micro_batches_bound_the_memory_not_the_step(
+    micro_model: Path, tiny_manifest: Path, objective: str
+) -> None:
+    """A batch taken a few utterances at a time makes the whole batch's update: exactly (up to float
+    sums) for the generative loss, a mean over answer tokens as the micro-batches are weighed; nearly
+    for EmbedLink, a mean over output positions (the same number for every utterance here)."""
+    model, examples, _ = _projected(micro_model, tiny_manifest)
+    start = copy.deepcopy(model.projector).eval()  # no dropout: every run sees the same outputs
+
+    def step(micro_batch: int | None) -> tuple[float, torch.Tensor]:
+        projector = copy.deepcopy(start)
+        params = list(projector.parameters())
+        opt = torch.optim.SGD(params, lr=1.0)
+        loss = train_step(model, projector, opt, params, objective_loss(objective), examples, micro_batch)
+        return loss, torch.cat([(a - b).flatten() for a, b in zip(start.parameters(), params, strict=True)])
+
+    whole_loss, whole = step(None)
+    assert whole.abs().sum() > 0
+    if objective == "generative":  # the validation loss does not depend on how many go through at once
+        values = [val_loss(model, start, examples, generative_loss, size) for size in (8, 3, 1)]
+        assert values == pytest.approx([values[0]] * 3, abs=2e-5)
+    for micro_batch in (2, 1):
+        loss, update = step(micro_batch)
+        cosine = float(torch.nn.functional.cosine_similarity(update, whole, dim=0))
+        if objective == "generative":
+            assert loss == pytest.approx(whole_loss, rel=1e-3) and cosine > 0.9999
+        else:
+            assert loss == pytest.approx(whole_loss, rel=0.03) and cosine > 0.99
 
 
 def test_the_combined_objective_weighs_its_embedlink_term(micro_model: Path, tiny_manifest: Path) -> None:

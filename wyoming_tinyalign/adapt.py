@@ -121,6 +121,7 @@ class AdaptOptions:
     general_n: int = 60
     lr: float = 3e-4
     batch: int = 16
+    micro_batch: int = 2  # utterances per forward/backward pass (Qwen2.5-0.5B keeps ~0.2 GB for each)
     seed: int = 0
     device: str = "cpu"
     dtype: str = "auto"  # the backbones' precision, as the server runs them (models.inference_dtype)
@@ -358,6 +359,7 @@ class Job:
         self.bundle_cfg: BundleConfig | None = None
         self.report: dict[str, Any] = {"status": "running", "started_at": time.time()}
         self.loss_fn: LossFn = embedlink_loss  # the held-out loss: the served projector's objective
+        self.loss_s = 0.0  # what the held-out loss of one projector on both sets took (never cached)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
@@ -605,7 +607,7 @@ class Job:
         report["cascade"] = {"household": cascade}
 
         # Train within what is left of the budget (keeping time for validating the candidate).
-        candidate_eval_s = per_item * (len(held_items) + len(general_items)) + 5
+        candidate_eval_s = per_item * (len(held_items) + len(general_items)) + self.loss_s + 5
         # At least a quarter of the budget: a first night that spent it rendering replay speech and
         # computing features should still learn something (the budget is a target, not a wall).
         train_s = max(0.25 * self.budget_s, self.budget_s - self.elapsed() - candidate_eval_s)
@@ -618,7 +620,8 @@ class Job:
         # costs a projector pass over cached features, keeps the best projector (the served one, if
         # no epoch beats it) and stops after `patience` epochs without progress.
         cfg = TrainConfig(
-            objective=objective, embedlink_weight=weight, batch=opts.batch, lr=opts.lr, warmup=10,
+            objective=objective, embedlink_weight=weight, batch=opts.batch, micro_batch=opts.micro_batch,
+            lr=opts.lr, warmup=10,
             max_minutes=train_s / 60, max_epochs=None, patience=10, val_every_s=0.0, seed=opts.seed,
             val_answers=False,  # the candidate is scored on this job's own sets below
         )  # fmt: skip
@@ -793,14 +796,20 @@ class Job:
             return {"household": {**empty, "n": len(held)}, "general": dict(empty)}, None
         model.projector = projector.eval()
         out, all_answers = {}, {}
+        t_loss = 0.0
         for name, items in (("household", held), ("general", general)):
             got = answers(model, items, "aligned", cache)
             scores = score_answers([it.utterance for it in items], got)
             examples = [Example(it.features, it.utterance, it.context) for it in items]
+            t0 = time.monotonic()
             scores["loss"] = (
-                val_loss(model, projector, examples, self.loss_fn, self.opts.batch) if examples else None
+                val_loss(model, projector, examples, self.loss_fn, self.opts.micro_batch)
+                if examples
+                else None
             )
+            t_loss += time.monotonic() - t0
             out[name], all_answers[name] = scores, got
+        self.loss_s = t_loss
         cache.save()
         return out, all_answers
 
@@ -925,6 +934,10 @@ def add_adapt_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--lr", type=float, default=d.lr, help="learning rate of the fine-tuning")
     parser.add_argument("--batch", type=int, default=d.batch)
+    parser.add_argument(
+        "--micro-batch", type=int, default=d.micro_batch,
+        help="utterances per forward/backward pass (less memory with the LLM in the loop; same update)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--nice", type=int, default=10, help="CPU priority increment of the job (0: none)")
     parser.add_argument("--context-file", type=Path, help="household context (JSON as for serve, or text)")
@@ -948,7 +961,8 @@ def run_adapt(args: argparse.Namespace) -> int:
         min_new=args.min_new, keep=args.keep, heldout_every=args.heldout_every, decide_on=args.decide_on,
         heldout_max=args.heldout_max, train_max=args.train_max, tolerance=args.tolerance,
         teacher_min_confidence=args.teacher_min_confidence, outcome_window_s=args.outcome_window,
-        replay_n=args.replay_n, general_n=args.general_n, lr=args.lr, batch=args.batch, seed=args.seed,
+        replay_n=args.replay_n, general_n=args.general_n, lr=args.lr, batch=args.batch,
+        micro_batch=args.micro_batch, seed=args.seed,
         device=args.device, dtype=args.dtype, context_file=args.context_file,
         bootstrap_dir=args.bootstrap_dir, cache_dir=args.cache_dir,
     )  # fmt: skip

@@ -238,6 +238,17 @@ def objective_loss(objective: str, embedlink_weight: float = 1.0) -> LossFn:
     return {"embedlink": embedlink_loss, "generative": generative_loss}[objective]
 
 
+def micro_batches(model: SpeechLLM, examples: list[Example], size: int) -> list[tuple[list[Example], float]]:
+    """`examples` in runs of `size`, each with its share of their answer tokens: the weight that makes
+    the runs' losses add up to the generative loss of all of them at once (a mean over answer tokens);
+    an EmbedLink term, a mean over output positions, comes out nearly the same."""
+    runs = [examples[start : start + size] for start in range(0, len(examples), size)]
+    tokens = [
+        sum(len(answer_ids(model.tokenizer, e.utterance.text, e.utterance.intent)) for e in r) for r in runs
+    ]
+    return [(run, n / max(1, sum(tokens))) for run, n in zip(runs, tokens, strict=True)]
+
+
 def train_step(
     model: SpeechLLM,
     projector: Projector,
@@ -245,31 +256,38 @@ def train_step(
     params: list[nn.Parameter],
     loss_fn: LossFn,
     batch: list[Example],
+    micro_batch: int | None = None,
 ) -> float:
-    """One optimizer step on one batch; returns the loss."""
-    feats, lengths = collate(batch)
-    out, out_lengths = projector(feats.to(model.device), lengths.to(model.device))
-    loss = loss_fn(model, out, out_lengths, batch)
+    """One optimizer step on one batch; returns the loss.
+
+    `micro_batch` utterances at a time go forward and backward (`micro_batches`): the activations an
+    LLM in the loop keeps for the backward pass grow with it, the update does not.
+    """
     opt.zero_grad()
-    loss.backward()
+    total = 0.0
+    for chunk, share in micro_batches(model, batch, micro_batch or len(batch)):
+        feats, lengths = collate(chunk)
+        out, out_lengths = projector(feats.to(model.device), lengths.to(model.device))
+        loss = loss_fn(model, out, out_lengths, chunk) * share
+        loss.backward()
+        total += float(loss.detach())
     nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
-    return float(loss.detach())
+    return total
 
 
 @torch.no_grad()
 def val_loss(
     model: SpeechLLM, projector: Projector, examples: list[Example], loss_fn: LossFn, batch: int
 ) -> float:
-    """Mean training loss of a projector on examples (leaves it in eval mode)."""
+    """The training loss of a projector on examples, `batch` at a time (leaves it in eval mode)."""
     projector.eval()
     total = 0.0
-    for i in range(0, len(examples), batch):
-        chunk = examples[i : i + batch]
+    for chunk, share in micro_batches(model, examples, batch):
         feats, lengths = collate(chunk)
         out, out_lengths = projector(feats.to(model.device), lengths.to(model.device))
-        total += float(loss_fn(model, out, out_lengths, chunk)) * len(chunk)
-    return round(total / max(1, len(examples)), 5)
+        total += float(loss_fn(model, out, out_lengths, chunk)) * share
+    return round(total, 5)
 
 
 # ------------------------------------------------------------------- config
@@ -290,6 +308,7 @@ class TrainConfig:
     heads: int = 4
     lora_r: int = 0
     batch: int = 16
+    micro_batch: int | None = None  # utterances per forward/backward pass (None: the whole batch)
     lr: float = 1e-3
     warmup: int = 50
     lr_floor: float = 0.05  # after warm-up the rate decays (cosine, over the budget) to this fraction of lr
@@ -522,7 +541,7 @@ def train(
         if cfg.lora_r:  # no LoRA dropout, and prompt prefixes cached from the LLM as it is now
             model.llm.eval()
             model.prefix_cache.cache_clear()
-        metrics = {"val_loss": val_loss(model, projector, val_set, loss_fn, cfg.batch)}
+        metrics = {"val_loss": val_loss(model, projector, val_set, loss_fn, cfg.micro_batch or cfg.batch)}
         if cfg.val_answers:
             aligned = score(
                 [(e.utterance, model.run_features(e.features, "aligned", e.context)) for e in val_set]
@@ -561,7 +580,9 @@ def train(
     def checkpoint(train_loss: float | None) -> None:
         """Validate; keep the projector when it is the best so far; count patience."""
         metrics = {"epoch": state["epoch"], "step": state["step"], "train_loss": train_loss}
+        t0 = time.monotonic()
         metrics.update(validate())
+        state["val_s"] = time.monotonic() - t0
         metrics["elapsed_s"] = round(time.monotonic() - t_loop, 1)
         metrics["train_s"] = round(state["step_s"], 1)  # optimizer steps only, without validation
         metrics["lr"] = opt.param_groups[0]["lr"]
@@ -597,7 +618,7 @@ def train(
             for g in opt.param_groups:  # decays along the budget that ends first
                 g["lr"] = cfg.lr * lr_factor(state["step"], cfg.warmup, spent(), cfg.lr_floor)
             batch = [train_set[i] for i in order[b * cfg.batch : (b + 1) * cfg.batch]]
-            loss_value = train_step(model, projector, opt, params, loss_fn, batch)
+            loss_value = train_step(model, projector, opt, params, loss_fn, batch, cfg.micro_batch)
             state["step"] += 1
             step_times.append(time.perf_counter() - t0)
             state["step_s"] += step_times[-1]
@@ -608,7 +629,8 @@ def train(
                     del curve[1::2]
                     state["curve_stride"] *= 2
             progress.update(min(100.0, 100 * spent()), loss_value, "% of the budget")
-            if time.monotonic() - t_loop > budget_s:
+            # Stop while another step and the closing validation still fit in the time budget.
+            if time.monotonic() - t_loop + step_times[-1] + state.get("val_s", 0.0) > budget_s:
                 out_of_time = True
                 break
         state["epoch"] += 1
@@ -658,6 +680,10 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stack", type=int, default=d.stack, help="encoder frames stacked per input")
     parser.add_argument("--hidden-dim", type=int, default=d.hidden_dim)
     parser.add_argument("--batch", type=int, default=d.batch)
+    parser.add_argument(
+        "--micro-batch", type=int, default=d.micro_batch,
+        help="utterances per forward/backward pass (less memory with the LLM in the loop; same update)",
+    )  # fmt: skip
     parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     parser.add_argument(
         "--lr-floor", type=float, default=d.lr_floor, help="fraction of --lr the rate decays to (1: constant)"
@@ -688,6 +714,7 @@ def run_train(args: argparse.Namespace) -> int:
         layers=args.layers,
         lora_r=args.lora_r,
         batch=args.batch,
+        micro_batch=args.micro_batch,
         lr=args.lr,
         lr_floor=args.lr_floor,
         max_minutes=args.max_minutes,
