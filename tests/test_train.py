@@ -190,10 +190,14 @@ def test_micro_batches_bound_the_memory_not_the_step(
         params = list(projector.parameters())
         opt = torch.optim.SGD(params, lr=1.0)
         loss = train_step(model, projector, opt, params, objective_loss(objective), examples, micro_batch)
-        return loss, torch.cat([(a - b).flatten() for a, b in zip(start.parameters(), params, strict=True)])
+        return loss, torch.cat(
+            [(a - b).detach().flatten() for a, b in zip(start.parameters(), params, strict=True)]
+        )
 
     whole_loss, whole = step(None)
     assert whole.abs().sum() > 0
+    with pytest.raises(ValueError, match="at least 1 utterance"):
+        step(-2)
     if objective == "generative":  # the validation loss does not depend on how many go through at once
         values = [val_loss(model, start, examples, generative_loss, size) for size in (8, 3, 1)]
         assert values == pytest.approx([values[0]] * 3, abs=2e-5)

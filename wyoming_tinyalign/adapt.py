@@ -936,7 +936,7 @@ def add_adapt_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=d.batch)
     parser.add_argument(
         "--micro-batch", type=int, default=d.micro_batch,
-        help="utterances per forward/backward pass (less memory with the LLM in the loop; same update)",
+        help="utterances per forward/backward pass (less memory with the LLM in the loop; 0: all at once)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--nice", type=int, default=10, help="CPU priority increment of the job (0: none)")

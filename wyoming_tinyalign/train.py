@@ -242,6 +242,8 @@ def micro_batches(model: SpeechLLM, examples: list[Example], size: int) -> list[
     """`examples` in runs of `size`, each with its share of their answer tokens: the weight that makes
     the runs' losses add up to the generative loss of all of them at once (a mean over answer tokens);
     an EmbedLink term, a mean over output positions, comes out nearly the same."""
+    if size < 1:
+        raise ValueError(f"a micro-batch holds at least 1 utterance, not {size}")
     runs = [examples[start : start + size] for start in range(0, len(examples), size)]
     tokens = [
         sum(len(answer_ids(model.tokenizer, e.utterance.text, e.utterance.intent)) for e in r) for r in runs
@@ -682,7 +684,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=d.batch)
     parser.add_argument(
         "--micro-batch", type=int, default=d.micro_batch,
-        help="utterances per forward/backward pass (less memory with the LLM in the loop; same update)",
+        help="utterances per forward/backward pass (less memory with the LLM in the loop; 0: all at once)",
     )  # fmt: skip
     parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     parser.add_argument(
