@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import WhisperForConditionalGeneration
+from transformers import AutoModelForCausalLM, WhisperForConditionalGeneration
 
 from wyoming_tinyalign.devmodel import ALIGN_EMBEDLINK_WEIGHT
 from wyoming_tinyalign.manifest import load_utterances
@@ -24,6 +24,7 @@ from wyoming_tinyalign.model.bundle import (
 from wyoming_tinyalign.model.speechllm import (
     PATHS,
     SpeechLLM,
+    load_llm,
     loop_start,
     whisper_prompt,
     whisper_transcript,
@@ -168,6 +169,22 @@ def test_bundle_round_trip_gives_the_same_outputs(
     again = SpeechLLM.load(copy)
     torch.testing.assert_close(again.project([audio])[0], model.project([audio])[0])
     assert again.run(audio, "aligned").transcript == model.run(audio, "aligned").transcript
+
+
+def test_a_narrower_checkpoint_loads_wider_as_from_pretrained_would(model: SpeechLLM, tmp_path: Path) -> None:
+    """A bfloat16 checkpoint run in float32 (Qwen2.5 on a CPU) is widened tensor by tensor, to the same
+    weights and outputs as `from_pretrained(dtype=float32)` gives, ties kept."""
+    deepcopy(model.llm).to(torch.bfloat16).save_pretrained(tmp_path / "llm")
+    lean = load_llm(str(tmp_path / "llm"), torch.float32)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "llm", dtype=torch.float32)
+    assert lean.dtype == lean.config.dtype == torch.float32
+    assert lean.state_dict().keys() == plain.state_dict().keys()
+    for name, tensor in plain.state_dict().items():
+        torch.testing.assert_close(lean.state_dict()[name], tensor, rtol=0, atol=0)
+    assert lean.get_output_embeddings().weight is lean.get_input_embeddings().weight
+    ids = torch.tensor([model.text_ids("turn on the kitchen light")])
+    torch.testing.assert_close(lean(ids).logits, plain(ids).logits)
+    assert load_llm(str(tmp_path / "llm"), torch.bfloat16).dtype == torch.bfloat16  # no widening
 
 
 def test_a_projector_says_which_loss_it_was_aligned_with(micro_model: Path, tmp_path: Path) -> None:

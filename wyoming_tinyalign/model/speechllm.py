@@ -25,9 +25,11 @@ import numpy as np
 import torch
 from peft import PeftModel
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     DynamicCache,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
     StoppingCriteria,
     StoppingCriteriaList,
@@ -137,6 +139,24 @@ def whisper_transcript(
     return " ".join(text.strip().lower().split()), float(np.mean(logprobs)) if logprobs else 0.0
 
 
+def load_llm(ref: str, dtype: torch.dtype) -> PreTrainedModel:
+    """The LLM (`from_pretrained` on a folder or hub id) at `dtype`.
+
+    A checkpoint stored narrower than `dtype` (Qwen2.5's bfloat16, run in float32 on a CPU) is read into
+    memory and widened one tensor at a time: through the default memory map, the checkpoint's pages
+    count beside the whole wider copy (Qwen2.5-0.5B's shapes: peak 3170 MiB that way, 2253 MiB this way,
+    `benchmarks/RESULTS.md`)."""
+    stored = AutoConfig.from_pretrained(ref, trust_remote_code=False).dtype
+    if not isinstance(stored, torch.dtype) or stored.itemsize >= dtype.itemsize:
+        return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, trust_remote_code=False)
+    llm = AutoModelForCausalLM.from_pretrained(ref, dtype=stored, disable_mmap=True, trust_remote_code=False)
+    for tensor in [*llm.parameters(), *llm.buffers()]:
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.to(dtype)
+    llm.config.dtype = dtype
+    return llm
+
+
 class SpeechLLM:
     """One loaded speech-LLM; share it, it is not changed by inference."""
 
@@ -180,7 +200,7 @@ class SpeechLLM:
             whisper = WhisperForConditionalGeneration.from_pretrained(enc_ref, dtype=dtype)
             whisper_tokenizer = AutoTokenizer.from_pretrained(enc_ref)
             feature_extractor = WhisperFeatureExtractor.from_pretrained(enc_ref)
-            llm = AutoModelForCausalLM.from_pretrained(llm_ref, dtype=dtype, trust_remote_code=False)
+            llm = load_llm(llm_ref, dtype)
             tokenizer = AutoTokenizer.from_pretrained(llm_ref, trust_remote_code=False)
             if cfg.lora:
                 llm = PeftModel.from_pretrained(llm, str(folder / cfg.lora)).merge_and_unload()
