@@ -144,7 +144,7 @@ def load_llm(ref: str, dtype: torch.dtype) -> PreTrainedModel:
 
     A checkpoint stored narrower than `dtype` (Qwen2.5's bfloat16, run in float32 on a CPU) is read into
     memory and widened one tensor at a time: through the default memory map, the checkpoint's pages
-    count beside the whole wider copy (Qwen2.5-0.5B's shapes: peak 3170 MiB that way, 2253 MiB this way,
+    count beside the whole wider copy (Qwen2.5-0.5B's shapes: peak 3170 MiB that way, 2272 MiB this way,
     `benchmarks/RESULTS.md`)."""
     stored = AutoConfig.from_pretrained(ref, trust_remote_code=False).dtype
     if not isinstance(stored, torch.dtype) or stored.itemsize >= dtype.itemsize:
