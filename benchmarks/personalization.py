@@ -40,7 +40,7 @@ import torch
 from realsize import qwen25_05b, whisper_base
 from transformers import GenerationConfig, WhisperFeatureExtractor
 
-from wyoming_tinyalign.evaluate import evaluate_items
+from wyoming_tinyalign.evaluate import evaluate_items, evaluate_text
 from wyoming_tinyalign.households import Household, context_text, load_households
 from wyoming_tinyalign.labels import set_correction, validate_correction
 from wyoming_tinyalign.manifest import load_utterances, read_manifest
@@ -113,14 +113,6 @@ def evaluate(model: SpeechLLM, manifest: Path, context: str, paths: tuple[str, .
     return {path: evaluate_items(model, items, path) for path in paths}
 
 
-def text_ceiling(model: SpeechLLM, manifest: Path, context: str) -> float:
-    """Intent accuracy of the LLM given each utterance's reference transcript: what the aligned path
-    reaches at best with a perfect ear (the LLM is frozen; a night changes only the projector)."""
-    utterances = [u for u in read_manifest(manifest) if u.intent is not None]
-    hits = sum(u.intent.matches(model.understand_text(u.text, context)) for u in utterances)
-    return round(hits / max(1, len(utterances)), 4)
-
-
 def quality(args: argparse.Namespace) -> list[dict]:
     rows = []
     unseen = [h for h in load_households() if h.split == "unseen"][: args.households]
@@ -135,7 +127,11 @@ def quality(args: argparse.Namespace) -> list[dict]:
         context = context_text(household)
         before_model = SpeechLLM.load(args.model)
         before = evaluate(before_model, heldout, context, ("aligned", "cascade"))
-        ceiling = text_ceiling(before_model, heldout, context)
+        # The LLM given each reference transcript: what the aligned path reaches at best with a perfect
+        # ear (the LLM is frozen; a night changes only the projector).
+        ceiling = evaluate_text(
+            before_model, [(u, context) for u in read_manifest(heldout) if u.intent is not None]
+        )
         del before_model
         t0 = time.monotonic()
         report = run_night(
@@ -153,7 +149,7 @@ def quality(args: argparse.Namespace) -> list[dict]:
             "version": version,
             "before": {p: {k: r[k] for k in ("intent_accuracy", "wer")} for p, r in before.items()},
             "after": {"aligned": {k: after["aligned"][k] for k in ("intent_accuracy", "wer")}},
-            "text_ceiling": ceiling,
+            "text_ceiling": round(ceiling, 4),
             "job": {
                 "wall_s": round(wall, 1),
                 "duration_s": report.get("duration_s"),

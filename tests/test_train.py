@@ -196,6 +196,8 @@ def test_micro_batches_bound_the_memory_not_the_step(
 
     whole_loss, whole = step(None)
     assert whole.abs().sum() > 0
+    zero_loss, zero = step(0)  # 0, as `--micro-batch 0`: the whole batch at once
+    assert zero_loss == whole_loss and torch.equal(zero, whole)
     with pytest.raises(ValueError, match="at least 1 utterance"):
         step(-2)
     if objective == "generative":  # the validation loss does not depend on how many go through at once

@@ -803,7 +803,7 @@ class Job:
             examples = [Example(it.features, it.utterance, it.context) for it in items]
             t0 = time.monotonic()
             scores["loss"] = (
-                val_loss(model, projector, examples, self.loss_fn, self.opts.micro_batch)
+                val_loss(model, projector, examples, self.loss_fn, self.opts.micro_batch or self.opts.batch)
                 if examples
                 else None
             )

@@ -48,8 +48,9 @@ def word_error_rate(refs: list[str], hyps: list[str]) -> float:
     return edits / max(1, words)
 
 
-def evaluate_text(model: SpeechLLM, pairs: list[tuple[Command, str]]) -> float:
-    """Text-only intent accuracy of the LLM on (command, household context) pairs."""
+def evaluate_text(model: SpeechLLM, pairs: list[tuple[Command | Utterance, str]]) -> float:
+    """Text-only intent accuracy of the LLM on (command or utterance with an intent, household context)
+    pairs."""
     hits = sum(cmd.intent.matches(model.understand_text(cmd.text, context)) for cmd, context in pairs)
     return hits / max(1, len(pairs))
 

@@ -238,12 +238,16 @@ def objective_loss(objective: str, embedlink_weight: float = 1.0) -> LossFn:
     return {"embedlink": embedlink_loss, "generative": generative_loss}[objective]
 
 
-def micro_batches(model: SpeechLLM, examples: list[Example], size: int) -> list[tuple[list[Example], float]]:
-    """`examples` in runs of `size`, each with its share of their answer tokens: the weight that makes
-    the runs' losses add up to the generative loss of all of them at once (a mean over answer tokens);
-    an EmbedLink term, a mean over output positions, comes out nearly the same."""
-    if size < 1:
+def micro_batches(
+    model: SpeechLLM, examples: list[Example], size: int | None
+) -> list[tuple[list[Example], float]]:
+    """`examples` in runs of `size` (None or 0: one run), each with its share of their answer tokens: the
+    weight that makes the runs' losses add up to the generative loss of all of them at once (a mean over
+    answer tokens); an EmbedLink term, a mean over output positions, comes out nearly the same."""
+    if size is not None and size < 0:
         raise ValueError(f"a micro-batch holds at least 1 utterance, not {size}")
+    if not size or size >= len(examples):
+        return [(examples, 1.0)]
     runs = [examples[start : start + size] for start in range(0, len(examples), size)]
     tokens = [
         sum(len(answer_ids(model.tokenizer, e.utterance.text, e.utterance.intent)) for e in r) for r in runs
@@ -267,7 +271,7 @@ def train_step(
     """
     opt.zero_grad()
     total = 0.0
-    for chunk, share in micro_batches(model, batch, micro_batch or len(batch)):
+    for chunk, share in micro_batches(model, batch, micro_batch):
         feats, lengths = collate(chunk)
         out, out_lengths = projector(feats.to(model.device), lengths.to(model.device))
         loss = loss_fn(model, out, out_lengths, chunk) * share

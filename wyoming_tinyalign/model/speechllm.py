@@ -146,10 +146,13 @@ def load_llm(ref: str, dtype: torch.dtype) -> PreTrainedModel:
     memory and widened one tensor at a time: through the default memory map, the checkpoint's pages
     count beside the whole wider copy (Qwen2.5-0.5B's shapes: peak 3170 MiB that way, 2272 MiB this way,
     `benchmarks/RESULTS.md`)."""
-    stored = AutoConfig.from_pretrained(ref, trust_remote_code=False).dtype
+    config = AutoConfig.from_pretrained(ref, trust_remote_code=False)
+    stored = config.dtype
     if not isinstance(stored, torch.dtype) or stored.itemsize >= dtype.itemsize:
-        return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, trust_remote_code=False)
-    llm = AutoModelForCausalLM.from_pretrained(ref, dtype=stored, disable_mmap=True, trust_remote_code=False)
+        return AutoModelForCausalLM.from_pretrained(ref, config=config, dtype=dtype, trust_remote_code=False)
+    llm = AutoModelForCausalLM.from_pretrained(
+        ref, config=config, dtype=stored, disable_mmap=True, trust_remote_code=False
+    )
     for tensor in [*llm.parameters(), *llm.buffers()]:
         if tensor.is_floating_point():
             tensor.data = tensor.data.to(dtype)
