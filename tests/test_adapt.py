@@ -17,9 +17,11 @@ from adaptation import cli, job_flags, last_json, log_household, unseen_speech
 
 from wyoming_tinyalign.__main__ import main
 from wyoming_tinyalign.adapt import AdaptOptions, Job, bootstrap_speech, run_job
+from wyoming_tinyalign.audio import read_wav
 from wyoming_tinyalign.households import load_households
 from wyoming_tinyalign.manifest import read_manifest, write_manifest
 from wyoming_tinyalign.model.speechllm import SpeechLLM
+from wyoming_tinyalign.store import InteractionStore
 from wyoming_tinyalign.versions import Versions, served
 
 BUDGET = "0.4"  # minutes (the first night also computes the encoder features)
@@ -202,3 +204,31 @@ def test_the_job_runs_in_bfloat16_as_a_server_started_with_it(
     assert report["status"] in ("promoted", "rejected"), report
     assert report["dtype"] == "bfloat16" and report["train"]["steps"] > 0
     assert report["before"]["household"]["loss"] > 0 and report["after"]["household"]["loss"] > 0
+
+
+def test_the_teacher_reads_whispers_decoder_on_a_load_it_lets_go(
+    micro_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The teacher (and the cascade) decode with a second load of Whisper, let go afterwards: the
+    model's own Whisper only ever encodes, so the decoder's checkpoint pages are not resident while the
+    night trains. The second load decodes as the model's own would."""
+    data = tmp_path_factory.mktemp("teacher") / "data"
+    utterances = unseen_speech(tmp_path_factory, 4, seed=24)
+    log_household(data, micro_model, utterances, correct=False)
+    model = SpeechLLM.load(micro_model)
+    own = model.whisper
+    decoded: list[int] = []
+    own.get_decoder().register_forward_hook(lambda *_: decoded.append(1))
+    store = InteractionStore(data / "log")
+    store.open()
+    try:
+        job = Job(AdaptOptions(data_dir=data), store.conn)
+        job.model = model
+        assert job._teacher() == len(utterances)
+        rows = store.conn.execute("SELECT audio_path, teacher_transcript FROM interactions").fetchall()
+    finally:
+        store.close()
+    assert not decoded and model.whisper is own
+    (audio_path, transcript), *_ = rows
+    assert transcript == model.transcribe_cascade(model.encode(read_wav(data / "log" / audio_path)))[0]
+    assert decoded  # the hook does see the model's own decoder run

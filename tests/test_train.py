@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import shutil
@@ -21,11 +22,13 @@ from wyoming_tinyalign.synth import render_corpus
 from wyoming_tinyalign.train import (
     STATE_FILE,
     Example,
+    FeatureCache,
     TrainConfig,
     embedlink_loss,
     generative_loss,
     lr_factor,
     made_progress,
+    micro_batches,
     objective_loss,
     setup_projector,
     train,
@@ -194,6 +197,16 @@ def test_micro_batches_bound_the_memory_not_the_step(
             [(a - b).detach().flatten() for a, b in zip(start.parameters(), params, strict=True)]
         )
 
+    # Household by household, however the batch is shuffled: a run spans two households only where one
+    # household's utterances end.
+    households: dict[str, list[Example]] = {}
+    for e in examples:
+        households.setdefault(e.context, []).append(e)
+    shuffled = [e for row in itertools.zip_longest(*households.values()) for e in row if e is not None]
+    runs = [run for run, _ in micro_batches(model, shuffled, 2)]
+    assert sorted(map(id, sum(runs, []))) == sorted(map(id, examples))
+    assert sum(len({e.context for e in run}) > 1 for run in runs) < len(households)
+
     whole_loss, whole = step(None)
     assert whole.abs().sum() > 0
     zero_loss, zero = step(0)  # 0, as `--micro-batch 0`: the whole batch at once
@@ -266,6 +279,24 @@ def test_features_are_cached_across_epochs_and_runs(
         micro_model, tiny_manifest, tiny_manifest, tmp_path / "b", cfg, cache_dir=tmp_path / "cache"
     )
     assert again.encoder_calls == 0
+
+
+def test_cached_features_are_what_a_fresh_encoding_gives(
+    micro_model: Path, tiny_manifest: Path, tmp_path: Path
+) -> None:
+    """A clip's features are half precision, as stored: the first night (computed) and later nights
+    (read back) train on the same numbers."""
+    model = SpeechLLM.load(micro_model)
+    audios = [a for _, a in load_utterances(tiny_manifest)][:3]
+    cache = FeatureCache(tmp_path, model.encoder)
+    fresh = cache.features(audios)
+    again = FeatureCache(tmp_path, model.encoder)
+    stored = again.features(audios)
+    assert (cache.encoder_calls, again.encoder_calls) == (1, 0)
+    assert all(f.dtype == torch.float16 and torch.equal(f, g) for f, g in zip(fresh, stored, strict=True))
+    feats, lengths = model.encoder.encode(audios)
+    for f, full, n in zip(fresh, feats, lengths, strict=True):
+        torch.testing.assert_close(f.float(), full[: int(n)], rtol=1e-3, atol=1e-3)
 
 
 def test_a_fine_tune_that_only_hurts_keeps_the_starting_projector(

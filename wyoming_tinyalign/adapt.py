@@ -40,13 +40,15 @@ import resource
 import shutil
 import sqlite3
 import time
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from transformers import WhisperForConditionalGeneration
 
 from .assistant import load_context_file
 from .audio import AudioError, read_wav
@@ -67,7 +69,7 @@ from .manifest import Utterance, read_manifest, write_manifest
 from .model.bundle import BundleConfig, ProjectorInfo, load_bundle_config, load_projector
 from .model.projector import Projector, weights_key
 from .model.prompt import answer_ids
-from .model.speechllm import DECODING_VERSION, SpeechLLM
+from .model.speechllm import DECODING_VERSION, SpeechLLM, resolve_ref
 from .models import add_dtype_arg, inference_dtype, projector_version, resolve_model
 from .store import DB_FILE, InteractionStore
 from .synth import render_corpus
@@ -458,31 +460,54 @@ class Job:
     # ---------------------------------------------------------------------------------------- steps
     def _teacher(self) -> int:
         """Whisper's transcript of logged utterances that have none yet (within a share of the budget)."""
-        rows = rows_needing_teacher(self.conn, self.opts.teacher_max)
-        done = 0
-        deadline = self.start + 0.3 * self.budget_s
-        for row in rows:
+        rows = []
+        for row in rows_needing_teacher(self.conn, self.opts.teacher_max):
             if row["path"] == "cascade" and row["confidence"] is not None:  # the cascade *is* the teacher
                 set_teacher(self.conn, row["id"], row["transcript"] or "", float(row["confidence"]))
-                continue
-            if time.monotonic() > deadline and done:
-                _LOGGER.info("teacher: stopping for the time budget, %d left for later", len(rows) - done)
-                break
-            try:
-                audio = read_wav(self.opts.data_dir / "log" / row["audio_path"])
-            except AudioError as err:
-                _LOGGER.warning("teacher: skipping interaction %s: %s", row["id"], err)
-                continue
-            model = self._load_model()
-            if audio.size == 0 or float(np.abs(audio).max(initial=0.0)) < 1e-4:
-                text, confidence = "", -99.0
             else:
-                with torch.no_grad():
-                    feats = model.encode(audio, pad_30s=model.cascade_pad_30s)
-                    text, confidence = model.transcribe_cascade(feats, row["language"])
-            set_teacher(self.conn, row["id"], text, confidence)
-            done += 1
+                rows.append(row)
+        if not rows:
+            return 0
+        done = 0
+        deadline = self.start + 0.3 * self.budget_s
+        model = self._load_model()
+        with self._whisper_decoder(model):
+            for row in rows:
+                if time.monotonic() > deadline and done:
+                    _LOGGER.info("teacher: stopping for the time budget, %d left for later", len(rows) - done)
+                    break
+                try:
+                    audio = read_wav(self.opts.data_dir / "log" / row["audio_path"])
+                except AudioError as err:
+                    _LOGGER.warning("teacher: skipping interaction %s: %s", row["id"], err)
+                    continue
+                if audio.size == 0 or float(np.abs(audio).max(initial=0.0)) < 1e-4:
+                    text, confidence = "", -99.0
+                else:
+                    with torch.no_grad():
+                        feats = model.encode(audio, pad_30s=model.cascade_pad_30s)
+                        text, confidence = model.transcribe_cascade(feats, row["language"])
+                set_teacher(self.conn, row["id"], text, confidence)
+                done += 1
         return done
+
+    @contextmanager
+    def _whisper_decoder(self, model: SpeechLLM) -> Iterator[None]:
+        """Whisper's decoder (the teacher, the cascade) runs on a second load of Whisper, let go after.
+
+        The model's own Whisper then only ever reads its encoder: the pages of the checkpoint that the
+        decoder reads (about 200 MB at whisper-base, memory-mapped) go with the second load, before
+        training. (A checkpoint converted on loading is a second copy for the stage instead.)"""
+        self._resolve_bundle()
+        assert self.bundle is not None and self.bundle_cfg is not None
+        own = model.whisper
+        ref = resolve_ref(self.bundle, self.bundle_cfg.encoder)
+        model.whisper = WhisperForConditionalGeneration.from_pretrained(ref, dtype=own.dtype)
+        model.whisper.to(own.device).eval().requires_grad_(False)
+        try:
+            yield
+        finally:
+            model.whisper = own
 
     def _items(self, labels: list[Label]) -> list[tuple[Label, np.ndarray]]:
         out = []
@@ -600,7 +625,8 @@ class Job:
         data.update(heldout_evaluated=len(held_items), general_evaluated=len(general_items))
         before, before_answers = self._evaluate(model, serving, serving_cache, held_items, general_items)
         held_refs = [it.utterance for it in held_items]
-        cascade = score_answers(held_refs, answers(model, held_items, "cascade", cascade_cache))
+        with self._whisper_decoder(model):
+            cascade = score_answers(held_refs, answers(model, held_items, "cascade", cascade_cache))
         cascade_cache.save()
         report["before"] = before
         self._memory("validated the served projector")

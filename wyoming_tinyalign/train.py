@@ -105,13 +105,16 @@ class FeatureCache:
         return self.folder / key[:2] / f"{key}.safetensors"
 
     def features(self, audios: list[np.ndarray]) -> list[torch.Tensor]:
-        """`[N_i, Da]` float32 features of each clip, from the cache where it has them."""
+        """`[N_i, Da]` features of each clip, from the cache where it has them.
+
+        They are half precision, as stored: a night holds hundreds of clips' features in memory, and a
+        clip computed now gives what the cache will give later (`collate` and the projector widen them)."""
         paths = [self._path(a) for a in audios]
         out: list[torch.Tensor | None] = [None] * len(audios)
         misses = []
         for i, path in enumerate(paths):
             try:
-                out[i] = load_file(str(path))["features"].float()
+                out[i] = load_file(str(path))["features"]
             except (OSError, SafetensorError, KeyError):  # missing or damaged: recompute
                 misses.append(i)
         misses.sort(key=lambda i: len(audios[i]))  # similar lengths batch with little padding
@@ -120,9 +123,9 @@ class FeatureCache:
             feats, lengths = self.encoder.encode([audios[i] for i in chunk])
             self.encoder_calls += 1
             for i, f, n in zip(chunk, feats, lengths, strict=True):
-                out[i] = f[: int(n)].float().cpu()
+                out[i] = f[: int(n)].half().cpu().contiguous()
                 paths[i].parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(paths[i], save({"features": out[i].half().contiguous()}))
+                write_atomic(paths[i], save({"features": out[i]}))
         return out  # type: ignore[return-value]
 
 
@@ -137,7 +140,7 @@ class Example:
 
 
 def collate(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad features to `[B, N, Da]` with their lengths."""
+    """Pad features to float32 `[B, N, Da]` with their lengths."""
     lengths = torch.tensor([len(e.features) for e in examples])
     batch = torch.zeros(len(examples), int(lengths.max()), examples[0].features.shape[-1])
     for i, e in enumerate(examples):
@@ -243,12 +246,15 @@ def micro_batches(
 ) -> list[tuple[list[Example], float]]:
     """`examples` in runs of `size` (None or 0: one run), each with its share of their answer tokens: the
     weight that makes the runs' losses add up to the generative loss of all of them at once (a mean over
-    answer tokens); an EmbedLink term, a mean over output positions, comes out nearly the same."""
+    answer tokens); an EmbedLink term, a mean over output positions, comes out nearly the same.
+
+    The runs go household by household: the generative loss runs the LLM once per household in a run."""
     if size is not None and size < 0:
         raise ValueError(f"a micro-batch holds at least 1 utterance, not {size}")
     if not size or size >= len(examples):
         return [(examples, 1.0)]
-    runs = [examples[start : start + size] for start in range(0, len(examples), size)]
+    ordered = sorted(examples, key=lambda e: e.context)
+    runs = [ordered[start : start + size] for start in range(0, len(ordered), size)]
     tokens = [
         sum(len(answer_ids(model.tokenizer, e.utterance.text, e.utterance.intent)) for e in r) for r in runs
     ]

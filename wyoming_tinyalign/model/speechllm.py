@@ -288,7 +288,8 @@ class SpeechLLM:
         """Projector on one clip's encoder features `[N, Da]` -> `[M, D]`."""
         if self.projector is None:
             raise BundleError("this bundle has no projector: use the cascade path")
-        feats = feats.to(self._projector_dtype)  # a half-precision encoder feeds the float32 projector
+        # Cached features (half precision, on the CPU) or a half-precision encoder's feed the projector.
+        feats = feats.to(self.device, self._projector_dtype)
         out, out_lengths = self.projector(feats.unsqueeze(0), torch.tensor([len(feats)], device=feats.device))
         return out[0, : int(out_lengths[0])]
 
