@@ -59,19 +59,21 @@ STATE_FILE = "train-state.safetensors"
 
 # ------------------------------------------------------------------ progress
 class Progress:
-    """A progress line with loss and ETA, logged at most every few seconds."""
+    """A progress line with loss and ETA, logged at most every few seconds: "done/total", or "done"
+    and `unit` when given ("57% of the budget")."""
 
-    def __init__(self, name: str, total: float, every_s: float = 5.0) -> None:
-        self.name, self.total, self.every_s = name, total, every_s
+    def __init__(self, name: str, total: float, every_s: float = 5.0, unit: str | None = None) -> None:
+        self.name, self.total, self.every_s, self.unit = name, total, every_s, unit
         self.start = self.last = time.monotonic()
 
-    def update(self, done: float, loss: float, unit: str = "") -> None:
+    def update(self, done: float, loss: float) -> None:
         now = time.monotonic()
         if now - self.last < self.every_s and done < self.total:
             return
         self.last = now
         eta = (now - self.start) / max(done, 1e-9) * (self.total - done)
-        _LOGGER.info("%s %.0f/%.0f%s loss %.4f eta %.0fs", self.name, done, self.total, unit, loss, eta)
+        shown = f"{done:.0f}{self.unit}" if self.unit else f"{done:.0f}/{self.total:.0f}"
+        _LOGGER.info("%s %s loss %.4f eta %.0fs", self.name, shown, loss, eta)
 
 
 # ------------------------------------------------------------- feature cache
@@ -575,7 +577,7 @@ def train(
     budget_s = math.inf if cfg.max_minutes is None else cfg.max_minutes * 60
     max_epochs = math.inf if cfg.max_epochs is None else cfg.max_epochs
     steps_per_epoch = max(1, len(train_set) // cfg.batch)
-    progress = Progress(f"train {cfg.objective}/{proj_cfg.kind}", 100, every_s=10)
+    progress = Progress(f"train {cfg.objective}/{proj_cfg.kind}", 100, every_s=10, unit="% of the budget")
     step_times: list[float] = []
     projector.train()
     if cfg.lora_r:
@@ -640,7 +642,7 @@ def train(
                 if len(curve) > CURVE_POINTS:
                     del curve[1::2]
                     state["curve_stride"] *= 2
-            progress.update(min(100.0, 100 * spent()), loss_value, "% of the budget")
+            progress.update(min(100.0, 100 * spent()), loss_value)
             # Stop while another step and the closing validation still fit in the time budget.
             if time.monotonic() - t_loop + step_times[-1] + state.get("val_s", 0.0) > budget_s:
                 out_of_time = True
