@@ -41,7 +41,7 @@ import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,7 @@ from .train import (
     FeatureCache,
     LossFn,
     TrainConfig,
+    add_micro_batch_arg,
     embedlink_loss,
     encoder_fingerprint,
     objective_loss,
@@ -189,13 +190,18 @@ def answer_cap(model: SpeechLLM, utterance: Utterance) -> int:
     return len(answer_ids(model.tokenizer, utterance.text, utterance.intent)) + CAP_MARGIN
 
 
+def answer_key(item: Item) -> str:
+    """An answer's key in `Predictions`: the utterance, its reference and its household context."""
+    return f"{item.key}/{_digest(item.context, item.utterance.text, _intent_text(item.utterance.intent))}"
+
+
 def answers(
     model: SpeechLLM, items: list[Item], path: str, cache: Predictions
 ) -> list[tuple[str, Intent | None]]:
     """Answers along `aligned` (the model's current projector) or `cascade`, from the cache when known."""
     out = []
     for item in items:
-        key = f"{item.key}/{_digest(item.context, item.utterance.text, _intent_text(item.utterance.intent))}"
+        key = answer_key(item)
         hit = cache.get(key)
         if hit is None:
             cap = answer_cap(model, item.utterance)
@@ -481,13 +487,9 @@ class Job:
                 except AudioError as err:
                     _LOGGER.warning("teacher: skipping interaction %s: %s", row["id"], err)
                     continue
-                if audio.size == 0 or float(np.abs(audio).max(initial=0.0)) < 1e-4:
-                    text, confidence = "", -99.0
-                else:
-                    with torch.no_grad():
-                        feats = model.encode(audio, pad_30s=model.cascade_pad_30s)
-                        text, confidence = model.transcribe_cascade(feats, row["language"])
-                set_teacher(self.conn, row["id"], text, confidence)
+                result = model.run(audio, "cascade", language=row["language"], with_intent=False)
+                confidence = -99.0 if result.confidence is None else result.confidence  # silence
+                set_teacher(self.conn, row["id"], result.transcript, confidence)
                 done += 1
         return done
 
@@ -625,7 +627,8 @@ class Job:
         data.update(heldout_evaluated=len(held_items), general_evaluated=len(general_items))
         before, before_answers = self._evaluate(model, serving, serving_cache, held_items, general_items)
         held_refs = [it.utterance for it in held_items]
-        with self._whisper_decoder(model):
+        decode = any(cascade_cache.get(answer_key(it)) is None for it in held_items)
+        with self._whisper_decoder(model) if decode else nullcontext():
             cascade = score_answers(held_refs, answers(model, held_items, "cascade", cascade_cache))
         cascade_cache.save()
         report["before"] = before
@@ -960,10 +963,7 @@ def add_adapt_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--lr", type=float, default=d.lr, help="learning rate of the fine-tuning")
     parser.add_argument("--batch", type=int, default=d.batch)
-    parser.add_argument(
-        "--micro-batch", type=int, default=d.micro_batch,
-        help="utterances per forward/backward pass (less memory with the LLM in the loop; 0: all at once)",
-    )  # fmt: skip
+    add_micro_batch_arg(parser, d.micro_batch)
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--nice", type=int, default=10, help="CPU priority increment of the job (0: none)")
     parser.add_argument("--context-file", type=Path, help="household context (JSON as for serve, or text)")

@@ -674,6 +674,14 @@ def default_cache_dir() -> Path:
     return Path(base) / "wyoming-tinyalign" / "features"
 
 
+def add_micro_batch_arg(parser: argparse.ArgumentParser, default: int | None) -> None:
+    """`--micro-batch`, shared by `train` and `adapt`."""
+    parser.add_argument(
+        "--micro-batch", type=int, default=default,
+        help="utterances per forward/backward pass (less memory with the LLM in the loop; 0: all at once)",
+    )  # fmt: skip
+
+
 def add_train_args(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     parser.add_argument("--model", required=True, type=Path, help="bundle with the backbones to align")
@@ -694,10 +702,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stack", type=int, default=d.stack, help="encoder frames stacked per input")
     parser.add_argument("--hidden-dim", type=int, default=d.hidden_dim)
     parser.add_argument("--batch", type=int, default=d.batch)
-    parser.add_argument(
-        "--micro-batch", type=int, default=d.micro_batch,
-        help="utterances per forward/backward pass (less memory with the LLM in the loop; 0: all at once)",
-    )  # fmt: skip
+    add_micro_batch_arg(parser, d.micro_batch)
     parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     parser.add_argument(
         "--lr-floor", type=float, default=d.lr_floor, help="fraction of --lr the rate decays to (1: constant)"
