@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 from copy import deepcopy
 from pathlib import Path
@@ -13,7 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, WhisperForConditionalGeneration
 
+from wyoming_tinyalign.corpus import generate_commands
 from wyoming_tinyalign.devmodel import ALIGN_EMBEDLINK_WEIGHT
+from wyoming_tinyalign.households import context_text, load_households
 from wyoming_tinyalign.manifest import load_utterances
 from wyoming_tinyalign.model.bundle import (
     BundleError,
@@ -21,6 +24,7 @@ from wyoming_tinyalign.model.bundle import (
     load_projector,
     save_bundle_config,
 )
+from wyoming_tinyalign.model.slots import SlotValues, spans
 from wyoming_tinyalign.model.speechllm import (
     PATHS,
     SpeechLLM,
@@ -150,6 +154,62 @@ def test_cascade_decoding_steps_one_token_at_a_time_and_gives_the_full_decoding(
     assert len(ids) - start > 10, "a short answer proves little"
     full = " ".join(model.whisper_tokenizer.decode(ids[start:], skip_special_tokens=True).lower().split())
     assert whisper_transcript(whisper, model.whisper_tokenizer, feats)[0] == full
+
+
+CONTEXT = "areas: sitting room, study; devices: aquarium pump, wall sconce"
+
+
+def _greedy_value(model: SpeechLLM, start: str, transcript: str, seed: int) -> str:
+    """The value a greedy decoder writes after `start` on random scores, through `SlotValues`."""
+    slots = SlotValues(model.token_texts, model.tokenizer.eos_token_id, CONTEXT, transcript)
+    ids = model.tokenizer(start, add_special_tokens=False)["input_ids"]
+    generator = torch.Generator().manual_seed(seed)
+    width = len(model.token_texts) + 64  # an LLM's vocabulary padded beyond its tokenizer's
+    for _ in range(40):
+        scores = slots(torch.tensor([ids]), torch.randn(1, width, generator=generator))
+        token = int(scores.argmax())
+        if token == model.tokenizer.eos_token_id:
+            break
+        ids.append(token)
+        if any(c in model.token_texts[token] for c in "|\n"):
+            break
+    answer = "".join(model.token_texts[i] for i in ids)
+    return answer[len(start) :].replace("\n", "|").partition("|")[0].strip()
+
+
+def test_slot_values_name_the_households_things_or_words_that_were_said(model: SpeechLLM) -> None:
+    said = "turn on the garden hose"
+    names = [_greedy_value(model, "HassTurnOn | name=", said, seed) for seed in range(12)]
+    areas = [_greedy_value(model, "HassTurnOn | area=", said, seed) for seed in range(12)]
+    assert set(names) <= {"aquarium pump", "wall sconce", *spans(said)}, names
+    assert set(areas) <= {"sitting room", "study", *spans(said)}, areas
+    # Other slots, and answers before their intent line, are left as the LLM writes them.
+    slots = SlotValues(model.token_texts, model.tokenizer.eos_token_id, CONTEXT, None)
+    scores = torch.randn(1, len(model.token_texts))
+    for start in ("HassLightSet | brightness=", "turn on the aqu"):
+        ids = torch.tensor([model.tokenizer(start, add_special_tokens=False)["input_ids"]])
+        assert torch.equal(slots(ids, scores.clone()), scores)
+    # The answer may not end half-way through a name.
+    ids = torch.tensor(
+        [model.tokenizer("turn on it\nHassTurnOn | name=aqu", add_special_tokens=False)["input_ids"]]
+    )
+    scores[0, model.tokenizer.eos_token_id] = 100.0
+    assert int(slots(ids, scores).argmax()) != model.tokenizer.eos_token_id
+
+
+def test_understood_names_are_the_households_or_the_texts(model: SpeechLLM) -> None:
+    """The micro LLM, which has not learnt the unseen household's names, still names only those."""
+    household = next(h for h in load_households() if h.split == "unseen")
+    context = context_text(household)
+    known = {d.name for d in household.devices} | set(household.areas)
+    named = 0
+    for command in generate_commands(household, 40, random.Random(1)):
+        intent = model.understand_text(command.text, context)
+        for slot in ("name", "area"):
+            if intent is not None and slot in intent.slots:
+                named += 1
+                assert intent.slots[slot] in known | set(spans(command.text)), (command.text, intent)
+    assert named >= 5
 
 
 def test_readout_is_nearest_token_embedding(model: SpeechLLM) -> None:

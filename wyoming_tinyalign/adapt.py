@@ -367,7 +367,6 @@ class Job:
         self.bundle_cfg: BundleConfig | None = None
         self.report: dict[str, Any] = {"status": "running", "started_at": time.time()}
         self.loss_fn: LossFn = embedlink_loss  # the held-out loss: the served projector's objective
-        self.loss_s = 0.0  # what the held-out loss of one projector on both sets took (never cached)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
@@ -636,7 +635,8 @@ class Job:
         report["cascade"] = {"household": cascade}
 
         # Train within what is left of the budget (keeping time for validating the candidate).
-        candidate_eval_s = per_item * (len(held_items) + len(general_items)) + self.loss_s + 5
+        loss_s = sum(before[name].get("loss_s", 0.0) for name in ("household", "general"))  # never cached
+        candidate_eval_s = per_item * (len(held_items) + len(general_items)) + loss_s + 5
         # At least a quarter of the budget: a first night that spent it rendering replay speech and
         # computing features should still learn something (the budget is a target, not a wall).
         train_s = max(0.25 * self.budget_s, self.budget_s - self.elapsed() - candidate_eval_s)
@@ -818,14 +818,13 @@ class Job:
         held: list[Item],
         general: list[Item],
     ) -> tuple[dict[str, Any], dict[str, list[tuple[str, Intent | None]]] | None]:
-        """Aligned-path metrics and held-out loss (`self.loss_fn`) of one projector on both held-out sets,
-        and its answers on each."""
+        """Aligned-path metrics, held-out loss (`self.loss_fn`) and the seconds it took, of one projector on
+        both held-out sets, and its answers on each."""
         if projector is None or cache is None:  # nothing served yet: the worst possible figures
             empty = {"n": 0, "intent_accuracy": 0.0, "wer": 1.0, "loss": None}
             return {"household": {**empty, "n": len(held)}, "general": dict(empty)}, None
         model.projector = projector.eval()
         out, all_answers = {}, {}
-        t_loss = 0.0
         for name, items in (("household", held), ("general", general)):
             got = answers(model, items, "aligned", cache)
             scores = score_answers([it.utterance for it in items], got)
@@ -836,9 +835,8 @@ class Job:
                 if examples
                 else None
             )
-            t_loss += time.monotonic() - t0
+            scores["loss_s"] = round(time.monotonic() - t0, 2)
             out[name], all_answers[name] = scores, got
-        self.loss_s = t_loss
         cache.save()
         return out, all_answers
 

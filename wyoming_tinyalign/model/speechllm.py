@@ -29,6 +29,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     DynamicCache,
+    LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     StoppingCriteria,
@@ -42,11 +43,12 @@ from .bundle import BundleConfig, BundleError, ProjectorInfo, load_bundle_config
 from .encoder import AudioEncoder
 from .projector import Projector
 from .prompt import PromptTemplate
+from .slots import SlotValues
 
 PATHS = ("aligned", "readout", "cascade")
 
 
-DECODING_VERSION = 2  # bump when a change to decoding changes what a model answers (stored answers expire)
+DECODING_VERSION = 3  # bump when a change to decoding changes what a model answers (stored answers expire)
 LOOP_REPEATS = {1: 4, 2: 3, 3: 3}  # a unit of this many tokens, repeated this often, is a loop
 
 
@@ -192,6 +194,11 @@ class SpeechLLM:
         self.prompt_ids = functools.lru_cache(maxsize=16)(self._prompt_ids)
         self.prefix_cache = functools.lru_cache(maxsize=4)(self._prefix_cache)
 
+    @functools.cached_property
+    def token_texts(self) -> list[str]:
+        """The text of each LLM token (what `SlotValues` reads the answer with)."""
+        return self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+
     # ---------------------------------------------------------------- loading
     @classmethod
     def load(cls, folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> SpeechLLM:
@@ -295,13 +302,24 @@ class SpeechLLM:
 
     @torch.no_grad()
     def generate(
-        self, embeds: torch.Tensor, context: str | None = None, max_new_tokens: int | None = None
+        self,
+        embeds: torch.Tensor,
+        context: str | None = None,
+        max_new_tokens: int | None = None,
+        transcript: str | None = None,
     ) -> str:
         """Greedy answer of the LLM to a prompt given as embeddings `[1, L, D]`. When the prompt is
         `context`'s (as `prompt_embeds` builds it), the LLM starts from its cached prefix and runs only
-        on the rest. A degenerate loop ends generation and is cut off where the loop began."""
+        on the rest, and the intent's names are the context's or the transcript's (`SlotValues`;
+        `transcript`: the transcript line when the prompt ends with it, so the answer is the intent line).
+        A degenerate loop ends generation and is cut off where the loop began."""
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
         prefix = self.prefix_cache(context) if context is not None else None
+        slots = (
+            [SlotValues(self.token_texts, self.tokenizer.eos_token_id, context, transcript)]
+            if context
+            else []
+        )
         out = self.llm.generate(
             inputs_embeds=embeds,
             attention_mask=mask,
@@ -311,6 +329,7 @@ class SpeechLLM:
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
             stopping_criteria=StoppingCriteriaList([_StopOnLoop()]),
+            logits_processor=LogitsProcessorList(slots),
         )
         ids = out[0].tolist()
         return self.tokenizer.decode(ids[: loop_start(ids)], skip_special_tokens=True)
@@ -333,7 +352,7 @@ class SpeechLLM:
             return None
         embeds, _ = self.prompt_embeds(self.embed_tokens(self.text_ids(text)), context)
         answer = self.embed_tokens(self.text_ids(text + "\n")).unsqueeze(0)
-        line = self.generate(torch.cat([embeds, answer], dim=1), context, max_new_tokens)
+        line = self.generate(torch.cat([embeds, answer], dim=1), context, max_new_tokens, transcript=text)
         return parse_intent(line.strip().split("\n")[0])
 
     @torch.no_grad()
