@@ -189,12 +189,17 @@ def test_slot_values_name_the_households_things_or_words_that_were_said(model: S
     for start in ("HassLightSet | brightness=", "turn on the aqu"):
         ids = torch.tensor([model.tokenizer(start, add_special_tokens=False)["input_ids"]])
         assert torch.equal(slots(ids, scores.clone()), scores)
-    # The answer may not end half-way through a name.
-    ids = torch.tensor(
-        [model.tokenizer("turn on it\nHassTurnOn | name=aqu", add_special_tokens=False)["input_ids"]]
-    )
-    scores[0, model.tokenizer.eos_token_id] = 100.0
-    assert int(slots(ids, scores).argmax()) != model.tokenizer.eos_token_id
+    # The answer may not end half-way through a name, nor on words that begin one ("the aquarium" is the
+    # aquarium pump), but may on words that were said and begin none.
+    eos = model.tokenizer.eos_token_id
+    scores[0, eos] = 100.0
+    for answer, ends in (
+        ("turn on it\nHassTurnOn | name=aqu", False),
+        ("turn on the aquarium\nHassTurnOn | name=aquarium", False),
+        ("turn on the garden\nHassTurnOn | name=garden", True),
+    ):
+        ids = torch.tensor([model.tokenizer(answer, add_special_tokens=False)["input_ids"]])
+        assert (int(slots(ids, scores.clone()).argmax()) == eos) == ends, answer
 
 
 def test_understood_names_are_the_households_or_the_texts(model: SpeechLLM) -> None:

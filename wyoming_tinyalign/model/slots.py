@@ -5,7 +5,8 @@ nothing with a name it does not know. While the LLM writes the intent line, `Slo
 of a `name=` slot to the household's device names and of an `area=` slot to its area names (both from
 the prompt's context), or to words of the transcript: a device the context leaves out (the context is
 capped) can still be named as it was heard, and a thing the household does not have is not swapped for
-one it has. Other slots are left as the LLM writes them.
+one it has. Words that begin one of the names do not make a name on their own. Other slots are left as
+the LLM writes them.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class SlotValues(LogitsProcessor):
         allowed = self.names.get(slot.strip()) if equals else None
         if not allowed:
             return scores
-        allowed = allowed + spans(transcript)
+        # Words that begin one of the names end only where it ends ("the aquarium pump", not "aquarium").
+        allowed = allowed + [s for s in spans(transcript) if not any(a.startswith(s + " ") for a in allowed)]
         if not _fits(value, allowed):
             return scores  # already off every allowed value (no token could keep it on one)
         order = scores[0, :n].argsort(descending=True).tolist()
