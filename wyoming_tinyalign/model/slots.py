@@ -5,8 +5,8 @@ nothing with a name it does not know. While the LLM writes the intent line, `Slo
 of a `name=` slot to the household's device names and of an `area=` slot to its area names (both from
 the prompt's context), or to words of the transcript: a device the context leaves out (the context is
 capped) can still be named as it was heard, and a thing the household does not have is not swapped for
-one it has. Words that begin one of the names do not make a name on their own. Other slots are left as
-the LLM writes them.
+one it has. When the transcript says one of the names, the others are out; words that begin or overlap
+one of the names do not make a name (`heard`). Other slots are left as the LLM writes them.
 """
 
 from __future__ import annotations
@@ -27,10 +27,29 @@ def context_names(context: str) -> dict[str, list[str]]:
     return names
 
 
-def spans(text: str) -> list[str]:
-    """Every run of consecutive words of `text`."""
-    words = text.split()
-    return [" ".join(words[i:j]) for i in range(len(words)) for j in range(i + 1, len(words) + 1)]
+def said(transcript: str, names: list[str]) -> list[tuple[str, int, int]]:
+    """Each of `names` said in `transcript`, with the words it spans there (start, end)."""
+    words = transcript.split()
+    return [
+        (name, i, i + len(name.split()))
+        for name in names
+        for i in range(len(words))
+        if words[i : i + len(name.split())] == name.split()
+    ]
+
+
+def heard(transcript: str, names: list[str]) -> list[str]:
+    """The runs of consecutive words of `transcript` that may name a thing other than `names`: all but
+    those that begin one of `names` ("aquarium" for the aquarium pump) and those that overlap one of
+    `names` said in it ("rail is off", "the towel rail" in "check if the towel rail is off")."""
+    words, spans = transcript.split(), [(a, b) for _, a, b in said(transcript, names)]
+    runs = []
+    for i in range(len(words)):
+        for j in range(i + 1, len(words) + 1):
+            run = " ".join(words[i:j])
+            if not any(n.startswith(run + " ") for n in names) and not any(i < b and a < j for a, b in spans):
+                runs.append(run)
+    return runs
 
 
 class SlotValues(LogitsProcessor):
@@ -55,11 +74,12 @@ class SlotValues(LogitsProcessor):
         if "\n" in line or "|" not in line:
             return scores
         slot, equals, value = line.rpartition("|")[2].partition("=")
-        allowed = self.names.get(slot.strip()) if equals else None
-        if not allowed:
+        names = self.names.get(slot.strip()) if equals else None
+        if not names:
             return scores
-        # Words that begin one of the names end only where it ends ("the aquarium pump", not "aquarium").
-        allowed = allowed + [s for s in spans(transcript) if not any(a.startswith(s + " ") for a in allowed)]
+        # When one of the names was said, the others are out: "the conservatory" is not the study.
+        named = [name for name, _, _ in said(transcript, names)]
+        allowed = (named or names) + heard(transcript, names)
         if not _fits(value, allowed):
             return scores  # already off every allowed value (no token could keep it on one)
         order = scores[0, :n].argsort(descending=True).tolist()
