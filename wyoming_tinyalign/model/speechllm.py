@@ -193,11 +193,8 @@ class SpeechLLM:
         # LLM's KV cache of the prompt before the slot (computed once; each answer starts from a copy).
         self.prompt_ids = functools.lru_cache(maxsize=16)(self._prompt_ids)
         self.prefix_cache = functools.lru_cache(maxsize=4)(self._prefix_cache)
-
-    @functools.cached_property
-    def token_texts(self) -> list[str]:
-        """The text of each LLM token (what `SlotValues` reads the answer with)."""
-        return self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+        # The text of each LLM token, which `SlotValues` reads answers with (at load, not on a request).
+        self.token_texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
 
     # ---------------------------------------------------------------- loading
     @classmethod
