@@ -62,6 +62,7 @@ class SlotValues(LogitsProcessor):
         self.token_texts, self.eos_id, self.transcript = token_texts, eos_id, transcript
         names = context_names(context)
         self.names = {slot: names.get(label, []) for slot, label in SLOT_NAMES.items()}
+        self._allowed: dict[tuple[str, str], list[str]] = {}  # (slot, transcript) -> its values
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         n = len(self.token_texts)
@@ -74,12 +75,9 @@ class SlotValues(LogitsProcessor):
         if "\n" in line or "|" not in line:
             return scores
         slot, equals, value = line.rpartition("|")[2].partition("=")
-        names = self.names.get(slot.strip()) if equals else None
-        if not names:
+        if not equals or not self.names.get(slot.strip()):
             return scores
-        # When one of the names was said, the others are out: "the conservatory" is not the study.
-        named = [name for name, _, _ in said(transcript, names)]
-        allowed = (named or names) + heard(transcript, names)
+        allowed = self.allowed(slot.strip(), transcript)
         if not _fits(value, allowed):
             return scores  # already off every allowed value (no token could keep it on one)
         order = scores[0, :n].argsort(descending=True).tolist()
@@ -90,6 +88,16 @@ class SlotValues(LogitsProcessor):
                 scores[0, n:] = -float("inf")
                 break
         return scores
+
+    def allowed(self, slot: str, transcript: str) -> list[str]:
+        """The values `slot` may take after `transcript` (worked out once per answer)."""
+        key = (slot, transcript)
+        if key not in self._allowed:
+            names = self.names[slot]
+            # When one of the names was said, the others are out: "the conservatory" is not the study.
+            named = [name for name, _, _ in said(transcript, names)]
+            self._allowed[key] = (named or names) + heard(transcript, names)
+        return self._allowed[key]
 
 
 def _fits(value: str, allowed: list[str], ended: bool = False) -> bool:
