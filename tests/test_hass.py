@@ -35,6 +35,7 @@ from wyoming_tinyalign.hass import (
     websocket_url,
 )
 from wyoming_tinyalign.households import DOMAINS, load_households
+from wyoming_tinyalign.model.prompt import context_names
 
 TOKEN = "test-token"
 NO_WEB = {"WYOMING_TINYALIGN_WEB_PORT": "off"}  # no web API on its fixed port (ignored without the flag)
@@ -263,6 +264,9 @@ async def test_context_text_is_the_prompt_format(hass: FakeHass) -> None:
         "areas: front yard, kitchen, living room; devices: ceiling fan bedroom, garage door, hue go, "
         "kettle, outside temperature, porch light, the big old front door, wärmepumpe"
     )  # areas that have exposed entities; friendly names lowercased; no `,` inside a name
+    names = context_names(text)  # as the intent's slot values read it back
+    assert names["areas"] == ["front yard", "kitchen", "living room"]
+    assert names["devices"][-2:] == ["the big old front door", "wärmepumpe"] and len(names["devices"]) == 8
 
 
 def test_context_text_is_capped_deterministic_and_prefers_controllable_devices() -> None:

@@ -244,6 +244,26 @@ def test_bundle_round_trip_gives_the_same_outputs(
     assert again.run(audio, "aligned").transcript == model.run(audio, "aligned").transcript
 
 
+def test_whisper_decoder_runs_on_a_second_load_inside_separate_decoder(
+    micro_model: Path, tmp_path: Path, audio
+) -> None:
+    """The nightly job runs Whisper's decoder on a second load of Whisper, let go after the block, with the
+    same answers; a Whisper that can no longer be read is a BundleError and the model's own stays."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(micro_model, copy)
+    model = SpeechLLM.load(copy)
+    own, expected = model.whisper, model.run(audio, "cascade").transcript
+    with model.separate_decoder():
+        assert model.whisper is not own
+        assert model.run(audio, "cascade").transcript == expected
+    assert model.whisper is own
+    for weights in Path(model.whisper_ref).glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(BundleError, match="cannot load Whisper again"), model.separate_decoder():
+        pass
+    assert model.whisper is own and model.run(audio, "cascade").transcript == expected
+
+
 def test_a_narrower_checkpoint_loads_wider_as_from_pretrained_would(model: SpeechLLM, tmp_path: Path) -> None:
     """A bfloat16 checkpoint run in float32 (Qwen2.5 on a CPU) is widened tensor by tensor, to the same
     weights and outputs as `from_pretrained(dtype=float32)` gives, ties kept."""

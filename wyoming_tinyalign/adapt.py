@@ -40,15 +40,13 @@ import resource
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import WhisperForConditionalGeneration
 
 from .assistant import load_context_file
 from .audio import AudioError, read_wav
@@ -69,7 +67,7 @@ from .manifest import Utterance, read_manifest, write_manifest
 from .model.bundle import BundleConfig, ProjectorInfo, load_bundle_config, load_projector
 from .model.projector import Projector, weights_key
 from .model.prompt import answer_ids
-from .model.speechllm import DECODING_VERSION, SpeechLLM, resolve_ref
+from .model.speechllm import DECODING_VERSION, SpeechLLM
 from .models import add_dtype_arg, inference_dtype, projector_version, resolve_model
 from .store import DB_FILE, InteractionStore
 from .synth import render_corpus
@@ -198,21 +196,21 @@ def answer_key(item: Item) -> str:
 def answers(
     model: SpeechLLM, items: list[Item], path: str, cache: Predictions
 ) -> list[tuple[str, Intent | None]]:
-    """Answers along `aligned` (the model's current projector) or `cascade`, from the cache when known."""
-    out = []
-    for item in items:
-        key = answer_key(item)
-        hit = cache.get(key)
-        if hit is None:
-            cap = answer_cap(model, item.utterance)
-            if path == "cascade":
-                result = model.run(item.audio, "cascade", item.context, max_new_tokens=cap)
-            else:
-                result = model.run_features(item.features, "aligned", item.context, max_new_tokens=cap)
-            hit = (result.transcript, result.intent)
-            cache.put(key, *hit)
-        out.append(hit)
-    return out
+    """Answers along `aligned` (the model's current projector) or `cascade`, from the cache when known.
+    The cascade's missing answers come from a second load of Whisper (`SpeechLLM.separate_decoder`)."""
+    keys = [answer_key(item) for item in items]
+    hits = [cache.get(key) for key in keys]
+    missing = [(key, item) for key, item, hit in zip(keys, items, hits, strict=True) if hit is None]
+    if missing:
+        with model.separate_decoder() if path == "cascade" else nullcontext():
+            for key, item in missing:
+                cap = answer_cap(model, item.utterance)
+                if path == "cascade":
+                    result = model.run(item.audio, "cascade", item.context, max_new_tokens=cap)
+                else:
+                    result = model.run_features(item.features, "aligned", item.context, max_new_tokens=cap)
+                cache.put(key, result.transcript, result.intent)
+    return [hit or cache.get(key) for key, hit in zip(keys, hits, strict=True)]
 
 
 def paired_changes(
@@ -476,7 +474,7 @@ class Job:
         done = 0
         deadline = self.start + 0.3 * self.budget_s
         model = self._load_model()
-        with self._whisper_decoder(model):
+        with model.separate_decoder():
             for row in rows:
                 if time.monotonic() > deadline and done:
                     _LOGGER.info("teacher: stopping for the time budget, %d left for later", len(rows) - done)
@@ -491,24 +489,6 @@ class Job:
                 set_teacher(self.conn, row["id"], result.transcript, confidence)
                 done += 1
         return done
-
-    @contextmanager
-    def _whisper_decoder(self, model: SpeechLLM) -> Iterator[None]:
-        """Whisper's decoder (the teacher, the cascade) runs on a second load of Whisper, let go after.
-
-        The model's own Whisper then only ever reads its encoder: the pages of the checkpoint that the
-        decoder reads (about 200 MB at whisper-base, memory-mapped) go with the second load, before
-        training. (A checkpoint converted on loading is a second copy for the stage instead.)"""
-        self._resolve_bundle()
-        assert self.bundle is not None and self.bundle_cfg is not None
-        own = model.whisper
-        ref = resolve_ref(self.bundle, self.bundle_cfg.encoder)
-        model.whisper = WhisperForConditionalGeneration.from_pretrained(ref, dtype=own.dtype)
-        model.whisper.to(own.device).eval().requires_grad_(False)
-        try:
-            yield
-        finally:
-            model.whisper = own
 
     def _items(self, labels: list[Label]) -> list[tuple[Label, np.ndarray]]:
         out = []
@@ -626,9 +606,7 @@ class Job:
         data.update(heldout_evaluated=len(held_items), general_evaluated=len(general_items))
         before, before_answers = self._evaluate(model, serving, serving_cache, held_items, general_items)
         held_refs = [it.utterance for it in held_items]
-        decode = any(cascade_cache.get(answer_key(it)) is None for it in held_items)
-        with self._whisper_decoder(model) if decode else nullcontext():
-            cascade = score_answers(held_refs, answers(model, held_items, "cascade", cascade_cache))
+        cascade = score_answers(held_refs, answers(model, held_items, "cascade", cascade_cache))
         cascade_cache.save()
         report["before"] = before
         self._memory("validated the served projector")

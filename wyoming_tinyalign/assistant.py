@@ -25,6 +25,7 @@ import numpy as np
 
 from .audio import TARGET_RATE
 from .intents import Intent
+from .model.prompt import context_text
 from .model.speechllm import Result
 from .store import Interaction, InteractionStore
 from .worker import InferenceWorker, PcmSegment
@@ -74,9 +75,7 @@ def load_context_file(path: Path) -> str:
     names = [*areas, *devices]
     if not isinstance(areas, list) or not all(isinstance(n, str) and n.strip() for n in names):
         raise ValueError(f"--context-file {path}: 'areas' and device names must be non-empty strings")
-    area_text = ", ".join(sorted({a.strip().lower() for a in areas}))
-    device_text = ", ".join(sorted({d.strip().lower() for d in devices}))
-    return f"areas: {area_text}; devices: {device_text}"
+    return context_text([a.strip().lower() for a in areas], [d.strip().lower() for d in devices])
 
 
 def response_text(intent: Intent) -> str:

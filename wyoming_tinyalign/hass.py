@@ -48,6 +48,7 @@ import aiohttp
 from .assistant import load_context_file
 from .files import write_atomic
 from .households import DOMAINS, MAX_NAME_WORDS
+from .model import prompt
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -286,18 +287,14 @@ def prompt_names(snapshot: HassSnapshot) -> tuple[list[str], list[str]]:
             rank = 0 if entity.domain in DOMAINS else 1
             ranked[name] = min(rank, ranked.get(name, rank))
     devices = sorted(ranked, key=lambda n: (ranked[n], n))[: max(0, MAX_NAMES - len(kept_areas))]
-    while len(_text(kept_areas, devices)) > MAX_CONTEXT_CHARS and (devices or kept_areas):
+    while len(prompt.context_text(kept_areas, devices)) > MAX_CONTEXT_CHARS and (devices or kept_areas):
         (devices if devices else kept_areas).pop()
     return sorted(kept_areas), sorted(devices)
 
 
 def context_text(snapshot: HassSnapshot) -> str:
-    """`areas: a, b; devices: x, y` for the prompt (the format of `households.context_text`), capped."""
-    return _text(*prompt_names(snapshot))
-
-
-def _text(areas: list[str], devices: list[str]) -> str:
-    return f"areas: {', '.join(sorted(areas))}; devices: {', '.join(sorted(devices))}"
+    """The household's context for the LLM prompt (see `prompt.context_text`), capped."""
+    return prompt.context_text(*prompt_names(snapshot))
 
 
 def household_data(snapshot: HassSnapshot) -> dict[str, Any]:

@@ -14,6 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .model import prompt
+
 DOMAINS = ("light", "switch", "fan", "cover", "lock", "climate", "media_player")
 MAX_NAME_WORDS = 3
 
@@ -69,10 +71,8 @@ def load_households(path: Path | None = None) -> list[Household]:
 
 
 def context_text(household: Household) -> str:
-    """Compact household context for the LLM prompt: ``areas: a, b; devices: x, y`` (sorted)."""
-    areas = ", ".join(sorted(set(household.areas)))
-    devices = ", ".join(sorted({d.name for d in household.devices}))
-    return f"areas: {areas}; devices: {devices}"
+    """The household's context for the LLM prompt (see `prompt.context_text`)."""
+    return prompt.context_text(household.areas, [d.name for d in household.devices])
 
 
 def _household(data: Any, where: str) -> Household:

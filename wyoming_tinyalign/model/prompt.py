@@ -1,12 +1,14 @@
 """Instruction injection: the text prompt the projected audio tokens are placed in.
 
-A template has two slots: `{context}` (household context: entity, area and device names) and `{audio}`
-(where the projector's outputs, or a text's token embeddings, go). The LLM answers with the transcript
-on one line and the intent on the next (see `intents.py`).
+A template has two slots: `{context}` (household context: area and device names, in the one format that
+`context_text` writes and `context_names` reads) and `{audio}` (where the projector's outputs, or a
+text's token embeddings, go). The LLM answers with the transcript on one line and the intent on the next
+(see `intents.py`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..intents import Intent, format_answer
@@ -28,6 +30,21 @@ class PromptTemplate:
         """The text before and after the audio slot, with the household context filled in."""
         before, after = self.text.split("{audio}")
         return before.replace("{context}", context), after.replace("{context}", context)
+
+
+def context_text(areas: Iterable[str], devices: Iterable[str]) -> str:
+    """A household context as the prompt carries it: ``areas: a, b; devices: x, y`` (sorted, no repeats)."""
+    return f"areas: {', '.join(sorted(set(areas)))}; devices: {', '.join(sorted(set(devices)))}"
+
+
+def context_names(context: str) -> dict[str, list[str]]:
+    """The lists of a household context (``areas: a, b; devices: x, y``) by label."""
+    names: dict[str, list[str]] = {}
+    for part in context.split(";"):
+        label, sep, values = part.partition(":")
+        if sep:
+            names[label.strip()] = [v.strip() for v in values.split(",") if v.strip()]
+    return names
 
 
 def answer_ids(tokenizer, transcript: str, intent: Intent | None) -> list[int]:

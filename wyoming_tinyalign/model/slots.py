@@ -14,17 +14,9 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor
 
+from .prompt import context_names
+
 SLOT_NAMES = {"name": "devices", "area": "areas"}  # slot -> the context's list of names for it
-
-
-def context_names(context: str) -> dict[str, list[str]]:
-    """The lists of a household context (``areas: a, b; devices: x, y``) by label."""
-    names: dict[str, list[str]] = {}
-    for part in context.split(";"):
-        label, sep, values = part.partition(":")
-        if sep:
-            names[label.strip()] = [v.strip() for v in values.split(",") if v.strip()]
-    return names
 
 
 def said(transcript: str, names: list[str]) -> list[tuple[str, int, int]]:

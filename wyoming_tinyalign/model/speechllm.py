@@ -18,6 +18,8 @@ from __future__ import annotations
 import copy
 import functools
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,6 +143,11 @@ def whisper_transcript(
     return " ".join(text.strip().lower().split()), float(np.mean(logprobs)) if logprobs else 0.0
 
 
+def load_whisper(ref: str, dtype: torch.dtype) -> WhisperForConditionalGeneration:
+    """Whisper (`from_pretrained` on a folder or hub id) at `dtype`."""
+    return WhisperForConditionalGeneration.from_pretrained(ref, dtype=dtype)
+
+
 def load_llm(ref: str, dtype: torch.dtype) -> PreTrainedModel:
     """The LLM (`from_pretrained` on a folder or hub id) at `dtype`.
 
@@ -178,8 +185,10 @@ class SpeechLLM:
         projector_info: ProjectorInfo | None = None,
         cascade_pad_30s: bool = False,
         max_new_tokens: int = 48,
+        whisper_ref: str | None = None,
     ) -> None:
         self.whisper = whisper.eval().requires_grad_(False)
+        self.whisper_ref = whisper_ref  # where `whisper` was loaded from (for `separate_decoder`)
         self.whisper_tokenizer = whisper_tokenizer
         self.encoder = AudioEncoder(whisper.get_encoder(), feature_extractor)
         self.llm = llm.eval().requires_grad_(False)
@@ -204,7 +213,7 @@ class SpeechLLM:
         cfg: BundleConfig = load_bundle_config(folder)
         enc_ref, llm_ref = resolve_ref(folder, cfg.encoder), resolve_ref(folder, cfg.llm)
         try:
-            whisper = WhisperForConditionalGeneration.from_pretrained(enc_ref, dtype=dtype)
+            whisper = load_whisper(enc_ref, dtype)
             whisper_tokenizer = AutoTokenizer.from_pretrained(enc_ref)
             feature_extractor = WhisperFeatureExtractor.from_pretrained(enc_ref)
             llm = load_llm(llm_ref, dtype)
@@ -231,7 +240,28 @@ class SpeechLLM:
             projector=projector,
             projector_info=info,
             cascade_pad_30s=cfg.cascade_pad_30s,
+            whisper_ref=enc_ref,
         )
+
+    @contextmanager
+    def separate_decoder(self) -> Iterator[None]:
+        """Whisper's decoder (the cascade path) runs on a second load of Whisper inside the block.
+
+        For a job that trains afterwards: the model's own Whisper then only ever reads its encoder, and
+        the pages of the checkpoint that the decoder reads (about 200 MB at whisper-base, memory-mapped)
+        go with the second load at the end of the block. (Without `whisper_ref` the block uses the
+        model's own Whisper.)"""
+        own = self.whisper
+        if self.whisper_ref is not None:
+            try:
+                second = load_whisper(self.whisper_ref, own.dtype)
+            except OSError as err:
+                raise BundleError(f"cannot load Whisper again from {self.whisper_ref}: {err}") from err
+            self.whisper = second.to(own.device).eval().requires_grad_(False)
+        try:
+            yield
+        finally:
+            self.whisper = own
 
     @property
     def device(self) -> torch.device:
