@@ -1,12 +1,13 @@
 """Intent slots that name things name what the household has, or what was said.
 
 A small LLM misspells names it has never seen ("aquarium pump" -> "auplight"), and Home Assistant can do
-nothing with a name it does not know. While the LLM writes the intent line, `SlotValues` keeps the value
-of a `name=` slot to the household's device names and of an `area=` slot to its area names (both from
-the prompt's context), or to words of the transcript: a device the context leaves out (the context is
-capped) can still be named as it was heard, and a thing the household does not have is not swapped for
-one it has. When the transcript says one of the names, the others are out; words that begin or overlap
-one of the names do not make a name (`heard`). Other slots are left as the LLM writes them.
+nothing with a name it does not know; worse, it may name another of the household's things. While the
+LLM writes the intent line, `SlotValues` keeps the value of a `name=` slot to the household's device
+names and of an `area=` slot to its area names (both from the prompt's context) as `slot_values` allows
+them: a name said in the transcript, when one is; else the one name that shares a word with it, and
+runs of words of the transcript (a device the capped context leaves out can still be named as it was
+heard, and a thing the household does not have is not swapped for one it has). Other slots are left as
+the LLM writes them.
 """
 
 from __future__ import annotations
@@ -17,31 +18,48 @@ from transformers import LogitsProcessor
 from .prompt import context_names
 
 SLOT_NAMES = {"name": "devices", "area": "areas"}  # slot -> the context's list of names for it
+# Words that do not begin or end a name of a thing (English, as the dev model's commands are).
+FUNCTION_WORDS = frozenset({
+    "a", "an", "the", "this", "that", "these", "those", "my", "our", "your", "his", "her", "their", "its",
+    "it", "is", "are", "be", "was", "of", "in", "on", "off", "at", "to", "into", "from", "for", "with",
+    "by", "and", "or", "but", "if", "please", "up", "down",
+})  # fmt: skip
 
 
-def said(transcript: str, names: list[str]) -> list[tuple[str, int, int]]:
-    """Each of `names` said in `transcript`, with the words it spans there (start, end)."""
-    words = transcript.split()
-    return [
-        (name, i, i + len(name.split()))
-        for name in names
-        for i in range(len(words))
-        if words[i : i + len(name.split())] == name.split()
-    ]
+def said(transcript: str, names: list[str]) -> list[str]:
+    """The `names` said in `transcript` (as whole words), but for those inside a longer one said ("lamp"
+    in "turn on the bedside lamp")."""
+    padded = f" {' '.join(transcript.split())} "
+    named = [name for name in names if f" {name} " in padded]
+    return [n for n in named if not any(n != other and f" {n} " in f" {other} " for other in named)]
 
 
 def heard(transcript: str, names: list[str]) -> list[str]:
-    """The runs of consecutive words of `transcript` that may name a thing other than `names`: all but
-    those that begin one of `names` ("aquarium" for the aquarium pump) and those that overlap one of
-    `names` said in it ("rail is off", "the towel rail" in "check if the towel rail is off")."""
-    words, spans = transcript.split(), [(a, b) for _, a, b in said(transcript, names)]
-    runs = []
-    for i in range(len(words)):
-        for j in range(i + 1, len(words) + 1):
-            run = " ".join(words[i:j])
-            if not any(n.startswith(run + " ") for n in names) and not any(i < b and a < j for a, b in spans):
-                runs.append(run)
-    return runs
+    """The runs of consecutive words of `transcript` that may name a thing none of `names` is: all but
+    those that begin or end with a function word ("on", "the garden hose") and those that begin one of
+    `names` ("aquarium" for the aquarium pump)."""
+    words = transcript.split()
+    runs = [" ".join(words[i:j]) for i in range(len(words)) for j in range(i + 1, len(words) + 1)]
+    return [
+        run
+        for run in runs
+        if run.split()[0] not in FUNCTION_WORDS
+        and run.split()[-1] not in FUNCTION_WORDS
+        and not any(name.startswith(run + " ") for name in names)
+    ]
+
+
+def slot_values(names: list[str], transcript: str) -> list[str]:
+    """What a slot naming one of `names` may be after `transcript`: the names said in it, when one is
+    ("the conservatory" is not the study); else the one name that shares a word with it ("wall sconce"
+    for a misheard "wood sconce"; no guess between the heat pump and the aquarium pump for "the pump"),
+    and the runs of words `heard`."""
+    named = said(transcript, names)
+    if named:
+        return named
+    words = set(transcript.split()) - FUNCTION_WORDS
+    near = [name for name in names if words & set(name.split())]
+    return (near if len(near) == 1 else []) + heard(transcript, names)
 
 
 class SlotValues(LogitsProcessor):
@@ -85,10 +103,7 @@ class SlotValues(LogitsProcessor):
         """The values `slot` may take after `transcript` (worked out once per answer)."""
         key = (slot, transcript)
         if key not in self._allowed:
-            names = self.names[slot]
-            # When one of the names was said, the others are out: "the conservatory" is not the study.
-            named = [name for name, _, _ in said(transcript, names)]
-            self._allowed[key] = (named or names) + heard(transcript, names)
+            self._allowed[key] = slot_values(self.names[slot], transcript)
         return self._allowed[key]
 
 
