@@ -16,10 +16,11 @@ import pytest
 from adaptation import cli, job_flags, last_json, log_household, unseen_speech
 
 from wyoming_tinyalign.__main__ import main
-from wyoming_tinyalign.adapt import AdaptOptions, Job, bootstrap_speech, run_job
+from wyoming_tinyalign.adapt import AdaptOptions, Item, Job, Predictions, answers, bootstrap_speech, run_job
 from wyoming_tinyalign.audio import read_wav
 from wyoming_tinyalign.households import load_households
 from wyoming_tinyalign.manifest import read_manifest, write_manifest
+from wyoming_tinyalign.model.bundle import BundleError
 from wyoming_tinyalign.model.speechllm import SpeechLLM
 from wyoming_tinyalign.store import InteractionStore
 from wyoming_tinyalign.versions import Versions, served
@@ -204,6 +205,25 @@ def test_the_job_runs_in_bfloat16_as_a_server_started_with_it(
     assert report["status"] in ("promoted", "rejected"), report
     assert report["dtype"] == "bfloat16" and report["train"]["steps"] > 0
     assert report["before"]["household"]["loss"] > 0 and report["after"]["household"]["loss"] > 0
+
+
+def test_cascade_answers_load_whisper_again_only_for_answers_not_cached(
+    micro_model: Path, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """A night whose cascade answers are all cached does not load Whisper a second time; one that lacks
+    an answer does (here from a folder with no Whisper in it, so the load fails)."""
+    model = SpeechLLM.load(micro_model)
+    items = [
+        Item(f"u{i}", audio, model.encode(audio), utterance, "")
+        for i, (utterance, audio) in enumerate(unseen_speech(tmp_path_factory, 4, seed=24))
+    ]
+    cache = Predictions(tmp_path / "predictions", "cascade")
+    first = answers(model, items[:3], "cascade", cache)
+    (tmp_path / "no-whisper").mkdir()
+    model.whisper_ref = str(tmp_path / "no-whisper")
+    assert answers(model, items[:3], "cascade", cache) == first
+    with pytest.raises(BundleError, match="cannot load Whisper again"):
+        answers(model, items, "cascade", cache)
 
 
 def test_the_teacher_reads_whispers_decoder_on_a_load_it_lets_go(

@@ -199,18 +199,19 @@ def answers(
     """Answers along `aligned` (the model's current projector) or `cascade`, from the cache when known.
     The cascade's missing answers come from a second load of Whisper (`SpeechLLM.separate_decoder`)."""
     keys = [answer_key(item) for item in items]
-    hits = [cache.get(key) for key in keys]
-    missing = [(key, item) for key, item, hit in zip(keys, items, hits, strict=True) if hit is None]
+    got = [cache.get(key) for key in keys]
+    missing = [i for i, hit in enumerate(got) if hit is None]
     if missing:
         with model.separate_decoder() if path == "cascade" else nullcontext():
-            for key, item in missing:
-                cap = answer_cap(model, item.utterance)
+            for i in missing:
+                item, cap = items[i], answer_cap(model, items[i].utterance)
                 if path == "cascade":
                     result = model.run(item.audio, "cascade", item.context, max_new_tokens=cap)
                 else:
                     result = model.run_features(item.features, "aligned", item.context, max_new_tokens=cap)
-                cache.put(key, result.transcript, result.intent)
-    return [hit or cache.get(key) for key, hit in zip(keys, hits, strict=True)]
+                got[i] = (result.transcript, result.intent)
+                cache.put(keys[i], *got[i])
+    return got  # type: ignore[return-value]  # every None was filled
 
 
 def paired_changes(

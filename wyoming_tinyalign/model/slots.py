@@ -39,14 +39,14 @@ def heard(transcript: str, names: list[str]) -> list[str]:
     those that begin or end with a function word ("on", "the garden hose") and those that begin one of
     `names` ("aquarium" for the aquarium pump)."""
     words = transcript.split()
-    runs = [" ".join(words[i:j]) for i in range(len(words)) for j in range(i + 1, len(words) + 1)]
-    return [
-        run
-        for run in runs
-        if run.split()[0] not in FUNCTION_WORDS
-        and run.split()[-1] not in FUNCTION_WORDS
-        and not any(name.startswith(run + " ") for name in names)
+    runs = [
+        " ".join(words[i:j])
+        for i in range(len(words))
+        if words[i] not in FUNCTION_WORDS
+        for j in range(i + 1, len(words) + 1)
+        if words[j - 1] not in FUNCTION_WORDS
     ]
+    return [run for run in runs if not any(name.startswith(run + " ") for name in names)]
 
 
 def slot_values(names: list[str], transcript: str) -> list[str]:
