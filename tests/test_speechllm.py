@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 import shutil
 from copy import deepcopy
@@ -12,11 +13,12 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, WhisperForConditionalGeneration
+from transformers import AutoModelForCausalLM, LogitsProcessorList, WhisperForConditionalGeneration
 
 from wyoming_tinyalign.corpus import generate_commands
 from wyoming_tinyalign.devmodel import ALIGN_EMBEDLINK_WEIGHT
 from wyoming_tinyalign.households import context_text, load_households
+from wyoming_tinyalign.intents import NOT_RECOGNIZED, parse_intent
 from wyoming_tinyalign.manifest import load_utterances
 from wyoming_tinyalign.model.bundle import (
     BundleError,
@@ -24,7 +26,7 @@ from wyoming_tinyalign.model.bundle import (
     load_projector,
     save_bundle_config,
 )
-from wyoming_tinyalign.model.slots import SlotValues, heard, slot_values
+from wyoming_tinyalign.model.slots import NUMBER_SLOTS, IntentGrammar, heard, line_fits, numbers, slot_values
 from wyoming_tinyalign.model.speechllm import (
     PATHS,
     SpeechLLM,
@@ -120,8 +122,19 @@ def test_answers_start_from_the_cached_prompt_prefix(model: SpeechLLM, audio: np
     assert (model.prefix_cache.cache_info().misses, model.prefix_cache.cache_info().hits) == (1, 2)
     prefix = model.prefix_cache(context)
     assert prefix.get_seq_length() == span.start  # answering never grows the stored prefix
-    whole = model.generate(embeds)  # no context: the LLM runs over the whole prompt
-    assert whole and answers == [whole] * 3
+    # The LLM over the whole prompt, with the same grammar
+    eos = model.tokenizer.eos_token_id
+    whole = model.llm.generate(
+        inputs_embeds=embeds,
+        attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+        max_new_tokens=model.max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=model.tokenizer.pad_token_id,
+        logits_processor=LogitsProcessorList([IntentGrammar(model.token_texts, eos, context, None)]),
+    )[0].tolist()
+    assert whole[-1] == eos and loop_start(whole) is None  # an answer that ended, with no loop to cut
+    assert answers == [model.tokenizer.decode(whole, skip_special_tokens=True)] * 3
     full = model.llm(inputs_embeds=embeds).logits[0, span.start :]
     cached = model.llm(inputs_embeds=embeds[:, span.start :], cache=deepcopy(prefix)).logits[0]
     torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
@@ -160,8 +173,8 @@ CONTEXT = "areas: sitting room, study; devices: aquarium pump, wall sconce"
 
 
 def _greedy_value(model: SpeechLLM, start: str, transcript: str, seed: int) -> str:
-    """The value a greedy decoder writes after `start` on random scores, through `SlotValues`."""
-    slots = SlotValues(model.token_texts, model.tokenizer.eos_token_id, CONTEXT, transcript)
+    """The value a greedy decoder writes after `start` on random scores, through `IntentGrammar`."""
+    slots = IntentGrammar(model.token_texts, model.tokenizer.eos_token_id, CONTEXT, transcript)
     ids = model.tokenizer(start, add_special_tokens=False)["input_ids"]
     generator = torch.Generator().manual_seed(seed)
     width = len(model.token_texts) + 64  # an LLM's vocabulary padded beyond its tokenizer's
@@ -201,12 +214,11 @@ def test_slot_values_name_the_households_things_or_words_that_were_said(model: S
     ):
         areas = [_greedy_value(model, "HassTurnOn | area=", said, seed) for seed in range(12)]
         assert set(areas) <= values, areas
-    # Other slots, and answers before their intent line, are left as the LLM writes them.
-    slots = SlotValues(model.token_texts, model.tokenizer.eos_token_id, CONTEXT, None)
+    # Answers before their intent line are left as the LLM writes them.
+    slots = IntentGrammar(model.token_texts, model.tokenizer.eos_token_id, CONTEXT, None)
     scores = torch.randn(1, len(model.token_texts))
-    for start in ("HassLightSet | brightness=", "turn on the aqu"):
-        ids = torch.tensor([model.tokenizer(start, add_special_tokens=False)["input_ids"]])
-        assert torch.equal(slots(ids, scores.clone()), scores)
+    ids = torch.tensor([model.tokenizer("turn on the aqu", add_special_tokens=False)["input_ids"]])
+    assert torch.equal(slots(ids, scores.clone()), scores)
     # The answer may not end half-way through a name, nor on words that begin one ("aquarium" for the
     # aquarium pump), but may on words that were said and begin none.
     eos = model.tokenizer.eos_token_id
@@ -218,6 +230,77 @@ def test_slot_values_name_the_households_things_or_words_that_were_said(model: S
     ):
         ids = torch.tensor([model.tokenizer(answer, add_special_tokens=False)["input_ids"]])
         assert (int(slots(ids, scores.clone()).argmax()) == eos) == ends, answer
+
+
+def test_the_intent_line_is_one_parse_intent_reads(model: SpeechLLM) -> None:
+    # `Intent.to_text`'s form: a known intent or "none"; its own slots, in their fixed order, each once,
+    # with a value allowed (here: names, numbers, and any words for other slots).
+    def values(slot: str) -> list[str] | None:
+        known = {"name": ["aquarium pump", "pump"], "area": ["study"], "brightness": ["40"]}
+        return known.get(slot, ["21.5"] if slot == "temperature" else None)
+
+    for line, fits in (
+        ("HassTurn", True),
+        ("Hass Turn", False),
+        ("HassTurnOn |", True),
+        ("HassTurnOn  |", False),  # one space
+        ("HassTurnOn | area=study | domain=light", True),
+        ("HassTurnOn | area=study | area=", False),  # twice
+        ("HassTurnOn | domain=light | area", False),  # out of order
+        ("HassTurnOn | brightness=", False),  # not HassTurnOn's
+        ("HassTurnOn | name=pump ", True),  # ... | area=
+        ("HassTurnOn | name=pump|", False),
+        ("HassTurnOn | name=aquarium pu", True),
+        ("HassTurnOn | name=aquarium pond", False),
+        ("HassTurnOn | area=the  study", False),
+        ("HassTurnOn | area=study\t", False),
+        ("HassLightSet | brightness=4", True),
+        ("HassLightSet | brightness=40 |", False),  # nothing may follow
+        ("HassLightSet | brightness=5", False),  # not a number the transcript writes
+        ("HassClimateSetTemperature | temperature=21.", True),
+        ("none |", False),
+        ("HassCancelAllTimers |", False),
+    ):
+        assert line_fits(line, values) == fits, line
+    for line, fits in (
+        ("none", True),
+        ("HassCancelAllTimers", True),
+        ("HassTurnOn | name=aquarium pump", True),
+        ("HassTurnOn | name=aquarium", False),
+        ("HassTurnOn | domain=", False),
+        ("HassTurnOn | domain=light ", False),
+        ("HassClimateSetTemperature | temperature=21.", False),
+        ("HassTurn", False),
+    ):
+        assert line_fits(line, values, ended=True) == fits, line
+    assert numbers("set a timer for 1 hour and 30 minutes, 21.5 degrees") == ["1", "30", "21.5"]
+    # Greedy decoding on random scores writes lines that parse, with the names allowed, whatever the
+    # scores; after 12 steps the end of the answer scores best.
+    transcript = "turn on the aquarium pump in the study for 20 minutes and 30 seconds"
+    allowed = {"name": {"aquarium pump"}, "area": {"study"}} | {n: {"20", "30"} for n in NUMBER_SLOTS}
+    eos, lines = model.tokenizer.eos_token_id, set()
+    for seed in range(24):
+        grammar = IntentGrammar(model.token_texts, eos, CONTEXT, transcript)
+        generator, ids = torch.Generator().manual_seed(seed), []
+        while len(ids) < 60 and eos not in ids and not any("\n" in model.token_texts[i] for i in ids):
+            scores = torch.randn(1, len(model.token_texts), generator=generator)
+            scores[0, eos] = 100.0 if len(ids) >= 12 else -100.0
+            ids.append(int(grammar(torch.tensor([ids]), scores).argmax()))
+        line = "".join(model.token_texts[i] for i in ids if i != eos).partition("\n")[0]
+        intent = parse_intent(line)
+        assert line == NOT_RECOGNIZED or (intent is not None and line == intent.to_text()), line
+        for slot, value in intent.slots.items() if intent else ():
+            assert value in allowed.get(slot, {value}), line
+        lines.add(line)
+    assert len(lines) >= 8 and sum("=" in line for line in lines) >= 4, lines
+    # Even when every token that fits scores below all others, one of them is chosen.
+    for start in ("", "HassTurnOn | name=aqu", "HassStartTimer | minutes=20 | "):
+        ids = model.tokenizer(start, add_special_tokens=False)["input_ids"]
+        grammar = IntentGrammar(model.token_texts, eos, CONTEXT, transcript)
+        values = functools.partial(grammar.values, transcript=transcript)
+        fit = torch.tensor([grammar._fits_after(start, t, values) for t in range(len(model.token_texts))])
+        scores = torch.rand(1, len(model.token_texts)) - 2.0 * fit
+        assert fit[int(grammar(torch.tensor([ids]), scores).argmax())], start
 
 
 def test_understood_names_are_the_households_or_the_texts(model: SpeechLLM) -> None:

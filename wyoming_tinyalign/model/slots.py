@@ -1,23 +1,32 @@
-"""Intent slots that name things name what the household has, or what was said.
+"""The intent line the LLM writes: one `parse_intent` reads, naming what the household has or what was said.
 
 A small LLM misspells names it has never seen ("aquarium pump" -> "auplight"), and Home Assistant can do
-nothing with a name it does not know; worse, it may name another of the household's things. While the
-LLM writes the intent line, `SlotValues` keeps the value of a `name=` slot to the household's device
-names and of an `area=` slot to its area names (both from the prompt's context) as `slot_values` allows
-them: a name said in the transcript, when one is; else the one name that shares a word with it, and
-runs of words of the transcript (a device the capped context leaves out can still be named as it was
-heard, and a thing the household does not have is not swapped for one it has). Other slots are left as
-the LLM writes them.
+nothing with a name it does not know; worse, it may name another of the household's things, or write a
+line no parser reads (a slot twice, or one its intent does not take). While the LLM writes the intent
+line, `IntentGrammar` keeps it to the form `Intent.to_text` writes: a known intent (or "none"), then that
+intent's slots, each at most once and in their fixed order. A number is one the transcript writes; the
+value of a `name=` slot is one of the household's device names and of an `area=` slot one of its area
+names (both from the prompt's context), as `slot_values` allows them: a name said in the transcript,
+when one is; else the one name that shares a word with it, and runs of words of the transcript (a device
+the capped context leaves out can still be named as it was heard, and a thing the household does not
+have is not swapped for one it has).
 """
 
 from __future__ import annotations
 
+import functools
+import re
+from collections.abc import Callable
+
 import torch
 from transformers import LogitsProcessor
 
+from ..intents import INTENT_SLOTS, NOT_RECOGNIZED
 from .prompt import context_names
 
+WALK = 256  # how far down the LLM's ranking a token that fits is looked for, before one character
 SLOT_NAMES = {"name": "devices", "area": "areas"}  # slot -> the context's list of names for it
+NUMBER_SLOTS = frozenset({"brightness", "temperature", "hours", "minutes", "seconds"})
 # Words that do not begin or end a name of a thing (English, as the dev model's commands are).
 FUNCTION_WORDS = frozenset({
     "a", "an", "the", "this", "that", "these", "those", "my", "our", "your", "his", "her", "their", "its",
@@ -62,55 +71,120 @@ def slot_values(names: list[str], transcript: str) -> list[str]:
     return (near if len(near) == 1 else []) + heard(transcript, names)
 
 
-class SlotValues(LogitsProcessor):
-    """For greedy decoding of one answer: the best-scored token that keeps the open `name=` / `area=`
-    value a prefix of an allowed value (or ends it on one) wins. `transcript` is None when the answer
-    starts with the transcript line (its words are allowed once it is written), else the given one.
-    Scores may be wider than the tokenizer (an LLM's vocabulary is often padded): those ids lose."""
+class IntentGrammar(LogitsProcessor):
+    """For greedy decoding of one answer: the best-scored token that keeps the intent line one that
+    `line_fits` allows wins (of the `WALK` best, else of the one-character tokens). `transcript` is
+    None when the answer starts with the transcript line (the intent line follows it), else the given
+    one (the answer is the intent line). Scores may be wider than the tokenizer (an LLM's vocabulary is
+    often padded): those ids lose."""
 
     def __init__(self, token_texts: list[str], eos_id: int, context: str, transcript: str | None) -> None:
         self.token_texts, self.eos_id, self.transcript = token_texts, eos_id, transcript
         names = context_names(context)
         self.names = {slot: names.get(label, []) for slot, label in SLOT_NAMES.items()}
-        self._allowed: dict[tuple[str, str], list[str]] = {}  # (slot, transcript) -> its values
+        self._values: dict[tuple[str, str], list[str] | None] = {}  # (slot, transcript) -> its values
+        self._char_ids: torch.Tensor | None = None  # found when first needed
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         n = len(self.token_texts)
-        answer = "".join(self.token_texts[i] for i in input_ids[0].tolist() if i < n)
-        transcript, line = self.transcript, answer
+        line = "".join(self.token_texts[i] for i in input_ids[0].tolist() if i < n)
+        transcript = self.transcript
         if transcript is None:
-            transcript, newline, line = answer.partition("\n")
+            transcript, newline, line = line.partition("\n")
             if not newline:
                 return scores
-        if "\n" in line or "|" not in line:
+        values = functools.partial(self.values, transcript=transcript)
+        if "\n" in line or not line_fits(line, values):
+            return scores  # the line has ended, or is off the grammar already (no token could mend it)
+        best = int(scores[0].argmax())
+        if best < n and self._fits_after(line, best, values):
             return scores
-        slot, equals, value = line.rpartition("|")[2].partition("=")
-        if not equals or not self.names.get(slot.strip()):
-            return scores
-        allowed = self.allowed(slot.strip(), transcript)
-        if not _fits(value, allowed):
-            return scores  # already off every allowed value (no token could keep it on one)
-        order = scores[0, :n].argsort(descending=True).tolist()
-        for rank, token in enumerate(order):
-            ended = token == self.eos_id
-            if _fits(value if ended else value + self.token_texts[token], allowed, ended):
-                scores[0, order[:rank]] = -float("inf")
-                scores[0, n:] = -float("inf")
-                break
+        ranked = scores[0, :n].topk(min(WALK, n)).indices.tolist()
+        token = next((t for t in ranked if self._fits_after(line, t, values)), None)
+        if token is None:  # far off the LLM's liking: on one character at a time
+            chars = self._chars()
+            ranked = chars[scores[0, chars].argsort(descending=True)].tolist()
+            token = next((t for t in ranked if self._fits_after(line, t, values)), None)
+            if token is None:
+                return scores  # the tokenizer cannot write what the line needs
+        kept = scores[0, token].clone()
+        scores.fill_(-float("inf"))
+        scores[0, token] = kept
         return scores
 
-    def allowed(self, slot: str, transcript: str) -> list[str]:
-        """The values `slot` may take after `transcript` (worked out once per answer)."""
+    def values(self, slot: str, transcript: str) -> list[str] | None:
+        """The values `slot` may take after `transcript` (worked out once per answer): a number slot the
+        numbers written in it, a naming slot its `slot_values`; None: any (a slot of another kind, or
+        one the context names nothing for)."""
         key = (slot, transcript)
-        if key not in self._allowed:
-            self._allowed[key] = slot_values(self.names[slot], transcript)
-        return self._allowed[key]
+        if key not in self._values:
+            names = self.names.get(slot)
+            if slot in NUMBER_SLOTS:
+                self._values[key] = numbers(transcript)
+            else:
+                self._values[key] = slot_values(names, transcript) if names else None
+        return self._values[key]
+
+    def _chars(self) -> torch.Tensor:
+        """The ids of the one-character tokens and EOS: what can go on with any line that fits."""
+        if self._char_ids is None:
+            ids = [i for i, t in enumerate(self.token_texts) if len(t) == 1] + [self.eos_id]
+            self._char_ids = torch.tensor(ids)
+        return self._char_ids
+
+    def _fits_after(self, line: str, token: int, values: Callable[[str], list[str] | None]) -> bool:
+        """Whether `line` followed by `token` still fits (a newline or EOS ends it)."""
+        if token == self.eos_id:
+            return line_fits(line, values, ended=True)
+        head, newline, _ = (line + self.token_texts[token]).partition("\n")
+        return line_fits(head, values, ended=bool(newline))
 
 
-def _fits(value: str, allowed: list[str], ended: bool = False) -> bool:
-    """Whether a slot value written so far can still be (or, when it has ended, is) an allowed one."""
-    head, sep, _ = value.replace("\n", "|").partition("|")
-    head = head.lstrip()
-    if ended or sep:
-        return head.rstrip() in allowed
-    return any(a.startswith(head) for a in allowed) or (head.endswith(" ") and head.rstrip() in allowed)
+def line_fits(line: str, values: Callable[[str], list[str] | None], ended: bool = False) -> bool:
+    """Whether an intent line written so far can still become (or, once it has `ended`, is) one in the
+    form `Intent.to_text` writes: a known intent or "none", then ` | key=value` for the intent's slots
+    in their fixed order, each at most once, with a value among `values(key)` (None: any)."""
+    intent, space, rest = line.partition(" ")
+    if not space:
+        known = (*INTENT_SLOTS, NOT_RECOGNIZED)
+        return intent in known if ended else any(k.startswith(intent) for k in known)
+    keys = [k for k in INTENT_SLOTS.get(intent, ()) if values(k) != []]  # the slots it may still have
+    if not "| ".startswith(rest[:2]):
+        return False
+    if len(rest) < 2:
+        return bool(keys) and not ended
+    slots = rest[2:].split(" | ")
+    for slot in slots[:-1]:
+        key, equals, value = slot.partition("=")
+        if not equals or key not in keys or not _value_fits(value, values(key), whole=True):
+            return False
+        keys = keys[keys.index(key) + 1 :]
+    key, equals, value = slots[-1].partition("=")
+    if not equals:  # the key is being written
+        return not ended and any(k.startswith(key) for k in keys)
+    if key not in keys:
+        return False
+    allowed, keys = values(key), keys[keys.index(key) + 1 :]
+    if ended:
+        return _value_fits(value, allowed, whole=True)
+    if _value_fits(value, allowed, whole=False):
+        return True
+    # the whole value, then the start of the next slot
+    head = value.removesuffix(" |") if value.endswith("|") else value.removesuffix(" ")
+    return value != head and bool(keys) and _value_fits(head, allowed, whole=True)
+
+
+def numbers(transcript: str) -> list[str]:
+    """The numbers written in `transcript` (as digits, the way Whisper and the dev corpus write them)."""
+    return re.findall(r"\d+(?:\.\d+)?", transcript)
+
+
+def _value_fits(value: str, allowed: list[str] | None, whole: bool) -> bool:
+    """Whether a slot value written so far can still be (or, when `whole`, is) one of `allowed` (None:
+    any printable words, one space apart)."""
+    written = value if whole else value + "x"  # a value being written may end in a space
+    if "|" in value or not value.isprintable() or " ".join(written.split()) != written:
+        return False
+    if allowed is None:
+        return bool(value) or not whole
+    return value in allowed if whole else any(a.startswith(value) for a in allowed)

@@ -45,12 +45,12 @@ from .bundle import BundleConfig, BundleError, ProjectorInfo, load_bundle_config
 from .encoder import AudioEncoder
 from .projector import Projector
 from .prompt import PromptTemplate
-from .slots import SlotValues
+from .slots import IntentGrammar
 
 PATHS = ("aligned", "readout", "cascade")
 
 
-DECODING_VERSION = 4  # bump when a change to decoding changes what a model answers (stored answers expire)
+DECODING_VERSION = 5  # bump when a change to decoding changes what a model answers (stored answers expire)
 LOOP_REPEATS = {1: 4, 2: 3, 3: 3}  # a unit of this many tokens, repeated this often, is a loop
 
 
@@ -202,7 +202,7 @@ class SpeechLLM:
         # LLM's KV cache of the prompt before the slot (computed once; each answer starts from a copy).
         self.prompt_ids = functools.lru_cache(maxsize=16)(self._prompt_ids)
         self.prefix_cache = functools.lru_cache(maxsize=4)(self._prefix_cache)
-        # The text of each LLM token, which `SlotValues` reads answers with (at load, not on a request).
+        # The text of each LLM token, which `IntentGrammar` reads answers with (at load, not on a request).
         self.token_texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
 
     # ---------------------------------------------------------------- loading
@@ -337,16 +337,15 @@ class SpeechLLM:
     ) -> str:
         """Greedy answer of the LLM to a prompt given as embeddings `[1, L, D]`. When the prompt is
         `context`'s (as `prompt_embeds` builds it), the LLM starts from its cached prefix and runs only
-        on the rest, and the intent's names are the context's or the transcript's (`SlotValues`;
-        `transcript`: the transcript line when the prompt ends with it, so the answer is the intent line).
-        A degenerate loop ends generation and is cut off where the loop began."""
+        on the rest, and the intent line keeps to the grammar of `intents.py` with the context's or the
+        transcript's names (`IntentGrammar`; `transcript`: the transcript line when the prompt ends with
+        it, so the answer is the intent line). A degenerate loop ends generation and is cut off where the
+        loop began."""
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
-        prefix = self.prefix_cache(context) if context is not None else None
-        slots = (
-            [SlotValues(self.token_texts, self.tokenizer.eos_token_id, context, transcript)]
-            if context
-            else []
-        )
+        prefix = grammar = None
+        if context is not None:
+            prefix = self.prefix_cache(context)
+            grammar = IntentGrammar(self.token_texts, self.tokenizer.eos_token_id, context, transcript)
         out = self.llm.generate(
             inputs_embeds=embeds,
             attention_mask=mask,
@@ -356,7 +355,7 @@ class SpeechLLM:
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
             stopping_criteria=StoppingCriteriaList([_StopOnLoop()]),
-            logits_processor=LogitsProcessorList(slots),
+            logits_processor=LogitsProcessorList([grammar] if grammar else []),
         )
         ids = out[0].tolist()
         return self.tokenizer.decode(ids[: loop_start(ids)], skip_special_tokens=True)
