@@ -273,7 +273,12 @@ def test_the_intent_line_is_one_parse_intent_reads(model: SpeechLLM) -> None:
         ("HassTurn", False),
     ):
         assert line_fits(line, values, ended=True) == fits, line
+    # Numbers are those said, in digits or English words; when none is, 0 to 100.
     assert numbers("set a timer for 1 hour and 30 minutes, 21.5 degrees") == ["1", "30", "21.5"]
+    assert numbers("a timer for five minutes and twenty-one seconds, a hundred") == ["5", "21", "100"]
+    grammar = IntentGrammar(model.token_texts, model.tokenizer.eos_token_id, CONTEXT, None)
+    assert grammar.values("brightness", "dim the lamp to forty percent") == ["40"]
+    assert grammar.values("brightness", "dim the lamp") == [str(n) for n in range(101)]
     # Greedy decoding on random scores writes lines that parse, with the names allowed, whatever the
     # scores; after 12 steps the end of the answer scores best.
     transcript = "turn on the aquarium pump in the study for 20 minutes and 30 seconds"

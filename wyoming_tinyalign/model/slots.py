@@ -27,6 +27,15 @@ from .prompt import context_names
 WALK = 256  # how far down the LLM's ranking a token that fits is looked for, before one character
 SLOT_NAMES = {"name": "devices", "area": "areas"}  # slot -> the context's list of names for it
 NUMBER_SLOTS = frozenset({"brightness", "temperature", "hours", "minutes", "seconds"})
+# English number words, as Whisper writes the small ones ("set a timer for five minutes").
+_UNITS = {w: i for i, w in enumerate((
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+    "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen",
+))}  # fmt: skip
+_TENS = {w: 10 * i for i, w in enumerate((
+    "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety",
+), 2)}  # fmt: skip
+ANY_NUMBER = [str(i) for i in range(101)]  # what a number slot may be when the transcript says none
 # Words that do not begin or end a name of a thing (English, as the dev model's commands are).
 FUNCTION_WORDS = frozenset({
     "a", "an", "the", "this", "that", "these", "those", "my", "our", "your", "his", "her", "their", "its",
@@ -114,13 +123,13 @@ class IntentGrammar(LogitsProcessor):
 
     def values(self, slot: str, transcript: str) -> list[str] | None:
         """The values `slot` may take after `transcript` (worked out once per answer): a number slot the
-        numbers written in it, a naming slot its `slot_values`; None: any (a slot of another kind, or
-        one the context names nothing for)."""
+        `numbers` said in it (when it says none, 0 to 100), a naming slot its `slot_values`; None: any (a
+        slot of another kind, or one the context names nothing for)."""
         key = (slot, transcript)
         if key not in self._values:
             names = self.names.get(slot)
             if slot in NUMBER_SLOTS:
-                self._values[key] = numbers(transcript)
+                self._values[key] = numbers(transcript) or ANY_NUMBER
             else:
                 self._values[key] = slot_values(names, transcript) if names else None
         return self._values[key]
@@ -175,8 +184,23 @@ def line_fits(line: str, values: Callable[[str], list[str] | None], ended: bool 
 
 
 def numbers(transcript: str) -> list[str]:
-    """The numbers written in `transcript` (as digits, the way Whisper and the dev corpus write them)."""
-    return re.findall(r"\d+(?:\.\d+)?", transcript)
+    """The numbers said in `transcript`, in digits: those written in digits (as Whisper writes most) and
+    English number words up to a hundred ("five" -> "5", "twenty one" -> "21", "a hundred" -> "100")."""
+    found: list[str] = []
+    previous = ""
+    for word in re.findall(r"\d+(?:\.\d+)?|[a-z]+", transcript.lower()):
+        if word[0].isdigit():
+            found.append(word)
+        elif word in _UNITS and previous in _TENS and _UNITS[word] < 10:
+            found[-1] = str(_TENS[previous] + _UNITS[word])
+        elif word in _UNITS or word in _TENS:
+            found.append(str(_UNITS.get(word, _TENS.get(word))))
+        elif word == "hundred" and previous == "one":
+            found[-1] = "100"
+        elif word == "hundred" and previous == "a":
+            found.append("100")
+        previous = word
+    return found
 
 
 def _value_fits(value: str, allowed: list[str] | None, whole: bool) -> bool:
