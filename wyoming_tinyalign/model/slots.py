@@ -4,12 +4,12 @@ A small LLM misspells names it has never seen ("aquarium pump" -> "auplight"), a
 nothing with a name it does not know; worse, it may name another of the household's things, or write a
 line no parser reads (a slot twice, or one its intent does not take). While the LLM writes the intent
 line, `IntentGrammar` keeps it to the form `Intent.to_text` writes: a known intent (or "none"), then that
-intent's slots, each at most once and in their fixed order. A number is one the transcript writes; the
-value of a `name=` slot is one of the household's device names and of an `area=` slot one of its area
-names (both from the prompt's context), as `slot_values` allows them: a name said in the transcript,
-when one is; else the one name that shares a word with it, and runs of words of the transcript (a device
-the capped context leaves out can still be named as it was heard, and a thing the household does not
-have is not swapped for one it has).
+intent's slots, each at most once and in their fixed order. A number is one the transcript says (in
+digits or English words; 0 to 100 when it says none); the value of a `name=` slot is one of the
+household's device names and of an `area=` slot one of its area names (both from the prompt's context),
+as `slot_values` allows them: a name said in the transcript, when one is; else the one name that shares
+a word with it, and runs of words of the transcript (a device the capped context leaves out can still be
+named as it was heard, and a thing the household does not have is not swapped for one it has).
 """
 
 from __future__ import annotations
