@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, LogitsProcessorList, WhisperForCo
 from wyoming_tinyalign.corpus import generate_commands
 from wyoming_tinyalign.devmodel import ALIGN_EMBEDLINK_WEIGHT
 from wyoming_tinyalign.households import context_text, load_households
-from wyoming_tinyalign.intents import NOT_RECOGNIZED, parse_intent
+from wyoming_tinyalign.intents import NOT_RECOGNIZED, SEP, parse_intent
 from wyoming_tinyalign.manifest import load_utterances
 from wyoming_tinyalign.model.bundle import (
     BundleError,
@@ -131,7 +131,7 @@ def test_answers_start_from_the_cached_prompt_prefix(model: SpeechLLM, audio: np
         do_sample=False,
         eos_token_id=eos,
         pad_token_id=model.tokenizer.pad_token_id,
-        logits_processor=LogitsProcessorList([IntentGrammar(model.token_texts, eos, context, None)]),
+        logits_processor=LogitsProcessorList([IntentGrammar(model.token_texts, context, None)]),
     )[0].tolist()
     assert whole[-1] == eos and loop_start(whole) is None  # an answer that ended, with no loop to cut
     assert answers == [model.tokenizer.decode(whole, skip_special_tokens=True)] * 3
@@ -172,22 +172,30 @@ def test_cascade_decoding_steps_one_token_at_a_time_and_gives_the_full_decoding(
 CONTEXT = "areas: sitting room, study; devices: aquarium pump, wall sconce"
 
 
-def _greedy_value(model: SpeechLLM, start: str, transcript: str, seed: int) -> str:
-    """The value a greedy decoder writes after `start` on random scores, through `IntentGrammar`."""
-    slots = IntentGrammar(model.token_texts, model.tokenizer.eos_token_id, CONTEXT, transcript)
+def _greedy_line(
+    model: SpeechLLM, start: str, transcript: str, seed: int, end_after: int | None = None
+) -> str:
+    """The intent line a greedy decoder writes after `start` on random scores (over a vocabulary padded
+    beyond the tokenizer's, as an LLM's often is) through `IntentGrammar`; from `end_after` tokens on,
+    ending the answer scores best (before, worst)."""
+    grammar = IntentGrammar(model.token_texts, CONTEXT, transcript)
+    texts, eos = model.token_texts.texts, model.token_texts.eos_id
     ids = model.tokenizer(start, add_special_tokens=False)["input_ids"]
-    generator = torch.Generator().manual_seed(seed)
-    width = len(model.token_texts) + 64  # an LLM's vocabulary padded beyond its tokenizer's
-    for _ in range(40):
-        scores = slots(torch.tensor([ids]), torch.randn(1, width, generator=generator))
-        token = int(scores.argmax())
-        if token == model.tokenizer.eos_token_id:
+    generator, written = torch.Generator().manual_seed(seed), []
+    while len(written) < 60 and not any("\n" in texts[i] for i in written):
+        scores = torch.randn(1, len(texts) + 64, generator=generator)
+        if end_after is not None:
+            scores[0, eos] = 100.0 if len(written) >= end_after else -100.0
+        token = int(grammar(torch.tensor([ids + written]), scores).argmax())
+        if token == eos:
             break
-        ids.append(token)
-        if any(c in model.token_texts[token] for c in "|\n"):
-            break
-    answer = "".join(model.token_texts[i] for i in ids)
-    return answer[len(start) :].replace("\n", "|").partition("|")[0].strip()
+        written.append(token)
+    return (start + "".join(texts[i] for i in written)).partition("\n")[0]
+
+
+def _greedy_value(model: SpeechLLM, start: str, transcript: str, seed: int) -> str:
+    """The value `_greedy_line` writes after `start` (which opens a slot)."""
+    return _greedy_line(model, start, transcript, seed)[len(start) :].partition(SEP)[0]
 
 
 def test_slot_values_name_the_households_things_or_words_that_were_said(model: SpeechLLM) -> None:
@@ -215,8 +223,8 @@ def test_slot_values_name_the_households_things_or_words_that_were_said(model: S
         areas = [_greedy_value(model, "HassTurnOn | area=", said, seed) for seed in range(12)]
         assert set(areas) <= values, areas
     # Answers before their intent line are left as the LLM writes them.
-    slots = IntentGrammar(model.token_texts, model.tokenizer.eos_token_id, CONTEXT, None)
-    scores = torch.randn(1, len(model.token_texts))
+    slots = IntentGrammar(model.token_texts, CONTEXT, None)
+    scores = torch.randn(1, len(model.token_texts.texts))
     ids = torch.tensor([model.tokenizer("turn on the aqu", add_special_tokens=False)["input_ids"]])
     assert torch.equal(slots(ids, scores.clone()), scores)
     # The answer may not end half-way through a name, nor on words that begin one ("aquarium" for the
@@ -276,22 +284,16 @@ def test_the_intent_line_is_one_parse_intent_reads(model: SpeechLLM) -> None:
     # Numbers are those said, in digits or English words; when none is, 0 to 100.
     assert numbers("set a timer for 1 hour and 30 minutes, 21.5 degrees") == ["1", "30", "21.5"]
     assert numbers("a timer for five minutes and twenty-one seconds, a hundred") == ["5", "21", "100"]
-    grammar = IntentGrammar(model.token_texts, model.tokenizer.eos_token_id, CONTEXT, None)
+    grammar = IntentGrammar(model.token_texts, CONTEXT, None)
     assert grammar.values("brightness", "dim the lamp to forty percent") == ["40"]
     assert grammar.values("brightness", "dim the lamp") == [str(n) for n in range(101)]
     # Greedy decoding on random scores writes lines that parse, with the names allowed, whatever the
     # scores; after 12 steps the end of the answer scores best.
     transcript = "turn on the aquarium pump in the study for 20 minutes and 30 seconds"
     allowed = {"name": {"aquarium pump"}, "area": {"study"}} | {n: {"20", "30"} for n in NUMBER_SLOTS}
-    eos, lines = model.tokenizer.eos_token_id, set()
+    lines = set()
     for seed in range(24):
-        grammar = IntentGrammar(model.token_texts, eos, CONTEXT, transcript)
-        generator, ids = torch.Generator().manual_seed(seed), []
-        while len(ids) < 60 and eos not in ids and not any("\n" in model.token_texts[i] for i in ids):
-            scores = torch.randn(1, len(model.token_texts), generator=generator)
-            scores[0, eos] = 100.0 if len(ids) >= 12 else -100.0
-            ids.append(int(grammar(torch.tensor([ids]), scores).argmax()))
-        line = "".join(model.token_texts[i] for i in ids if i != eos).partition("\n")[0]
+        line = _greedy_line(model, "", transcript, seed, end_after=12)
         intent = parse_intent(line)
         assert line == NOT_RECOGNIZED or (intent is not None and line == intent.to_text()), line
         for slot, value in intent.slots.items() if intent else ():
@@ -301,10 +303,11 @@ def test_the_intent_line_is_one_parse_intent_reads(model: SpeechLLM) -> None:
     # Even when every token that fits scores below all others, one of them is chosen.
     for start in ("", "HassTurnOn | name=aqu", "HassStartTimer | minutes=20 | "):
         ids = model.tokenizer(start, add_special_tokens=False)["input_ids"]
-        grammar = IntentGrammar(model.token_texts, eos, CONTEXT, transcript)
+        grammar = IntentGrammar(model.token_texts, CONTEXT, transcript)
         values = functools.partial(grammar.values, transcript=transcript)
-        fit = torch.tensor([grammar._fits_after(start, t, values) for t in range(len(model.token_texts))])
-        scores = torch.rand(1, len(model.token_texts)) - 2.0 * fit
+        n = len(model.token_texts.texts)
+        fit = torch.tensor([grammar._fits_after(start, t, values) for t in range(n)])
+        scores = torch.rand(1, n) - 2.0 * fit
         assert fit[int(grammar(torch.tensor([ids]), scores).argmax())], start
 
 

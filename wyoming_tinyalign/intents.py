@@ -24,7 +24,7 @@ INTENT_SLOTS: dict[str, tuple[str, ...]] = {
     "HassCancelAllTimers": (),
 }
 NOT_RECOGNIZED = "none"
-_SEP = " | "
+SEP = " | "  # between the intent and each slot
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class Intent:
         """The canonical one-line form, e.g. ``HassTurnOn | name=porch light``."""
         order = INTENT_SLOTS.get(self.name, tuple(sorted(self.slots)))
         parts = [self.name] + [f"{k}={self.slots[k]}" for k in order if k in self.slots]
-        return _SEP.join(parts)
+        return SEP.join(parts)
 
     def to_json(self) -> dict:
         return {"name": self.name, "slots": dict(self.slots)}

@@ -17,17 +17,18 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor
+from transformers import LogitsProcessor, PreTrainedTokenizerBase
 
-from ..intents import INTENT_SLOTS, NOT_RECOGNIZED
+from ..intents import INTENT_SLOTS, NOT_RECOGNIZED, SEP
 from .prompt import context_names
 
 WALK = 256  # how far down the LLM's ranking a token that fits is looked for, before one character
 SLOT_NAMES = {"name": "devices", "area": "areas"}  # slot -> the context's list of names for it
 NUMBER_SLOTS = frozenset({"brightness", "temperature", "hours", "minutes", "seconds"})
-# English number words, as Whisper writes the small ones ("set a timer for five minutes").
+# English number words, for transcripts that spell numbers out ("set a timer for five minutes").
 _UNITS = {w: i for i, w in enumerate((
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
     "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen",
@@ -80,6 +81,23 @@ def slot_values(names: list[str], transcript: str) -> list[str]:
     return (near if len(near) == 1 else []) + heard(transcript, names)
 
 
+@dataclass(frozen=True)
+class TokenTexts:
+    """What `IntentGrammar` reads an LLM's answers with, made once when the model loads: the text of each
+    of the tokenizer's tokens, its EOS id, and the ids of its one-character tokens and EOS (what any line
+    that fits can go on with)."""
+
+    texts: list[str]
+    eos_id: int
+    chars: torch.Tensor
+
+    @classmethod
+    def of(cls, tokenizer: PreTrainedTokenizerBase) -> TokenTexts:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        eos = tokenizer.eos_token_id
+        return cls(texts, eos, torch.tensor([i for i, t in enumerate(texts) if len(t) == 1] + [eos]))
+
+
 class IntentGrammar(LogitsProcessor):
     """For greedy decoding of one answer: the best-scored token that keeps the intent line one that
     `line_fits` allows wins (of the `WALK` best, else of the one-character tokens). `transcript` is
@@ -87,16 +105,16 @@ class IntentGrammar(LogitsProcessor):
     one (the answer is the intent line). Scores may be wider than the tokenizer (an LLM's vocabulary is
     often padded): those ids lose."""
 
-    def __init__(self, token_texts: list[str], eos_id: int, context: str, transcript: str | None) -> None:
-        self.token_texts, self.eos_id, self.transcript = token_texts, eos_id, transcript
+    def __init__(self, tokens: TokenTexts, context: str, transcript: str | None) -> None:
+        self.tokens, self.transcript = tokens, transcript
         names = context_names(context)
         self.names = {slot: names.get(label, []) for slot, label in SLOT_NAMES.items()}
         self._values: dict[tuple[str, str], list[str] | None] = {}  # (slot, transcript) -> its values
-        self._char_ids: torch.Tensor | None = None  # found when first needed
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        n = len(self.token_texts)
-        line = "".join(self.token_texts[i] for i in input_ids[0].tolist() if i < n)
+        texts = self.tokens.texts
+        n = len(texts)
+        line = "".join(texts[i] for i in input_ids[0].tolist() if i < n)
         transcript = self.transcript
         if transcript is None:
             transcript, newline, line = line.partition("\n")
@@ -111,7 +129,7 @@ class IntentGrammar(LogitsProcessor):
         ranked = scores[0, :n].topk(min(WALK, n)).indices.tolist()
         token = next((t for t in ranked if self._fits_after(line, t, values)), None)
         if token is None:  # far off the LLM's liking: on one character at a time
-            chars = self._chars()
+            chars = self.tokens.chars
             ranked = chars[scores[0, chars].argsort(descending=True)].tolist()
             token = next((t for t in ranked if self._fits_after(line, t, values)), None)
             if token is None:
@@ -127,25 +145,18 @@ class IntentGrammar(LogitsProcessor):
         slot of another kind, or one the context names nothing for)."""
         key = (slot, transcript)
         if key not in self._values:
-            names = self.names.get(slot)
             if slot in NUMBER_SLOTS:
                 self._values[key] = numbers(transcript) or ANY_NUMBER
             else:
+                names = self.names.get(slot)
                 self._values[key] = slot_values(names, transcript) if names else None
         return self._values[key]
 
-    def _chars(self) -> torch.Tensor:
-        """The ids of the one-character tokens and EOS: what can go on with any line that fits."""
-        if self._char_ids is None:
-            ids = [i for i, t in enumerate(self.token_texts) if len(t) == 1] + [self.eos_id]
-            self._char_ids = torch.tensor(ids)
-        return self._char_ids
-
     def _fits_after(self, line: str, token: int, values: Callable[[str], list[str] | None]) -> bool:
         """Whether `line` followed by `token` still fits (a newline or EOS ends it)."""
-        if token == self.eos_id:
+        if token == self.tokens.eos_id:
             return line_fits(line, values, ended=True)
-        head, newline, _ = (line + self.token_texts[token]).partition("\n")
+        head, newline, _ = (line + self.tokens.texts[token]).partition("\n")
         return line_fits(head, values, ended=bool(newline))
 
 
@@ -158,11 +169,12 @@ def line_fits(line: str, values: Callable[[str], list[str] | None], ended: bool 
         known = (*INTENT_SLOTS, NOT_RECOGNIZED)
         return intent in known if ended else any(k.startswith(intent) for k in known)
     keys = [k for k in INTENT_SLOTS.get(intent, ()) if values(k) != []]  # the slots it may still have
-    if not "| ".startswith(rest[:2]):
+    opening = SEP.lstrip()  # what follows the intent's first space: "| "
+    if not opening.startswith(rest[: len(opening)]):
         return False
-    if len(rest) < 2:
+    if len(rest) < len(opening):
         return bool(keys) and not ended
-    slots = rest[2:].split(" | ")
+    slots = rest[len(opening) :].split(SEP)
     for slot in slots[:-1]:
         key, equals, value = slot.partition("=")
         if not equals or key not in keys or not _value_fits(value, values(key), whole=True):
@@ -178,14 +190,15 @@ def line_fits(line: str, values: Callable[[str], list[str] | None], ended: bool 
         return _value_fits(value, allowed, whole=True)
     if _value_fits(value, allowed, whole=False):
         return True
-    # the whole value, then the start of the next slot
-    head = value.removesuffix(" |") if value.endswith("|") else value.removesuffix(" ")
+    # the whole value, then the start of the next slot's separator (" " or " |")
+    head = value.removesuffix(SEP.rstrip()) if value.endswith("|") else value.removesuffix(" ")
     return value != head and bool(keys) and _value_fits(head, allowed, whole=True)
 
 
 def numbers(transcript: str) -> list[str]:
-    """The numbers said in `transcript`, in digits: those written in digits (as Whisper writes most) and
-    English number words up to a hundred ("five" -> "5", "twenty one" -> "21", "a hundred" -> "100")."""
+    """The numbers said in `transcript`, in digits: those written in digits (as the dev model's Whisper
+    writes them) and English number words up to a hundred ("five" -> "5", "twenty one" -> "21", "a
+    hundred" -> "100")."""
     found: list[str] = []
     previous = ""
     for word in re.findall(r"\d+(?:\.\d+)?|[a-z]+", transcript.lower()):

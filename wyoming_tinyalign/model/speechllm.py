@@ -45,7 +45,7 @@ from .bundle import BundleConfig, BundleError, ProjectorInfo, load_bundle_config
 from .encoder import AudioEncoder
 from .projector import Projector
 from .prompt import PromptTemplate
-from .slots import IntentGrammar
+from .slots import IntentGrammar, TokenTexts
 
 PATHS = ("aligned", "readout", "cascade")
 
@@ -202,8 +202,8 @@ class SpeechLLM:
         # LLM's KV cache of the prompt before the slot (computed once; each answer starts from a copy).
         self.prompt_ids = functools.lru_cache(maxsize=16)(self._prompt_ids)
         self.prefix_cache = functools.lru_cache(maxsize=4)(self._prefix_cache)
-        # The text of each LLM token, which `IntentGrammar` reads answers with (at load, not on a request).
-        self.token_texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        # What `IntentGrammar` reads answers with (at load, not on a request).
+        self.token_texts = TokenTexts.of(tokenizer)
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -345,7 +345,7 @@ class SpeechLLM:
         prefix = grammar = None
         if context is not None:
             prefix = self.prefix_cache(context)
-            grammar = IntentGrammar(self.token_texts, self.tokenizer.eos_token_id, context, transcript)
+            grammar = IntentGrammar(self.token_texts, context, transcript)
         out = self.llm.generate(
             inputs_embeds=embeds,
             attention_mask=mask,
