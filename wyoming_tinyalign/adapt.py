@@ -64,6 +64,7 @@ from .labels import (
     set_teacher,
 )
 from .manifest import Utterance, read_manifest, write_manifest
+from .memory import return_freed_memory
 from .model.bundle import BundleConfig, ProjectorInfo, load_bundle_config, load_projector
 from .model.projector import Projector, weights_key
 from .model.prompt import answer_ids
@@ -122,7 +123,9 @@ class AdaptOptions:
     general_n: int = 60
     lr: float = 3e-4
     batch: int = 16
-    micro_batch: int = 2  # utterances per forward/backward pass (Qwen2.5-0.5B keeps ~0.2 GB for each)
+    # Utterances per forward/backward pass: at Qwen2.5-0.5B's size a step peaks ~0.36 GB over the model one
+    # at a time, ~0.63 GB two at a time (benchmarks/RESULTS.md); the 3 GB budget takes one.
+    micro_batch: int = 1
     seed: int = 0
     device: str = "cpu"
     dtype: str = "auto"  # the backbones' precision, as the server runs them (models.inference_dtype)
@@ -952,6 +955,7 @@ def add_adapt_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_adapt(args: argparse.Namespace) -> int:
+    return_freed_memory()  # before the model is loaded: the budget is the process's peak
     if args.nice > 0:
         with suppress(OSError):
             os.nice(args.nice)
