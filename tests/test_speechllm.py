@@ -281,16 +281,32 @@ def test_the_intent_line_is_one_parse_intent_reads(model: SpeechLLM) -> None:
         ("HassTurn", False),
     ):
         assert line_fits(line, values, ended=True) == fits, line
+    # A number said goes to one slot; one said twice, to two.
+    for said_numbers, line, ended, fits in (
+        (["2", "4"], "HassStartTimer | hours=2 | minutes=", False, True),
+        (["2", "4"], "HassStartTimer | hours=2 | minutes=2", False, False),
+        (["2", "4"], "HassStartTimer | hours=2 | minutes=2", True, False),
+        (["2", "4"], "HassStartTimer | hours=2 | minutes=4", True, True),
+        (["2", "4"], "HassStartTimer | hours=2 | minutes=4 ", False, False),  # no number left for seconds
+        (["2", "2"], "HassStartTimer | hours=2 | minutes=2", True, True),
+    ):
+        assert (
+            line_fits(line, lambda slot, n=said_numbers: n if slot in NUMBER_SLOTS else None, ended) == fits
+        ), line
     # Numbers are those said, in digits or English words; when none is, 0 to 100.
     assert numbers("set a timer for 1 hour and 30 minutes, 21.5 degrees") == ["1", "30", "21.5"]
     assert numbers("a timer for five minutes and twenty-one seconds, a hundred") == ["5", "21", "100"]
     grammar = IntentGrammar(model.token_texts, CONTEXT, None)
     assert grammar.values("brightness", "dim the lamp to forty percent") == ["40"]
     assert grammar.values("brightness", "dim the lamp") == [str(n) for n in range(101)]
+    # A domain is one the transcript says: the pump is no light.
+    assert grammar.values("domain", "turn off the kitchen lights") == ["light"]
+    assert grammar.values("domain", "switch on the pump") == []
     # Greedy decoding on random scores writes lines that parse, with the names allowed, whatever the
     # scores; after 12 steps the end of the answer scores best.
     transcript = "turn on the aquarium pump in the study for 20 minutes and 30 seconds"
-    allowed = {"name": {"aquarium pump"}, "area": {"study"}} | {n: {"20", "30"} for n in NUMBER_SLOTS}
+    allowed = {"name": {"aquarium pump"}, "area": {"study"}, "domain": set()}
+    allowed |= {n: {"20", "30"} for n in NUMBER_SLOTS}
     lines = set()
     for seed in range(24):
         line = _greedy_line(model, "", transcript, seed, end_after=12)
@@ -298,6 +314,8 @@ def test_the_intent_line_is_one_parse_intent_reads(model: SpeechLLM) -> None:
         assert line == NOT_RECOGNIZED or (intent is not None and line == intent.to_text()), line
         for slot, value in intent.slots.items() if intent else ():
             assert value in allowed.get(slot, {value}), line
+        said_numbers = [v for slot, v in intent.slots.items() if slot in NUMBER_SLOTS] if intent else []
+        assert len(said_numbers) == len(set(said_numbers)), line
         lines.add(line)
     assert len(lines) >= 8 and sum("=" in line for line in lines) >= 4, lines
     # Even when every token that fits scores below all others, one of them is chosen.

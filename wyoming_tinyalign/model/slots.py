@@ -5,17 +5,19 @@ nothing with a name it does not know; worse, it may name another of the househol
 line no parser reads (a slot twice, or one its intent does not take). While the LLM writes the intent
 line, `IntentGrammar` keeps it to the form `Intent.to_text` writes: a known intent (or "none"), then that
 intent's slots, each at most once and in their fixed order. A number is one the transcript says (in
-digits or English words; 0 to 100 when it says none); the value of a `name=` slot is one of the
-household's device names and of an `area=` slot one of its area names (both from the prompt's context),
-as `slot_values` allows them: a name said in the transcript, when one is; else the one name that shares
-a word with it, and runs of words of the transcript (a device the capped context leaves out can still be
-named as it was heard, and a thing the household does not have is not swapped for one it has).
+digits or English words; 0 to 100 when it says none), each said number to one slot; a domain is one
+whose word the transcript says ("lights"); the value of a `name=` slot is one of the household's device
+names and of an `area=` slot one of its area names (both from the prompt's context), as `slot_values`
+allows them: a name said in the transcript, when one is; else the one name that shares a word with it,
+and runs of words of the transcript (a device the capped context leaves out can still be named as it was
+heard, and a thing the household does not have is not swapped for one it has).
 """
 
 from __future__ import annotations
 
 import functools
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +39,14 @@ _TENS = {w: 10 * i for i, w in enumerate((
     "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety",
 ), 2)}  # fmt: skip
 ANY_NUMBER = [str(i) for i in range(101)]  # what a number slot may be when the transcript says none
+# The words that say a domain: `domain=light` for "the kitchen lights", none for "switch on the pump"
+# (Home Assistant would look for a light named pump).
+DOMAIN_WORDS = {
+    "light": {"light", "lights", "lamp", "lamps"},
+    "fan": {"fan", "fans"},
+    "cover": {"blind", "blinds", "curtain", "curtains", "shade", "shades", "shutter", "shutters"},
+    "switch": {"switches"},
+}
 # Words that do not begin or end a name of a thing (English, as the dev model's commands are).
 FUNCTION_WORDS = frozenset({
     "a", "an", "the", "this", "that", "these", "those", "my", "our", "your", "his", "her", "their", "its",
@@ -141,12 +151,16 @@ class IntentGrammar(LogitsProcessor):
 
     def values(self, slot: str, transcript: str) -> list[str] | None:
         """The values `slot` may take after `transcript` (worked out once per answer): a number slot the
-        `numbers` said in it (when it says none, 0 to 100), a naming slot its `slot_values`; None: any (a
-        slot of another kind, or one the context names nothing for)."""
+        `numbers` said in it (when it says none, 0 to 100), `domain` the domains whose `DOMAIN_WORDS` it
+        says, a naming slot its `slot_values`; None: any (a slot of another kind, or one the context
+        names nothing for)."""
         key = (slot, transcript)
         if key not in self._values:
             if slot in NUMBER_SLOTS:
                 self._values[key] = numbers(transcript) or ANY_NUMBER
+            elif slot == "domain":
+                words = set(re.findall(r"[a-z]+", transcript.lower()))
+                self._values[key] = [domain for domain, said in DOMAIN_WORDS.items() if said & words]
             else:
                 names = self.names.get(slot)
                 self._values[key] = slot_values(names, transcript) if names else None
@@ -163,12 +177,21 @@ class IntentGrammar(LogitsProcessor):
 def line_fits(line: str, values: Callable[[str], list[str] | None], ended: bool = False) -> bool:
     """Whether an intent line written so far can still become (or, once it has `ended`, is) one in the
     form `Intent.to_text` writes: a known intent or "none", then ` | key=value` for the intent's slots
-    in their fixed order, each at most once, with a value among `values(key)` (None: any)."""
+    in their fixed order, each at most once, with a value among `values(key)` (None: any). A number
+    goes to one slot: "2 hours and 4 minutes" is `hours=2 | minutes=4`, never `minutes=2` as well."""
     intent, space, rest = line.partition(" ")
     if not space:
         known = (*INTENT_SLOTS, NOT_RECOGNIZED)
         return intent in known if ended else any(k.startswith(intent) for k in known)
-    keys = [k for k in INTENT_SLOTS.get(intent, ()) if values(k) != []]  # the slots it may still have
+    taken: Counter[str] = Counter()  # the numbers earlier slots took
+
+    def left(key: str) -> list[str] | None:
+        allowed = values(key)
+        if allowed is None or key not in NUMBER_SLOTS or not taken:
+            return allowed
+        return list((Counter(allowed) - taken).elements())
+
+    keys = [k for k in INTENT_SLOTS.get(intent, ()) if left(k) != []]  # the slots it may still have
     opening = SEP.lstrip()  # what follows the intent's first space: "| "
     if not opening.startswith(rest[: len(opening)]):
         return False
@@ -177,22 +200,28 @@ def line_fits(line: str, values: Callable[[str], list[str] | None], ended: bool 
     slots = rest[len(opening) :].split(SEP)
     for slot in slots[:-1]:
         key, equals, value = slot.partition("=")
-        if not equals or key not in keys or not _value_fits(value, values(key), whole=True):
+        if not equals or key not in keys or not _value_fits(value, left(key), whole=True):
             return False
-        keys = keys[keys.index(key) + 1 :]
+        if key in NUMBER_SLOTS:
+            taken[value] += 1
+        keys = [k for k in keys[keys.index(key) + 1 :] if left(k) != []]
     key, equals, value = slots[-1].partition("=")
     if not equals:  # the key is being written
         return not ended and any(k.startswith(key) for k in keys)
     if key not in keys:
         return False
-    allowed, keys = values(key), keys[keys.index(key) + 1 :]
+    allowed, keys = left(key), keys[keys.index(key) + 1 :]
     if ended:
         return _value_fits(value, allowed, whole=True)
     if _value_fits(value, allowed, whole=False):
         return True
     # the whole value, then the start of the next slot's separator (" " or " |")
     head = value.removesuffix(SEP.rstrip()) if value.endswith("|") else value.removesuffix(" ")
-    return value != head and bool(keys) and _value_fits(head, allowed, whole=True)
+    if value == head or not _value_fits(head, allowed, whole=True):
+        return False
+    if key in NUMBER_SLOTS:
+        taken[head] += 1
+    return any(left(k) != [] for k in keys)
 
 
 def numbers(transcript: str) -> list[str]:
