@@ -9,8 +9,9 @@ digits or English words; 0 to 100 when it says none), each said number to one sl
 whose word the transcript says ("lights"); the value of a `name=` slot is one of the household's device
 names and of an `area=` slot one of its area names (both from the prompt's context), as `slot_values`
 allows them: a name said in the transcript, when one is; else the one name that shares a word with it,
-and runs of words of the transcript (a device the capped context leaves out can still be named as it was
-heard, and a thing the household does not have is not swapped for one it has).
+and runs of words of the transcript after its verb (a device the capped context leaves out can still be
+named as it was heard, and a thing the household does not have is not swapped for one it has). A word
+goes to one name: no `area=band` after `name=band saw`.
 """
 
 from __future__ import annotations
@@ -64,13 +65,13 @@ def said(transcript: str, names: list[str]) -> list[str]:
 
 
 def heard(transcript: str, names: list[str]) -> list[str]:
-    """The runs of consecutive words of `transcript` that may name a thing none of `names` is: all but
-    those that begin or end with a function word ("on", "the garden hose") and those that begin one of
-    `names` ("aquarium" for the aquarium pump)."""
+    """The runs of consecutive words of `transcript` that may name a thing none of `names` is: all after
+    its first word (a command's verb: "turn", "switch") but those that begin or end with a function word
+    ("on", "the garden hose") and those that begin one of `names` ("aquarium" for the aquarium pump)."""
     words = transcript.split()
     runs = [
         " ".join(words[i:j])
-        for i in range(len(words))
+        for i in range(1, len(words))
         if words[i] not in FUNCTION_WORDS
         for j in range(i + 1, len(words) + 1)
         if words[j - 1] not in FUNCTION_WORDS
@@ -178,18 +179,28 @@ def line_fits(line: str, values: Callable[[str], list[str] | None], ended: bool 
     """Whether an intent line written so far can still become (or, once it has `ended`, is) one in the
     form `Intent.to_text` writes: a known intent or "none", then ` | key=value` for the intent's slots
     in their fixed order, each at most once, with a value among `values(key)` (None: any). A number
-    goes to one slot: "2 hours and 4 minutes" is `hours=2 | minutes=4`, never `minutes=2` as well."""
+    goes to one slot ("2 hours and 4 minutes" is `hours=2 | minutes=4`, never `minutes=2` as well), and a
+    word to one name (after `name=band saw`, no `area=band`)."""
     intent, space, rest = line.partition(" ")
     if not space:
         known = (*INTENT_SLOTS, NOT_RECOGNIZED)
         return intent in known if ended else any(k.startswith(intent) for k in known)
     taken: Counter[str] = Counter()  # the numbers earlier slots took
+    named: set[str] = set()  # the words of the names earlier slots took
 
     def left(key: str) -> list[str] | None:
         allowed = values(key)
-        if allowed is None or key not in NUMBER_SLOTS or not taken:
-            return allowed
-        return list((Counter(allowed) - taken).elements())
+        if allowed is not None and key in NUMBER_SLOTS and taken:
+            return list((Counter(allowed) - taken).elements())
+        if allowed is not None and key in SLOT_NAMES and named:
+            return [value for value in allowed if not named.intersection(value.split())]
+        return allowed
+
+    def take(key: str, value: str) -> None:
+        if key in NUMBER_SLOTS:
+            taken[value] += 1
+        elif key in SLOT_NAMES:
+            named.update(value.split())
 
     keys = [k for k in INTENT_SLOTS.get(intent, ()) if left(k) != []]  # the slots it may still have
     opening = SEP.lstrip()  # what follows the intent's first space: "| "
@@ -202,8 +213,7 @@ def line_fits(line: str, values: Callable[[str], list[str] | None], ended: bool 
         key, equals, value = slot.partition("=")
         if not equals or key not in keys or not _value_fits(value, left(key), whole=True):
             return False
-        if key in NUMBER_SLOTS:
-            taken[value] += 1
+        take(key, value)
         keys = [k for k in keys[keys.index(key) + 1 :] if left(k) != []]
     key, equals, value = slots[-1].partition("=")
     if not equals:  # the key is being written
@@ -219,8 +229,7 @@ def line_fits(line: str, values: Callable[[str], list[str] | None], ended: bool 
     head = value.removesuffix(SEP.rstrip()) if value.endswith("|") else value.removesuffix(" ")
     if value == head or not _value_fits(head, allowed, whole=True):
         return False
-    if key in NUMBER_SLOTS:
-        taken[head] += 1
+    take(key, head)
     return any(left(k) != [] for k in keys)
 
 
