@@ -5,13 +5,13 @@ nothing with a name it does not know; worse, it may name another of the househol
 line no parser reads (a slot twice, or one its intent does not take). While the LLM writes the intent
 line, `IntentGrammar` keeps it to the form `Intent.to_text` writes: a known intent (or "none"), then that
 intent's slots, each at most once and in their fixed order. A number is one the transcript says (in
-digits or English words; 0 to 100 when it says none), each said number to one slot; a domain is one
-whose word the transcript says ("lights"); the value of a `name=` slot is one of the household's device
-names and of an `area=` slot one of its area names (both from the prompt's context), as `slot_values`
-allows them: a name said in the transcript, when one is; else the one name that shares a word with it,
-and runs of words of the transcript after its verb (a device the capped context leaves out can still be
-named as it was heard, and a thing the household does not have is not swapped for one it has). A word
-goes to one name: no `area=band` after `name=band saw`.
+digits or English words; 0 to 100 when it says none), each said number to one slot; the value of a
+`name=` slot is one of the household's device names and of an `area=` slot one of its area names (both
+from the prompt's context), as `slot_values` allows them: a name said in the transcript, when one is;
+else the one name that shares a word with it, and runs of words of the transcript after its verb (a
+device the capped context leaves out can still be named as it was heard, and a thing the household does
+not have is not swapped for one it has). A word goes to one name (no `area=band` after `name=band saw`),
+and a device named takes no `domain=` ("the attic fan" is no light).
 """
 
 from __future__ import annotations
@@ -40,14 +40,6 @@ _TENS = {w: 10 * i for i, w in enumerate((
     "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety",
 ), 2)}  # fmt: skip
 ANY_NUMBER = [str(i) for i in range(101)]  # what a number slot may be when the transcript says none
-# The words that say a domain: `domain=light` for "the kitchen lights", none for "switch on the pump"
-# (Home Assistant would look for a light named pump).
-DOMAIN_WORDS = {
-    "light": {"light", "lights", "lamp", "lamps"},
-    "fan": {"fan", "fans"},
-    "cover": {"blind", "blinds", "curtain", "curtains", "shade", "shades", "shutter", "shutters"},
-    "switch": {"switches"},
-}
 # Words that do not begin or end a name of a thing (English, as the dev model's commands are).
 FUNCTION_WORDS = frozenset({
     "a", "an", "the", "this", "that", "these", "those", "my", "our", "your", "his", "her", "their", "its",
@@ -66,12 +58,14 @@ def said(transcript: str, names: list[str]) -> list[str]:
 
 def heard(transcript: str, names: list[str]) -> list[str]:
     """The runs of consecutive words of `transcript` that may name a thing none of `names` is: all after
-    its first word (a command's verb: "turn", "switch") but those that begin or end with a function word
-    ("on", "the garden hose") and those that begin one of `names` ("aquarium" for the aquarium pump)."""
+    its first word (a command's verb: "turn", "please switch"; "is" of a question) but those that begin
+    or end with a function word ("on", "the garden hose") and those that begin one of `names`
+    ("aquarium" for the aquarium pump)."""
     words = transcript.split()
+    first = 1 if words[:1] != ["please"] else 2
     runs = [
         " ".join(words[i:j])
-        for i in range(1, len(words))
+        for i in range(first, len(words))
         if words[i] not in FUNCTION_WORDS
         for j in range(i + 1, len(words) + 1)
         if words[j - 1] not in FUNCTION_WORDS
@@ -152,16 +146,12 @@ class IntentGrammar(LogitsProcessor):
 
     def values(self, slot: str, transcript: str) -> list[str] | None:
         """The values `slot` may take after `transcript` (worked out once per answer): a number slot the
-        `numbers` said in it (when it says none, 0 to 100), `domain` the domains whose `DOMAIN_WORDS` it
-        says, a naming slot its `slot_values`; None: any (a slot of another kind, or one the context
-        names nothing for)."""
+        `numbers` said in it (when it says none, 0 to 100), a naming slot its `slot_values`; None: any (a
+        slot of another kind, or one the context names nothing for)."""
         key = (slot, transcript)
         if key not in self._values:
             if slot in NUMBER_SLOTS:
                 self._values[key] = numbers(transcript) or ANY_NUMBER
-            elif slot == "domain":
-                words = set(re.findall(r"[a-z]+", transcript.lower()))
-                self._values[key] = [domain for domain, said in DOMAIN_WORDS.items() if said & words]
             else:
                 names = self.names.get(slot)
                 self._values[key] = slot_values(names, transcript) if names else None
@@ -179,16 +169,20 @@ def line_fits(line: str, values: Callable[[str], list[str] | None], ended: bool 
     """Whether an intent line written so far can still become (or, once it has `ended`, is) one in the
     form `Intent.to_text` writes: a known intent or "none", then ` | key=value` for the intent's slots
     in their fixed order, each at most once, with a value among `values(key)` (None: any). A number
-    goes to one slot ("2 hours and 4 minutes" is `hours=2 | minutes=4`, never `minutes=2` as well), and a
-    word to one name (after `name=band saw`, no `area=band`)."""
+    goes to one slot ("2 hours and 4 minutes" is `hours=2 | minutes=4`, never `minutes=2` as well), a
+    word to one name (after `name=band saw`, no `area=band`), and no `domain=` follows a `name=` (Home
+    Assistant finds a device by its name; `name=attic fan | domain=light` is a light it cannot find)."""
     intent, space, rest = line.partition(" ")
     if not space:
         known = (*INTENT_SLOTS, NOT_RECOGNIZED)
         return intent in known if ended else any(k.startswith(intent) for k in known)
     taken: Counter[str] = Counter()  # the numbers earlier slots took
     named: set[str] = set()  # the words of the names earlier slots took
+    filled: set[str] = set()  # the slots written
 
     def left(key: str) -> list[str] | None:
+        if key == "domain" and "name" in filled:
+            return []
         allowed = values(key)
         if allowed is not None and key in NUMBER_SLOTS and taken:
             return list((Counter(allowed) - taken).elements())
@@ -197,6 +191,7 @@ def line_fits(line: str, values: Callable[[str], list[str] | None], ended: bool 
         return allowed
 
     def take(key: str, value: str) -> None:
+        filled.add(key)
         if key in NUMBER_SLOTS:
             taken[value] += 1
         elif key in SLOT_NAMES:
