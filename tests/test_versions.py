@@ -192,6 +192,12 @@ def test_a_drop_on_other_voices_must_be_more_than_chance() -> None:
     changes = {"intent_accuracy": [6, 1], "wer": [0, 0]}
     promote, reason = decide(candidate, serving, 0.02, {"general": changes})
     assert not promote and "worse on other voices: intent accuracy 0.8 -> 0.6" in reason
+    # A lower held-out loss with the same answers is no gain to set a chance drop against.
+    candidate["household"] = HOUSE | {"loss": 0.9}
+    promote, reason = decide(
+        candidate, serving, 0.02, {"general": {"intent_accuracy": [2, 0], "wer": [0, 0]}}
+    )
+    assert not promote and "worse on other voices: intent accuracy 0.8 -> 0.6" in reason, reason
     assert sign_test(0, 0) == 1.0 and sign_test(4, 0) == 1 / 16
 
 

@@ -258,8 +258,9 @@ def decide(
     broken projector whose answers happened to suit a small held-out set.
 
     General: a drop of intent accuracy or a rise of WER beyond `tolerance` (absolute) rejects, unless
-    the sign test over `paired["general"]` finds it could be chance (p >= `SIGNIFICANCE`): one or two
-    utterances flipping must not block the household's progress either. Without `paired` (nothing was
+    the household's answers got better and the sign test over `paired["general"]` finds the drop could
+    be chance (p >= `SIGNIFICANCE`): one or two utterances flipping must not block the household's
+    progress, but a lower loss alone is no progress to set against them. Without `paired` (nothing was
     served before) the figures alone decide. Returns (promote, reason).
 
     `on="loss"` decides on the held-out loss alone (household: lower by 0.5 %; general: not higher by
@@ -288,6 +289,7 @@ def decide(
             gains.append(change)
     if chance and not gains:
         return False, f"no better for the household: {'; '.join(chance)}"
+    answers_better = bool(gains)
     if not gains:
         c, s = mine.get("loss"), theirs.get("loss")
         if c is None or s is None or not c < s * (1 - 0.005):
@@ -303,7 +305,7 @@ def decide(
                 continue
             change = f"{label} {s} -> {c}"
             counts = (paired or {}).get("general", {}).get(key)
-            if counts is not None and (p := sign_test(*counts)) >= SIGNIFICANCE:
+            if answers_better and counts is not None and (p := sign_test(*counts)) >= SIGNIFICANCE:
                 notes.append(f"{change} on {general['n']} utterances could be chance (p={p:.2f})")
                 continue
             why = f"worse on other voices: {change} (tolerance {tolerance})"
