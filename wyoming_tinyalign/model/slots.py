@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import re
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -169,33 +168,29 @@ def line_fits(line: str, values: Callable[[str], list[str] | None], ended: bool 
     """Whether an intent line written so far can still become (or, once it has `ended`, is) one in the
     form `Intent.to_text` writes: a known intent or "none", then ` | key=value` for the intent's slots
     in their fixed order, each at most once, with a value among `values(key)` (None: any). A number
-    goes to one slot ("2 hours and 4 minutes" is `hours=2 | minutes=4`, never `minutes=2` as well), a
-    word to one name (after `name=band saw`, no `area=band`), and no `domain=` follows a `name=` (Home
-    Assistant finds a device by its name; `name=attic fan | domain=light` is a light it cannot find)."""
+    said goes to one slot ("2 hours and 4 minutes" is `hours=2 | minutes=4`, never `minutes=2` as
+    well), a word to one name (after `name=band saw`, no `area=band`), and no `domain=` follows a
+    `name=` (Home Assistant finds a device by its name; `name=attic fan | domain=light` is a light it
+    cannot find)."""
     intent, space, rest = line.partition(" ")
     if not space:
         known = (*INTENT_SLOTS, NOT_RECOGNIZED)
         return intent in known if ended else any(k.startswith(intent) for k in known)
-    taken: Counter[str] = Counter()  # the numbers earlier slots took
-    named: set[str] = set()  # the words of the names earlier slots took
-    filled: set[str] = set()  # the slots written
+    written: dict[str, str] = {}  # the slots written so far, with their values
 
     def left(key: str) -> list[str] | None:
-        if key == "domain" and "name" in filled:
+        """The values `key` may still take after the slots `written`."""
+        if key == "domain" and "name" in written:
             return []
         allowed = values(key)
-        if allowed is not None and key in NUMBER_SLOTS and taken:
-            return list((Counter(allowed) - taken).elements())
-        if allowed is not None and key in SLOT_NAMES and named:
-            return [value for value in allowed if not named.intersection(value.split())]
-        return allowed
-
-    def take(key: str, value: str) -> None:
-        filled.add(key)
+        if allowed is None or allowed is ANY_NUMBER or not written:  # (ANY_NUMBER: none said, any repeats)
+            return allowed
         if key in NUMBER_SLOTS:
-            taken[value] += 1
-        elif key in SLOT_NAMES:
-            named.update(value.split())
+            return _without(allowed, [v for k, v in written.items() if k in NUMBER_SLOTS])
+        if key in SLOT_NAMES:
+            named = {word for k, v in written.items() if k in SLOT_NAMES for word in v.split()}
+            return [value for value in allowed if named.isdisjoint(value.split())]
+        return allowed
 
     keys = [k for k in INTENT_SLOTS.get(intent, ()) if left(k) != []]  # the slots it may still have
     opening = SEP.lstrip()  # what follows the intent's first space: "| "
@@ -208,7 +203,7 @@ def line_fits(line: str, values: Callable[[str], list[str] | None], ended: bool 
         key, equals, value = slot.partition("=")
         if not equals or key not in keys or not _value_fits(value, left(key), whole=True):
             return False
-        take(key, value)
+        written[key] = value
         keys = [k for k in keys[keys.index(key) + 1 :] if left(k) != []]
     key, equals, value = slots[-1].partition("=")
     if not equals:  # the key is being written
@@ -224,7 +219,7 @@ def line_fits(line: str, values: Callable[[str], list[str] | None], ended: bool 
     head = value.removesuffix(SEP.rstrip()) if value.endswith("|") else value.removesuffix(" ")
     if value == head or not _value_fits(head, allowed, whole=True):
         return False
-    take(key, head)
+    written[key] = head
     return any(left(k) != [] for k in keys)
 
 
@@ -247,6 +242,15 @@ def numbers(transcript: str) -> list[str]:
             found.append("100")
         previous = word
     return found
+
+
+def _without(values: list[str], used: list[str]) -> list[str]:
+    """`values` less one of each of `used` (a number said twice may go to two slots)."""
+    rest = list(values)
+    for value in used:
+        if value in rest:
+            rest.remove(value)
+    return rest
 
 
 def _value_fits(value: str, allowed: list[str] | None, whole: bool) -> bool:

@@ -50,7 +50,7 @@ from .slots import IntentGrammar, TokenTexts
 PATHS = ("aligned", "readout", "cascade")
 
 
-DECODING_VERSION = 8  # bump when a change to decoding changes what a model answers (stored answers expire)
+DECODING_VERSION = 9  # bump when a change to decoding changes what a model answers (stored answers expire)
 LOOP_REPEATS = {1: 4, 2: 3, 3: 3}  # a unit of this many tokens, repeated this often, is a loop
 
 
