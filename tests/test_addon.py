@@ -65,7 +65,12 @@ REQUIRED = ("name", "version", "slug", "description", "arch")
 PENDING = {"adaptation_time": "--adapt-at"}
 WEB_PORT = 8099  # the ingress port: `serve --web-port` (the web UI) must default to it
 # A valid value other than the default, for options whose type does not say one.
-SAMPLES = {"language": "de", "custom_model": "/config/models/mine", "adaptation_time": "off"}
+SAMPLES = {
+    "language": "de",
+    "custom_model": "/config/models/mine",
+    "adaptation_time": "off",
+    "min_confidence": "off",
+}
 
 
 def load(path: Path) -> Any:

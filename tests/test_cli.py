@@ -50,3 +50,15 @@ def test_flags_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     # The command line wins over the environment.
     args = build_parser().parse_args(["serve", "--data-dir", "/tmp/x"])
     assert str(args.data_dir) == "/tmp/x"
+
+
+def test_min_confidence_is_a_log_probability_or_off(capsys: pytest.CaptureFixture[str]) -> None:
+    def parsed(*flag: str) -> float | None:
+        return build_parser().parse_args(["serve", "--data-dir", "/tmp/x", *flag]).min_confidence
+
+    assert parsed() == -0.15 and parsed("--min-confidence", "-0.3") == -0.3
+    assert parsed("--min-confidence", "off") is None and parsed("--min-confidence", "OFF") is None
+    for bad in ("0.5", "nan", "sure"):
+        with pytest.raises(SystemExit):
+            parsed("--min-confidence", bad)
+        assert "--min-confidence" in capsys.readouterr().err

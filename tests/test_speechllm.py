@@ -111,7 +111,7 @@ def test_a_looping_answer_is_cut_where_the_loop_began(model: SpeechLLM) -> None:
         # where generation stops: the first point at which the answer so far ends in a loop
         stop = next((n for n in range(1, len(raw) + 1) if loop_start(raw[:n]) is not None), len(raw))
         start = loop_start(raw[:stop])
-        answer = model.generate(embeds)
+        answer, _ = model.generate(embeds)
         if start is None:
             assert answer == model.tokenizer.decode(raw, skip_special_tokens=True)
         else:
@@ -126,7 +126,7 @@ def test_answers_start_from_the_cached_prompt_prefix(model: SpeechLLM, audio: np
     context = "areas: kitchen, porch; devices: kitchen lamp, porch light"
     embeds, span = model.prompt_embeds(model.project([audio])[0], context)
     model.prefix_cache.cache_clear()
-    answers = [model.generate(embeds, context) for _ in range(3)]
+    answers = [model.generate(embeds, context)[0] for _ in range(3)]
     assert (model.prefix_cache.cache_info().misses, model.prefix_cache.cache_info().hits) == (1, 2)
     prefix = model.prefix_cache(context)
     assert prefix.get_seq_length() == span.start  # answering never grows the stored prefix
@@ -146,6 +146,37 @@ def test_answers_start_from_the_cached_prompt_prefix(model: SpeechLLM, audio: np
     full = model.llm(inputs_embeds=embeds).logits[0, span.start :]
     cached = model.llm(inputs_embeds=embeds[:, span.start :], cache=deepcopy(prefix)).logits[0]
     torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
+
+
+def test_the_aligned_confidence_is_the_llms_mean_logprob_of_the_transcript_line(
+    model: SpeechLLM, base_manifest: Path
+) -> None:
+    """An aligned answer's confidence is the mean log-probability the LLM gave the tokens of its
+    transcript line (the token that ends the line included), as a run over the whole answer scores them."""
+    context = "areas: kitchen, porch; devices: kitchen lamp, porch light"
+    lines = 0
+    for _, audio in load_utterances(base_manifest)[:4]:
+        embeds, _ = model.prompt_embeds(model.project([audio])[0], context)
+        whole = model.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+            max_new_tokens=model.max_new_tokens,
+            do_sample=False,
+            eos_token_id=model.tokenizer.eos_token_id,
+            pad_token_id=model.tokenizer.pad_token_id,
+            logits_processor=LogitsProcessorList([IntentGrammar(model.token_texts, context, None)]),
+        )[0].tolist()
+        whole = whole[: loop_start(whole)]
+        ends = [i for i, t in enumerate(whole) if "\n" in model.token_texts.texts[t]]
+        line = whole[: ends[0] + 1] if ends else whole
+        lines += bool(ends)
+        answer = torch.cat([embeds, model.embed_tokens(line).unsqueeze(0)], dim=1)
+        logits = model.llm(inputs_embeds=answer).logits[0, embeds.shape[1] - 1 : -1]
+        expected = torch.log_softmax(logits.float(), -1)[torch.arange(len(line)), line].mean().item()
+        result = model.run_features(model.encode(audio), "aligned", context)
+        assert result.confidence == pytest.approx(expected, abs=1e-4)
+        assert result.confidence < 0
+    assert lines, "no answer had a transcript line that ended: the test proves less than it says"
 
 
 def test_cascade_decoding_steps_one_token_at_a_time_and_gives_the_full_decoding(

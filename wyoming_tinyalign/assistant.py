@@ -7,6 +7,8 @@
   conversation that used it.
 - Household context for instruction injection comes from a `ContextProvider` (a callable), so a later
   Home Assistant websocket client can feed exposed area and device names without touching this code.
+- An intent heard with too little confidence is withheld (`unsure`): the answer is "not understood"
+  rather than an action on the wrong device. The transcript is still given and logged.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,9 @@ from .worker import InferenceWorker, PcmSegment
 _LOGGER = logging.getLogger(__name__)
 
 ContextProvider = Callable[[], str]
+# Mean log-probability of the transcript's tokens under which an audio answer's intent is withheld.
+# Chosen on the demo model (benchmarks/confidence.py); another model may want another value.
+DEFAULT_MIN_CONFIDENCE = -0.15
 RECENT_TTL_S = 120.0
 RECENT_MAX = 32
 
@@ -102,6 +107,18 @@ def response_text(intent: Intent) -> str:
     return "Done."
 
 
+def unsure(result: Result, min_confidence: float | None) -> bool:
+    """Whether the intent of an audio answer is to be withheld: the model heard the words with a mean
+    token log-probability under `min_confidence` (None: never withheld). Answers without a confidence
+    (the readout path, silence) are kept."""
+    return (
+        min_confidence is not None
+        and result.intent is not None
+        and result.confidence is not None
+        and result.confidence < min_confidence
+    )
+
+
 def _target(slots: dict[str, str]) -> str:
     if "name" in slots:
         return f"the {slots['name']}"
@@ -122,11 +139,13 @@ class Assistant:
         store: InteractionStore | None,
         household: ContextProvider,
         projector_version: str | None,
+        min_confidence: float | None = None,
     ) -> None:
         self.worker = worker
         self.store = store
         self.household = household
         self.projector_version = projector_version
+        self.min_confidence = min_confidence
         self._recent: OrderedDict[str, _Recent] = OrderedDict()
         self._logging: set[asyncio.Task[int | None]] = set()
         self.observers: list[Callable[[str, str, float], None]] = []  # (kind, path, ms), e.g. metrics
@@ -136,6 +155,14 @@ class Assistant:
         created, t0 = time.time(), time.perf_counter()
         audio, result = await self.worker.transcribe(segments, self.household(), request.language)
         latency_ms = (time.perf_counter() - t0) * 1000
+        if unsure(result, self.min_confidence):
+            assert result.intent is not None and result.confidence is not None
+            _LOGGER.info(
+                "%s: withholding %s: %r heard with confidence %.2f, under %.2f (--min-confidence)",
+                request.client, result.intent.to_text(), result.transcript, result.confidence,
+                self.min_confidence,
+            )  # fmt: skip
+            result = replace(result, intent=None)
         self._observe("audio", result.path, latency_ms)
         _LOGGER.info(
             "%s: %.1f s of audio -> %r, %s (%s, %.0f ms)",

@@ -25,7 +25,13 @@ from wyoming.error import Error
 from wyoming.event import Event, async_get_stdin, async_write_event
 from wyoming.server import AsyncServer, AsyncStdioServer, AsyncTcpServer, AsyncUnixServer
 
-from .assistant import Assistant, ContextProvider, load_context_file, static_context
+from .assistant import (
+    DEFAULT_MIN_CONFIDENCE,
+    Assistant,
+    ContextProvider,
+    load_context_file,
+    static_context,
+)
 from .discovery import Advert
 from .handler import MAX_HEADER_BYTES, ServerSettings, TinyAlignHandler, build_info, close_gently
 from .hass import DEFAULT_REFRESH_MINUTES, HOUSEHOLD_FILE, HassContext, cached_context
@@ -63,6 +69,11 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--path", choices=PATH_CHOICES, default="auto", help="auto: aligned once trained")
     parser.add_argument("--language", default="en", help="language of the model (and of the answers)")
     parser.add_argument(
+        "--min-confidence", type=min_confidence, default=DEFAULT_MIN_CONFIDENCE, metavar="LOGPROB|off",
+        help="withhold an audio answer's intent when its words were heard with a lower mean token "
+        "log-probability (answer 'not understood' instead)",
+    )  # fmt: skip
+    parser.add_argument(
         "--zeroconf", nargs="?", const=DEFAULT_ZEROCONF_NAME, default=None, metavar="NAME",
         help=f"advertise over zeroconf (mDNS) as NAME (default {DEFAULT_ZEROCONF_NAME})",
     )  # fmt: skip
@@ -98,6 +109,19 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--idle-timeout", type=float, default=600.0, help="idle connection timeout (0: none)")
     add_adaptation_args(parser)  # --adapt-at, --web-port, ... (scheduler.py)
+
+
+def min_confidence(value: str) -> float | None:
+    """`--min-confidence`: a log-probability (<= 0), or `off` (None)."""
+    if value.strip().lower() == "off":
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a log-probability <= 0 or 'off', got {value!r}") from None
+    if not number <= 0:
+        raise argparse.ArgumentTypeError(f"a log-probability is <= 0, got {value!r}")
+    return number
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -161,7 +185,7 @@ def run_serve(args: argparse.Namespace) -> int:
         tts_uri=args.tts_uri,
     )
     app = App(
-        assistant=Assistant(worker, store, household, version),
+        assistant=Assistant(worker, store, household, version, args.min_confidence),
         settings=settings,
         info=build_info(choice.name, description, version, settings).event(),
         max_connections=args.max_connections,

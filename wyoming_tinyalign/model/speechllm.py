@@ -83,7 +83,8 @@ class Result:
     transcript: str
     intent: Intent | None
     path: str
-    confidence: float | None = None  # cascade: mean log-probability of Whisper's tokens
+    # Mean log-probability of the transcript's tokens: Whisper's (cascade) or the LLM's (aligned).
+    confidence: float | None = None
     latency_ms: float = 0.0
 
 
@@ -334,13 +335,14 @@ class SpeechLLM:
         context: str | None = None,
         max_new_tokens: int | None = None,
         transcript: str | None = None,
-    ) -> str:
-        """Greedy answer of the LLM to a prompt given as embeddings `[1, L, D]`. When the prompt is
-        `context`'s (as `prompt_embeds` builds it), the LLM starts from its cached prefix and runs only
-        on the rest, and the intent line keeps to the grammar of `intents.py` with the context's or the
-        transcript's names (`IntentGrammar`; `transcript`: the transcript line when the prompt ends with
-        it, so the answer is the intent line). A degenerate loop ends generation and is cut off where the
-        loop began."""
+    ) -> tuple[str, float]:
+        """Greedy answer of the LLM to a prompt given as embeddings `[1, L, D]`, and the mean
+        log-probability of the tokens of its first line (the token that ends it included). When the
+        prompt is `context`'s (as `prompt_embeds` builds it), the LLM starts from its cached prefix and
+        runs only on the rest, and the intent line keeps to the grammar of `intents.py` with the context's
+        or the transcript's names (`IntentGrammar`; `transcript`: the transcript line when the prompt ends
+        with it, so the answer is the intent line). A degenerate loop ends generation and is cut off where
+        the loop began."""
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
         prefix = grammar = None
         if context is not None:
@@ -356,9 +358,22 @@ class SpeechLLM:
             pad_token_id=self.tokenizer.pad_token_id,
             stopping_criteria=StoppingCriteriaList([_StopOnLoop()]),
             logits_processor=LogitsProcessorList([grammar] if grammar else []),
+            return_dict_in_generate=True,
+            output_scores=True,
         )
-        ids = out[0].tolist()
-        return self.tokenizer.decode(ids[: loop_start(ids)], skip_special_tokens=True)
+        ids = out.sequences[0].tolist()
+        ids = ids[: loop_start(ids)]
+        return self.tokenizer.decode(ids, skip_special_tokens=True), self._first_line_logprob(ids, out.scores)
+
+    def _first_line_logprob(self, ids: list[int], scores: tuple[torch.Tensor, ...]) -> float:
+        """Mean log-probability of the answer's tokens up to the first that holds a line break (included).
+        The grammar leaves the transcript line's scores as the LLM gave them."""
+        texts, logprobs = self.token_texts.texts, []
+        for token, step in zip(ids, scores, strict=False):
+            logprobs.append(float(torch.log_softmax(step[0].float(), -1)[token]))
+            if token < len(texts) and "\n" in texts[token]:
+                break
+        return float(np.mean(logprobs)) if logprobs else 0.0
 
     @torch.no_grad()
     def readout(self, embeds: torch.Tensor) -> str:
@@ -378,7 +393,7 @@ class SpeechLLM:
             return None
         embeds, _ = self.prompt_embeds(self.embed_tokens(self.text_ids(text)), context)
         answer = self.embed_tokens(self.text_ids(text + "\n")).unsqueeze(0)
-        line = self.generate(torch.cat([embeds, answer], dim=1), context, max_new_tokens, transcript=text)
+        line, _ = self.generate(torch.cat([embeds, answer], dim=1), context, max_new_tokens, transcript=text)
         return parse_intent(line.strip().split("\n")[0])
 
     @torch.no_grad()
@@ -449,5 +464,6 @@ class SpeechLLM:
                 intent = self.understand_text(transcript, context, max_new_tokens) if with_intent else None
             else:
                 embeds, _ = self.prompt_embeds(content, context)
-                transcript, intent = parse_answer(self.generate(embeds, context, max_new_tokens))
+                answer, confidence = self.generate(embeds, context, max_new_tokens)
+                transcript, intent = parse_answer(answer)
         return Result(transcript, intent, path, confidence, (time.perf_counter() - t0) * 1000)
