@@ -177,6 +177,9 @@ def test_the_aligned_confidence_is_the_llms_mean_logprob_of_the_transcript_line(
         assert result.confidence == pytest.approx(expected, abs=1e-4)
         assert result.confidence < 0
     assert lines, "no answer had a transcript line that ended: the test proves less than it says"
+    said = "turn on the porch light"
+    embeds, _ = model.prompt_embeds(model.embed_tokens(model.text_ids(said)), context)
+    assert model.generate(embeds, context, transcript=said)[1] is None  # no transcript written, none scored
 
 
 def test_cascade_decoding_steps_one_token_at_a_time_and_gives_the_full_decoding(

@@ -335,14 +335,14 @@ class SpeechLLM:
         context: str | None = None,
         max_new_tokens: int | None = None,
         transcript: str | None = None,
-    ) -> tuple[str, float]:
-        """Greedy answer of the LLM to a prompt given as embeddings `[1, L, D]`, and the mean
-        log-probability of the tokens of its first line (the token that ends it included). When the
-        prompt is `context`'s (as `prompt_embeds` builds it), the LLM starts from its cached prefix and
-        runs only on the rest, and the intent line keeps to the grammar of `intents.py` with the context's
-        or the transcript's names (`IntentGrammar`; `transcript`: the transcript line when the prompt ends
-        with it, so the answer is the intent line). A degenerate loop ends generation and is cut off where
-        the loop began."""
+    ) -> tuple[str, float | None]:
+        """Greedy answer of the LLM to a prompt given as embeddings `[1, L, D]`, and how sure the LLM was
+        of the transcript line the answer starts with (`_transcript_confidence`; None when the transcript
+        is given). When the prompt is `context`'s (as `prompt_embeds` builds it), the LLM starts from its
+        cached prefix and runs only on the rest, and the intent line keeps to the grammar of `intents.py`
+        with the context's or the transcript's names (`IntentGrammar`; `transcript`: the transcript line
+        when the prompt ends with it, so the answer is the intent line). A degenerate loop ends generation
+        and is cut off where the loop began."""
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
         prefix = grammar = None
         if context is not None:
@@ -359,21 +359,23 @@ class SpeechLLM:
             stopping_criteria=StoppingCriteriaList([_StopOnLoop()]),
             logits_processor=LogitsProcessorList([grammar] if grammar else []),
             return_dict_in_generate=True,
-            output_scores=True,
+            output_scores=transcript is None,
         )
         ids = out.sequences[0].tolist()
         ids = ids[: loop_start(ids)]
-        return self.tokenizer.decode(ids, skip_special_tokens=True), self._first_line_logprob(ids, out.scores)
+        confidence = self._transcript_confidence(ids, out.scores) if transcript is None else None
+        return self.tokenizer.decode(ids, skip_special_tokens=True), confidence
 
-    def _first_line_logprob(self, ids: list[int], scores: tuple[torch.Tensor, ...]) -> float:
-        """Mean log-probability of the answer's tokens up to the first that holds a line break (included).
-        The grammar leaves the transcript line's scores as the LLM gave them."""
+    def _transcript_confidence(self, ids: list[int], scores: tuple[torch.Tensor, ...]) -> float | None:
+        """Mean log-probability of an answer's tokens up to the first that holds a line break (included):
+        its transcript line. None for an empty answer. The grammar leaves that line's scores as the LLM
+        gave them."""
         texts, logprobs = self.token_texts.texts, []
         for token, step in zip(ids, scores, strict=False):
             logprobs.append(float(torch.log_softmax(step[0].float(), -1)[token]))
             if token < len(texts) and "\n" in texts[token]:
                 break
-        return float(np.mean(logprobs)) if logprobs else 0.0
+        return float(np.mean(logprobs)) if logprobs else None
 
     @torch.no_grad()
     def readout(self, embeds: torch.Tensor) -> str:
