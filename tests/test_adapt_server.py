@@ -274,6 +274,9 @@ async def test_metrics_count_requests_and_show_the_version(srv: Server) -> None:
     async with aiohttp.ClientSession() as http:
         text = await (await http.get(f"{srv.web}/metrics")).text()
     assert re.search(r'tinyalign_requests_total\{kind="audio",path="aligned"\} [1-9]', text)
+    # The micro model is unsure of what it hears: its intents from audio are withheld, and counted so.
+    withheld = re.search(r'tinyalign_answers_total\{kind="audio",answer="withheld"\} (\d+)', text)
+    assert withheld and int(withheld.group(1)) == srv.process.text.count(": withholding ") > 0
     assert 'tinyalign_request_latency_seconds_bucket{kind="audio",le="+Inf"}' in text
     assert 'tinyalign_adaptation_runs_total{status="promoted"} 1' in text
     assert "tinyalign_projector_version 1" in text and 'version="v0001"' in text

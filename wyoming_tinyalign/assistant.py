@@ -148,13 +148,15 @@ class Assistant:
         self.min_confidence = min_confidence
         self._recent: OrderedDict[str, _Recent] = OrderedDict()
         self._logging: set[asyncio.Task[int | None]] = set()
-        self.observers: list[Callable[[str, str, float], None]] = []  # (kind, path, ms), e.g. metrics
+        # (kind, path, ms, answer) of each request, e.g. for metrics; answer: intent|withheld|none
+        self.observers: list[Callable[[str, str, float, str], None]] = []
 
     async def transcribe(self, segments: list[PcmSegment], request: Request) -> Result:
         """One utterance (raw PCM as it arrived) -> transcript and intent; logged in the background."""
         created, t0 = time.time(), time.perf_counter()
         audio, result = await self.worker.transcribe(segments, self.household(), request.language)
         latency_ms = (time.perf_counter() - t0) * 1000
+        answer = "intent" if result.intent else "none"
         if unsure(result, self.min_confidence):
             assert result.intent is not None and result.confidence is not None
             _LOGGER.info(
@@ -162,8 +164,8 @@ class Assistant:
                 request.client, result.intent.to_text(), result.transcript, result.confidence,
                 self.min_confidence,
             )  # fmt: skip
-            result = replace(result, intent=None)
-        self._observe("audio", result.path, latency_ms)
+            result, answer = replace(result, intent=None), "withheld"
+        self._observe("audio", result.path, latency_ms, answer)
         _LOGGER.info(
             "%s: %.1f s of audio -> %r, %s (%s, %.0f ms)",
             request.client, audio.size / TARGET_RATE, result.transcript,
@@ -188,7 +190,7 @@ class Assistant:
         recent = self._recent.pop(_normalize(text), None)
         if recent is not None and time.monotonic() - recent.at <= RECENT_TTL_S:
             _LOGGER.debug("%s: reusing the intent computed from the audio of %r", request.client, text)
-            self._observe("text", "reused", 0.0)
+            self._observe("text", "reused", 0.0, "intent" if recent.intent else "none")
             if recent.row is not None and request.context and self.store is not None:
                 row_id = await recent.row
                 if row_id is not None:
@@ -201,14 +203,14 @@ class Assistant:
         interaction.transcript = text
         interaction.intent = intent
         interaction.latency_ms = interaction.model_ms = (time.perf_counter() - t0) * 1000
-        self._observe("text", "text", interaction.latency_ms)
+        self._observe("text", "text", interaction.latency_ms, "intent" if intent else "none")
         self._log(interaction, None)
         return intent
 
-    def _observe(self, kind: str, path: str, latency_ms: float) -> None:
+    def _observe(self, kind: str, path: str, latency_ms: float, answer: str) -> None:
         for observer in self.observers:
             try:
-                observer(kind, path, latency_ms)
+                observer(kind, path, latency_ms, answer)
             except Exception:  # metrics must never break answering
                 _LOGGER.exception("request observer failed")
 

@@ -94,12 +94,14 @@ class Metrics:
     """Request counters and a latency histogram, written in Prometheus' text format by hand."""
 
     requests: dict[tuple[str, str], int] = field(default_factory=dict)
+    answers: dict[tuple[str, str], int] = field(default_factory=dict)
     buckets: dict[str, list[int]] = field(default_factory=dict)
     sums: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
 
-    def observe(self, kind: str, path: str, latency_ms: float) -> None:
+    def observe(self, kind: str, path: str, latency_ms: float, answer: str) -> None:
         self.requests[(kind, path)] = self.requests.get((kind, path), 0) + 1
+        self.answers[(kind, answer)] = self.answers.get((kind, answer), 0) + 1
         seconds = latency_ms / 1000
         row = self.buckets.setdefault(kind, [0] * len(LATENCY_BUCKETS_S))
         for i, bound in enumerate(LATENCY_BUCKETS_S):
@@ -115,6 +117,13 @@ class Metrics:
         ]
         for (kind, path), n in sorted(self.requests.items()):
             lines.append(f'tinyalign_requests_total{{kind="{kind}",path="{path}"}} {n}')
+        lines += [
+            "# HELP tinyalign_answers_total Answers by kind and what they were: an intent, one withheld as "
+            "unsure (--min-confidence), or none.",
+            "# TYPE tinyalign_answers_total counter",
+        ]
+        for (kind, answer), n in sorted(self.answers.items()):
+            lines.append(f'tinyalign_answers_total{{kind="{kind}",answer="{answer}"}} {n}')
         lines += [
             "# HELP tinyalign_request_latency_seconds End of speech (or text) to result, queueing included.",
             "# TYPE tinyalign_request_latency_seconds histogram",
