@@ -43,9 +43,8 @@ class Answer:
     outcome: str
 
 
-def answers(model: SpeechLLM, manifest: Path, path: str) -> list[Answer]:
-    """The answers along `path` to every utterance with a reference intent."""
-    contexts = {h.name: context_text(h) for h in load_households()}
+def answers(model: SpeechLLM, manifest: Path, path: str, contexts: dict[str, str]) -> list[Answer]:
+    """The answers along `path` to every utterance with a reference intent (`contexts`: by household)."""
     out = []
     for utt, audio in load_utterances(manifest):
         if utt.intent is None:
@@ -76,12 +75,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     households = load_households()
+    contexts = {h.name: context_text(h) for h in households}
     model = SpeechLLM.load(args.model)
     report: dict[str, dict[str, list[Answer]]] = {}
     for split, seed in (("base", args.seed + 900), ("unseen", args.seed)):
         chosen = [h for h in households if h.split == split]
         manifest = render_corpus(args.work / f"{split}-{seed}", chosen, args.n, seed)
-        report[split] = {path: answers(model, manifest, path) for path in PATHS}
+        report[split] = {path: answers(model, manifest, path, contexts) for path in PATHS}
     saved = {s: {p: [asdict(a) for a in rows] for p, rows in paths.items()} for s, paths in report.items()}
     meta = {
         "date": str(date.today()),

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from serving import ServerProcess, serve_args  # noqa: E402
 
 from wyoming_tinyalign.households import load_households  # noqa: E402
+from wyoming_tinyalign.manifest import read_manifest  # noqa: E402
 from wyoming_tinyalign.memory import MMAP_THRESHOLD  # noqa: E402
 from wyoming_tinyalign.synth import render_corpus  # noqa: E402
 
@@ -71,7 +72,7 @@ async def run(args: argparse.Namespace) -> None:
     bundle = real_size_bundle(args.model, args.work / "real-size-bundle", "combined", 0.1)
     unseen = [h for h in load_households() if h.split == "unseen"]
     manifest = render_corpus(args.work / "speech", unseen, args.n, seed=400)
-    wavs = sorted(manifest.parent.glob("wavs/*/*.wav"))
+    wavs = [utt.audio for utt in read_manifest(manifest)]
     servers = {}
     for name, env in VARIANTS.items():
         work = args.work / name.replace(" ", "-")

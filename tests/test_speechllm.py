@@ -55,6 +55,21 @@ def audio(base_manifest: Path) -> np.ndarray:
     return load_utterances(base_manifest)[0][1]
 
 
+def raw_greedy(model: SpeechLLM, embeds: torch.Tensor, context: str | None = None) -> list[int]:
+    """The LLM's own greedy answer to `embeds` over the whole prompt (no cached prefix, no loop cut), with
+    the intent grammar when a `context` is given."""
+    grammar = [IntentGrammar(model.token_texts, context, None)] if context is not None else []
+    return model.llm.generate(
+        inputs_embeds=embeds,
+        attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+        max_new_tokens=model.max_new_tokens,
+        do_sample=False,
+        eos_token_id=model.tokenizer.eos_token_id,
+        pad_token_id=model.tokenizer.pad_token_id,
+        logits_processor=LogitsProcessorList(grammar),
+    )[0].tolist()
+
+
 def test_instruction_injection_places_audio_where_the_template_says(model: SpeechLLM) -> None:
     content = torch.randn(5, model.llm.config.hidden_size)
     context = "areas: kitchen; devices: porch light"
@@ -100,14 +115,7 @@ def test_a_looping_answer_is_cut_where_the_loop_began(model: SpeechLLM) -> None:
     looped = 0
     for _ in range(20):
         embeds = torch.randn(1, 20, model.llm.config.hidden_size) * 0.05
-        raw = model.llm.generate(
-            inputs_embeds=embeds,
-            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
-            max_new_tokens=model.max_new_tokens,
-            do_sample=False,
-            eos_token_id=model.tokenizer.eos_token_id,
-            pad_token_id=model.tokenizer.pad_token_id,
-        )[0].tolist()
+        raw = raw_greedy(model, embeds)
         # where generation stops: the first point at which the answer so far ends in a loop
         stop = next((n for n in range(1, len(raw) + 1) if loop_start(raw[:n]) is not None), len(raw))
         start = loop_start(raw[:stop])
@@ -131,17 +139,9 @@ def test_answers_start_from_the_cached_prompt_prefix(model: SpeechLLM, audio: np
     prefix = model.prefix_cache(context)
     assert prefix.get_seq_length() == span.start  # answering never grows the stored prefix
     # The LLM over the whole prompt, with the same grammar
-    eos = model.tokenizer.eos_token_id
-    whole = model.llm.generate(
-        inputs_embeds=embeds,
-        attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
-        max_new_tokens=model.max_new_tokens,
-        do_sample=False,
-        eos_token_id=eos,
-        pad_token_id=model.tokenizer.pad_token_id,
-        logits_processor=LogitsProcessorList([IntentGrammar(model.token_texts, context, None)]),
-    )[0].tolist()
-    assert whole[-1] == eos and loop_start(whole) is None  # an answer that ended, with no loop to cut
+    whole = raw_greedy(model, embeds, context)
+    # an answer that ended, with no loop to cut
+    assert whole[-1] == model.tokenizer.eos_token_id and loop_start(whole) is None
     assert answers == [model.tokenizer.decode(whole, skip_special_tokens=True)] * 3
     full = model.llm(inputs_embeds=embeds).logits[0, span.start :]
     cached = model.llm(inputs_embeds=embeds[:, span.start :], cache=deepcopy(prefix)).logits[0]
@@ -157,15 +157,7 @@ def test_the_aligned_confidence_is_the_llms_mean_logprob_of_the_transcript_line(
     lines = 0
     for _, audio in load_utterances(base_manifest)[:4]:
         embeds, _ = model.prompt_embeds(model.project([audio])[0], context)
-        whole = model.llm.generate(
-            inputs_embeds=embeds,
-            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
-            max_new_tokens=model.max_new_tokens,
-            do_sample=False,
-            eos_token_id=model.tokenizer.eos_token_id,
-            pad_token_id=model.tokenizer.pad_token_id,
-            logits_processor=LogitsProcessorList([IntentGrammar(model.token_texts, context, None)]),
-        )[0].tolist()
+        whole = raw_greedy(model, embeds, context)
         whole = whole[: loop_start(whole)]
         ends = [i for i, t in enumerate(whole) if "\n" in model.token_texts.texts[t]]
         line = whole[: ends[0] + 1] if ends else whole

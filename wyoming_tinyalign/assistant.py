@@ -156,7 +156,7 @@ class Assistant:
         created, t0 = time.time(), time.perf_counter()
         audio, result = await self.worker.transcribe(segments, self.household(), request.language)
         latency_ms = (time.perf_counter() - t0) * 1000
-        answer = "intent" if result.intent else "none"
+        answer = _answer(result.intent)
         if unsure(result, self.min_confidence):
             assert result.intent is not None and result.confidence is not None
             _LOGGER.info(
@@ -190,7 +190,7 @@ class Assistant:
         recent = self._recent.pop(_normalize(text), None)
         if recent is not None and time.monotonic() - recent.at <= RECENT_TTL_S:
             _LOGGER.debug("%s: reusing the intent computed from the audio of %r", request.client, text)
-            self._observe("text", "reused", 0.0, "intent" if recent.intent else "none")
+            self._observe("text", "reused", 0.0, _answer(recent.intent))
             if recent.row is not None and request.context and self.store is not None:
                 row_id = await recent.row
                 if row_id is not None:
@@ -203,7 +203,7 @@ class Assistant:
         interaction.transcript = text
         interaction.intent = intent
         interaction.latency_ms = interaction.model_ms = (time.perf_counter() - t0) * 1000
-        self._observe("text", "text", interaction.latency_ms, "intent" if intent else "none")
+        self._observe("text", "text", interaction.latency_ms, _answer(intent))
         self._log(interaction, None)
         return intent
 
@@ -254,6 +254,11 @@ class Assistant:
         self._recent[key] = entry
         while len(self._recent) > RECENT_MAX:
             self._recent.popitem(last=False)
+
+
+def _answer(intent: Intent | None) -> str:
+    """An answer's label for observers: "intent" or "none" ("withheld" is set where it happens)."""
+    return "none" if intent is None else "intent"
 
 
 def _opt_str(value: Any) -> str | None:

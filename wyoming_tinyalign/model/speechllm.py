@@ -359,19 +359,19 @@ class SpeechLLM:
             stopping_criteria=StoppingCriteriaList([_StopOnLoop()]),
             logits_processor=LogitsProcessorList([grammar] if grammar else []),
             return_dict_in_generate=True,
-            output_scores=transcript is None,
+            output_logits=transcript is None,
         )
         ids = out.sequences[0].tolist()
         ids = ids[: loop_start(ids)]
-        confidence = self._transcript_confidence(ids, out.scores) if transcript is None else None
+        confidence = self._transcript_confidence(ids, out.logits) if transcript is None else None
         return self.tokenizer.decode(ids, skip_special_tokens=True), confidence
 
-    def _transcript_confidence(self, ids: list[int], scores: tuple[torch.Tensor, ...]) -> float | None:
-        """Mean log-probability of an answer's tokens up to the first that holds a line break (included):
-        its transcript line. None for an empty answer. The grammar leaves that line's scores as the LLM
-        gave them."""
+    def _transcript_confidence(self, ids: list[int], logits: tuple[torch.Tensor, ...]) -> float | None:
+        """Mean log-probability, by the LLM's own logits (before any logits processor), of an answer's
+        tokens up to the first that holds a line break (included): its transcript line. None for an
+        empty answer."""
         texts, logprobs = self.token_texts.texts, []
-        for token, step in zip(ids, scores, strict=False):
+        for token, step in zip(ids, logits, strict=False):
             logprobs.append(float(torch.log_softmax(step[0].float(), -1)[token]))
             if token < len(texts) and "\n" in texts[token]:
                 break
