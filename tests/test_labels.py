@@ -183,11 +183,32 @@ def test_a_version_1_log_is_migrated_to_the_label_source_and_adaptations(tmp_pat
     store.open()
     try:
         conn = store.conn
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         assert "label_source" in {row[1] for row in conn.execute("PRAGMA table_info(interactions)")}
         assert conn.execute("SELECT transcript, label_source FROM interactions").fetchall() == [("hi", None)]
         conn.execute(
             "INSERT INTO adaptations (started_at, status, report) VALUES (1, 'skipped', ?)", (json.dumps({}),)
         )
+    finally:
+        store.close()
+
+
+def test_a_version_2_log_is_migrated_to_the_withheld_intent(tmp_path: Path) -> None:
+    """A log written before answers were withheld keeps its rows; they have no withheld intent."""
+    folder = tmp_path / "log"
+    folder.mkdir()
+    with closing(sqlite3.connect(folder / "interactions.sqlite3", isolation_level=None)) as conn:
+        conn.executescript(f"BEGIN;\n{MIGRATIONS[0]}\n{MIGRATIONS[1]}\nPRAGMA user_version = 2;\nCOMMIT;")
+        conn.execute("INSERT INTO interactions (created_at, kind, transcript) VALUES (1, 'audio', 'hi')")
+    store = InteractionStore(folder)
+    store.open()
+    try:
+        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        (old,) = store.conn.execute("SELECT transcript, withheld FROM interactions").fetchall()
+        assert tuple(old) == ("hi", None)
+        unsure = Intent("HassTurnOn", {"name": "porch light"})
+        row = store.add(Interaction(kind="audio", transcript="turn on the porch light", withheld=unsure))
+        (raw,) = store.conn.execute("SELECT withheld FROM interactions WHERE id = ?", (row,)).fetchone()
+        assert Intent.from_json(json.loads(raw)) == unsure
     finally:
         store.close()

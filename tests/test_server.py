@@ -52,7 +52,7 @@ from zeroconf import IPVersion, ServiceInfo, Zeroconf
 from wyoming_tinyalign import __version__
 from wyoming_tinyalign.assistant import load_context_file, response_text
 from wyoming_tinyalign.audio import pcm_to_float, read_wav
-from wyoming_tinyalign.handler import HANDLE_PROGRAM, ProtocolError, read_event, wyoming_intent
+from wyoming_tinyalign.handler import HANDLE_PROGRAM, NOT_SURE, ProtocolError, read_event, wyoming_intent
 from wyoming_tinyalign.intents import Intent
 from wyoming_tinyalign.model.speechllm import SpeechLLM
 from wyoming_tinyalign.models import ensure_dev_model
@@ -286,11 +286,14 @@ async def test_an_intent_heard_unsure_is_withheld(
             events[-2].type == "transcript" and Transcript.from_event(events[-2]).text == expected.transcript
         )
         assert events[-1].type == "not-recognized"
+        assert NotRecognized.from_event(events[-1]).text == NOT_SURE  # not "did not understand"
         async with asyncio.timeout(TIMEOUT), client(host, port) as c:
             await c.write_event(Transcript(text=expected.transcript).event())
-            assert (await read_until(c, "intent", "not-recognized"))[-1].type == "not-recognized"
+            reused = (await read_until(c, "intent", "not-recognized"))[-1]
+        assert reused.type == "not-recognized" and NotRecognized.from_event(reused).text == NOT_SURE
         (row,) = wait_rows(tmp_path / "data" / "log" / "interactions.sqlite3", 1)
         assert row["transcript"] == expected.transcript and row["intent"] is None
+        assert json.loads(row["withheld"]) == expected.intent.to_json()  # offered on the page to confirm
         assert row["confidence"] == pytest.approx(expected.confidence, abs=1e-3)
         assert f"withholding {expected.intent.to_text()}" in server.text
     finally:

@@ -33,7 +33,7 @@ def utterance(**fields: object) -> Interaction:
 def test_a_new_log_is_wal_at_the_current_schema_with_label_columns(store: InteractionStore) -> None:
     conn = store.conn
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     columns = {row[1] for row in conn.execute("PRAGMA table_info(interactions)")}
     assert LABELS | {"created_at", "client", "satellite_id", "conversation_id", "audio_path"} <= columns
     assert {"duration_s", "path", "transcript", "intent", "latency_ms", "projector_version"} <= columns

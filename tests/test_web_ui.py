@@ -1,8 +1,9 @@
 """The household's page in headless Chromium (Debian's `chromium`, driven by Playwright), against a real
 server whose utterances were logged through Wyoming: the dashboard, audio playing in the page, a
-correction made with the keyboard and kept by the API, delete one, "run now" listing the run, the page
-under Home Assistant ingress's base path, the token outside ingress, delete all. A screenshot of each
-page goes to $TINYALIGN_SCREENSHOTS (or the test's temporary folder)."""
+correction made with the keyboard and kept by the API, delete one, "run now" listing the run, an intent
+withheld as unsure confirmed with one key, the page under Home Assistant ingress's base path, the token
+outside ingress, delete all. A screenshot of each page goes to $TINYALIGN_SCREENSHOTS (or the test's
+temporary folder)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from urllib.error import HTTPError
 from urllib.request import Request, urlopen
@@ -37,6 +39,7 @@ SAID = [  # (text, satellite), oldest first
     ("start a timer for five minutes", "kitchen"),
 ]
 VIEWPORT = {"width": 960, "height": 720}
+UNSURE_LINK = 'main a[href="interactions?filter=unsure"]'  # the dashboard's count of withheld answers
 
 
 # ------------------------------------------------------------------- ingress from the right address
@@ -213,12 +216,15 @@ def test_the_link_logs_in_and_the_dashboard_shows_the_server(page, site: Site, s
         "Path in use\ncascade",
         "not adapted yet",
         f"{len(SAID)} ({len(SAID)} spoken)",
+        "Not sure, not acted on",
     ):
         assert expected in text, expected
     for health in ("model loaded", "log OK", "free", "logging on"):
         assert health in text, health
     assert "tomorrow at 03:00" in text or "today at 03:00" in text
     assert " ms / " in text  # latency p50 / p95
+    withheld = api(site, "GET", f"api/interactions?withheld=true&since={date.today()}")[1]["total"]
+    assert page.inner_text(UNSURE_LINK) == f"{withheld} today"
     page.screenshot(path=shots / "dashboard.png", full_page=True)
 
 
@@ -291,6 +297,32 @@ def test_run_now_lists_the_run(page, site: Site, shots: Path) -> None:
     page.screenshot(path=shots / "learning.png", full_page=True)
     page.click("nav >> text=Dashboard")
     assert "skipped" in page.inner_text("main")  # the last run, on the dashboard too
+
+
+def test_an_intent_withheld_as_unsure_is_confirmed_with_one_key(page, site: Site) -> None:
+    """The micro model hears SAID too unsure to act on (`--min-confidence`, default): the dashboard counts
+    those answers, *unsure* lists them with the intent that was not acted on, and `y` (heard right) makes
+    that intent the correction the night learns from."""
+    _, listing = api(site, "GET", f"api/interactions?withheld=true&since={date.today()}")
+    withheld = listing["items"]
+    assert withheld and all(item["intent"] is None and item["withheld"] for item in withheld)
+    page.goto(site.url)
+    assert page.inner_text(UNSURE_LINK) == f"{len(withheld)} today"
+    page.click(UNSURE_LINK)
+    assert page.url.endswith("interactions?filter=unsure")
+    assert rows(page) == [str(item["id"]) for item in withheld]
+
+    item = next(item for item in withheld if item["correction"] is None)
+    row = page.locator(f'tr.row[data-id="{item["id"]}"]')
+    assert "not sure: not acted on" in row.inner_text()
+    assert row.locator(".intent").inner_text().startswith(item["withheld"]["name"])
+    row.focus()
+    page.keyboard.press("y")
+    row.locator(".label", has_text="correction").wait_for()
+    _, after = api(site, "GET", f"api/interactions/{item['id']}")
+    fix = after["correction"]
+    assert (fix["text"], fix["intent"]) == (item["transcript"], item["withheld"])
+    assert after["label_source"] == "correction"
 
 
 # -------------------------------------------------------------------------------------------- ingress

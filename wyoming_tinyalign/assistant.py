@@ -7,8 +7,9 @@
   conversation that used it.
 - Household context for instruction injection comes from a `ContextProvider` (a callable), so a later
   Home Assistant websocket client can feed exposed area and device names without touching this code.
-- An intent heard with too little confidence is withheld (`unsure`): the answer is "not understood"
-  rather than an action on the wrong device. The transcript is still given and logged.
+- An intent heard with too little confidence is withheld (`unsure`): the answer says so ("not sure I
+  heard that right") rather than act on the wrong device. The transcript is still given, and logged
+  with the intent withheld, so the household page can offer it to be confirmed or corrected.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +52,19 @@ class Request:
     context: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Answer:
+    """What a request is answered with: the transcript (a text request's own text), the intent to act
+    on, and the intent heard but withheld as unsure (`intent` is then None)."""
+
+    transcript: str
+    intent: Intent | None
+    withheld: Intent | None = None
+
+
 @dataclass
 class _Recent:
-    intent: Intent | None
+    answer: Answer
     row: asyncio.Task[int | None] | None
     at: float
 
@@ -151,12 +162,12 @@ class Assistant:
         # (kind, path, ms, answer) of each request, e.g. for metrics; answer: intent|withheld|none
         self.observers: list[Callable[[str, str, float, str], None]] = []
 
-    async def transcribe(self, segments: list[PcmSegment], request: Request) -> Result:
+    async def transcribe(self, segments: list[PcmSegment], request: Request) -> Answer:
         """One utterance (raw PCM as it arrived) -> transcript and intent; logged in the background."""
         created, t0 = time.time(), time.perf_counter()
         audio, result = await self.worker.transcribe(segments, self.household(), request.language)
         latency_ms = (time.perf_counter() - t0) * 1000
-        answer = _answer(result.intent)
+        answer = Answer(result.transcript, result.intent)
         if unsure(result, self.min_confidence):
             assert result.intent is not None and result.confidence is not None
             _LOGGER.info(
@@ -164,38 +175,39 @@ class Assistant:
                 request.client, result.intent.to_text(), result.transcript, result.confidence,
                 self.min_confidence,
             )  # fmt: skip
-            result, answer = replace(result, intent=None), "withheld"
-        self._observe("audio", result.path, latency_ms, answer)
+            answer = Answer(result.transcript, None, withheld=result.intent)
+        self._observe("audio", result.path, latency_ms, _label(answer))
         _LOGGER.info(
             "%s: %.1f s of audio -> %r, %s (%s, %.0f ms)",
             request.client, audio.size / TARGET_RATE, result.transcript,
-            result.intent.to_text() if result.intent else "not recognized", result.path, latency_ms,
+            answer.intent.to_text() if answer.intent else "not recognized", result.path, latency_ms,
         )  # fmt: skip
         interaction = self._interaction(request, "audio", created)
         interaction.duration_s = audio.size / TARGET_RATE
         interaction.path = result.path
         interaction.transcript = result.transcript
-        interaction.intent = result.intent
+        interaction.intent = answer.intent
+        interaction.withheld = answer.withheld
         interaction.confidence = result.confidence
         interaction.latency_ms = latency_ms
         interaction.model_ms = result.latency_ms
         interaction.projector_version = self.projector_version if result.path != "cascade" else None
         row = self._log(interaction, audio)
         if result.transcript:
-            self._remember(result.transcript, _Recent(result.intent, row, time.monotonic()))
-        return result
+            self._remember(result.transcript, _Recent(answer, row, time.monotonic()))
+        return answer
 
-    async def understand(self, text: str, request: Request) -> Intent | None:
-        """Text -> intent, reusing the intent of a transcript this server just produced from audio."""
+    async def understand(self, text: str, request: Request) -> Answer:
+        """Text -> intent, reusing the answer to a transcript this server just produced from audio."""
         recent = self._recent.pop(_normalize(text), None)
         if recent is not None and time.monotonic() - recent.at <= RECENT_TTL_S:
             _LOGGER.debug("%s: reusing the intent computed from the audio of %r", request.client, text)
-            self._observe("text", "reused", 0.0, _answer(recent.intent))
+            self._observe("text", "reused", 0.0, _label(recent.answer))
             if recent.row is not None and request.context and self.store is not None:
                 row_id = await recent.row
                 if row_id is not None:
                     await self.store.async_link(row_id, request.context)
-            return recent.intent
+            return recent.answer
         created, t0 = time.time(), time.perf_counter()
         intent = await self.worker.understand(text, self.household())
         interaction = self._interaction(request, "text", created)
@@ -203,9 +215,10 @@ class Assistant:
         interaction.transcript = text
         interaction.intent = intent
         interaction.latency_ms = interaction.model_ms = (time.perf_counter() - t0) * 1000
-        self._observe("text", "text", interaction.latency_ms, _answer(intent))
+        answer = Answer(text, intent)
+        self._observe("text", "text", interaction.latency_ms, _label(answer))
         self._log(interaction, None)
-        return intent
+        return answer
 
     def _observe(self, kind: str, path: str, latency_ms: float, answer: str) -> None:
         for observer in self.observers:
@@ -256,9 +269,11 @@ class Assistant:
             self._recent.popitem(last=False)
 
 
-def _answer(intent: Intent | None) -> str:
-    """An answer's label for observers: "intent" or "none" ("withheld" is set where it happens)."""
-    return "none" if intent is None else "intent"
+def _label(answer: Answer) -> str:
+    """An answer's label for observers: "intent", "withheld" or "none"."""
+    if answer.withheld is not None:
+        return "withheld"
+    return "none" if answer.intent is None else "intent"
 
 
 def _opt_str(value: Any) -> str | None:

@@ -43,7 +43,7 @@ from wyoming.server import AsyncEventHandler
 from wyoming.tts import Synthesize
 
 from . import __version__
-from .assistant import Assistant, Request, response_text
+from .assistant import Answer, Assistant, Request, response_text
 from .intents import Intent
 from .worker import PcmSegment
 
@@ -56,6 +56,7 @@ ATTRIBUTION = Attribution(
     name="wyoming-tinyalign (Tiny-Align speech-LLM)", url="https://arxiv.org/abs/2411.13766"
 )
 NOT_UNDERSTOOD = "Sorry, I did not understand that."
+NOT_SURE = "Sorry, I am not sure I heard that right."  # an intent withheld (serve --min-confidence)
 MAX_RATE, MAX_CHANNELS = 192_000, 8
 STREAM_BYTES_PER_SECOND = 48_000 * 4 * 2  # raw bytes allowed per second of --max-audio-seconds
 E = TypeVar("E", bound=Eventable)
@@ -395,29 +396,29 @@ class TinyAlignHandler(AsyncEventHandler):
         self, segments: list[PcmSegment], request: Request, pipeline: RunPipeline | None
     ) -> None:
         try:
-            result = await self.assistant.transcribe(segments, request)
+            answer = await self.assistant.transcribe(segments, request)
         except Exception:
             _LOGGER.exception("%s: inference failed", self.client)
             await self.write_event(Error(text="inference failed", code="inference-failed").event())
             return
-        await self._send_transcript(result.transcript, request.language)
+        await self._send_transcript(answer.transcript, request.language)
         if pipeline is None or pipeline.end_stage == PipelineStage.ASR:
             return
         if pipeline.end_stage == PipelineStage.INTENT:
-            await self._send_intent(result.intent)
+            await self._send_intent(answer)
             return
-        answer = await self._send_handled(result.intent)
+        spoken = await self._send_handled(answer)
         if pipeline.end_stage == PipelineStage.TTS:
-            await self._speak(answer)
+            await self._speak(spoken)
 
     async def _answer_text(self, text: str, request: Request, handle: bool) -> None:
         try:
-            intent = await self.assistant.understand(text, request)
+            answer = await self.assistant.understand(text, request)
         except Exception:
             _LOGGER.exception("%s: intent recognition failed", self.client)
             await self.write_event(Error(text="intent recognition failed", code="inference-failed").event())
             return
-        await (self._send_handled(intent) if handle else self._send_intent(intent))
+        await (self._send_handled(answer) if handle else self._send_intent(answer))
 
     async def _send_transcript(self, text: str, language: str) -> None:
         if self.settings.streaming:
@@ -427,18 +428,18 @@ class TinyAlignHandler(AsyncEventHandler):
             await self.write_event(TranscriptStop().event())
         await self.write_event(Transcript(text=text, language=language).event())
 
-    async def _send_intent(self, intent: Intent | None) -> None:
-        if intent is None:
-            await self.write_event(NotRecognized(text=NOT_UNDERSTOOD).event())
+    async def _send_intent(self, answer: Answer) -> None:
+        if answer.intent is None:
+            await self.write_event(NotRecognized(text=_sorry(answer)).event())
         else:
-            await self.write_event(wyoming_intent(intent).event())
+            await self.write_event(wyoming_intent(answer.intent).event())
 
-    async def _send_handled(self, intent: Intent | None) -> str:
+    async def _send_handled(self, answer: Answer) -> str:
         """`handled` with a confirmation sentence (Home Assistant's API executes nothing yet)."""
-        if intent is None:
-            await self.write_event(NotHandled(text=NOT_UNDERSTOOD).event())
-            return NOT_UNDERSTOOD
-        text = response_text(intent)
+        if answer.intent is None:
+            await self.write_event(NotHandled(text=_sorry(answer)).event())
+            return _sorry(answer)
+        text = response_text(answer.intent)
         await self.write_event(Handled(text=text).event())
         return text
 
@@ -468,6 +469,11 @@ class TinyAlignHandler(AsyncEventHandler):
         except (OSError, TimeoutError) as err:
             _LOGGER.warning("%s: text-to-speech at %s failed: %s", self.client, self.settings.tts_uri, err)
             await self.write_event(Error(text=f"text-to-speech failed: {err}", code="tts-failed").event())
+
+
+def _sorry(answer: Answer) -> str:
+    """What to say when there is no intent to act on: unsure of what was heard, or not understood."""
+    return NOT_SURE if answer.withheld is not None else NOT_UNDERSTOOD
 
 
 def _as_dict(value: Any) -> dict[str, Any]:

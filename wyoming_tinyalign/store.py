@@ -90,6 +90,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX adaptations_started_at ON adaptations (started_at);
     """,
+    # 2 -> 3: the intent heard but not acted on (its confidence was under `serve --min-confidence`).
+    """
+    ALTER TABLE interactions ADD COLUMN withheld TEXT;  -- {"name": ..., "slots": {...}} JSON
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -118,6 +122,7 @@ class Interaction:
     latency_ms: float | None = None
     model_ms: float | None = None
     projector_version: str | None = None
+    withheld: Intent | None = None  # heard, but too unsure to act on: `intent` is None
 
 
 def migrate(conn: sqlite3.Connection) -> int:
@@ -200,13 +205,13 @@ class InteractionStore:
             cursor = self.conn.execute(
                 """INSERT INTO interactions (created_at, kind, client, satellite_id, device_id,
                     conversation_id, context, language, audio_path, audio_bytes, duration_s, path,
-                    transcript, intent, confidence, latency_ms, model_ms, projector_version)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    transcript, intent, confidence, latency_ms, model_ms, projector_version, withheld)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
                     i.created_at, i.kind, i.client, i.satellite_id, i.device_id, i.conversation_id,
                     _json(i.context), i.language, rel, size, i.duration_s, i.path, i.transcript,
                     _json(i.intent.to_json() if i.intent else None), i.confidence, i.latency_ms,
-                    i.model_ms, i.projector_version,
+                    i.model_ms, i.projector_version, _json(i.withheld.to_json() if i.withheld else None),
                 ),
             )  # fmt: skip
         except BaseException:

@@ -6,7 +6,8 @@
     GET    /api/interactions                     paged (page, per_page), filters: since, until (ISO date or
                                                  time, local; or unix seconds), labelled=true|false, kind,
                                                  corrected=true|false, failed=true|false (not recognized,
-                                                 or Home Assistant reported a failure)
+                                                 or Home Assistant reported a failure), withheld=true|false
+                                                 (an intent heard too unsure to act on)
     GET    /api/interactions/{id}                one interaction
     GET    /api/interactions/{id}/audio          its audio (WAV), found by id only
     PUT    /api/interactions/{id}/correction     {"text": ..., "intent": {"name": ..., "slots": {...}}}
@@ -351,6 +352,8 @@ def interaction_filters(query: Any) -> tuple[str, list[Any]]:
         args.append(query["kind"])
     if "corrected" in query:
         where.append("correction IS NOT NULL" if _flag(query["corrected"]) else "correction IS NULL")
+    if "withheld" in query:
+        where.append("withheld IS NOT NULL" if _flag(query["withheld"]) else "withheld IS NULL")
     if "failed" in query:
         marks = ",".join("?" * len(FAILED_OUTCOMES))
         failed = f"(intent IS NULL OR COALESCE(lower(trim(ha_outcome)), '') IN ({marks}))"
@@ -387,6 +390,7 @@ def row_json(row: sqlite3.Row) -> dict[str, Any]:
         "path": row["path"],
         "transcript": row["transcript"],
         "intent": loads(row["intent"]),
+        "withheld": loads(row["withheld"]),
         "confidence": row["confidence"],
         "latency_ms": row["latency_ms"],
         "projector_version": row["projector_version"],

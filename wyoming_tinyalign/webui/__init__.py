@@ -67,6 +67,7 @@ FILTERS: dict[str, dict[str, str]] = {
     "unlabelled": {"labelled": "false", "kind": "audio"},  # only utterances can teach the projector
     "corrected": {"corrected": "true"},
     "failed": {"failed": "true"},
+    "unsure": {"withheld": "true"},  # heard, but not acted on: "Heard right" confirms the intent
 }
 HEADERS = {
     "Content-Security-Policy": (
@@ -285,16 +286,18 @@ def _intent_title(name: str) -> str:
 
 # ---------------------------------------------------------------------------------------- dashboard
 def _overview(store: InteractionStore) -> dict[str, Any]:
-    """Today's requests and latency, what is left to review, the last run (on the store's thread)."""
+    """Today's requests, latency and answers withheld as unsure, what is left to review, the last run
+    (on the store's thread)."""
     midnight = datetime.combine(date.today(), dtime()).timestamp()
     today = store.conn.execute(
-        "SELECT kind, latency_ms FROM interactions WHERE created_at >= ?", (midnight,)
+        "SELECT kind, latency_ms, withheld IS NOT NULL FROM interactions WHERE created_at >= ?", (midnight,)
     ).fetchall()
     to_review = count_interactions(store, *interaction_filters(FILTERS["unlabelled"]))
-    latencies = [ms for kind, ms in today if kind == "audio" and ms is not None]
+    latencies = [ms for kind, ms, _ in today if kind == "audio" and ms is not None]
     return {
         "requests": len(today),
-        "audio": sum(kind == "audio" for kind, _ in today),
+        "audio": sum(kind == "audio" for kind, _, _ in today),
+        "unsure": sum(bool(withheld) for _, _, withheld in today),
         "p50": float(np.percentile(latencies, 50)) if latencies else None,
         "p95": float(np.percentile(latencies, 95)) if latencies else None,
         "to_review": to_review,
@@ -343,6 +346,8 @@ async def dashboard(request: web.Request) -> str:
         today = (
             f"<dt>Requests today</dt><dd>{overview['requests']} ({overview['audio']} spoken)</dd>"
             f"<dt>Latency (p50 / p95)</dt><dd>{_ms(overview['p50'])} / {_ms(overview['p95'])}</dd>"
+            f'<dt>Not sure, not acted on</dt><dd><a href="interactions?filter=unsure">{overview["unsure"]} '
+            "today</a></dd>"
         )
         review = (
             f'<dt>To review</dt><dd><a href="interactions?filter=unlabelled">{overview["to_review"]} '
@@ -401,9 +406,17 @@ def _where(item: dict[str, Any]) -> str:
     return client.rsplit(":", 1)[0] if client.count(":") == 1 else client or "-"
 
 
+def _answered(item: dict[str, Any]) -> str:
+    """What the server did with the request (when Home Assistant reported no outcome)."""
+    if item["withheld"]:
+        return "not sure: not acted on"
+    return "answered" if item["intent"] else "not understood"
+
+
 def _row(item: dict[str, Any]) -> str:
     correction = item["correction"] or {}
-    heard_text, heard_intent = item["transcript"] or "", item["intent"]
+    # What it heard: the intent answered, or the one withheld as unsure (what "Heard right" confirms).
+    heard_text, heard_intent = item["transcript"] or "", item["intent"] or item["withheld"]
     text = correction.get("text") or heard_text
     intent = correction.get("intent", heard_intent)
     fixed_text = correction.get("text") if correction.get("text") not in (None, heard_text) else ""
@@ -412,7 +425,7 @@ def _row(item: dict[str, Any]) -> str:
         if "intent" in correction and _intent_text(correction["intent"]) != _intent_text(heard_intent)
         else ""
     )
-    outcome = item["ha_outcome"] or ("not understood" if heard_intent is None else "answered")
+    outcome = item["ha_outcome"] or _answered(item)
     spoken = item["kind"] == "audio"
     audio = (
         f'<audio controls preload="none" src="api/interactions/{item["id"]}/audio"></audio>'

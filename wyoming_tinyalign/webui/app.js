@@ -97,9 +97,10 @@ function openEditor(row) {
 
 function show(row, item) {
   const fix = item.correction || {};
-  const heard = intentText(item.intent);
+  const heardIntent = item.intent || item.withheld; // withheld: heard, but too unsure to act on
+  const heard = intentText(heardIntent);
   row.dataset.text = fix.text || item.transcript || "";
-  row.dataset.intent = JSON.stringify("intent" in fix ? fix.intent : item.intent);
+  row.dataset.intent = JSON.stringify("intent" in fix ? fix.intent : heardIntent);
   const fixedIntent = "intent" in fix ? intentText(fix.intent) : heard;
   row.querySelector(".fixed-text").textContent = fix.text && fix.text !== item.transcript ? fix.text : "";
   row.querySelector(".fixed-intent").textContent = fixedIntent !== heard ? fixedIntent : "";
