@@ -9,6 +9,10 @@
    utterances (never logged), aligned path with the household's context, before and after; the target
    is the error rate at least halved. Beside them, the frozen LLM's intent accuracy given each
    reference transcript: the most a night (which changes only the projector) could reach.
+   `--labels teacher` is the household that corrects nothing: the utterances are logged as a day-0
+   server (`--path auto`: the cascade) logs them, with Whisper's transcript and confidence and no
+   intent, so the night's labels are the teacher's alone (those at `--teacher-min-confidence` or
+   above). The report then gives how many were kept and their WER against the true text.
 2. Cost at real size: the same job on 200 corrected utterances with whisper-base + Qwen2.5-0.5B shapes
    (random weights; the compute is real, the words are not): its wall time and peak RSS (the job
    process's `ru_maxrss`); targets <= 10 minutes and <= 3 GB on 2 cores. `--real-size-dtype float32
@@ -40,7 +44,8 @@ import torch
 from realsize import qwen25_05b, whisper_base
 from transformers import GenerationConfig, WhisperFeatureExtractor
 
-from wyoming_tinyalign.evaluate import evaluate_items, evaluate_text
+from wyoming_tinyalign.adapt import AdaptOptions
+from wyoming_tinyalign.evaluate import evaluate_items, evaluate_text, word_edits, word_error_rate
 from wyoming_tinyalign.households import Household, context_text, load_households
 from wyoming_tinyalign.labels import set_correction, validate_correction
 from wyoming_tinyalign.manifest import load_utterances, read_manifest
@@ -60,6 +65,7 @@ from wyoming_tinyalign.train import OBJECTIVES
 from wyoming_tinyalign.versions import load_household_model, record_model
 
 _LOGGER = logging.getLogger("personalization")
+LABEL_MODES = {"corrections": "corrections", "teacher": "the teacher alone (nothing corrected)"}
 
 
 def log_corrected(data: Path, bundle: Path, manifest: Path) -> int:
@@ -84,6 +90,44 @@ def log_corrected(data: Path, bundle: Path, manifest: Path) -> int:
         store.close()
 
 
+def log_heard(data: Path, bundle: Path, model: SpeechLLM, manifest: Path) -> dict[int, tuple]:
+    """A data dir as a day-0 server leaves it (the cascade's transcript and confidence, no intent, no
+    correction): the night's labels can only be the teacher's. Returns (true text, transcript,
+    confidence) by row id."""
+    record_model(data, bundle, bundle.name)
+    store = InteractionStore(data / "log")
+    store.open()
+    start = time.time() - 2 * 86400
+    truth = {}
+    try:
+        for i, (utt, audio) in enumerate(load_utterances(manifest)):
+            heard = model.run(audio, "cascade", with_intent=False)
+            row = store.add(
+                Interaction(
+                    kind="audio", created_at=start + 300 * i, client="192.168.1.20:40000", path="cascade",
+                    satellite_id="living-room", duration_s=audio.size / 16000, transcript=heard.transcript,
+                    confidence=heard.confidence,
+                ),
+                audio,
+            )  # fmt: skip
+            truth[row] = (utt.text, heard.transcript, heard.confidence)
+        return truth
+    finally:
+        store.close()
+
+
+def teacher_label_quality(truth: dict, threshold: float) -> dict:
+    """How many of the day's transcripts a night keeps as labels at `threshold`, and how wrong they are."""
+    kept = [(text, heard) for text, heard, conf in truth.values() if conf is not None and conf >= threshold]
+    return {
+        "threshold": threshold,
+        "logged": len(truth),
+        "kept": len(kept),
+        "kept_wer": round(word_error_rate(*zip(*kept, strict=True)), 4) if kept else None,
+        "kept_exact": sum(word_edits(text, heard) == 0 for text, heard in kept),
+    }
+
+
 def household_file(household: Household, path: Path) -> Path:
     """The household's context as `serve --context-file` (and so `adapt --context-file`) reads it."""
     path.write_text(
@@ -98,7 +142,8 @@ def run_night(data: Path, args: argparse.Namespace, extra: list[str]) -> dict:
         sys.executable, "-m", "wyoming_tinyalign", "adapt", "--data-dir", str(data), "--now",
         "--budget-minutes", str(args.budget_minutes), "--threads", str(args.threads),
         "--bootstrap-dir", str(args.work / "bootstrap"), "--replay-n", str(args.replay_n),
-        "--general-n", str(args.general_n), *shlex.split(args.job_args), *extra,
+        "--general-n", str(args.general_n), "--teacher-min-confidence", str(args.teacher_min_confidence),
+        *shlex.split(args.job_args), *extra,
     ]  # fmt: skip
     _LOGGER.info("running %s", " ".join(cmd))
     with open(data.parent / "adapt.log", "w") as log:
@@ -123,9 +168,14 @@ def quality(args: argparse.Namespace) -> list[dict]:
         labelled = render_corpus(work / "labelled", [household], args.labelled, seed=100 + i)
         heldout = render_corpus(work / "heldout", [household], args.heldout, seed=200 + i)
         data = work / "data"
-        log_corrected(data, args.model, labelled)
-        context = context_text(household)
         before_model = SpeechLLM.load(args.model)
+        if args.labels == "teacher":
+            truth = log_heard(data, args.model, before_model, labelled)
+            teacher = teacher_label_quality(truth, args.teacher_min_confidence)
+        else:
+            log_corrected(data, args.model, labelled)
+            teacher = None
+        context = context_text(household)
         before = evaluate(before_model, heldout, context, ("aligned", "cascade"))
         # The LLM given each reference transcript: what the aligned path reaches at best with a perfect
         # ear (the LLM is frozen; a night changes only the projector).
@@ -150,6 +200,7 @@ def quality(args: argparse.Namespace) -> list[dict]:
             "before": {p: {k: r[k] for k in ("intent_accuracy", "wer")} for p, r in before.items()},
             "after": {"aligned": {k: after["aligned"][k] for k in ("intent_accuracy", "wer")}},
             "text_ceiling": round(ceiling, 4),
+            "teacher_labels": teacher,
             "job": {
                 "wall_s": round(wall, 1),
                 "duration_s": report.get("duration_s"),
@@ -250,8 +301,8 @@ def bootstrap(args: argparse.Namespace) -> None:
 def report(r: dict) -> str:
     lines = [
         f"Date {r['date']}; machine: {r['machine']}; job: `--threads {r['threads']}`, "
-        f"`--budget-minutes {r['budget_minutes']}`; {r['labelled']} corrected utterances per household, "
-        f"{r['heldout']} held-out.",
+        f"`--budget-minutes {r['budget_minutes']}`; {r['labelled']} logged utterances per household, "
+        f"labelled by {LABEL_MODES[r['labels']]}; {r['heldout']} held-out.",
         "",
         "| household | result | intent acc before -> after | intent error cut | WER before -> after "
         "| WER cut | cascade intent acc / WER | intent acc from the reference transcript "
@@ -276,6 +327,20 @@ def report(r: dict) -> str:
             f"| {gb.get('intent_accuracy', '-')} -> {ga.get('intent_accuracy', '-')} "
             f"| {row['job']['duration_s']} | {row['job']['peak_rss_mb']} |"
         )
+    teacher = [row for row in r["quality"] if row["teacher_labels"]]
+    if teacher:
+        lines += [
+            "",
+            "| household | teacher labels kept (mean log-prob >= threshold) | their WER against the truth "
+            "| exactly right |",
+            "|---" * 4 + "|",
+        ]
+        for row in teacher:
+            t = row["teacher_labels"]
+            lines.append(
+                f"| {row['household']} | {t['kept']} of {t['logged']} (>= {t['threshold']}) "
+                f"| {t['kept_wer']} | {t['kept_exact']} |"
+            )
     if r["real_size"]:
         lines += [
             "",
@@ -301,7 +366,15 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="folder for speech, data dirs and results")
     parser.add_argument("--budget-minutes", type=float, default=10.0, help="the night's time budget")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the job")
-    parser.add_argument("--labelled", type=int, default=100, help="corrected utterances per household")
+    parser.add_argument("--labelled", type=int, default=100, help="logged utterances per household")
+    parser.add_argument(
+        "--labels", choices=tuple(LABEL_MODES), default="corrections",
+        help="every logged utterance corrected (default), or none: the night's teacher labels alone",
+    )  # fmt: skip
+    parser.add_argument(
+        "--teacher-min-confidence", type=float, default=AdaptOptions.teacher_min_confidence,
+        help="the nights' threshold for the teacher's labels (`adapt --teacher-min-confidence`)",
+    )  # fmt: skip
     parser.add_argument("--heldout", type=int, default=50, help="held-out utterances per household")
     parser.add_argument("--households", type=int, default=3)
     parser.add_argument("--real-size-n", type=int, default=200, help="utterances of the real-size run")
@@ -340,6 +413,8 @@ def main() -> None:
         "threads": args.threads,
         "budget_minutes": args.budget_minutes,
         "labelled": args.labelled,
+        "labels": args.labels,
+        "teacher_min_confidence": args.teacher_min_confidence,
         "heldout": args.heldout,
         "quick": args.quick,
     }

@@ -16,9 +16,20 @@ import pytest
 from adaptation import cli, job_flags, last_json, log_household, unseen_speech
 
 from wyoming_tinyalign.__main__ import main
-from wyoming_tinyalign.adapt import AdaptOptions, Item, Job, Predictions, answers, bootstrap_speech, run_job
+from wyoming_tinyalign.adapt import (
+    AdaptOptions,
+    Item,
+    Job,
+    Predictions,
+    _utterance,
+    answers,
+    bootstrap_speech,
+    run_job,
+)
 from wyoming_tinyalign.audio import read_wav
 from wyoming_tinyalign.households import load_households
+from wyoming_tinyalign.intents import Intent
+from wyoming_tinyalign.labels import Label
 from wyoming_tinyalign.manifest import read_manifest, write_manifest
 from wyoming_tinyalign.model.bundle import BundleError
 from wyoming_tinyalign.model.speechllm import SpeechLLM
@@ -252,3 +263,21 @@ def test_the_teacher_reads_whispers_decoder_on_a_load_it_lets_go(
     (audio_path, transcript), *_ = rows
     assert transcript == model.transcribe_cascade(model.encode(read_wav(data / "log" / audio_path)))[0]
     assert decoded  # the hook does see the model's own decoder run
+
+
+def test_a_label_without_an_intent_is_trained_on_its_words_alone(tmp_path: Path) -> None:
+    """The teacher's label (or a correction of the words only) does not say what was meant: it goes to the
+    night's manifests as transcript-only, not as "not a command", which a correction can still say."""
+    labels = {
+        "teacher": Label(1, "a.wav", 1.0, "turn on the fan", None, "teacher", "teacher", None),
+        "not a command": Label(2, "b.wav", 2.0, "thank you", None, "correction", "correction", "correction"),
+        "corrected": Label(
+            3, "c.wav", 3.0, "turn on the fan", Intent("HassTurnOn", {"name": "fan"}), "correction",
+            "teacher", "correction",
+        ),
+    }  # fmt: skip
+    path = tmp_path / "train.jsonl"
+    write_manifest(path, [_utterance(label, absolute=tmp_path) for label in labels.values()])
+    read = {name: u for name, u in zip(labels, read_manifest(path), strict=True)}
+    assert [u.transcript_only for u in read.values()] == [True, False, False]
+    assert read["teacher"].intent is None and read["corrected"].intent == labels["corrected"].intent

@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -176,6 +177,27 @@ def test_the_generative_loss_from_cached_prefixes_equals_the_whole_prompt(
     (whole_grad,) = torch.autograd.grad(whole, out)
     torch.testing.assert_close(loss, whole)
     torch.testing.assert_close(grad, whole_grad)
+
+
+def test_a_label_without_an_intent_teaches_the_words_alone(micro_model: Path, tiny_manifest: Path) -> None:
+    """The night's teacher gives the transcript, not the intent: the generative loss teaches the transcript
+    line and nothing after it, whatever the intent field holds, and not "not a command"."""
+    model, examples, (out, out_lengths) = _projected(micro_model, tiny_manifest)
+    first = examples[0]
+    assert first.utterance.intent is not None
+
+    def loss(**label: object) -> torch.Tensor:
+        example = Example(first.features, replace(first.utterance, **label), first.context)
+        return generative_loss(model, out[:1].detach(), out_lengths[:1], [example])
+
+    words = loss(transcript_only=True)
+    torch.testing.assert_close(words, loss(transcript_only=True, intent=None))
+    assert not torch.allclose(words, loss(intent=None))  # "not a command" would be taught
+    assert not torch.allclose(words, loss())
+    full = answer_ids(model.tokenizer, first.utterance.text, first.utterance.intent)
+    line = answer_ids(model.tokenizer, first.utterance.text, None, transcript_only=True)
+    assert full[: len(line)] == line and model.tokenizer.decode(line).endswith("\n")
+    assert model.tokenizer.eos_token_id not in line
 
 
 @pytest.mark.parametrize("objective", ["generative", "embedlink"])

@@ -859,7 +859,10 @@ def _held_out(row_id: int, every: int) -> bool:
 
 def _utterance(label: Label, absolute: Path | None = None) -> Utterance:
     audio = Path(label.audio_path) if absolute is None else (absolute / label.audio_path).resolve()
-    return Utterance(audio, label.text, label.intent, "", HOUSEHOLD)
+    # No intent source: the label gives the words alone, which must not teach "not a command".
+    return Utterance(
+        audio, label.text, label.intent, "", HOUSEHOLD, transcript_only=label.intent_source is None
+    )
 
 
 def _intent_text(intent: Intent | None) -> str:

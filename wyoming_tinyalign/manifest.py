@@ -1,7 +1,9 @@
 """Speech manifests: one JSON line per utterance, audio paths relative to the manifest's folder.
 
 ``{"audio": "wavs/h1/00012.wav", "text": "...", "intent": {"name": ..., "slots": {...}},
-"speaker": "...", "household": "..."}``; ``intent`` may be null (not a command).
+"speaker": "...", "household": "..."}``; ``intent`` may be null (not a command). A label that gives
+the words but not the intent (the nightly teacher's) says ``"transcript_only": true``: its intent is
+unknown, so it is neither taught nor scored.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class Utterance:
     intent: Intent | None
     speaker: str
     household: str
+    transcript_only: bool = False  # the intent is unknown (not "not a command"): train the words alone
 
 
 def read_manifest(path: Path) -> list[Utterance]:
@@ -48,6 +51,7 @@ def read_manifest(path: Path) -> list[Utterance]:
                         intent=None if intent is None else Intent.from_json(intent),
                         speaker=str(row.get("speaker", "")),
                         household=str(row.get("household", "")),
+                        transcript_only=bool(row.get("transcript_only", False)),
                     )
                 )
             except (ValueError, KeyError, TypeError, AttributeError) as err:
@@ -68,6 +72,8 @@ def write_manifest(path: Path, utterances: list[Utterance]) -> None:
             "speaker": utt.speaker,
             "household": utt.household,
         }
+        if utt.transcript_only:
+            row["transcript_only"] = True
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
     write_atomic(path, "".join(lines).encode("utf-8"))
 

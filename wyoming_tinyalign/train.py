@@ -171,6 +171,12 @@ def embedlink_loss(
     return ((mse + cos) * mask).sum() / mask.sum()
 
 
+def target_ids(model: SpeechLLM, utterance: Utterance) -> list[int]:
+    """The answer the generative loss teaches for an utterance (the transcript line alone when its label
+    does not give the intent)."""
+    return answer_ids(model.tokenizer, utterance.text, utterance.intent, utterance.transcript_only)
+
+
 def generative_loss(
     model: SpeechLLM, out: torch.Tensor, out_lengths: torch.Tensor, examples: list[Example]
 ) -> torch.Tensor:
@@ -192,7 +198,7 @@ def generative_loss(
             prompt, slot = model.prompt_embeds(out[i, : int(out_lengths[i])], context)
             if prefix is not None:
                 prompt = prompt[:, slot.start :]
-            answer = answer_ids(model.tokenizer, examples[i].utterance.text, examples[i].utterance.intent)
+            answer = target_ids(model, examples[i].utterance)
             rows.append(torch.cat([prompt[0], model.embed_tokens(answer).detach()]))
             labels.append(torch.tensor([-100] * prompt.shape[1] + answer, device=out.device))
         embeds = pad_sequence(rows, batch_first=True)
@@ -257,9 +263,7 @@ def micro_batches(
         return [(examples, 1.0)]
     ordered = sorted(examples, key=lambda e: e.context)
     runs = [ordered[start : start + size] for start in range(0, len(ordered), size)]
-    tokens = [
-        sum(len(answer_ids(model.tokenizer, e.utterance.text, e.utterance.intent)) for e in r) for r in runs
-    ]
+    tokens = [sum(len(target_ids(model, e.utterance)) for e in r) for r in runs]
     return [(run, n / max(1, sum(tokens))) for run, n in zip(runs, tokens, strict=True)]
 
 
@@ -376,7 +380,8 @@ def made_progress(m: dict, best: dict | None, min_val_loss: float | None) -> boo
 def data_hash(utterances: list[Utterance], features: list[torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for u, f in zip(utterances, features, strict=True):
-        digest.update(f"{u.text}\t{u.intent.to_text() if u.intent else ''}\t{tuple(f.shape)}\n".encode())
+        intent = u.intent.to_text() if u.intent else "?" if u.transcript_only else ""
+        digest.update(f"{u.text}\t{intent}\t{tuple(f.shape)}\n".encode())
     return digest.hexdigest()[:16]
 
 

@@ -47,12 +47,15 @@ def context_names(context: str) -> dict[str, list[str]]:
     return names
 
 
-def answer_ids(tokenizer, transcript: str, intent: Intent | None) -> list[int]:
-    """Token ids of the LLM's answer, ending in EOS.
+def answer_ids(tokenizer, transcript: str, intent: Intent | None, transcript_only: bool = False) -> list[int]:
+    """Token ids of the LLM's answer, ending in EOS; with `transcript_only`, the transcript line alone
+    (a label whose intent is unknown: what follows the line is not taught).
 
     The transcript line (with its newline) is tokenized on its own, so that the text path can hand it
     to the LLM and let it write only the intent line.
     """
     line1, _, line2 = format_answer(transcript, intent).partition("\n")
     ids = tokenizer(line1 + "\n", add_special_tokens=False)["input_ids"]
+    if transcript_only:
+        return ids
     return ids + tokenizer(line2, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
