@@ -11,8 +11,9 @@
    reference transcript: the most a night (which changes only the projector) could reach.
    `--labels teacher` is the household that corrects nothing: the utterances are logged as a day-0
    server (`--path auto`: the cascade) logs them, with Whisper's transcript and confidence and no
-   intent, so the night's labels are the teacher's alone (those at `--teacher-min-confidence` or
-   above). The report then gives how many were kept and their WER against the true text.
+   intent, so the night's labels are the teacher's alone (those at `adapt --teacher-min-confidence`
+   or above: set it with `--job-args`). The report gives how many the night labelled so (their
+   `label_source` in the log) and their WER against the true text.
 2. Cost at real size: the same job on 200 corrected utterances with whisper-base + Qwen2.5-0.5B shapes
    (random weights; the compute is real, the words are not): its wall time and peak RSS (the job
    process's `ru_maxrss`); targets <= 10 minutes and <= 3 GB on 2 cores. `--real-size-dtype float32
@@ -34,9 +35,11 @@ import os
 import platform
 import shlex
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from datetime import date
 from pathlib import Path
 
@@ -44,7 +47,6 @@ import torch
 from realsize import qwen25_05b, whisper_base
 from transformers import GenerationConfig, WhisperFeatureExtractor
 
-from wyoming_tinyalign.adapt import AdaptOptions
 from wyoming_tinyalign.evaluate import evaluate_items, evaluate_text, word_edits, word_error_rate
 from wyoming_tinyalign.households import Household, context_text, load_households
 from wyoming_tinyalign.labels import set_correction, validate_correction
@@ -59,7 +61,7 @@ from wyoming_tinyalign.model.bundle import (
 )
 from wyoming_tinyalign.model.projector import ProjectorConfig, build_projector
 from wyoming_tinyalign.model.speechllm import SpeechLLM, resolve_ref
-from wyoming_tinyalign.store import Interaction, InteractionStore
+from wyoming_tinyalign.store import DB_FILE, Interaction, InteractionStore
 from wyoming_tinyalign.synth import render_corpus
 from wyoming_tinyalign.train import OBJECTIVES
 from wyoming_tinyalign.versions import load_household_model, record_model
@@ -90,10 +92,9 @@ def log_corrected(data: Path, bundle: Path, manifest: Path) -> int:
         store.close()
 
 
-def log_heard(data: Path, bundle: Path, model: SpeechLLM, manifest: Path) -> dict[int, tuple]:
+def log_heard(data: Path, bundle: Path, model: SpeechLLM, manifest: Path) -> dict[int, str]:
     """A data dir as a day-0 server leaves it (the cascade's transcript and confidence, no intent, no
-    correction): the night's labels can only be the teacher's. Returns (true text, transcript,
-    confidence) by row id."""
+    correction): the night's labels can only be the teacher's. Returns the true text by row id."""
     record_model(data, bundle, bundle.name)
     store = InteractionStore(data / "log")
     store.open()
@@ -110,17 +111,21 @@ def log_heard(data: Path, bundle: Path, model: SpeechLLM, manifest: Path) -> dic
                 ),
                 audio,
             )  # fmt: skip
-            truth[row] = (utt.text, heard.transcript, heard.confidence)
+            truth[row] = utt.text
         return truth
     finally:
         store.close()
 
 
-def teacher_label_quality(truth: dict, threshold: float) -> dict:
-    """How many of the day's transcripts a night keeps as labels at `threshold`, and how wrong they are."""
-    kept = [(text, heard) for text, heard, conf in truth.values() if conf is not None and conf >= threshold]
+def teacher_label_quality(data: Path, truth: dict[int, str]) -> dict:
+    """How many of the logged utterances the night labelled by the teacher (its `label_source`), and how
+    wrong those labels were."""
+    with closing(sqlite3.connect(data / "log" / DB_FILE)) as conn:
+        rows = conn.execute(
+            "SELECT id, teacher_transcript FROM interactions WHERE label_source = 'teacher'"
+        ).fetchall()
+    kept = [(truth[row_id], heard) for row_id, heard in rows]
     return {
-        "threshold": threshold,
         "logged": len(truth),
         "kept": len(kept),
         "kept_wer": round(word_error_rate(*zip(*kept, strict=True)), 4) if kept else None,
@@ -142,8 +147,7 @@ def run_night(data: Path, args: argparse.Namespace, extra: list[str]) -> dict:
         sys.executable, "-m", "wyoming_tinyalign", "adapt", "--data-dir", str(data), "--now",
         "--budget-minutes", str(args.budget_minutes), "--threads", str(args.threads),
         "--bootstrap-dir", str(args.work / "bootstrap"), "--replay-n", str(args.replay_n),
-        "--general-n", str(args.general_n), "--teacher-min-confidence", str(args.teacher_min_confidence),
-        *shlex.split(args.job_args), *extra,
+        "--general-n", str(args.general_n), *shlex.split(args.job_args), *extra,
     ]  # fmt: skip
     _LOGGER.info("running %s", " ".join(cmd))
     with open(data.parent / "adapt.log", "w") as log:
@@ -169,12 +173,9 @@ def quality(args: argparse.Namespace) -> list[dict]:
         heldout = render_corpus(work / "heldout", [household], args.heldout, seed=200 + i)
         data = work / "data"
         before_model = SpeechLLM.load(args.model)
-        if args.labels == "teacher":
-            truth = log_heard(data, args.model, before_model, labelled)
-            teacher = teacher_label_quality(truth, args.teacher_min_confidence)
-        else:
+        truth = log_heard(data, args.model, before_model, labelled) if args.labels == "teacher" else None
+        if truth is None:
             log_corrected(data, args.model, labelled)
-            teacher = None
         context = context_text(household)
         before = evaluate(before_model, heldout, context, ("aligned", "cascade"))
         # The LLM given each reference transcript: what the aligned path reaches at best with a perfect
@@ -200,7 +201,7 @@ def quality(args: argparse.Namespace) -> list[dict]:
             "before": {p: {k: r[k] for k in ("intent_accuracy", "wer")} for p, r in before.items()},
             "after": {"aligned": {k: after["aligned"][k] for k in ("intent_accuracy", "wer")}},
             "text_ceiling": round(ceiling, 4),
-            "teacher_labels": teacher,
+            "teacher_labels": teacher_label_quality(data, truth) if truth is not None else None,
             "job": {
                 "wall_s": round(wall, 1),
                 "duration_s": report.get("duration_s"),
@@ -302,7 +303,7 @@ def report(r: dict) -> str:
     lines = [
         f"Date {r['date']}; machine: {r['machine']}; job: `--threads {r['threads']}`, "
         f"`--budget-minutes {r['budget_minutes']}`; {r['labelled']} logged utterances per household, "
-        f"labelled by {LABEL_MODES[r['labels']]}; {r['heldout']} held-out.",
+        f"labelled by {LABEL_MODES[r['labels']]}; {r['heldout']} held-out; `--job-args '{r['job_args']}'`.",
         "",
         "| household | result | intent acc before -> after | intent error cut | WER before -> after "
         "| WER cut | cascade intent acc / WER | intent acc from the reference transcript "
@@ -331,15 +332,13 @@ def report(r: dict) -> str:
     if teacher:
         lines += [
             "",
-            "| household | teacher labels kept (mean log-prob >= threshold) | their WER against the truth "
-            "| exactly right |",
+            "| household | labelled by the teacher | their WER against the truth | exactly right |",
             "|---" * 4 + "|",
         ]
         for row in teacher:
             t = row["teacher_labels"]
             lines.append(
-                f"| {row['household']} | {t['kept']} of {t['logged']} (>= {t['threshold']}) "
-                f"| {t['kept_wer']} | {t['kept_exact']} |"
+                f"| {row['household']} | {t['kept']} of {t['logged']} | {t['kept_wer']} | {t['kept_exact']} |"
             )
     if r["real_size"]:
         lines += [
@@ -370,10 +369,6 @@ def main() -> None:
     parser.add_argument(
         "--labels", choices=tuple(LABEL_MODES), default="corrections",
         help="every logged utterance corrected (default), or none: the night's teacher labels alone",
-    )  # fmt: skip
-    parser.add_argument(
-        "--teacher-min-confidence", type=float, default=AdaptOptions.teacher_min_confidence,
-        help="the nights' threshold for the teacher's labels (`adapt --teacher-min-confidence`)",
     )  # fmt: skip
     parser.add_argument("--heldout", type=int, default=50, help="held-out utterances per household")
     parser.add_argument("--households", type=int, default=3)
@@ -414,7 +409,7 @@ def main() -> None:
         "budget_minutes": args.budget_minutes,
         "labelled": args.labelled,
         "labels": args.labels,
-        "teacher_min_confidence": args.teacher_min_confidence,
+        "job_args": args.job_args,
         "heldout": args.heldout,
         "quick": args.quick,
     }

@@ -22,7 +22,7 @@ from wyoming_tinyalign.labels import (
     set_teacher,
     validate_correction,
 )
-from wyoming_tinyalign.store import MIGRATIONS, SCHEMA_VERSION, Interaction, InteractionStore
+from wyoming_tinyalign.store import DB_FILE, MIGRATIONS, SCHEMA_VERSION, Interaction, InteractionStore
 
 ON = Intent("HassTurnOn", {"name": "porch light"})
 OFF = Intent("HassTurnOff", {"name": "porch light"})
@@ -173,14 +173,21 @@ def test_label_sources_are_recorded_and_the_teacher_skips_corrected_rows(store: 
     assert sources[corrected] == "correction" and sources[plain] is None
 
 
-def test_a_version_1_log_is_migrated_to_the_label_source_and_adaptations(tmp_path: Path) -> None:
+def old_log(tmp_path: Path, version: int) -> InteractionStore:
+    """A log as a release at schema `version` left it, with one row, opened (so migrated) by this one."""
     folder = tmp_path / "log"
     folder.mkdir()
-    with closing(sqlite3.connect(folder / "interactions.sqlite3", isolation_level=None)) as conn:
-        conn.executescript(f"BEGIN;\n{MIGRATIONS[0]}\nPRAGMA user_version = 1;\nCOMMIT;")
-        conn.execute("INSERT INTO interactions (created_at, kind, transcript) VALUES (1, 'text', 'hi')")
+    steps = "\n".join(MIGRATIONS[:version])
+    with closing(sqlite3.connect(folder / DB_FILE, isolation_level=None)) as conn:
+        conn.executescript(f"BEGIN;\n{steps}\nPRAGMA user_version = {version};\nCOMMIT;")
+        conn.execute("INSERT INTO interactions (created_at, kind, transcript) VALUES (1, 'audio', 'hi')")
     store = InteractionStore(folder)
     store.open()
+    return store
+
+
+def test_a_version_1_log_is_migrated_to_the_label_source_and_adaptations(tmp_path: Path) -> None:
+    store = old_log(tmp_path, 1)
     try:
         conn = store.conn
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
@@ -195,20 +202,14 @@ def test_a_version_1_log_is_migrated_to_the_label_source_and_adaptations(tmp_pat
 
 def test_a_version_2_log_is_migrated_to_the_withheld_intent(tmp_path: Path) -> None:
     """A log written before answers were withheld keeps its rows; they have no withheld intent."""
-    folder = tmp_path / "log"
-    folder.mkdir()
-    with closing(sqlite3.connect(folder / "interactions.sqlite3", isolation_level=None)) as conn:
-        conn.executescript(f"BEGIN;\n{MIGRATIONS[0]}\n{MIGRATIONS[1]}\nPRAGMA user_version = 2;\nCOMMIT;")
-        conn.execute("INSERT INTO interactions (created_at, kind, transcript) VALUES (1, 'audio', 'hi')")
-    store = InteractionStore(folder)
-    store.open()
+    store = old_log(tmp_path, 2)
     try:
-        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-        (old,) = store.conn.execute("SELECT transcript, withheld FROM interactions").fetchall()
-        assert tuple(old) == ("hi", None)
+        conn = store.conn
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("SELECT transcript, withheld FROM interactions").fetchall() == [("hi", None)]
         unsure = Intent("HassTurnOn", {"name": "porch light"})
         row = store.add(Interaction(kind="audio", transcript="turn on the porch light", withheld=unsure))
-        (raw,) = store.conn.execute("SELECT withheld FROM interactions WHERE id = ?", (row,)).fetchone()
+        (raw,) = conn.execute("SELECT withheld FROM interactions WHERE id = ?", (row,)).fetchone()
         assert Intent.from_json(json.loads(raw)) == unsure
     finally:
         store.close()

@@ -437,10 +437,11 @@ class TinyAlignHandler(AsyncEventHandler):
     async def _send_handled(self, answer: Answer) -> str:
         """`handled` with a confirmation sentence (Home Assistant's API executes nothing yet)."""
         if answer.intent is None:
-            await self.write_event(NotHandled(text=_sorry(answer)).event())
-            return _sorry(answer)
-        text = response_text(answer.intent)
-        await self.write_event(Handled(text=text).event())
+            text = _sorry(answer)
+            await self.write_event(NotHandled(text=text).event())
+        else:
+            text = response_text(answer.intent)
+            await self.write_event(Handled(text=text).event())
         return text
 
     async def _speak(self, text: str) -> None:

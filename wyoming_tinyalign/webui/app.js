@@ -97,7 +97,7 @@ function openEditor(row) {
 
 function show(row, item) {
   const fix = item.correction || {};
-  const heardIntent = item.intent || item.withheld; // withheld: heard, but too unsure to act on
+  const heardIntent = JSON.parse(row.dataset.heardIntent || "null"); // as the page rendered it
   const heard = intentText(heardIntent);
   row.dataset.text = fix.text || item.transcript || "";
   row.dataset.intent = JSON.stringify("intent" in fix ? fix.intent : heardIntent);
