@@ -13,7 +13,9 @@
    server (`--path auto`: the cascade) logs them, with Whisper's transcript and confidence and no
    intent, so the night's labels are the teacher's alone (those at `adapt --teacher-min-confidence`
    or above: set it with `--job-args`). The report gives how many the night labelled so (their
-   `label_source` in the log) and their WER against the true text.
+   `label_source` in the log) and their WER against the true text. `--nights N` is N days in a row:
+   each logs `--labelled` new utterances, then its night runs on all labels so far, from the version
+   then served, and the served model is scored on the held-out utterances after each night.
 2. Cost at real size: the same job on 200 corrected utterances with whisper-base + Qwen2.5-0.5B shapes
    (random weights; the compute is real, the words are not): its wall time and peak RSS (the job
    process's `ru_maxrss`); targets <= 10 minutes and <= 3 GB on 2 cores. `--real-size-dtype float32
@@ -70,12 +72,13 @@ _LOGGER = logging.getLogger("personalization")
 LABEL_MODES = {"corrections": "corrections", "teacher": "the teacher alone (nothing corrected)"}
 
 
-def log_corrected(data: Path, bundle: Path, manifest: Path) -> int:
-    """A data dir as the server leaves it, every utterance corrected to its true text and intent."""
+def log_corrected(data: Path, bundle: Path, manifest: Path, days_ago: int = 2) -> int:
+    """A data dir as the server leaves it, every utterance corrected to its true text and intent (logged
+    over the day `days_ago`)."""
     record_model(data, bundle, bundle.name)
     store = InteractionStore(data / "log")
     store.open()
-    start = time.time() - 2 * 86400
+    start = time.time() - days_ago * 86400
     try:
         for i, (utt, audio) in enumerate(load_utterances(manifest)):
             row = store.add(
@@ -92,13 +95,16 @@ def log_corrected(data: Path, bundle: Path, manifest: Path) -> int:
         store.close()
 
 
-def log_heard(data: Path, bundle: Path, model: SpeechLLM, manifest: Path) -> dict[int, str]:
+def log_heard(
+    data: Path, bundle: Path, model: SpeechLLM, manifest: Path, days_ago: int = 2
+) -> dict[int, str]:
     """A data dir as a day-0 server leaves it (the cascade's transcript and confidence, no intent, no
-    correction): the night's labels can only be the teacher's. Returns the true text by row id."""
+    correction; logged over the day `days_ago`): the night's labels can only be the teacher's. Returns
+    the true text by row id."""
     record_model(data, bundle, bundle.name)
     store = InteractionStore(data / "log")
     store.open()
-    start = time.time() - 2 * 86400
+    start = time.time() - days_ago * 86400
     truth = {}
     try:
         for i, (utt, audio) in enumerate(load_utterances(manifest)):
@@ -169,13 +175,15 @@ def quality(args: argparse.Namespace) -> list[dict]:
         work = args.work / "quality" / household.name
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        labelled = render_corpus(work / "labelled", [household], args.labelled, seed=100 + i)
+        # Night 1's utterances keep the seed one night has always had; each later day has new ones.
+        days = [
+            render_corpus(work / f"labelled-{k + 1}", [household], args.labelled, seed=100 + i + 1000 * k)
+            for k in range(args.nights)
+        ]
         heldout = render_corpus(work / "heldout", [household], args.heldout, seed=200 + i)
         data = work / "data"
+        household_json = str(household_file(household, work / "household.json"))
         before_model = SpeechLLM.load(args.model)
-        truth = log_heard(data, args.model, before_model, labelled) if args.labels == "teacher" else None
-        if truth is None:
-            log_corrected(data, args.model, labelled)
         context = context_text(household)
         before = evaluate(before_model, heldout, context, ("aligned", "cascade"))
         # The LLM given each reference transcript: what the aligned path reaches at best with a perfect
@@ -183,39 +191,59 @@ def quality(args: argparse.Namespace) -> list[dict]:
         ceiling = evaluate_text(
             before_model, [(u, context) for u in read_manifest(heldout) if u.intent is not None]
         )
+        truth: dict[int, str] | None = {} if args.labels == "teacher" else None
+        nights = []
+        for k, labelled in enumerate(days):
+            # Each day is logged before its night, as a server would log it: by the cascade (day 0) or
+            # the version then served, which the teacher labels do not depend on.
+            days_ago = args.nights - k + 1
+            if truth is not None:
+                truth |= log_heard(data, args.model, before_model, labelled, days_ago)
+            else:
+                log_corrected(data, args.model, labelled, days_ago)
+            t0 = time.monotonic()
+            report = run_night(data, args, ["--context-file", household_json])
+            wall = time.monotonic() - t0
+            after_model, version = load_household_model(data)
+            after = evaluate(after_model, heldout, context, ("aligned",))
+            del after_model
+            nights.append(
+                {
+                    "night": k + 1,
+                    "logged": args.labelled * (k + 1),
+                    "status": report["status"],
+                    "reason": report.get("reason"),
+                    "version": version,
+                    "after": {"aligned": {k: after["aligned"][k] for k in ("intent_accuracy", "wer")}},
+                    "teacher_labels": teacher_label_quality(data, truth) if truth is not None else None,
+                    "job": {
+                        "wall_s": round(wall, 1),
+                        "duration_s": report.get("duration_s"),
+                        "peak_rss_mb": report.get("peak_rss_mb"),
+                        "train": {k: v for k, v in (report.get("train") or {}).items() if k != "history"},
+                        "data": report.get("data"),
+                        "household_before": (report.get("before") or {}).get("household"),
+                        "household_after": (report.get("after") or {}).get("household"),
+                        "general_before": (report.get("before") or {}).get("general"),
+                        "general_after": (report.get("after") or {}).get("general"),
+                        "general_shipped": (report.get("shipped") or {}).get("general"),
+                    },
+                }
+            )
+            _LOGGER.info("%s night %d: %s", household.name, k + 1, json.dumps(nights[-1]["after"]))
         del before_model
-        t0 = time.monotonic()
-        report = run_night(
-            data, args, ["--context-file", str(household_file(household, work / "household.json"))]
+        last = nights[-1]
+        rows.append(
+            {
+                "household": household.name,
+                "labelled": args.labelled,
+                "heldout": args.heldout,
+                "before": {p: {k: r[k] for k in ("intent_accuracy", "wer")} for p, r in before.items()},
+                "text_ceiling": round(ceiling, 4),
+                **{k: last[k] for k in ("status", "reason", "version", "after", "teacher_labels", "job")},
+                "nights": nights,
+            }
         )
-        wall = time.monotonic() - t0
-        after_model, version = load_household_model(data)
-        after = evaluate(after_model, heldout, context, ("aligned",))
-        row = {
-            "household": household.name,
-            "labelled": args.labelled,
-            "heldout": args.heldout,
-            "status": report["status"],
-            "reason": report.get("reason"),
-            "version": version,
-            "before": {p: {k: r[k] for k in ("intent_accuracy", "wer")} for p, r in before.items()},
-            "after": {"aligned": {k: after["aligned"][k] for k in ("intent_accuracy", "wer")}},
-            "text_ceiling": round(ceiling, 4),
-            "teacher_labels": teacher_label_quality(data, truth) if truth is not None else None,
-            "job": {
-                "wall_s": round(wall, 1),
-                "duration_s": report.get("duration_s"),
-                "peak_rss_mb": report.get("peak_rss_mb"),
-                "train": {k: v for k, v in (report.get("train") or {}).items() if k != "history"},
-                "data": report.get("data"),
-                "household_before": (report.get("before") or {}).get("household"),
-                "household_after": (report.get("after") or {}).get("household"),
-                "general_before": (report.get("before") or {}).get("general"),
-                "general_after": (report.get("after") or {}).get("general"),
-            },
-        }
-        rows.append(row)
-        _LOGGER.info("%s: %s", household.name, json.dumps({k: row[k] for k in ("status", "before", "after")}))
     return rows
 
 
@@ -328,6 +356,32 @@ def report(r: dict) -> str:
             f"| {gb.get('intent_accuracy', '-')} -> {ga.get('intent_accuracy', '-')} "
             f"| {row['job']['duration_s']} | {row['job']['peak_rss_mb']} |"
         )
+    if r.get("nights", 1) > 1:
+        lines += [
+            "",
+            "| household | night | logged so far | labels | result | served after it "
+            "| served intent acc / WER on the held-out | other voices' intent acc: served -> candidate "
+            "(shipped) |",
+            "|---" * 8 + "|",
+        ]
+        for row in r["quality"]:
+            b = row["before"]["aligned"]
+            lines.append(
+                f"| {row['household']} | 0 | 0 | - | - | shipped "
+                f"| {b['intent_accuracy']:.3f} / {b['wer']:.3f} | - |"
+            )
+            for n in row["nights"]:
+                a, job = n["after"]["aligned"], n["job"]
+                gb, ga = job["general_before"] or {}, job["general_after"] or {}
+                shipped = (job["general_shipped"] or {}).get("intent_accuracy")
+                labels = (job["data"] or {}).get("labelled", "-")
+                lines.append(
+                    f"| {row['household']} | {n['night']} | {n['logged']} "
+                    f"| {labels} | {n['status']}: {n['reason']} "
+                    f"| {n['version']} | {a['intent_accuracy']:.3f} / {a['wer']:.3f} "
+                    f"| {gb.get('intent_accuracy', '-')} -> {ga.get('intent_accuracy', '-')}"
+                    f"{f' ({shipped})' if shipped is not None else ''} |"
+                )
     teacher = [row for row in r["quality"] if row["teacher_labels"]]
     if teacher:
         lines += [
@@ -365,7 +419,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="folder for speech, data dirs and results")
     parser.add_argument("--budget-minutes", type=float, default=10.0, help="the night's time budget")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the job")
-    parser.add_argument("--labelled", type=int, default=100, help="logged utterances per household")
+    parser.add_argument(
+        "--labelled", type=int, default=100, help="logged utterances per household (per day, with --nights)"
+    )
+    parser.add_argument(
+        "--nights", type=int, default=1,
+        help="days in a row: each logs --labelled new utterances, then its night runs on all so far",
+    )  # fmt: skip
     parser.add_argument(
         "--labels", choices=tuple(LABEL_MODES), default="corrections",
         help="every logged utterance corrected (default), or none: the night's teacher labels alone",
@@ -408,6 +468,7 @@ def main() -> None:
         "threads": args.threads,
         "budget_minutes": args.budget_minutes,
         "labelled": args.labelled,
+        "nights": args.nights,
         "labels": args.labels,
         "job_args": args.job_args,
         "heldout": args.heldout,

@@ -90,6 +90,7 @@ def test_a_night_with_corrections_promotes_a_better_projector(
     assert {"intent_accuracy", "wer", "n_intent"} <= after.keys()
     assert report["train"]["steps"] > 0 and report["train"]["loss_curve"]
     assert report["duration_s"] > 0 and report["peak_rss_mb"] > 0 and "cascade" in report
+    assert "shipped" not in report  # the shipped projector is the served one
     # The version is on disk with its validation, served through the pointer.
     versions = Versions(household)
     assert versions.current() == "v0001"
@@ -129,6 +130,9 @@ def test_a_worse_candidate_is_rejected_and_the_served_version_stays(
     # train() kept its starting point, so the served projector's figures stand for the candidate.
     assert "no epoch of training beat the served projector" in report["reason"]
     assert report["after"] == report["before"] and report["train"]["history"][0]["step"] == 0
+    # A household version is served, so the bundle's own projector was scored on the same general set.
+    shipped = report["shipped"]["general"]
+    assert shipped["n"] == report["before"]["general"]["n"] and shipped["loss"] is not None
     assert Versions(household).current() == "v0001" and Versions(household).names() == ["v0001"]
     assert [r["status"] for r in adaptations(household)][-1] == "rejected"
 

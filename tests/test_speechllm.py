@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import random
 import shutil
 from copy import deepcopy
@@ -406,6 +407,26 @@ def test_bundle_round_trip_gives_the_same_outputs(
     again = SpeechLLM.load(copy)
     torch.testing.assert_close(again.project([audio])[0], model.project([audio])[0])
     assert again.run(audio, "aligned").transcript == model.run(audio, "aligned").transcript
+
+
+def test_a_checkpoints_sampling_recipe_leaves_the_greedy_answer_alone(
+    model: SpeechLLM, micro_model: Path, tmp_path: Path, audio
+) -> None:
+    """Qwen2.5-Instruct's generation_config.json asks for sampling with a repetition penalty; the answers
+    stay greedy over the LLM's own scores (the penalty would push the intent line off the transcript's
+    names)."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(micro_model, copy)
+    path = copy / "llm" / "generation_config.json"
+    recipe = {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.8, "repetition_penalty": 3.0}
+    path.write_text(json.dumps(json.loads(path.read_text()) | recipe | {"no_repeat_ngram_size": 1}))
+    again = SpeechLLM.load(copy)
+    context = "areas: kitchen, hallway; devices: porch light, kettle"
+    for path_name in ("aligned", "cascade"):
+        got, expected = again.run(audio, path_name, context), model.run(audio, path_name, context)
+        assert (got.transcript, got.intent) == (expected.transcript, expected.intent), path_name
+    text = "turn on the porch light in the kitchen"
+    assert again.understand_text(text, context) == model.understand_text(text, context)
 
 
 def test_whisper_decoder_runs_on_a_second_load_inside_separate_decoder(

@@ -201,6 +201,36 @@ def test_a_drop_on_other_voices_must_be_more_than_chance() -> None:
     assert sign_test(0, 0) == 1.0 and sign_test(4, 0) == 1 / 16
 
 
+def test_small_drops_on_other_voices_do_not_add_up_over_nights() -> None:
+    """Each night may lose other voices a chance drop; measured against the shipped projector as well,
+    the drops of many promoted nights cannot add up past what chance allows."""
+    serving = {"household": HOUSE, "general": GENERAL | {"intent_accuracy": 0.75, "loss": 1.02}}
+    candidate = {
+        "household": HOUSE | {"intent_accuracy": 0.7},
+        "general": GENERAL | {"intent_accuracy": 0.7, "loss": 1.04},
+    }
+    # Against the served version: 0.75 -> 0.7, 2 of 60 utterances lost, none gained (p = 0.25).
+    paired = {"household": {"intent_accuracy": [0, 6]}, "general": {"intent_accuracy": [2, 0]}}
+    assert decide(candidate, serving, 0.02, paired)[0]
+    # Against the shipped projector: 0.8 -> 0.7, 6 lost and none gained over the nights (p = 0.016).
+    shipped = GENERAL
+    promote, reason = decide(
+        candidate, serving, 0.02, paired | {"shipped": {"intent_accuracy": [6, 0]}}, shipped=shipped
+    )
+    assert not promote, reason
+    assert "worse on other voices than the shipped projector: intent accuracy 0.8 -> 0.7" in reason
+    # Three lost and one gained since the shipped projector could be chance (p = 0.31).
+    promote, reason = decide(
+        candidate, serving, 0.02, paired | {"shipped": {"intent_accuracy": [3, 1]}}, shipped=shipped
+    )
+    assert promote and "0.8 -> 0.7 than the shipped projector on 10 utterances could be chance" in reason
+    # The same holds for the loss rule: 1.0 -> 1.04 is within 2 % of the served 1.02, not of the shipped 1.0.
+    candidate["household"] = HOUSE | {"loss": 0.9}
+    assert decide(candidate, serving, 0.02, on="loss")[0]
+    promote, reason = decide(candidate, serving, 0.02, on="loss", shipped=shipped)
+    assert not promote and "worse on other voices than the shipped projector (1.0 -> 1.04)" in reason
+
+
 def test_a_gain_for_the_household_must_be_more_than_chance() -> None:
     serving = {"household": HOUSE, "general": GENERAL}
     candidate = {"household": HOUSE | {"intent_accuracy": 0.6}, "general": GENERAL}

@@ -15,10 +15,12 @@ One run, in its own low-priority process (`nice` 10, one torch thread unless `--
    `DATA/bootstrap`, so it does not forget them), within the time budget;
 6. validates the candidate and the served projector on the household's held-out set and on a general
    held-out set of base-household speech (intent accuracy, WER, and that objective's loss), and the
-   cascade on the household's held-out set (for the day-0 rule of `--path auto`);
+   cascade on the household's held-out set (for the day-0 rule of `--path auto`), and, when a household
+   version is served, the bundle's own projector on the general set;
 7. promotes the candidate only when it is better for the household by more than chance (a sign test
-   over the held-out utterances that changed) and not worse elsewhere beyond `--tolerance`: first a
-   new numbered version file, then the pointer (`versions.py`); otherwise it is recorded as rejected
+   over the held-out utterances that changed) and not worse elsewhere beyond `--tolerance`, than the
+   served projector and than the bundle's own (so small losses do not add up night after night): first
+   a new numbered version file, then the pointer (`versions.py`); otherwise it is recorded as rejected
    with the reason.
 
 Nothing the server reads is written before step 7, so a kill at any moment leaves it serving a complete
@@ -247,6 +249,7 @@ def decide(
     tolerance: float,
     paired: dict[str, dict[str, list[int]]] | None = None,
     on: str = "answers",
+    shipped: dict | None = None,
 ) -> tuple[bool, str]:
     """Promote only if better for the household and not worse on the general held-out set.
 
@@ -263,14 +266,21 @@ def decide(
     progress, but a lower loss alone is no progress to set against them. Without `paired` (nothing was
     served before) the figures alone decide. Returns (promote, reason).
 
+    `shipped`: the bundle's own projector's figures on the general set, when a household version is
+    served. The candidate is held to them as well, by the same rule (`paired["shipped"]`: candidate
+    against shipped, per utterance), so that drops each small enough to pass as chance do not add up
+    over many promoted nights.
+
     `on="loss"` decides on the held-out loss alone (household: lower by 0.5 %; general: not higher by
-    more than `tolerance`, relative): for development models too small for their answers to mean
-    anything."""
+    more than `tolerance`, relative, than the served and the shipped projector's): for development
+    models too small for their answers to mean anything."""
     mine, theirs = candidate["household"], serving["household"]
+    general = candidate.get("general") or {}
+    anchors = [("", serving.get("general") or {}, "general")]
+    if shipped:
+        anchors.append((" than the shipped projector", shipped, "shipped"))
     if on == "loss":
-        return _decide_on_loss(
-            mine, theirs, candidate.get("general") or {}, serving.get("general") or {}, tolerance
-        )
+        return _decide_on_loss(mine, theirs, general, anchors, tolerance)
     c, s = mine.get("loss"), theirs.get("loss")
     if c is not None and s is not None and c > s * (1 + LOSS_GUARD):
         return False, f"worse for the household: held-out loss {s} -> {c} (up more than {LOSS_GUARD:.0%})"
@@ -296,40 +306,39 @@ def decide(
             return False, f"no better for the household (intent accuracy, WER and loss: {c} vs {s} served)"
         gains.append(f"equal intent accuracy and WER, held-out loss {s} -> {c}")
     verdict = ", ".join(gains)
-    general, before = candidate.get("general") or {}, serving.get("general") or {}
     notes = []
-    if general.get("n") and before.get("n"):
+    for than, before, pairs in anchors:
+        if not (general.get("n") and before.get("n")):
+            continue
         for key, label, sign in (("intent_accuracy", "intent accuracy", -1), ("wer", "WER", 1)):
             c, s = general.get(key), before.get(key)
             if c is None or s is None or sign * (c - s) <= tolerance + 1e-9:
                 continue
             change = f"{label} {s} -> {c}"
-            counts = (paired or {}).get("general", {}).get(key)
+            counts = (paired or {}).get(pairs, {}).get(key)
             if answers_better and counts is not None and (p := sign_test(*counts)) >= SIGNIFICANCE:
-                notes.append(f"{change} on {general['n']} utterances could be chance (p={p:.2f})")
+                notes.append(f"{change}{than} on {general['n']} utterances could be chance (p={p:.2f})")
                 continue
-            why = f"worse on other voices: {change} (tolerance {tolerance})"
+            why = f"worse on other voices{than}: {change} (tolerance {tolerance})"
             return False, f"better for the household ({verdict}) but {why}"
     tail = f"; {'; '.join(notes)}" if notes else ""
     return True, f"better for the household ({verdict}), not worse on other voices{tail}"
 
 
 def _decide_on_loss(
-    mine: dict, theirs: dict, general: dict, before: dict, tolerance: float
+    mine: dict, theirs: dict, general: dict, anchors: list[tuple[str, dict, str]], tolerance: float
 ) -> tuple[bool, str]:
     c, s = mine.get("loss"), theirs.get("loss")
     if c is None or s is None or not c < s * (1 - 0.005):
         return False, f"no better for the household: held-out loss {s} -> {c}"
-    gc, gs = general.get("loss"), before.get("loss")
-    if gc is not None and gs is not None and gc > gs * (1 + tolerance):
-        return (
-            False,
-            f"better for the household (held-out loss {s} -> {c}) but worse on other voices ({gs} -> {gc})",
-        )
-    return (
-        True,
-        f"better for the household (held-out loss {s} -> {c}), not worse on other voices ({gs} -> {gc})",
-    )
+    verdict = f"better for the household (held-out loss {s} -> {c})"
+    gc = general.get("loss")
+    for than, before, _ in anchors:
+        gs = before.get("loss")
+        if gc is not None and gs is not None and gc > gs * (1 + tolerance):
+            return False, f"{verdict} but worse on other voices{than} ({gs} -> {gc})"
+    gs = anchors[0][1].get("loss")
+    return True, f"{verdict}, not worse on other voices ({gs} -> {gc})"
 
 
 # ------------------------------------------------------------------------------------------------ job
@@ -460,11 +469,16 @@ class Job:
                 _LOGGER.error(
                     "version %s cannot be used (%s); starting from the bundle's projector", name, err
                 )
+        shipped = self._shipped_projector()
+        return (BASE, *shipped) if shipped else (BASE, None, None, None)
+
+    def _shipped_projector(self) -> tuple[Projector, ProjectorInfo, Path] | None:
+        """The bundle's own projector (None: the bundle has none)."""
+        assert self.bundle is not None and self.bundle_cfg is not None
         if self.bundle_cfg.projector and (self.bundle / self.bundle_cfg.projector).is_file():
             path = self.bundle / self.bundle_cfg.projector
-            projector, info = load_projector(path, self.opts.device)
-            return BASE, projector, info, path
-        return BASE, None, None, None
+            return (*load_projector(path, self.opts.device), path)
+        return None
 
     # ---------------------------------------------------------------------------------------- steps
     def _teacher(self) -> int:
@@ -566,6 +580,8 @@ class Job:
         model = self._load_model()
         self._memory("model loaded")
         serving_name, serving, serving_info, init_path = self._serving_projector(model)
+        # A household version is served: the candidate is held to the shipped projector too (decide()).
+        shipped = self._shipped_projector() if serving_name != BASE else None
         # Fine-tune with the loss the projector was aligned with: EmbedLink pulls a generatively aligned
         # projector off what the LLM reads (DESIGN.md); a first projector is grown with EmbedLink.
         objective, weight = ("embedlink", 1.0)
@@ -607,10 +623,15 @@ class Job:
         predictions = opts.work / "predictions"
         cascade_cache = Predictions(predictions, "cascade-" + encoder_fingerprint(model.encoder))
         serving_cache = Predictions(predictions, weights_key(serving)) if serving is not None else None
+        shipped_cache = Predictions(predictions, weights_key(shipped[0])) if shipped else None
         per_item = self._time_one(model, serving, held_items[0])
-        held_items, general_items = self._fit_validation(per_item, held_items, general_items)
+        held_items, general_items = self._fit_validation(per_item, held_items, general_items, shipped_cache)
         data.update(heldout_evaluated=len(held_items), general_evaluated=len(general_items))
         before, before_answers = self._evaluate(model, serving, serving_cache, held_items, general_items)
+        shipped_answers = None
+        if shipped:
+            figures, shipped_answers = self._evaluate(model, shipped[0], shipped_cache, [], general_items)
+            report["shipped"] = {"general": figures["general"]}
         held_refs = [it.utterance for it in held_items]
         cascade = score_answers(held_refs, answers(model, held_items, "cascade", cascade_cache))
         cascade_cache.save()
@@ -689,8 +710,13 @@ class Job:
                     name: paired_changes(items, before_answers[name], after_answers[name])
                     for name, items in (("household", held_items), ("general", general_items))
                 }
+                if shipped_answers is not None:
+                    paired["shipped"] = paired_changes(
+                        general_items, shipped_answers["general"], after_answers["general"]
+                    )
                 report["changes"] = paired  # per set and metric, the utterances that got [worse, better]
-            promote, reason = decide(after, before, opts.tolerance, paired, opts.decide_on)
+            shipped_general = report["shipped"]["general"] if shipped else None
+            promote, reason = decide(after, before, opts.tolerance, paired, opts.decide_on, shipped_general)
         report["reason"] = reason
         if not promote:
             report["status"] = "rejected"
@@ -718,7 +744,7 @@ class Job:
             report.update(status="promoted", version=name, pruned=pruned)
             report["path_auto"] = "aligned" if household_validated(info) else "cascade"
         self._save_state(data_hash, digests)
-        keep = {cascade_cache.path, *([serving_cache.path] if serving_cache else [])}
+        keep = {cascade_cache.path, *(c.path for c in (serving_cache, shipped_cache) if c is not None)}
         for name in self.versions.names():
             with suppress(VersionError):
                 keep.add(Predictions(predictions, weights_key(self.versions.load(name)[0])).path)
@@ -773,16 +799,18 @@ class Job:
         return max(1e-3, time.perf_counter() - t0)
 
     def _fit_validation(
-        self, per_item: float, held: list[Item], general: list[Item]
+        self, per_item: float, held: list[Item], general: list[Item], shipped: Predictions | None
     ) -> tuple[list[Item], list[Item]]:
         """Trim the held-out sets (general first, never below a minimum) so that validating the served
-        projector, the cascade and the candidate takes at most half of what is left of the budget.
-        (Answers of the served projector and the cascade are cached across nights, so this is the first
-        night's worst case.)"""
+        projector, the cascade and the candidate (and the `shipped` projector on the general set, when
+        its answers are not cached) takes at most half of what is left of the budget. (Answers of the
+        served projector and the cascade are cached across nights, so this is the first night's worst
+        case.)"""
         allowance = 0.5 * max(0.0, self.budget_s - self.elapsed())
+        anchor = shipped is not None and any(answer_key(it) not in shipped.data for it in general)
 
         def cost(nh: int, ng: int) -> float:  # served + cascade (1.5x) + candidate on household; 2x general
-            return per_item * (3.5 * nh + 2 * ng)
+            return per_item * (3.5 * nh + (2 + anchor) * ng)
 
         nh, ng = len(held), len(general)
         while cost(nh, ng) > allowance and ng > MIN_EVAL_ITEMS:

@@ -31,6 +31,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     DynamicCache,
+    GenerationConfig,
     LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -193,6 +194,14 @@ class SpeechLLM:
         self.whisper_tokenizer = whisper_tokenizer
         self.encoder = AudioEncoder(whisper.get_encoder(), feature_extractor)
         self.llm = llm.eval().requires_grad_(False)
+        # The answer is greedy over the LLM's own scores: a checkpoint's sampling recipe (Qwen2.5-Instruct's
+        # generation_config.json: repetition_penalty 1.1, top_k, top_p) would fill generate()'s unset
+        # options, and a repetition penalty would push the intent line off the names the transcript said.
+        self.llm.generation_config = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         self.tokenizer = tokenizer
         self.template = template
         self.projector = projector.eval() if projector is not None else None
