@@ -327,6 +327,12 @@ def bootstrap(args: argparse.Namespace) -> None:
         bootstrap_speech(args.work / "bootstrap", name, n, seed, base)
 
 
+def _fig(figures: dict, key: str) -> object:
+    """A figure of a job's report for a table: '-' when the job had none."""
+    value = figures.get(key)
+    return "-" if value is None else value
+
+
 def report(r: dict) -> str:
     lines = [
         f"Date {r['date']}; machine: {r['machine']}; job: `--threads {r['threads']}`, "
@@ -351,9 +357,9 @@ def report(r: dict) -> str:
             f"| {b['intent_accuracy']:.3f} -> {a['intent_accuracy']:.3f} | {cut:+.0%} "
             f"| {b['wer']:.3f} -> {a['wer']:.3f} | {wcut:+.0%} "
             f"| {c['intent_accuracy']:.3f} / {c['wer']:.3f} | {row['text_ceiling']:.3f} "
-            f"| {hb.get('intent_accuracy', '-')} -> {ha.get('intent_accuracy', '-')}, "
-            f"{hb.get('wer', '-')} -> {ha.get('wer', '-')} ({hb.get('n', '-')} utterances) "
-            f"| {gb.get('intent_accuracy', '-')} -> {ga.get('intent_accuracy', '-')} "
+            f"| {_fig(hb, 'intent_accuracy')} -> {_fig(ha, 'intent_accuracy')}, "
+            f"{_fig(hb, 'wer')} -> {_fig(ha, 'wer')} ({_fig(hb, 'n')} utterances) "
+            f"| {_fig(gb, 'intent_accuracy')} -> {_fig(ga, 'intent_accuracy')} "
             f"| {row['job']['duration_s']} | {row['job']['peak_rss_mb']} |"
         )
     if r.get("nights", 1) > 1:
@@ -379,7 +385,7 @@ def report(r: dict) -> str:
                     f"| {row['household']} | {n['night']} | {n['logged']} "
                     f"| {labels} | {n['status']}: {n['reason']} "
                     f"| {n['version']} | {a['intent_accuracy']:.3f} / {a['wer']:.3f} "
-                    f"| {gb.get('intent_accuracy', '-')} -> {ga.get('intent_accuracy', '-')}"
+                    f"| {_fig(gb, 'intent_accuracy')} -> {_fig(ga, 'intent_accuracy')}"
                     f"{f' ({shipped})' if shipped is not None else ''} |"
                 )
     teacher = [row for row in r["quality"] if row["teacher_labels"]]
