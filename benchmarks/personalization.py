@@ -193,10 +193,10 @@ def quality(args: argparse.Namespace) -> list[dict]:
         )
         truth: dict[int, str] | None = {} if args.labels == "teacher" else None
         nights = []
-        for k, labelled in enumerate(days):
-            # Each day is logged before its night, as a server would log it: by the cascade (day 0) or
-            # the version then served, which the teacher labels do not depend on.
-            days_ago = args.nights - k + 1
+        for day, labelled in enumerate(days, 1):
+            # Each day is logged before its night; a teacher day as the cascade heard it (what a day-0
+            # server logs: the teacher's labels do not depend on what was served).
+            days_ago = args.nights - day + 2
             if truth is not None:
                 truth |= log_heard(data, args.model, before_model, labelled, days_ago)
             else:
@@ -209,8 +209,8 @@ def quality(args: argparse.Namespace) -> list[dict]:
             del after_model
             nights.append(
                 {
-                    "night": k + 1,
-                    "logged": args.labelled * (k + 1),
+                    "night": day,
+                    "logged": args.labelled * day,
                     "status": report["status"],
                     "reason": report.get("reason"),
                     "version": version,
@@ -230,7 +230,7 @@ def quality(args: argparse.Namespace) -> list[dict]:
                     },
                 }
             )
-            _LOGGER.info("%s night %d: %s", household.name, k + 1, json.dumps(nights[-1]["after"]))
+            _LOGGER.info("%s night %d: %s", household.name, day, json.dumps(nights[-1]["after"]))
         del before_model
         last = nights[-1]
         rows.append(
