@@ -629,8 +629,10 @@ class Job:
         data.update(heldout_evaluated=len(held_items), general_evaluated=len(general_items))
         before, before_answers = self._evaluate(model, serving, serving_cache, held_items, general_items)
         shipped_answers = None
-        if shipped:
-            figures, shipped_answers = self._evaluate(model, shipped[0], shipped_cache, [], general_items)
+        if shipped:  # its loss only where the rule reads it (`--decide-on loss`): it is never cached
+            figures, shipped_answers = self._evaluate(
+                model, shipped[0], shipped_cache, [], general_items, with_loss=opts.decide_on == "loss"
+            )
             report["shipped"] = {"general": figures["general"]}
         held_refs = [it.utterance for it in held_items]
         cascade = score_answers(held_refs, answers(model, held_items, "cascade", cascade_cache))
@@ -829,9 +831,10 @@ class Job:
         cache: Predictions | None,
         held: list[Item],
         general: list[Item],
+        with_loss: bool = True,
     ) -> tuple[dict[str, Any], dict[str, list[tuple[str, Intent | None]]] | None]:
-        """Aligned-path metrics, held-out loss (`self.loss_fn`) and the seconds it took, of one projector on
-        both held-out sets, and its answers on each."""
+        """Aligned-path metrics, held-out loss (`self.loss_fn`; None without `with_loss`) and the seconds
+        it took, of one projector on both held-out sets, and its answers on each."""
         if projector is None or cache is None:  # nothing served yet: the worst possible figures
             empty = {"n": 0, "intent_accuracy": 0.0, "wer": 1.0, "loss": None}
             return {"household": {**empty, "n": len(held)}, "general": dict(empty)}, None
@@ -844,7 +847,7 @@ class Job:
             t0 = time.monotonic()
             scores["loss"] = (
                 val_loss(model, projector, examples, self.loss_fn, self.opts.micro_batch or self.opts.batch)
-                if examples
+                if examples and with_loss
                 else None
             )
             scores["loss_s"] = round(time.monotonic() - t0, 2)
