@@ -8,7 +8,9 @@
    (`--budget-minutes`, `--threads`). Intent accuracy and WER on the household's separate held-out
    utterances (never logged), aligned path with the household's context, before and after; the target
    is the error rate at least halved. Beside them, the frozen LLM's intent accuracy given each
-   reference transcript: the most a night (which changes only the projector) could reach.
+   reference transcript: the most a night (which changes only the projector) could reach. A candidate
+   the night rejected (kept as a version) is scored on the same held-out utterances: what the gate
+   refused, measured on the truth.
    `--labels teacher` is the household that corrects nothing: the utterances are logged as a day-0
    server (`--path auto`: the cascade) logs them, with Whisper's transcript and confidence and no
    intent, so the night's labels are the teacher's alone (those at `adapt --teacher-min-confidence`
@@ -66,7 +68,7 @@ from wyoming_tinyalign.model.speechllm import SpeechLLM, resolve_ref
 from wyoming_tinyalign.store import DB_FILE, Interaction, InteractionStore
 from wyoming_tinyalign.synth import render_corpus
 from wyoming_tinyalign.train import OBJECTIVES
-from wyoming_tinyalign.versions import load_household_model, record_model
+from wyoming_tinyalign.versions import Versions, load_household_model, record_model
 
 _LOGGER = logging.getLogger("personalization")
 LABEL_MODES = {"corrections": "corrections", "teacher": "the teacher alone (nothing corrected)"}
@@ -206,6 +208,11 @@ def quality(args: argparse.Namespace) -> list[dict]:
             wall = time.monotonic() - t0
             after_model, version = load_household_model(data)
             after = evaluate(after_model, heldout, context, ("aligned",))
+            rejected = None  # what the night refused would have done on the held-out truth
+            if report["status"] == "rejected" and report.get("version"):
+                after_model.projector, after_model.projector_info = Versions(data).load(report["version"])
+                rejected = evaluate(after_model, heldout, context, ("aligned",))["aligned"]
+                rejected = {k: rejected[k] for k in ("intent_accuracy", "wer")}
             del after_model
             nights.append(
                 {
@@ -215,6 +222,7 @@ def quality(args: argparse.Namespace) -> list[dict]:
                     "reason": report.get("reason"),
                     "version": version,
                     "after": {"aligned": {k: after["aligned"][k] for k in ("intent_accuracy", "wer")}},
+                    "rejected": rejected,
                     "teacher_labels": teacher_label_quality(data, truth) if truth is not None else None,
                     "job": {
                         "wall_s": round(wall, 1),
@@ -240,7 +248,10 @@ def quality(args: argparse.Namespace) -> list[dict]:
                 "heldout": args.heldout,
                 "before": {p: {k: r[k] for k in ("intent_accuracy", "wer")} for p, r in before.items()},
                 "text_ceiling": round(ceiling, 4),
-                **{k: last[k] for k in ("status", "reason", "version", "after", "teacher_labels", "job")},
+                **{
+                    k: last[k]
+                    for k in ("status", "reason", "version", "after", "rejected", "teacher_labels", "job")
+                },
                 "nights": nights,
             }
         )
@@ -333,6 +344,11 @@ def _fig(figures: dict, key: str) -> object:
     return "-" if value is None else value
 
 
+def _pair(figures: dict | None) -> str:
+    """Intent accuracy / WER on the held-out truth, or '-'."""
+    return "-" if figures is None else f"{figures['intent_accuracy']:.3f} / {figures['wer']:.3f}"
+
+
 def report(r: dict) -> str:
     lines = [
         f"Date {r['date']}; machine: {r['machine']}; job: `--threads {r['threads']}`, "
@@ -340,10 +356,11 @@ def report(r: dict) -> str:
         f"labelled by {LABEL_MODES[r['labels']]}; {r['heldout']} held-out; `--job-args '{r['job_args']}'`.",
         "",
         "| household | result | intent acc before -> after | intent error cut | WER before -> after "
-        "| WER cut | cascade intent acc / WER | intent acc from the reference transcript "
+        "| WER cut | the rejected candidate's intent acc / WER | cascade intent acc / WER "
+        "| intent acc from the reference transcript "
         "| the job's held-out: intent acc, WER served -> candidate "
         "| general intent acc before -> after | job s | peak RSS MB |",
-        "|---" * 12 + "|",
+        "|---" * 13 + "|",
     ]
     for row in r["quality"]:
         b, a = row["before"]["aligned"], row["after"]["aligned"]
@@ -355,7 +372,7 @@ def report(r: dict) -> str:
         lines.append(
             f"| {row['household']} | {row['status']} "
             f"| {b['intent_accuracy']:.3f} -> {a['intent_accuracy']:.3f} | {cut:+.0%} "
-            f"| {b['wer']:.3f} -> {a['wer']:.3f} | {wcut:+.0%} "
+            f"| {b['wer']:.3f} -> {a['wer']:.3f} | {wcut:+.0%} | {_pair(row['rejected'])} "
             f"| {c['intent_accuracy']:.3f} / {c['wer']:.3f} | {row['text_ceiling']:.3f} "
             f"| {_fig(hb, 'intent_accuracy')} -> {_fig(ha, 'intent_accuracy')}, "
             f"{_fig(hb, 'wer')} -> {_fig(ha, 'wer')} ({_fig(hb, 'n')} utterances) "
@@ -366,15 +383,15 @@ def report(r: dict) -> str:
         lines += [
             "",
             "| household | night | logged so far | labels | result | served after it "
-            "| served intent acc / WER on the held-out | other voices' intent acc: served -> candidate "
-            "(shipped) |",
-            "|---" * 8 + "|",
+            "| served intent acc / WER on the held-out | the rejected candidate's "
+            "| other voices' intent acc: served -> candidate (shipped) |",
+            "|---" * 9 + "|",
         ]
         for row in r["quality"]:
             b = row["before"]["aligned"]
             lines.append(
                 f"| {row['household']} | 0 | 0 | - | - | shipped "
-                f"| {b['intent_accuracy']:.3f} / {b['wer']:.3f} | - |"
+                f"| {b['intent_accuracy']:.3f} / {b['wer']:.3f} | - | - |"
             )
             for n in row["nights"]:
                 a, job = n["after"]["aligned"], n["job"]
@@ -384,7 +401,7 @@ def report(r: dict) -> str:
                 lines.append(
                     f"| {row['household']} | {n['night']} | {n['logged']} "
                     f"| {labels} | {n['status']}: {n['reason']} "
-                    f"| {n['version']} | {a['intent_accuracy']:.3f} / {a['wer']:.3f} "
+                    f"| {n['version']} | {_pair(a)} | {_pair(n['rejected'])} "
                     f"| {_fig(gb, 'intent_accuracy')} -> {_fig(ga, 'intent_accuracy')}"
                     f"{f' ({shipped})' if shipped is not None else ''} |"
                 )

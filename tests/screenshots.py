@@ -59,7 +59,7 @@ NIGHTS = [
     ("skipped", None, None, None, "only 6 new label(s); at least 20 are needed (--min-new)"),
     (
         "rejected",
-        None,
+        "v0002",
         (0.55, 0.30),
         (0.58, 0.29),
         "better for the household (intent_accuracy 0.55 -> 0.58) but worse on other voices: "
@@ -67,7 +67,7 @@ NIGHTS = [
     ),
     (
         "promoted",
-        "v0002",
+        "v0003",
         (0.55, 0.30),
         (0.63, 0.26),
         "better for the household (intent_accuracy 0.55 -> 0.63), not worse on other voices",
@@ -75,14 +75,14 @@ NIGHTS = [
     ("skipped", None, None, None, "the labelled data has not changed since the last run"),
     (
         "promoted",
-        "v0003",
+        "v0004",
         (0.63, 0.26),
         (0.71, 0.21),
         "better for the household (intent_accuracy 0.63 -> 0.71), not worse on other voices",
     ),
     (
         "rejected",
-        None,
+        "v0005",
         (0.71, 0.21),
         (0.70, 0.22),
         "worse for the household: intent_accuracy 0.7 vs 0.71 served",
@@ -116,16 +116,21 @@ def example_history(data: Path, bundle: Path) -> None:
         if version is not None:
             household = {"intent_accuracy": after[0], "wer": after[1]}
             metrics = {"household": household, "cascade": {"household": {"intent_accuracy": 0.6, "wer": 0.2}}}
-            name = versions.add(
-                projector, replace(info, trained=True, metrics={**metrics, "promoted_at": started + 430})
-            )
-            versions.promote(name)
+            decided = started + report["duration_s"]
+            if status == "promoted":
+                metrics["promoted_at"] = decided
+            else:
+                metrics["rejected"] = {"reason": reason, "at": decided}
+            name = versions.add(projector, replace(info, trained=True, metrics=metrics))
+            if status == "promoted":
+                versions.promote(name)
             assert name == version
         store.conn.execute(
             "INSERT INTO adaptations (started_at, finished_at, status, reason, version, report) "
             "VALUES (?, ?, ?, ?, ?, ?)",
             (started, started + report["duration_s"], status, reason, version, json.dumps(report)),
         )
+    versions.prune(keep=5)  # as each night does: the older rejected candidate goes
     store.close()
 
 

@@ -1,5 +1,6 @@
-"""The nightly job on a real data dir: promote, skip (unchanged, too few new labels), reject, rollback,
-`eval --data-dir`, and kills of the running job. Runs build on each other (module order)."""
+"""The nightly job on a real data dir: promote, skip (unchanged, too few new labels), reject (a trained
+candidate kept on record), rollback, `eval --data-dir`, and kills of the running job. Runs build on each
+other (module order)."""
 
 from __future__ import annotations
 
@@ -137,6 +138,32 @@ def test_a_worse_candidate_is_rejected_and_the_served_version_stays(
     assert [r["status"] for r in adaptations(household)][-1] == "rejected"
 
 
+def test_a_rejected_candidate_is_kept_for_the_household_to_serve_anyway(
+    household: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Held to a bar no projector clears on other voices (a general loss below zero), a trained candidate
+    is rejected, and kept on record: not served, servable by `rollback --to`, passed over by a plain one."""
+    report = run_job(options(household, tmp_path_factory, now=True, tolerance=-1.0))
+    assert report["status"] == "rejected" and report["train"]["steps"] > 0, report
+    assert report["version"] == "v0002" and report["pruned"] == []
+    versions = Versions(household)
+    assert versions.current() == "v0001" and versions.rejected("v0002")
+    metrics = versions.info("v0002").metrics
+    assert (
+        metrics["rejected"]["reason"] == report["reason"]
+        and metrics["household"] == report["after"]["household"]
+    )
+    assert "promoted_at" not in metrics and metrics["before"]["version"] == "v0001"
+    assert adaptations(household)[-1]["version"] == "v0002"
+    assert main(["rollback", "--data-dir", str(household), "--to", "v0002"]) == 0
+    assert last_json(capsys.readouterr().out) == {"from": "v0001", "to": "v0002"}
+    assert "v0002 is served anyway: its night rejected it" in caplog.text
+    assert versions.rollback() == "v0001"  # back to the promoted version before it
+
+
 def test_rollback_from_the_command_line(household: Path, capsys: pytest.CaptureFixture[str]) -> None:
     proc = cli("rollback", "--data-dir", str(household))
     assert proc.returncode == 0, proc.stderr
@@ -182,7 +209,7 @@ def test_a_job_killed_at_any_moment_leaves_a_loadable_version(
     model = SpeechLLM.load(micro_model)
     current = served(household, micro_model, model.encoder.dim, model.llm.config.hidden_size)
     assert current.name == "v0001" and current.projector is not None  # what a server (re)starting loads
-    assert Versions(household).names() == ["v0001"]
+    assert Versions(household).names() == ["v0001", "v0002"]  # and the rejected candidate, unserved
     # The next run finds the killed one still marked running and records it as interrupted.
     assert run_job(options(household, tmp_path_factory))["status"] == "skipped"
     assert adaptations(household)[-2]["status"] == "failed"

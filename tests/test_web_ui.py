@@ -1,9 +1,9 @@
 """The household's page in headless Chromium (Debian's `chromium`, driven by Playwright), against a real
 server whose utterances were logged through Wyoming: the dashboard, audio playing in the page, a
-correction made with the keyboard and kept by the API, delete one, "run now" listing the run, an intent
-withheld as unsure confirmed with one key, the page under Home Assistant ingress's base path, the token
-outside ingress, delete all. A screenshot of each page goes to $TINYALIGN_SCREENSHOTS (or the test's
-temporary folder)."""
+correction made with the keyboard and kept by the API, delete one, "run now" listing the run, a rejected
+candidate served anyway and rolled back, an intent withheld as unsure confirmed with one key, the page
+under Home Assistant ingress's base path, the token outside ingress, delete all. A screenshot of each
+page goes to $TINYALIGN_SCREENSHOTS (or the test's temporary folder)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from pathlib import Path
 from urllib.error import HTTPError
@@ -27,8 +27,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from serving import CHROMIUM, PAGE_LINK, TIMEOUT, ServerProcess, say_all, serve_args
 
 from wyoming_tinyalign.intents import INTENT_SLOTS
+from wyoming_tinyalign.model.bundle import load_projector
 from wyoming_tinyalign.store import InteractionStore
-from wyoming_tinyalign.versions import VersionError
+from wyoming_tinyalign.versions import VersionError, Versions
 from wyoming_tinyalign.web import INGRESS_PEER, Metrics, WebContext, build_app
 
 PREFIX = "/api/hassio_ingress/abc123"  # what Home Assistant's ingress puts before the add-on's paths
@@ -40,6 +41,7 @@ SAID = [  # (text, satellite), oldest first
 ]
 VIEWPORT = {"width": 960, "height": 720}
 UNSURE_LINK = 'main a[href="interactions?filter=unsure"]'  # the dashboard's count of withheld answers
+SERVING = "name => document.querySelector('.lead b')?.textContent === name"  # the learning page's "Serving"
 
 
 # ------------------------------------------------------------------- ingress from the right address
@@ -297,6 +299,33 @@ def test_run_now_lists_the_run(page, site: Site, shots: Path) -> None:
     page.screenshot(path=shots / "learning.png", full_page=True)
     page.click("nav >> text=Dashboard")
     assert "skipped" in page.inner_text("main")  # the last run, on the dashboard too
+
+
+def test_a_rejected_candidate_is_served_anyway_and_rolled_back(page, site: Site, micro_model: Path) -> None:
+    """A night's rejected candidate (here the bundle's projector, kept as one) is listed with its reason;
+    the household serves it anyway with a click, and "Roll back" passes over it to the promoted one before
+    (none here: the model's own)."""
+    projector, info = load_projector(micro_model / "projector.safetensors")
+    reason = "no better for the household: intent_accuracy 0.2 -> 0.3 on 10 utterances could be chance"
+    rejected = {
+        "household": {"intent_accuracy": 0.3, "wer": 0.4},
+        "rejected": {"reason": reason, "at": time.time()},
+    }
+    name = Versions(site.data).add(projector, replace(info, trained=True, metrics=rejected))
+    page.goto(site.url + "learning")
+    row = page.locator("table.versions tr", has_text=name)
+    assert "rejected" in row.inner_text() and reason in row.inner_text()
+    page.once("dialog", lambda dialog: dialog.accept() if "anyway" in dialog.message else dialog.dismiss())
+    row.locator("button", has_text="Serve anyway").click()
+    page.wait_for_function(SERVING, arg=name)
+    assert api(site, "GET", "api/versions")[1]["served"] == name
+    page.click("nav >> text=Dashboard")
+    assert f"{name}, rejected" in page.inner_text("main") and "served anyway" in page.inner_text("main")
+    page.click("nav >> text=Learning")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("button.rollback:not([data-to])")
+    page.wait_for_function(SERVING, arg="base")
+    assert api(site, "GET", "api/versions")[1]["served"] == "base"
 
 
 def test_an_intent_withheld_as_unsure_is_confirmed_with_one_key(page, site: Site) -> None:

@@ -19,9 +19,9 @@ One run, in its own low-priority process (`nice` 10, one torch thread unless `--
    version is served, the bundle's own projector on the general set;
 7. promotes the candidate only when it is better for the household by more than chance (a sign test
    over the held-out utterances that changed) and not worse elsewhere beyond `--tolerance`, than the
-   served projector and than the bundle's own (so small losses do not add up night after night): first
-   a new numbered version file, then the pointer (`versions.py`); otherwise it is recorded as rejected
-   with the reason.
+   served projector and than the bundle's own (so small losses do not add up night after night). The
+   candidate becomes a new numbered version file either way (`versions.py`); a promoted one then gets
+   the pointer, a rejected one is kept on record with the reason (the household may serve it anyway).
 
 Nothing the server reads is written before step 7, so a kill at any moment leaves it serving a complete
 version. The report (data sizes, label sources, before/after metrics, loss curve, duration, peak memory)
@@ -687,6 +687,7 @@ class Job:
             "lr": opts.lr,
         }
 
+        candidate = None
         if init_path is not None and result.best.get("step") == 0:
             # train() kept its starting point: the candidate is the served projector, already validated.
             start, *later = [h["val_loss"] for h in result.history]
@@ -719,11 +720,15 @@ class Job:
                 report["changes"] = paired  # per set and metric, the utterances that got [worse, better]
             shipped_general = report["shipped"]["general"] if shipped else None
             promote, reason = decide(after, before, opts.tolerance, paired, opts.decide_on, shipped_general)
-        report["reason"] = reason
-        if not promote:
-            report["status"] = "rejected"
-        else:
+        report.update(reason=reason, status="promoted" if promote else "rejected")
+        if candidate is not None:
+            # Kept either way: a rejected one on record, for the household to serve anyway if it disagrees.
             assert self.bundle_cfg is not None
+            decision = (
+                {"promoted_at": time.time()}
+                if promote
+                else {"rejected": {"reason": reason, "at": time.time()}}
+            )
             info = replace(
                 candidate_info,
                 encoder=self.bundle_cfg.encoder,
@@ -736,15 +741,15 @@ class Job:
                     "cascade": {"household": cascade},
                     "before": {"version": serving_name, **before},
                     "run": report["run"],
-                    "promoted_at": time.time(),
+                    **decision,
                     "labels": data["sources"],
                 },
             )
             name = self.versions.add(candidate, info)
-            self.versions.promote(name)
-            pruned = self.versions.prune(opts.keep)
-            report.update(status="promoted", version=name, pruned=pruned)
-            report["path_auto"] = "aligned" if household_validated(info) else "cascade"
+            if promote:
+                self.versions.promote(name)
+                report["path_auto"] = "aligned" if household_validated(info) else "cascade"
+            report.update(version=name, pruned=self.versions.prune(opts.keep))
         self._save_state(data_hash, digests)
         keep = {cascade_cache.path, *(c.path for c in (serving_cache, shipped_cache) if c is not None)}
         for name in self.versions.names():
@@ -1016,7 +1021,10 @@ def run_adapt(args: argparse.Namespace) -> int:
 
 def add_rollback_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", required=True, type=Path, help="the server's data dir")
-    parser.add_argument("--to", help="version to serve (e.g. v0002, or base); default: the one before")
+    parser.add_argument(
+        "--to",
+        help="version to serve (e.g. v0002, a rejected one too, or base); default: the promoted one before",
+    )
 
 
 def run_rollback(args: argparse.Namespace) -> int:
@@ -1024,5 +1032,7 @@ def run_rollback(args: argparse.Namespace) -> int:
     before = versions.current()
     after = versions.rollback(args.to)
     _LOGGER.info("rolled back from %s to %s; a running server picks it up within seconds", before, after)
+    if after != BASE and (rejected := versions.info(after).metrics.get("rejected")):
+        _LOGGER.warning("%s is served anyway: its night rejected it (%s)", after, rejected["reason"])
     print(json.dumps({"from": before, "to": after}))
     return 0

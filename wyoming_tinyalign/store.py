@@ -84,7 +84,7 @@ MIGRATIONS: tuple[str, ...] = (
         status TEXT NOT NULL,               -- running / skipped / promoted / rejected / failed
         reason TEXT,
         serving_version TEXT,               -- the projector version served when the run started
-        version TEXT,                       -- the version it promoted
+        version TEXT,                       -- the version it made (promoted, or kept as rejected)
         data_hash TEXT,
         report TEXT                         -- JSON: data sizes, label sources, metrics, loss curve, ...
     );

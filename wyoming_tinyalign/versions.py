@@ -1,15 +1,17 @@
 """The household's projector versions, and which one is served.
 
     DATA_DIR/model.json                      the bundle the server serves (written by `serve` at start-up)
-    DATA_DIR/projectors/v0001.safetensors    promoted projectors, numbered in promotion order; each is a
-    DATA_DIR/projectors/v0002.safetensors    full self-describing checkpoint (`save_projector`) whose
-    ...                                      `metrics` hold its validation (household, general, cascade)
+    DATA_DIR/projectors/v0001.safetensors    the nights' candidates, numbered in the order they were made;
+    DATA_DIR/projectors/v0002.safetensors    each is a full self-describing checkpoint (`save_projector`)
+    ...                                      whose `metrics` hold its validation (household, general,
+                                             cascade) and, for one its night did not promote, `rejected`
     DATA_DIR/projectors/current              the pointer: `v0002`, or `base` (the bundle's own projector)
 
 A version file is written completely (temporary file, fsync, rename) before the pointer names it, and the
 pointer is replaced the same way, so a kill at any moment leaves the pointer naming a complete file (or
-no pointer: the bundle's projector). Numbers are never reused; pruning keeps the newest versions and the
-one being served.
+no pointer: the bundle's projector). Numbers are never reused. A rejected candidate is kept so that the
+household can serve it anyway (`rollback --to`); a plain rollback passes over rejected ones. Pruning keeps
+the newest promoted versions, the newest rejected one and the one being served.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .model.bundle import (
     ProjectorInfo,
     load_bundle_config,
     load_projector,
+    read_projector_info,
     save_projector,
 )
 from .model.projector import Projector
@@ -96,7 +99,18 @@ class Versions:
             raise VersionError(str(err)) from err
 
     def info(self, name: str) -> ProjectorInfo:
-        return self.load(name)[1]
+        """A version's self-description (its file's header: the weights are not read)."""
+        try:
+            return read_projector_info(self.path(name))
+        except BundleError as err:
+            raise VersionError(str(err)) from err
+
+    def rejected(self, name: str) -> bool:
+        """Whether `name` is a candidate its night did not promote (one that does not load counts too)."""
+        try:
+            return "rejected" in self.info(name).metrics
+        except VersionError:
+            return True
 
     def add(self, projector: Projector, info: ProjectorInfo) -> str:
         """Write the next version (complete before it is visible); the pointer is not touched."""
@@ -120,13 +134,14 @@ class Versions:
         _fsync_dir(self.folder)
 
     def rollback(self, to: str | None = None) -> str:
-        """Serve `to` (a version or `base`); by default the newest version older than the served one, or
-        `base` when there is none. Returns the version now pointed at."""
+        """Serve `to` (any version, a rejected candidate too, or `base`); by default the newest promoted
+        version older than the served one, or `base` when there is none. Returns the version now pointed
+        at."""
         current = self.current()
         if to is None:
             if current == BASE:
                 raise VersionError("already serving the bundle's own projector (base); nothing to roll back")
-            older = [n for n in self.names() if _number(n) < _number(current)]
+            older = [n for n in self.names() if _number(n) < _number(current) and not self.rejected(n)]
             to = older[-1] if older else BASE
         elif to != BASE and to not in self.names():
             raise VersionError(f"there is no version {to!r}; versions: {', '.join(self.names()) or 'none'}")
@@ -134,10 +149,14 @@ class Versions:
         return to
 
     def prune(self, keep: int) -> list[str]:
-        """Delete all but the `keep` newest versions, never the served one; returns what was deleted."""
+        """Delete all but the `keep` newest promoted versions and the newest rejected one, never the served
+        one; returns what was deleted."""
         names = self.names()
         current = self.current()
-        doomed = [n for n in names[: max(0, len(names) - max(1, keep))] if n != current]
+        rejected = [n for n in names if self.rejected(n)]
+        promoted = [n for n in names if n not in rejected]
+        kept = {current, *promoted[-max(1, keep) :], *rejected[-1:]}
+        doomed = [n for n in names if n not in kept]
         for name in doomed:
             self.path(name).unlink(missing_ok=True)
         return doomed
@@ -149,7 +168,7 @@ class Versions:
                 tmp.unlink(missing_ok=True)
 
     def describe(self) -> dict[str, Any]:
-        """Versions with their validation metrics, for the API."""
+        """Versions with their validation metrics (a rejected candidate's hold `rejected`), for the API."""
         try:
             current = self.current()
         except VersionError:

@@ -15,9 +15,10 @@
     DELETE /api/interactions/{id}                the row, its audio file and its cached encoder features
     DELETE /api/interactions                     all of them (or those matching since/until)
     GET    /api/adaptations                      adaptation runs with their reports
-    GET    /api/versions                         projector versions with their validation metrics
+    GET    /api/versions                         projector versions (rejected candidates too), their metrics
     POST   /api/adapt                            run the adaptation now (202; 409 while one runs)
-    POST   /api/rollback                         {"to": "v0002"} (optional; default: the version before)
+    POST   /api/rollback                         {"to": "v0002"}: serve it, a rejected one too (default:
+                                                 the promoted version before the served one)
 
 Everything under `/api/` needs the token (`Authorization: Bearer <token>` or a `token` cookie; with the
 cookie, a cross-site `Origin` is refused): the log holds the household's voices. Requests through Home

@@ -95,19 +95,18 @@ def save_projector(path: Path, projector: Projector, info: ProjectorInfo) -> Non
     write_atomic(Path(path), save(tensors, metadata=meta))
 
 
-def load_projector(path: Path, device: str | torch.device = "cpu") -> tuple[Projector, ProjectorInfo]:
-    """Load a projector checkpoint; a corrupt, truncated or mismatched file raises `BundleError`."""
+def read_projector_info(path: Path) -> ProjectorInfo:
+    """A projector checkpoint's self-description, from its header alone (the weights are not read)."""
     path = Path(path)
     if not path.is_file():
         raise BundleError(f"projector weights {path} are missing")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise BundleError(f"projector weights {path} are corrupt or truncated ({err})") from err
     try:
-        info = ProjectorInfo(
+        return ProjectorInfo(
             config=ProjectorConfig(**json.loads(meta["config"])),
             encoder=meta["encoder"],
             llm=meta["llm"],
@@ -119,6 +118,15 @@ def load_projector(path: Path, device: str | torch.device = "cpu") -> tuple[Proj
         )
     except (KeyError, TypeError, ValueError) as err:
         raise BundleError(f"projector weights {path} have no valid self-description ({err})") from err
+
+
+def load_projector(path: Path, device: str | torch.device = "cpu") -> tuple[Projector, ProjectorInfo]:
+    """Load a projector checkpoint; a corrupt, truncated or mismatched file raises `BundleError`."""
+    info = read_projector_info(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise BundleError(f"projector weights {path} are corrupt or truncated ({err})") from err
     projector = build_projector(info.config)
     try:
         projector.load_state_dict(tensors, strict=True)

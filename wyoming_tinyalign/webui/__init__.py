@@ -305,13 +305,26 @@ def _overview(store: InteractionStore) -> dict[str, Any]:
     }
 
 
-def _promoted_at(versions: Versions, name: str) -> float | None:
+def _made(metrics: dict[str, Any]) -> str:
+    """How a version came to be: promoted by its night, or rejected by it."""
+    rejected = metrics.get("rejected")
+    if rejected:
+        return f"rejected {_when(rejected.get('at'))}"
+    return f"promoted {_when(metrics.get('promoted_at'))}"
+
+
+def _reason(metrics: dict[str, Any]) -> str:
+    rejected = metrics.get("rejected")
+    return f'<div class="small">{escape(rejected.get("reason") or "")}</div>' if rejected else ""
+
+
+def _served_metrics(versions: Versions, name: str) -> dict[str, Any]:
     if name == BASE:
-        return None
+        return {}
     try:
-        return versions.info(name).metrics.get("promoted_at")
+        return versions.info(name).metrics
     except VersionError:
-        return None
+        return {}
 
 
 async def dashboard(request: web.Request) -> str:
@@ -326,13 +339,14 @@ async def dashboard(request: web.Request) -> str:
             store_state = "ok"
         except sqlite3.Error as err:
             store_state = f"error: {err}"
-    promoted = await asyncio.to_thread(_promoted_at, Versions(control.data_dir), control.served_name)
+    served = await asyncio.to_thread(_served_metrics, Versions(control.data_dir), control.served_name)
     disk = await asyncio.to_thread(shutil.disk_usage, control.data_dir)
 
     if control.served_name == BASE:
         projector = f"the model's own ({escape(control.version or 'none')}), not adapted yet"
     else:
-        projector = f"{escape(control.served_name)}, promoted {_when(promoted)}"
+        anyway = ", served anyway" if served.get("rejected") else ""
+        projector = f"{escape(control.served_name)}, {_made(served)}{anyway}"
     path = escape(control.path) + (" (auto)" if control.requested_path == "auto" else "")
     nxt = control.next_run_at
     if control.job_running:
@@ -616,15 +630,17 @@ def _version_rows(listing: dict[str, Any], served: str) -> str:
         name = entry["name"]
         metrics = entry.get("metrics") or {}
         household = metrics.get("household") or {}
+        rejected = bool(metrics.get("rejected"))
+        label, flag = ("Serve anyway", ' data-rejected="1"') if rejected else ("Serve this", "")
         button = (
             "<b>serving</b>"
             if name == served
-            else f'<button type="button" class="rollback" data-to="{escape(name)}">Serve this</button>'
+            else f'<button type="button" class="rollback" data-to="{escape(name)}"{flag}>{label}</button>'
         )
         what = (
             "the model's own projector"
             if name == BASE
-            else f"promoted {_when(metrics.get('promoted_at'))}"
+            else _made(metrics) + _reason(metrics)
             if "error" not in entry
             else escape(entry["error"])
         )

@@ -239,7 +239,12 @@ if (document.body.dataset.running === "1") watch();
 for (const button of document.querySelectorAll("button.rollback")) {
   button.addEventListener("click", async () => {
     const to = button.dataset.to;
-    if (!window.confirm(to ? `Serve ${to}?` : "Go back to the version served before?")) return;
+    const question = !to
+      ? "Go back to the version promoted before?"
+      : button.dataset.rejected
+        ? `Serve ${to} anyway? Its night did not find it better (see why in its row).`
+        : `Serve ${to}?`;
+    if (!window.confirm(question)) return;
     try {
       const answer = await api("POST", "api/rollback", to ? { to } : undefined);
       say(`Now serving ${answer.served}.`);
