@@ -51,7 +51,7 @@ def test_versions_are_numbered_promoted_rolled_back_and_pruned(tmp_path: Path) -
 
 def test_a_rejected_candidate_is_kept_served_only_when_asked_and_pruned_to_the_newest(tmp_path: Path) -> None:
     """A night's rejected candidate stays on record, for the household to serve anyway (`rollback --to`);
-    a plain rollback passes over it, and pruning keeps only the newest rejected one."""
+    a plain rollback passes over it, and pruning keeps only the last night's (unless it is served)."""
     versions = Versions(tmp_path)
     refused = {"rejected": {"reason": "no better for the household", "at": 1.0}}
     versions.promote(versions.add(build_projector(CONFIG), info()))  # v0001
@@ -65,10 +65,14 @@ def test_a_rejected_candidate_is_kept_served_only_when_asked_and_pruned_to_the_n
     assert versions.rollback(to="v0003") == "v0003"  # served anyway
     assert versions.rollback() == "v0001"  # from there too, back to the promoted one before
     versions.promote("v0003")
-    assert versions.prune(keep=1) == ["v0001", "v0002"]  # the newest promoted, rejected, and served stay
+    assert versions.prune(keep=1) == ["v0001", "v0002"]  # the newest promoted one and the served one stay
     assert versions.names() == ["v0003", "v0004"]
     listing = versions.describe()
     assert [("rejected" in v["metrics"]) for v in listing["versions"]] == [False, True]
+    versions.add(build_projector(CONFIG), info(**refused))  # v0005: last night's, rejected
+    versions.promote("v0004")
+    assert versions.prune(keep=1) == ["v0003"]  # older than a promoted version: no longer an alternative
+    assert versions.names() == ["v0004", "v0005"]
 
 
 def test_a_damaged_pointer_or_version_is_an_error_not_a_crash(tmp_path: Path) -> None:

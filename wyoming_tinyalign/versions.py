@@ -11,7 +11,7 @@ A version file is written completely (temporary file, fsync, rename) before the 
 pointer is replaced the same way, so a kill at any moment leaves the pointer naming a complete file (or
 no pointer: the bundle's projector). Numbers are never reused. A rejected candidate is kept so that the
 household can serve it anyway (`rollback --to`); a plain rollback passes over rejected ones. Pruning keeps
-the newest promoted versions, the newest rejected one and the one being served.
+the newest promoted versions, the last night's candidate if it was rejected, and the one being served.
 """
 
 from __future__ import annotations
@@ -149,13 +149,14 @@ class Versions:
         return to
 
     def prune(self, keep: int) -> list[str]:
-        """Delete all but the `keep` newest promoted versions and the newest rejected one, never the served
-        one; returns what was deleted."""
+        """Delete all but the `keep` newest promoted versions and the last night's candidate if it was
+        rejected (newer than every promoted one), never the served one; returns what was deleted."""
         names = self.names()
         current = self.current()
         rejected = [n for n in names if self.rejected(n)]
         promoted = [n for n in names if n not in rejected]
-        kept = {current, *promoted[-max(1, keep) :], *rejected[-1:]}
+        last = names[-1:] if names and names[-1] in rejected else []
+        kept = {current, *promoted[-max(1, keep) :], *last}
         doomed = [n for n in names if n not in kept]
         for name in doomed:
             self.path(name).unlink(missing_ok=True)
