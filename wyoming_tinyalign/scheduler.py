@@ -1,7 +1,8 @@
 """Household adaptation inside the server: the nightly timer, the job's child process, hot-swap, web API.
 
-- At start-up the server serves the promoted projector version (`DATA_DIR/projectors/current`, see
-  `versions.py`) when there is one that fits the bundle, and records its bundle in `DATA_DIR/model.json`.
+- At start-up the server serves the projector version the pointer names (`DATA_DIR/projectors/current`,
+  see `versions.py`: a promoted one, or a rejected one the household chose to serve anyway) when it fits
+  the bundle, and records its bundle in `DATA_DIR/model.json`.
 - `--adapt-at HH:MM` (local time; `off` to disable) starts `wyoming-tinyalign adapt` as a child process
   (its own session, `nice` 10, one torch thread, output appended to `DATA_DIR/adapt/job.log`); the
   server keeps serving while it runs. `POST /api/adapt` starts it at once (with `--now`).
