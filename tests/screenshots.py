@@ -107,8 +107,9 @@ def example_history(data: Path, bundle: Path) -> None:
             report = {
                 "data": {"train": 40 + 8 * n, "heldout": 10 + 2 * n, "new": 20 + 7 * n,
                          "sources": {"correction": 12 + 3 * n, "teacher": 25 + 4 * n, "outcome": 13 + n}},
-                "before": {"household": household},
-                "after": {"household": {**household, "intent_accuracy": after[0], "wer": after[1]}},
+                "before": {"household": household, "general": {"intent_accuracy": 0.81}},
+                "after": {"household": {**household, "intent_accuracy": after[0], "wer": after[1]},
+                          "general": {"intent_accuracy": 0.74 if "but worse on other" in reason else 0.82}},
                 "train": {"loss_curve": [[10.0 * i, round(0.9 * 0.82**i + 0.2, 4)] for i in range(1, 31)]},
                 "duration_s": 420.0 + 15 * n,
                 "peak_rss_mb": 1480.0 + 12 * n,

@@ -78,8 +78,8 @@ async def test_ingress_needs_no_token_but_changes_need_the_header(
     tmp_path: Path, store: InteractionStore
 ) -> None:
     report = {
-        "before": {"household": {"intent_accuracy": 0.5, "wer": 0.4}},
-        "after": {"household": {"intent_accuracy": 0.7, "wer": 0.25}},
+        "before": {"household": {"intent_accuracy": 0.5, "wer": 0.4}, "general": {"intent_accuracy": 0.93}},
+        "after": {"household": {"intent_accuracy": 0.7, "wer": 0.25}, "general": {"intent_accuracy": 0.9}},
         "train": {"loss_curve": [[10.0, 1.2], [20.0, 0.8], [30.0, 0.6]]},
         "data": {"train": 24, "heldout": 6, "new": 24, "sources": {"correction": 30}},
         "duration_s": 95.0,
@@ -102,6 +102,7 @@ async def test_ingress_needs_no_token_but_changes_need_the_header(
         learning = await (await http.get("/learning", headers=ingress)).text()
         assert learning.count('<svg class="chart"') == 2  # accuracy over the nights, loss curve
         assert "50% &rarr; 70%" in learning and "1 min 35 s" in learning and "812 MB" in learning
+        assert "93% &rarr; 90%" in learning  # other voices
         # The header alone, from any other address, is no way in.
         answer = await http.get("/", headers={"X-Ingress-Path": PREFIX})
         assert answer.status == 401 and 'name="token"' in await answer.text()

@@ -549,8 +549,10 @@ async def interactions(request: web.Request) -> str:
 
 
 # ------------------------------------------------------------------------------------------ learning
-def _household(report: dict[str, Any] | None, when: str, metric: str) -> Any:
-    return (((report or {}).get(when) or {}).get("household") or {}).get(metric)
+def _figure(report: dict[str, Any] | None, when: str, metric: str, where: str = "household") -> Any:
+    """A figure of a run's report: `when` before or after, on the household's held-out set (or `general`:
+    other voices)."""
+    return (((report or {}).get(when) or {}).get(where) or {}).get(metric)
 
 
 def _accuracy_chart(runs: list[dict[str, Any]]) -> str:
@@ -562,7 +564,7 @@ def _accuracy_chart(runs: list[dict[str, Any]]) -> str:
         promoted = run["status"] == "promoted"
         served = "after" if promoted else "before"
         for series, metric in ((accuracy, "intent_accuracy"), (wer, "wer")):
-            value = _household(run["report"], served, metric)
+            value = _figure(run["report"], served, metric)
             if value is not None:
                 if not promoted:
                     series.hollow.add(len(series.points))
@@ -603,15 +605,20 @@ def _run_row(run: dict[str, Any]) -> str:
     sources = " &middot; ".join(f"{k} {v}" for k, v in (data.get("sources") or {}).items() if v)
     status = escape(run["status"]) + (f" {escape(run['version'])}" if run.get("version") else "")
     before_after = [
-        f"{_pct(_household(report, 'before', m))} &rarr; {_pct(_household(report, 'after', m))}"
+        f"{_pct(_figure(report, 'before', m, where))} &rarr; {_pct(_figure(report, 'after', m, where))}"
         if report.get("after")
         else "-"
-        for m in ("intent_accuracy", "wer")
+        for m, where in (
+            ("intent_accuracy", "household"),
+            ("wer", "household"),
+            ("intent_accuracy", "general"),
+        )
     ]
     took = report.get("duration_s")
     if took is None and run["finished_at"]:
         took = run["finished_at"] - run["started_at"]
     peak = report.get("peak_rss_mb")
+    memory = f'<div class="small">{peak:.0f} MB peak</div>' if peak else ""
     return f"""<tr class="run {escape(run["status"])}">
 <td data-label="Started" class="nowrap">{_when(run["started_at"])}</td>
 <td data-label="Result"><b>{status}</b><div class="small">{escape(run["reason"] or "")}</div></td>
@@ -619,8 +626,8 @@ def _run_row(run: dict[str, Any]) -> str:
 <td data-label="Labels">{sources or "-"}</td>
 <td data-label="Intent accuracy" class="nowrap">{before_after[0]}</td>
 <td data-label="WER" class="nowrap">{before_after[1]}</td>
-<td data-label="Took" class="nowrap">{_duration(took)}</td>
-<td data-label="Peak memory">{f"{peak:.0f} MB" if peak else "-"}</td>
+<td data-label="Other voices" class="nowrap">{before_after[2]}</td>
+<td data-label="Took" class="nowrap">{_duration(took)}{memory}</td>
 </tr>"""
 
 
@@ -683,7 +690,8 @@ async def learning(request: web.Request) -> str:
     table = (
         f"""<div class="scroll"><table class="runs"><thead>
 <tr><th>Started</th><th>Result</th><th>Data</th><th>Labels</th>
-<th>Intent accuracy</th><th>WER</th><th>Took</th><th>Peak memory</th></tr></thead>
+<th>Intent accuracy</th><th>WER</th><th title="intent accuracy on other voices">Other voices</th>
+<th title="and the peak memory">Took</th></tr></thead>
 <tbody>{rows}</tbody></table></div>"""
         if rows
         else '<p class="empty">No adaptation has run yet.</p>'
