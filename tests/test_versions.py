@@ -49,7 +49,9 @@ def test_versions_are_numbered_promoted_rolled_back_and_pruned(tmp_path: Path) -
     assert versions.describe()["current"] == BASE
 
 
-def test_a_rejected_candidate_is_kept_served_only_when_asked_and_pruned_to_the_newest(tmp_path: Path) -> None:
+def test_a_rejected_candidate_is_kept_served_only_when_asked_and_pruned_once_superseded(
+    tmp_path: Path,
+) -> None:
     """A night's rejected candidate stays on record, for the household to serve anyway (`rollback --to`);
     a plain rollback passes over it, and pruning keeps only the last night's (unless it is served)."""
     versions = Versions(tmp_path)
