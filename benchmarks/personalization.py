@@ -211,8 +211,8 @@ def quality(args: argparse.Namespace) -> list[dict]:
             rejected = None  # what the night refused would have done on the held-out truth
             if report["status"] == "rejected" and report.get("version"):
                 after_model.projector, after_model.projector_info = Versions(data).load(report["version"])
-                rejected = evaluate(after_model, heldout, context, ("aligned",))["aligned"]
-                rejected = {k: rejected[k] for k in ("intent_accuracy", "wer")}
+                scored = evaluate(after_model, heldout, context, ("aligned",))["aligned"]
+                rejected = {k: scored[k] for k in ("intent_accuracy", "wer")}
             del after_model
             nights.append(
                 {
