@@ -596,14 +596,18 @@ def _loss_chart(runs: list[dict[str, Any]]) -> tuple[str, dict[str, Any] | None]
     return "", None
 
 
-def _run_row(run: dict[str, Any]) -> str:
+def _run_row(run: dict[str, Any], kept: set[str]) -> str:
+    """One adaptation run; `kept`: the versions still on disk (pruning removes older ones)."""
     report = run["report"] or {}
     data = report.get("data") or {}
     sizes = [f"{data[k]} {label}" for k, label in (("train", "train"), ("heldout", "held out")) if k in data]
     if "new" in data:
         sizes.append(f"{data['new']} new")
     sources = " &middot; ".join(f"{k} {v}" for k, v in (data.get("sources") or {}).items() if v)
-    status = escape(run["status"]) + (f" {escape(run['version'])}" if run.get("version") else "")
+    version = run.get("version")
+    status = escape(run["status"])
+    if version:
+        status += f" {escape(version)}" + ("" if version in kept else " (no longer kept)")
     before_after = [
         f"{_pct(_figure(report, 'before', m, where))} &rarr; {_pct(_figure(report, 'after', m, where))}"
         if report.get("after")
@@ -686,7 +690,8 @@ async def learning(request: web.Request) -> str:
         )
         + "</section>"
     )
-    rows = "".join(_run_row(run) for run in runs)
+    kept = {entry["name"] for entry in listing["versions"]}
+    rows = "".join(_run_row(run, kept) for run in runs)
     table = (
         f"""<div class="scroll"><table class="runs"><thead>
 <tr><th>Started</th><th>Result</th><th>Data</th><th>Labels</th>
