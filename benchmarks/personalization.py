@@ -165,6 +165,11 @@ def run_night(data: Path, args: argparse.Namespace, extra: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _two(scores: dict) -> dict:
+    """The two figures the tables give of a path's scores: intent accuracy and WER."""
+    return {k: scores[k] for k in ("intent_accuracy", "wer")}
+
+
 def evaluate(model: SpeechLLM, manifest: Path, context: str, paths: tuple[str, ...]) -> dict:
     items = [(u, a, context) for u, a in load_utterances(manifest)]
     return {path: evaluate_items(model, items, path) for path in paths}
@@ -211,8 +216,7 @@ def quality(args: argparse.Namespace) -> list[dict]:
             rejected = None  # what the night refused would have done on the held-out truth
             if report["status"] == "rejected" and report.get("version"):
                 after_model.projector, after_model.projector_info = Versions(data).load(report["version"])
-                scored = evaluate(after_model, heldout, context, ("aligned",))["aligned"]
-                rejected = {k: scored[k] for k in ("intent_accuracy", "wer")}
+                rejected = _two(evaluate(after_model, heldout, context, ("aligned",))["aligned"])
             del after_model
             nights.append(
                 {
@@ -221,7 +225,7 @@ def quality(args: argparse.Namespace) -> list[dict]:
                     "status": report["status"],
                     "reason": report.get("reason"),
                     "version": version,
-                    "after": {"aligned": {k: after["aligned"][k] for k in ("intent_accuracy", "wer")}},
+                    "after": {"aligned": _two(after["aligned"])},
                     "rejected": rejected,
                     "teacher_labels": teacher_label_quality(data, truth) if truth is not None else None,
                     "job": {
@@ -246,7 +250,7 @@ def quality(args: argparse.Namespace) -> list[dict]:
                 "household": household.name,
                 "labelled": args.labelled,
                 "heldout": args.heldout,
-                "before": {p: {k: r[k] for k in ("intent_accuracy", "wer")} for p, r in before.items()},
+                "before": {p: _two(r) for p, r in before.items()},
                 "text_ceiling": round(ceiling, 4),
                 **{
                     k: last[k]

@@ -305,17 +305,13 @@ def _overview(store: InteractionStore) -> dict[str, Any]:
     }
 
 
-def _made(metrics: dict[str, Any]) -> str:
-    """How a version came to be: promoted by its night, or rejected by it."""
+def _made(metrics: dict[str, Any], why: bool = False) -> str:
+    """How a version came to be: promoted by its night, or rejected by it (`why`: with the reason)."""
     rejected = metrics.get("rejected")
-    if rejected:
-        return f"rejected {_when(rejected.get('at'))}"
-    return f"promoted {_when(metrics.get('promoted_at'))}"
-
-
-def _reason(metrics: dict[str, Any]) -> str:
-    rejected = metrics.get("rejected")
-    return f'<div class="small">{escape(rejected.get("reason") or "")}</div>' if rejected else ""
+    if not rejected:
+        return f"promoted {_when(metrics.get('promoted_at'))}"
+    reason = f'<div class="small">{escape(rejected.get("reason") or "")}</div>' if why else ""
+    return f"rejected {_when(rejected.get('at'))}{reason}"
 
 
 def _served_metrics(versions: Versions, name: str) -> dict[str, Any]:
@@ -651,7 +647,7 @@ def _version_rows(listing: dict[str, Any], served: str) -> str:
         what = (
             "the model's own projector"
             if name == BASE
-            else _made(metrics) + _reason(metrics)
+            else _made(metrics, why=True)
             if "error" not in entry
             else escape(entry["error"])
         )
