@@ -532,6 +532,8 @@ async def test_sigterm_finishes_requests_in_flight_and_exits_cleanly(
             clients = [client(host, port) for _ in range(3)]
             for c in clients:
                 await c.connect()
+                await c.write_event(Describe().event())  # as Home Assistant does: the server has it
+                await read_until(c, "info")
                 await c.write_event(Transcribe().event())
                 await send_audio(c, long_pcm, rate)
             server.proc.terminate()  # SIGTERM while the three 30 s utterances are queued or running
@@ -544,6 +546,7 @@ async def test_sigterm_finishes_requests_in_flight_and_exits_cleanly(
     assert code == 0, server.text[-2000:]
     assert all(a[-1].type == "transcript" for a in answers)
     assert re.search(r"stopping: 3 connection\(s\), [123] with a request in flight", server.text)
+    assert "Traceback" not in server.text  # no stream cut while its bytes were still arriving
     logged = rows(tmp_path / "data" / "log" / "interactions.sqlite3")
     assert len(logged) == 3
     assert all((tmp_path / "data" / "log" / r["audio_path"]).is_file() for r in logged)

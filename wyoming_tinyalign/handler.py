@@ -51,6 +51,7 @@ _LOGGER = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 64 * 1024
 LINGER_S = 2.0
+STOP_GRACE_S = 1.0  # once the server stops, how long an idle connection waits for an event on its way
 ASR_PROGRAM, INTENT_PROGRAM, HANDLE_PROGRAM = "tinyalign", "tinyalign-intent", "tinyalign-handle"
 ATTRIBUTION = Attribution(
     name="wyoming-tinyalign (Tiny-Align speech-LLM)", url="https://arxiv.org/abs/2411.13766"
@@ -266,7 +267,7 @@ class TinyAlignHandler(AsyncEventHandler):
         self._handle_mode = False
         self._stream: AudioStream | None = None
         self._job: asyncio.Task[None] | None = None
-        self._stop_requested = False
+        self._stopping = asyncio.Event()
         self._closed = False
 
     # ---------------------------------------------------------------- connection
@@ -275,12 +276,7 @@ class TinyAlignHandler(AsyncEventHandler):
         try:
             while not self._closed:
                 try:
-                    wait = (
-                        self.settings.read_timeout if self._stream is not None else self.settings.idle_timeout
-                    )
-                    event = await read_event(
-                        self.reader, self.settings.max_event_bytes, wait, self.settings.read_timeout
-                    )
+                    event = await self._next_event()
                     if event is None:
                         if self._stream is not None:
                             _LOGGER.info("%s: connection ended in the middle of an audio stream", self.client)
@@ -304,13 +300,31 @@ class TinyAlignHandler(AsyncEventHandler):
         return self._stream is not None or (self._job is not None and not self._job.done())
 
     def request_stop(self) -> None:
-        """Graceful stop: finish the request in flight (if any), then close."""
-        self._stop_requested = True
-        self._stop_if_idle()
+        """Graceful stop: finish the request in flight and what the client has already sent, then close."""
+        self._stopping.set()
 
-    def _stop_if_idle(self) -> None:
-        if self._stop_requested and not self.busy:
-            self.reader.feed_eof()
+    async def _next_event(self) -> Event | None:
+        """The next event, or None at the end of the stream. Once the server is stopping, a connection
+        between audio streams waits only `STOP_GRACE_S` for an event already on its way (a request its
+        client has sent is still answered), so the stop never cuts a stream or an event in two."""
+        streaming = self._stream is not None
+        wait = self.settings.read_timeout if streaming else self.settings.idle_timeout
+        read = asyncio.ensure_future(
+            read_event(self.reader, self.settings.max_event_bytes, wait, self.settings.read_timeout)
+        )
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            if not streaming:
+                await asyncio.wait({read, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not read.done():
+                    try:
+                        return await asyncio.wait_for(read, STOP_GRACE_S)
+                    except TimeoutError:
+                        return None
+            return await read
+        finally:
+            stopping.cancel()
+            read.cancel()
 
     async def write_event(self, event: Event) -> None:
         """Send an event; a client that has gone or stopped reading ends the connection."""
@@ -336,7 +350,6 @@ class TinyAlignHandler(AsyncEventHandler):
 
     def _start_job(self, coro: Coroutine[Any, Any, None]) -> None:
         self._job = asyncio.create_task(coro)
-        self._job.add_done_callback(lambda _: self._stop_if_idle())
 
     # ---------------------------------------------------------------- events
     async def handle_event(self, event: Event) -> bool:

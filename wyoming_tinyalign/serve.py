@@ -207,6 +207,7 @@ class App:
     max_connections: int
     services: list[Any] = field(default_factory=list)  # start(app) once listening, stop() at the end
     _handlers: dict[asyncio.Task[None], TinyAlignHandler] = field(default_factory=dict, init=False)
+    _stopping: bool = field(default=False, init=False)
 
     async def serve(self, server: AsyncServer, zeroconf_name: str | None) -> int:
         """Serve until SIGTERM/SIGINT (or the end of stdin), then stop gracefully; returns 0."""
@@ -308,6 +309,8 @@ class App:
             info=self.info,
             client=client,
         )
+        if self._stopping:  # accepted just before the listener closed: answer what it sent, then close
+            handler.request_stop()
         task = asyncio.create_task(handler.run(), name=f"wyoming {client}")
         self._handlers[task] = handler
         task.add_done_callback(lambda done: self._handlers.pop(done, None))
@@ -315,13 +318,16 @@ class App:
         return task
 
     async def _stop_handlers(self) -> None:
-        """Let every connection finish the request in flight; cancel what is left after the grace time."""
+        """Let every connection finish the request in flight (one accepted while stopping too); cancel what
+        is left after the grace time."""
+        self._stopping = True
         for handler in self._handlers.values():
             handler.request_stop()
-        tasks = list(self._handlers)
-        if not tasks:
-            return
-        _, pending = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE_S)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SHUTDOWN_GRACE_S
+        while self._handlers and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(list(self._handlers), timeout=left)
+        pending = list(self._handlers)
         for task in pending:
             task.cancel()
         if pending:
