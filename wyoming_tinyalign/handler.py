@@ -307,21 +307,18 @@ class TinyAlignHandler(AsyncEventHandler):
         """The next event, or None at the end of the stream. Once the server is stopping, a connection
         between audio streams waits only `STOP_GRACE_S` for an event already on its way (a request its
         client has sent is still answered), so the stop never cuts a stream or an event in two."""
-        streaming = self._stream is not None
-        wait = self.settings.read_timeout if streaming else self.settings.idle_timeout
-        read = asyncio.ensure_future(
-            read_event(self.reader, self.settings.max_event_bytes, wait, self.settings.read_timeout)
-        )
+        max_bytes, read_timeout = self.settings.max_event_bytes, self.settings.read_timeout
+        if self._stream is not None:  # mid-stream (the audio path): the stop waits for the stream's end
+            return await read_event(self.reader, max_bytes, read_timeout, read_timeout)
+        wait = self.settings.idle_timeout
+        read = asyncio.ensure_future(read_event(self.reader, max_bytes, wait, read_timeout))
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:
-            if not streaming:
-                await asyncio.wait({read, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                if not read.done():
-                    try:
-                        return await asyncio.wait_for(read, STOP_GRACE_S)
-                    except TimeoutError:
-                        return None
-            return await read
+            await asyncio.wait({read, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            # Stopping: an event on its way still counts (read_event's own timeouts raise ProtocolError).
+            return read.result() if read.done() else await asyncio.wait_for(read, STOP_GRACE_S)
+        except TimeoutError:
+            return None
         finally:
             stopping.cancel()
             read.cancel()
