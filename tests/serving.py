@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,9 @@ import sys
 import tempfile
 import time
 import wave
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -41,16 +44,28 @@ TIMEOUT = 60.0  # generous: this machine may be busy with training
 
 
 # --------------------------------------------------------------------------- server subprocess
-class ServerProcess:
-    """`python -m wyoming_tinyalign serve ...` with its log in a file."""
+def file_size_limit(max_bytes: int) -> Callable[[], None]:
+    """A `preexec_fn` after which the child cannot grow any file past `max_bytes` (`RLIMIT_FSIZE`): its
+    write fails with EFBIG, as one on a full disk fails with ENOSPC (Python ignores SIGXFSZ)."""
+    return partial(resource.setrlimit, resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
 
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+
+class ServerProcess:
+    """`python -m wyoming_tinyalign serve ...` with its log in a file.
+
+    `max_file_bytes`: a disk that refuses to grow any file past that size (`file_size_limit`).
+    """
+
+    def __init__(
+        self, args: list[str], log: Path, env: dict[str, str] | None = None, max_file_bytes: int | None = None
+    ) -> None:
         self.log = log
         self._log_file = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "wyoming_tinyalign", "serve", *args],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log_file,
             env={**os.environ, **(env or {})},
+            preexec_fn=None if max_file_bytes is None else file_size_limit(max_file_bytes),
         )  # fmt: skip
         self.uri = ""
 

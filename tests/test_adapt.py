@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from adaptation import cli, job_flags, last_json, log_household, unseen_speech
+from serving import file_size_limit
 
 from wyoming_tinyalign.__main__ import main
 from wyoming_tinyalign.adapt import (
@@ -214,6 +215,32 @@ def test_a_job_killed_at_any_moment_leaves_a_loadable_version(
     assert run_job(options(household, tmp_path_factory))["status"] == "skipped"
     assert adaptations(household)[-2]["status"] == "failed"
     assert "interrupted" in adaptations(household)[-2]["reason"]
+
+
+def test_a_full_disk_fails_the_night_and_loses_nothing(
+    household: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A disk that takes no file past 400 KB (`RLIMIT_FSIZE`, EFBIG as a full disk gives ENOSPC): the
+    candidate's checkpoint (520 KB) cannot be written. The run is recorded as failed with the reason;
+    the served version, the kept ones and the labels' hash (so the next night runs again) stand."""
+    versions = Versions(household)
+    kept, current = versions.names(), versions.current()
+    state = (household / "adapt" / "state.json").read_bytes()
+    proc = subprocess.run(
+        [sys.executable, "-m", "wyoming_tinyalign", "adapt", "--data-dir", str(household), "--now",
+         "--budget-minutes", BUDGET, *job_flags(tmp_path_factory)],
+        capture_output=True, text=True, timeout=600,
+        preexec_fn=file_size_limit(400 * 1024),
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    report = last_json(proc.stdout)
+    assert report["status"] == "failed", report
+    assert report["reason"].startswith("OSError: [Errno 27] File too large: ")  # and the file it was
+    assert report["reason"].endswith("projector.safetensors'")
+    run = adaptations(household)[-1]
+    assert run["status"] == "failed" and run["reason"] == report["reason"]
+    assert versions.names() == kept and versions.current() == current
+    assert (household / "adapt" / "state.json").read_bytes() == state
 
 
 def test_replay_speech_rehearses_the_homes_own_names(tmp_path: Path) -> None:

@@ -19,10 +19,12 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 import pytest
 from serving import (
     TIMEOUT,
+    WEB,
     ServerProcess,
     client,
     describe_rtt,
@@ -432,6 +434,45 @@ async def test_every_utterance_is_logged_with_its_audio(served: Served, speech: 
     with sqlite3.connect(served.db) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+async def test_a_full_disk_loses_an_utterances_audio_and_a_nights_start_not_the_answers(
+    micro_model: Path, tmp_path: Path, speech: tuple[bytes, int]
+) -> None:
+    """A disk that takes no file past 512 KB: "run now" is refused with the reason (the job's log, 600 KB,
+    cannot grow); a 20 s utterance (640 KB of WAV) is answered and logged without its audio; the short
+    one after it is logged with its audio."""
+    pcm, rate = speech
+    data = tmp_path / "data"
+    (data / "adapt").mkdir(parents=True)
+    (data / "adapt" / "job.log").write_bytes(b"earlier nights\n" * 40_000)
+    args = serve_args(micro_model, data, "--uri", "tcp://127.0.0.1:0", "--web-port", "0", "--web-token", "t")
+    server = ServerProcess(args, tmp_path / "log", max_file_bytes=512 * 1024)
+    db = data / "log" / "interactions.sqlite3"
+    try:
+        server.wait_ready()
+        api = server.wait_log(WEB).group(1) + "/api"
+        async with (
+            aiohttp.ClientSession(headers={"Authorization": "Bearer t"}) as http,
+            http.post(f"{api}/adapt") as answer,
+        ):
+            assert answer.status == 500, await answer.text()
+            error = (await answer.json())["error"]
+        async with asyncio.timeout(2 * TIMEOUT):
+            long, _ = await transcribe(*server.host_port, fit_seconds(pcm, rate, 20), rate, tag="long")
+            short, _ = await transcribe(*server.host_port, pcm, rate, tag="short")
+        (long_row,) = wait_rows(db, 1, TAGGED, ("long",))
+        (short_row,) = wait_rows(db, 1, TAGGED, ("short",))
+    finally:
+        server.stop()
+    assert error.startswith("the adaptation could not start: [Errno 27] File too large: ")
+    assert error.endswith("job.log'") and "adaptation job started" not in server.text
+    assert long[-1].type == "transcript" and short[-1].type == "transcript"
+    assert long_row["audio_path"] is None and long_row["audio_bytes"] == 0
+    assert long_row["duration_s"] == pytest.approx(20, abs=1e-3)
+    assert "the audio of this request was not kept: [Errno 27] File too large: " in server.text
+    kept = [p.relative_to(db.parent).as_posix() for p in (db.parent / "audio").rglob("*") if p.is_file()]
+    assert kept == [short_row["audio_path"]]  # no half-written file left behind
 
 
 # ------------------------------------------------------------------------- stdio, zeroconf, SIGTERM

@@ -11,6 +11,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Write to a temporary file next to `path`, flush it to disk, then rename it into place.
 
     A crash or a full disk at any moment leaves either the old file or the new one, never half of one.
+    A failed write raises an `OSError` that names `path` (a bare write error names no file).
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -21,6 +22,8 @@ def write_atomic(path: Path, data: bytes) -> None:
             os.fsync(out.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise

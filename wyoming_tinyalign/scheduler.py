@@ -27,14 +27,16 @@ from contextlib import suppress
 from datetime import datetime, timedelta
 from datetime import time as dtime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import quote
 
 from aiohttp import web
 from wyoming.event import Event
 from wyoming.info import Info
 
+from .adapt import ADAPT_DIR, CONTEXT_FILE
 from .discovery import advertised_address
+from .files import write_atomic
 from .model.bundle import BundleConfig, BundleError, ProjectorInfo, load_bundle_config, load_projector
 from .model.projector import Projector
 from .models import ModelChoice
@@ -155,6 +157,7 @@ class Nightly:
         self._job: asyncio.subprocess.Process | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
+        self._starting = asyncio.Lock()  # one job start at a time
         self._runner: web.AppRunner | None = None
 
     # ------------------------------------------------------------------------------ start-up (no loop)
@@ -319,35 +322,51 @@ class Nightly:
             target = next_run(datetime.now(), self.adapt_at)
             while (left := (target - datetime.now()).total_seconds()) > 0:
                 await asyncio.sleep(min(left, 60.0))  # re-read the clock: suspend, DST, clock changes
-            if not await self.start_job(now=False):
-                _LOGGER.info("nightly adaptation: one is already running")
+            try:
+                if not await self.start_job(now=False):
+                    _LOGGER.info("nightly adaptation: one is already running")
+            except OSError as err:  # a full disk: tonight is skipped, the timer and the server go on
+                _LOGGER.error("nightly adaptation not started: %s", err)
 
     async def start_job(self, now: bool = True) -> bool:
-        """Start `wyoming-tinyalign adapt` as a child process; False if one is running."""
-        if self.job_running:
-            return False
-        work = self.data_dir / "adapt"
-        work.mkdir(parents=True, exist_ok=True)
-        if self.app is not None:  # the household context the server uses right now
-            (work / "context.txt").write_text(self.app.assistant.household())
-        log_path = work / JOB_LOG
-        if log_path.is_file() and log_path.stat().st_size > JOB_LOG_MAX_BYTES:
-            log_path.replace(work / f"{JOB_LOG}.1")
-        cmd = [
-            sys.executable, "-m", "wyoming_tinyalign", "adapt", "--data-dir", str(self.data_dir),
-            "--model", str(self.choice.folder), *self.job_args, *(["--now"] if now else []),
-        ]  # fmt: skip
-        with open(log_path, "ab") as log:
-            log.write(f"\n=== {datetime.now().isoformat(timespec='seconds')} {shlex.join(cmd)}\n".encode())
-            log.flush()
-            self._job = await asyncio.create_subprocess_exec(
-                *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
-            )
+        """Start `wyoming-tinyalign adapt` as a child process; False if one is running. An `OSError`
+        (its log or the household context cannot be written: a full disk) starts nothing."""
+        async with self._starting:
+            if self.job_running:
+                return False
+            cmd = [
+                sys.executable, "-m", "wyoming_tinyalign", "adapt", "--data-dir", str(self.data_dir),
+                "--model", str(self.choice.folder), *self.job_args, *(["--now"] if now else []),
+            ]  # fmt: skip
+            context = self.app.assistant.household() if self.app is not None else None
+            log = await asyncio.to_thread(self._open_job_log, cmd, context)
+            with log:
+                self._job = await asyncio.create_subprocess_exec(
+                    *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+                )
         _LOGGER.info(
-            "adaptation job started (pid %d%s); its log: %s", self._job.pid, ", now" if now else "", log_path
+            "adaptation job started (pid %d%s); its log: %s", self._job.pid, ", now" if now else "", log.name
         )
         self._spawn(self._wait_job(self._job))
         return True
+
+    def _open_job_log(self, cmd: list[str], context: str | None) -> BinaryIO:
+        """The job's log (rotated past `JOB_LOG_MAX_BYTES`) opened for appending, with the command on top;
+        first the household context the server uses right now, for the job to read."""
+        work = self.data_dir / ADAPT_DIR
+        work.mkdir(parents=True, exist_ok=True)
+        if context is not None:
+            write_atomic(work / CONTEXT_FILE, context.encode("utf-8"))
+        log_path = work / JOB_LOG
+        if log_path.is_file() and log_path.stat().st_size > JOB_LOG_MAX_BYTES:
+            log_path.replace(work / f"{JOB_LOG}.1")
+        log = open(log_path, "ab", buffering=0)  # noqa: SIM115 - the caller closes it once the child has it
+        try:
+            log.write(f"\n=== {datetime.now().isoformat(timespec='seconds')} {shlex.join(cmd)}\n".encode())
+        except OSError as err:
+            log.close()
+            raise OSError(err.errno, err.strerror, str(log_path)) from err
+        return log
 
     async def _wait_job(self, job: asyncio.subprocess.Process) -> None:
         code = await job.wait()

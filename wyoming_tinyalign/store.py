@@ -8,7 +8,8 @@ The schema is versioned with `PRAGMA user_version`: `MIGRATIONS[i]` takes a data
 (`correction`, `teacher_transcript`, `teacher_confidence`, `ha_outcome`, `labelled_at`, `label_source`)
 are filled by the review API and the nightly adaptation (`labels.py`), whose runs and reports go to the
 `adaptations` table (`adapt.py`). Retention: interactions older than `retention_days`, and the oldest
-ones past `retention_bytes` of audio, are deleted with their audio files.
+ones past `retention_bytes` of audio, are deleted with their audio files. When the disk refuses an
+utterance's audio (full), its row is logged without it.
 
 The server opens the log before its event loop starts, then uses the `async_*` methods: every SQLite
 call and file write runs on the store's own thread, in order, never on the event loop and never queued
@@ -197,9 +198,13 @@ class InteractionStore:
             day = datetime.fromtimestamp(interaction.created_at, UTC).strftime("%Y-%m-%d")
             rel = f"{AUDIO_DIR}/{day}/{uuid.uuid4().hex}.wav"
             target = self.folder / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            write_wav(target, audio)
-            size = target.stat().st_size
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                write_wav(target, audio)
+                size = target.stat().st_size
+            except OSError as err:  # a full disk: the request is still logged, without its audio
+                _LOGGER.warning("the audio of this request was not kept: %s", err)
+                rel = None
         i = interaction
         try:
             cursor = self.conn.execute(

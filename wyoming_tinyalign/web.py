@@ -16,7 +16,8 @@
     DELETE /api/interactions                     all of them (or those matching since/until)
     GET    /api/adaptations                      adaptation runs with their reports
     GET    /api/versions                         projector versions (rejected candidates too), their metrics
-    POST   /api/adapt                            run the adaptation now (202; 409 while one runs)
+    POST   /api/adapt                            run the adaptation now (202; 409 while one runs; 500 if
+                                                 its files cannot be written)
     POST   /api/rollback                         {"to": "v0002"}: serve it, a rejected one too (default:
                                                  the promoted version before the served one)
 
@@ -560,8 +561,11 @@ async def list_versions(request: web.Request) -> web.Response:
 
 async def post_adapt(request: web.Request) -> web.Response:
     ctx = web_context(request)
-    if not await ctx.control.start_job(now=True):
-        return _error(409, "an adaptation is already running")
+    try:
+        if not await ctx.control.start_job(now=True):
+            return _error(409, "an adaptation is already running")
+    except OSError as err:  # its log cannot be written (a full disk)
+        return _error(500, f"the adaptation could not start: {err}")
     return web.json_response({"started": True, "at": time.time()}, status=202)
 
 
