@@ -465,7 +465,7 @@ async def test_a_full_disk_loses_an_utterances_audio_and_a_nights_start_not_the_
         (short_row,) = wait_rows(db, 1, TAGGED, ("short",))
     finally:
         server.stop()
-    assert error.startswith("the adaptation could not start: [Errno 27] File too large: ")
+    assert error.startswith("the server could not do this: [Errno 27] File too large: ")
     assert error.endswith("job.log'") and "adaptation job started" not in server.text
     assert long[-1].type == "transcript" and short[-1].type == "transcript"
     assert long_row["audio_path"] is None and long_row["audio_bytes"] == 0

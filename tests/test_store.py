@@ -120,6 +120,30 @@ def test_reopening_keeps_the_data(tmp_path: Path) -> None:
     s.close()
 
 
+def test_audio_files_a_crash_left_without_a_row_are_swept(tmp_path: Path) -> None:
+    """A kill after deleting rows but before their files (`_delete`'s order), or inside an atomic write,
+    leaves audio no row names: private audio that neither retention nor a delete would ever remove."""
+    store = InteractionStore(tmp_path)
+    store.open()
+    kept = store.add(utterance(created_at=time.time()), tone(0.5))
+    gone = store.add(utterance(created_at=time.time() - 86400), tone(0.5))
+    (kept_rel,) = store.conn.execute("SELECT audio_path FROM interactions WHERE id = ?", (kept,)).fetchone()
+    store.conn.execute("DELETE FROM interactions WHERE id = ?", (gone,))  # the kill came before the files
+    stray = tmp_path / "audio" / "2020-01-01" / ".0123.wav.x1y2.tmp"  # half of an atomic write
+    stray.parent.mkdir()
+    stray.write_bytes(b"RIFF")
+    store.close()
+    store = InteractionStore(tmp_path)
+    store.open()
+    try:
+        assert store.sweep() == 2
+        left = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "audio").rglob("*"))
+        assert left == [str(Path(kept_rel).parent), kept_rel]  # and the emptied day folders are gone
+        assert read_wav(tmp_path / kept_rel).size == 8000 and store.sweep() == 0
+    finally:
+        store.close()
+
+
 def test_a_log_from_a_newer_version_is_refused(tmp_path: Path) -> None:
     (tmp_path / "log").mkdir()
     with closing(sqlite3.connect(tmp_path / "log" / "interactions.sqlite3")) as conn:

@@ -154,6 +154,7 @@ def run_serve(args: argparse.Namespace) -> int:
         )
         try:
             store.open()  # before the model: fail fast; the event loop is not running yet
+            store.sweep()  # audio a crash left without its row (nothing is being logged yet)
         except StoreError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1

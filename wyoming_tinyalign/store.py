@@ -9,7 +9,8 @@ The schema is versioned with `PRAGMA user_version`: `MIGRATIONS[i]` takes a data
 are filled by the review API and the nightly adaptation (`labels.py`), whose runs and reports go to the
 `adaptations` table (`adapt.py`). Retention: interactions older than `retention_days`, and the oldest
 ones past `retention_bytes` of audio, are deleted with their audio files. When the disk refuses an
-utterance's audio (full), its row is logged without it.
+utterance's audio (full), its row is logged without it; audio files a crash left without a row are
+deleted when the server starts (`sweep`).
 
 The server opens the log before its event loop starts, then uses the `async_*` methods: every SQLite
 call and file write runs on the store's own thread, in order, never on the event loop and never queued
@@ -283,6 +284,27 @@ class InteractionStore:
                 if path.parent.is_dir() and not any(path.parent.iterdir()):
                     path.parent.rmdir()
         return len(rows)
+
+    def sweep(self) -> int:
+        """Delete audio files no row names: a kill between writing a clip and logging its row, inside an
+        atomic write, or between deleting rows and their files leaves them. Only the server calls this,
+        before it serves (a clip it is logging is named a moment after it is written). Returns how many."""
+        audio = self.folder / AUDIO_DIR
+        if not audio.is_dir():
+            return 0
+        rows = self.conn.execute("SELECT audio_path FROM interactions WHERE audio_path IS NOT NULL")
+        named = {rel for (rel,) in rows}
+        swept = 0
+        for day in audio.iterdir():
+            for path in day.iterdir() if day.is_dir() else ():
+                if path.is_file() and path.relative_to(self.folder).as_posix() not in named:
+                    path.unlink()
+                    swept += 1
+            if day.is_dir() and not any(day.iterdir()):
+                day.rmdir()
+        if swept:
+            _LOGGER.info("deleted %d audio file(s) no interaction names (left by a crash)", swept)
+        return swept
 
     def delete(self, ids: list[int]) -> int:
         """Delete these interactions with their audio files; returns how many there were."""

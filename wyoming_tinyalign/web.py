@@ -16,8 +16,7 @@
     DELETE /api/interactions                     all of them (or those matching since/until)
     GET    /api/adaptations                      adaptation runs with their reports
     GET    /api/versions                         projector versions (rejected candidates too), their metrics
-    POST   /api/adapt                            run the adaptation now (202; 409 while one runs; 500 if
-                                                 its files cannot be written)
+    POST   /api/adapt                            run the adaptation now (202; 409 while one runs)
     POST   /api/rollback                         {"to": "v0002"}: serve it, a rejected one too (default:
                                                  the promoted version before the served one)
 
@@ -29,7 +28,8 @@ change (POST, PUT, DELETE) made with the cookie or through ingress must also car
 itself asks for the token with a login form, or takes it once from `?token=...` and sets the cookie.
 `/healthz` and `/metrics` are open. The token is `--web-token`, else the one generated once into
 `DATA_DIR/web-token` (mode 0600). Extend the app by adding routes in `build_app`; the auth middleware
-covers every `/api/` route.
+covers every `/api/` route. A file or the log that cannot be read or written (a full disk) answers 500
+with the reason (JSON `{"error": ...}` under `/api/`).
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def build_app(ctx: WebContext) -> web.Application:
     """The aiohttp application: the JSON API and the household's page (`webui`)."""
     from .webui import page_routes
 
-    app = web.Application(middlewares=[_auth], client_max_size=64 * 1024)
+    app = web.Application(middlewares=[_storage_errors, _auth], client_max_size=64 * 1024)
     app[CONTEXT] = ctx
     app.add_routes(
         [
@@ -274,6 +274,19 @@ async def _auth(request: web.Request, handler: Callable) -> web.StreamResponse:
         if request.method in UNSAFE and not bearer(request, token) and not request.headers.get(CSRF_HEADER):
             return _error(403, f"a change from a browser must carry an {CSRF_HEADER} header (cross-site?)")
     return await handler(request)
+
+
+@web.middleware
+async def _storage_errors(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """A file or the log that cannot be read or written (a full disk) answers 500 with the reason."""
+    try:
+        return await handler(request)
+    except ConnectionError:
+        raise  # the client left: nobody to answer
+    except (OSError, sqlite3.Error) as err:
+        _LOGGER.exception("%s %s failed", request.method, request.path)
+        text = f"the server could not do this: {err}"
+        return _error(500, text) if request.path.startswith("/api/") else web.Response(status=500, text=text)
 
 
 # ------------------------------------------------------------------------------------------ health, metrics
@@ -561,11 +574,8 @@ async def list_versions(request: web.Request) -> web.Response:
 
 async def post_adapt(request: web.Request) -> web.Response:
     ctx = web_context(request)
-    try:
-        if not await ctx.control.start_job(now=True):
-            return _error(409, "an adaptation is already running")
-    except OSError as err:  # its log cannot be written (a full disk)
-        return _error(500, f"the adaptation could not start: {err}")
+    if not await ctx.control.start_job(now=True):
+        return _error(409, "an adaptation is already running")
     return web.json_response({"started": True, "at": time.time()}, status=202)
 
 
