@@ -110,6 +110,24 @@ def test_retention_by_size_forgets_the_oldest_first(tmp_path: Path) -> None:
     s.close()
 
 
+def test_deleted_interactions_leave_no_words_on_disk(tmp_path: Path) -> None:
+    """Deleting rows overwrites their words in the database file, and empties the write-ahead log that
+    still held them: what the household deleted cannot be read back from the disk."""
+    store = InteractionStore(tmp_path)
+    store.open()
+    said = [f"unlock the diary {i}" if i % 50 == 7 else f"turn on lamp {i}" for i in range(300)]
+    ids = [store.add(utterance(kind="text", created_at=time.time(), transcript=text)) for text in said]
+    store.close()  # the rows go into the database file itself
+    store = InteractionStore(tmp_path)
+    store.open()
+    try:
+        assert store.delete([i for i, text in zip(ids, said, strict=True) if "diary" in text]) == 6
+        disk = b"".join(path.read_bytes() for path in tmp_path.glob("interactions.sqlite3*"))
+        assert b"unlock the diary" not in disk and b"turn on lamp 299" in disk
+    finally:
+        store.close()
+
+
 def test_reopening_keeps_the_data(tmp_path: Path) -> None:
     s = InteractionStore(tmp_path / "log")
     s.open()

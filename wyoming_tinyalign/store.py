@@ -185,6 +185,7 @@ class InteractionStore:
             conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False, timeout=30)
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA secure_delete = ON")  # deleted words are overwritten, whatever the build
             migrate(conn)
         except sqlite3.Error as err:
             raise StoreError(f"cannot open the interaction log {self.db_path}: {err}") from err
@@ -259,7 +260,7 @@ class InteractionStore:
             rows = self.conn.execute(
                 "SELECT id, audio_path, audio_bytes FROM interactions WHERE audio_bytes > 0 "
                 "ORDER BY created_at, id"
-            )
+            ).fetchall()
             for row_id, rel, size in rows:
                 if total <= self.retention_bytes:
                     break
@@ -277,6 +278,10 @@ class InteractionStore:
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
             self.conn.executemany("DELETE FROM interactions WHERE id = ?", [(row_id,) for row_id, _ in rows])
+        # The write-ahead log still holds the pages as they were: copy it into the database, empty it.
+        busy, _, _ = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:  # another process is reading: the next checkpoint will do it
+            _LOGGER.warning("the write-ahead log keeps the deleted rows until its next checkpoint")
         for _, rel in rows:
             if rel:
                 path = self.folder / rel
