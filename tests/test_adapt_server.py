@@ -6,6 +6,7 @@ fit the bundle, rollback and the delete endpoints. One server for the module; th
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import shlex
 import sqlite3
@@ -29,7 +30,7 @@ from wyoming_tinyalign.manifest import Utterance
 from wyoming_tinyalign.model.bundle import load_projector
 from wyoming_tinyalign.model.speechllm import SpeechLLM
 from wyoming_tinyalign.models import projector_version
-from wyoming_tinyalign.train import Example, objective_loss, val_loss
+from wyoming_tinyalign.train import Example, FeatureCache, objective_loss, val_loss
 from wyoming_tinyalign.versions import Versions
 from wyoming_tinyalign.web import authorized
 
@@ -283,8 +284,22 @@ async def test_metrics_count_requests_and_show_the_version(srv: Server) -> None:
 
 
 # -------------------------------------------------------------------------------------------- deletes
-async def test_deleting_removes_the_audio_files_and_their_features(srv: Server) -> None:
-    row = rows(srv.db, TAGGED, ("corrected",))[0]
+def answered(data: Path) -> set[str]:
+    """The clips the nights kept answers for (`adapt.Predictions`): the household's by their audio's
+    digest, the general set's as g<index>."""
+    files = (data / "adapt" / "predictions").glob("*.json")
+    return {key.split("/")[0] for path in files for key in json.loads(path.read_text())}
+
+
+async def test_deleting_removes_the_audio_files_and_what_the_nights_derived(srv: Server) -> None:
+    """The audio, its cached features, and the answers the night kept for it (what each projector
+    heard): after the night above, for a held-out utterance, then for all."""
+    household = {key for key in answered(srv.data) if not key.startswith("g")}
+    corrected = rows(srv.db, TAGGED, ("corrected",))
+    heard = {FeatureCache.key(read_wav(srv.db.parent / r["audio_path"])): r for r in corrected}
+    assert household and household <= set(heard)  # the night answered held-out utterances
+    key = sorted(household)[0]
+    row = heard[key]
     audio = srv.db.parent / row["audio_path"]
     cached = list((srv.data / "cache" / "features").rglob("*.safetensors"))
     async with aiohttp.ClientSession(headers=srv.auth) as http:
@@ -295,8 +310,10 @@ async def test_deleting_removes_the_audio_files_and_their_features(srv: Server) 
         assert (await http.get(f"{srv.web}/api/interactions/{row['id']}")).status == 404
         assert (await http.get(f"{srv.web}/api/interactions/{row['id']}/audio")).status == 404
         assert len(list((srv.data / "cache" / "features").rglob("*.safetensors"))) == len(cached) - 1
+        assert key not in answered(srv.data) and household - {key} <= answered(srv.data)
         answer = await http.delete(f"{srv.web}/api/interactions")
         assert answer.status == 200 and (await answer.json())["deleted"] > 0
         page = await (await http.get(f"{srv.web}/api/interactions")).json()
     assert page["total"] == 0
     assert not list((srv.db.parent / "audio").rglob("*.wav"))
+    assert answered(srv.data) and all(key.startswith("g") for key in answered(srv.data))

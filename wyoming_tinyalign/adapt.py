@@ -92,6 +92,7 @@ _LOGGER = logging.getLogger(__name__)
 
 ADAPT_DIR = "adapt"
 STATE_FILE = "state.json"
+PREDICTIONS_DIR = "predictions"  # under ADAPT_DIR: `Predictions` files
 CONTEXT_FILE = "context.txt"  # the household context the server used, written when it starts a job
 LOCK_FILE = "lock"
 HOUSEHOLD = "household"
@@ -149,7 +150,7 @@ class Skip(Exception):
 class Item:
     """One held-out utterance: its audio, cached encoder features, reference and household context."""
 
-    key: str
+    key: str  # the household's: its audio's digest (as `FeatureCache.key`); the general set's: g<index>
     audio: np.ndarray
     features: torch.Tensor
     utterance: Utterance
@@ -606,7 +607,7 @@ class Job:
         replay = rng.sample(replay_all, min(len(replay_all), max(len(train_pairs), 16)))
         general_utts = read_manifest(general_manifest)
         held_items = self._eval_items(
-            cache, [(f"i{lab.id}", a, _utterance(lab), context) for lab, a in held_pairs]
+            cache, [(FeatureCache.key(a), a, _utterance(lab), context) for lab, a in held_pairs]
         )
         general_items = self._eval_items(
             cache,
@@ -620,7 +621,7 @@ class Job:
         )
 
         # Before: the served projector (and the cascade) on the held-out sets, sized to the budget.
-        predictions = opts.work / "predictions"
+        predictions = opts.work / PREDICTIONS_DIR
         cascade_cache = Predictions(predictions, "cascade-" + encoder_fingerprint(model.encoder))
         serving_cache = Predictions(predictions, weights_key(serving)) if serving is not None else None
         shipped_cache = Predictions(predictions, weights_key(shipped[0])) if shipped else None
@@ -928,13 +929,27 @@ def prune_features(cache_dir: Path, keep: list[np.ndarray]) -> int:
     return removed
 
 
-def forget_features(cache_dir: Path, audio: np.ndarray) -> int:
-    """Delete the cached encoder features of this audio (under every encoder); returns how many."""
-    key = FeatureCache.key(audio)
+def forget_clips(data_dir: Path, wavs: list[Path]) -> int:
+    """Delete what nights derived from these audio files: cached encoder features (under every encoder)
+    and the answers `Predictions` kept for them (what each projector heard). Returns how many were found."""
+    keys = set()
+    for wav in wavs:  # one clip in memory at a time
+        with suppress(AudioError):
+            keys.add(FeatureCache.key(read_wav(wav)))
     removed = 0
-    for path in Path(cache_dir).glob(f"*/{key[:2]}/{key}.safetensors"):
-        path.unlink(missing_ok=True)
-        removed += 1
+    for key in keys:
+        for path in (data_dir / "cache" / "features").glob(f"*/{key[:2]}/{key}.safetensors"):
+            path.unlink(missing_ok=True)
+            removed += 1
+    for path in (data_dir / ADAPT_DIR / PREDICTIONS_DIR).glob("*.json"):
+        try:
+            answers = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        kept = {k: v for k, v in answers.items() if k.split("/", 1)[0] not in keys}
+        if len(kept) < len(answers):
+            write_atomic(path, json.dumps(kept).encode())
+            removed += len(answers) - len(kept)
     return removed
 
 

@@ -26,6 +26,7 @@ import sys
 from contextlib import suppress
 from datetime import datetime, timedelta
 from datetime import time as dtime
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import quote
@@ -34,14 +35,14 @@ from aiohttp import web
 from wyoming.event import Event
 from wyoming.info import Info
 
-from .adapt import ADAPT_DIR, CONTEXT_FILE
+from .adapt import ADAPT_DIR, CONTEXT_FILE, forget_clips
 from .discovery import advertised_address
 from .files import write_atomic
 from .model.bundle import BundleConfig, BundleError, ProjectorInfo, load_bundle_config, load_projector
 from .model.projector import Projector
 from .models import ModelChoice
 from .versions import BASE, VersionError, Versions, check_fits, record_model
-from .web import Metrics, WebContext, build_app, forget_features_of, load_token
+from .web import Metrics, WebContext, build_app, load_token
 from .worker import InferenceWorker
 
 _LOGGER = logging.getLogger(__name__)
@@ -250,7 +251,7 @@ class Nightly:
             store=app.assistant.store,
             metrics=self.metrics,
             token=load_token(self.data_dir, self.web_token),
-            forget_audio=forget_features_of(self.data_dir / "cache" / "features"),
+            forget_audio=partial(forget_clips, self.data_dir),
         )
         runner = web.AppRunner(build_app(ctx), access_log=None)
         await runner.setup()

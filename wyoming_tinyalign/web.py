@@ -51,7 +51,6 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from .audio import AudioError, read_wav
 from .labels import FAILED_OUTCOMES, parse_correction, set_correction, validate_correction
 from .store import InteractionStore
 from .versions import VersionError, Versions
@@ -192,7 +191,7 @@ class WebContext:
     store: InteractionStore | None
     metrics: Metrics
     token: str
-    forget_audio: Callable[[list[Path]], int] | None = None  # removes derived data (cached features)
+    forget_audio: Callable[[list[Path]], int] | None = None  # removes derived data (features, answers)
 
 
 def build_app(ctx: WebContext) -> web.Application:
@@ -592,20 +591,3 @@ async def post_rollback(request: web.Request) -> web.Response:
     except VersionError as err:
         return _error(400, str(err))
     return web.json_response({"served": served, "version": ctx.control.version})
-
-
-def forget_features_of(cache_dir: Path) -> Callable[[list[Path]], int]:
-    """A `forget_audio` that deletes the cached encoder features of these audio files."""
-
-    def forget(paths: list[Path]) -> int:
-        from .adapt import forget_features
-
-        removed = 0
-        for path in paths:
-            try:
-                removed += forget_features(cache_dir, read_wav(path))
-            except AudioError:
-                continue
-        return removed
-
-    return forget
