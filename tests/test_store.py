@@ -139,14 +139,14 @@ def test_reopening_keeps_the_data(tmp_path: Path) -> None:
 
 
 def test_audio_files_a_crash_left_without_a_row_are_swept(tmp_path: Path) -> None:
-    """A kill after deleting rows but before their files (`_delete`'s order), or inside an atomic write,
-    leaves audio no row names: private audio that neither retention nor a delete would ever remove."""
+    """A kill between writing a clip and logging its row, or inside an atomic write, leaves audio no row
+    names: private audio that neither retention nor a delete would ever remove."""
     store = InteractionStore(tmp_path)
     store.open()
     kept = store.add(utterance(created_at=time.time()), tone(0.5))
     gone = store.add(utterance(created_at=time.time() - 86400), tone(0.5))
     (kept_rel,) = store.conn.execute("SELECT audio_path FROM interactions WHERE id = ?", (kept,)).fetchone()
-    store.conn.execute("DELETE FROM interactions WHERE id = ?", (gone,))  # the kill came before the files
+    store.conn.execute("DELETE FROM interactions WHERE id = ?", (gone,))  # as if the row was never logged
     stray = tmp_path / "audio" / "2020-01-01" / ".0123.wav.x1y2.tmp"  # half of an atomic write
     stray.parent.mkdir()
     stray.write_bytes(b"RIFF")

@@ -948,7 +948,10 @@ def forget_clips(data_dir: Path, wavs: list[Path]) -> int:
             continue
         kept = {k: v for k, v in answers.items() if k.split("/", 1)[0] not in keys}
         if len(kept) < len(answers):
-            write_atomic(path, json.dumps(kept).encode())
+            try:
+                write_atomic(path, json.dumps(kept).encode())
+            except OSError:  # a full disk must not stop a delete: the next night answers again
+                path.unlink(missing_ok=True)
             removed += len(answers) - len(kept)
     return removed
 

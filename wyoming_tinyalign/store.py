@@ -272,9 +272,16 @@ class InteractionStore:
         return deleted
 
     def _delete(self, rows: list[tuple[int, str | None]]) -> int:
-        """Delete rows (one transaction), then their audio files and emptied day folders."""
+        """Delete the rows' audio files (and emptied day folders), then the rows (one transaction): on a
+        full disk the files free the room the database may need to delete its rows."""
         if not rows:
             return 0
+        for _, rel in rows:
+            if rel:
+                path = self.folder / rel
+                path.unlink(missing_ok=True)
+                if path.parent.is_dir() and not any(path.parent.iterdir()):
+                    path.parent.rmdir()
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
             self.conn.executemany("DELETE FROM interactions WHERE id = ?", [(row_id,) for row_id, _ in rows])
@@ -282,31 +289,28 @@ class InteractionStore:
         busy, _, _ = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         if busy:  # another process is reading: the next checkpoint will do it
             _LOGGER.warning("the write-ahead log keeps the deleted rows until its next checkpoint")
-        for _, rel in rows:
-            if rel:
-                path = self.folder / rel
-                path.unlink(missing_ok=True)
-                if path.parent.is_dir() and not any(path.parent.iterdir()):
-                    path.parent.rmdir()
         return len(rows)
 
     def sweep(self) -> int:
-        """Delete audio files no row names: a kill between writing a clip and logging its row, inside an
-        atomic write, or between deleting rows and their files leaves them. Only the server calls this,
-        before it serves (a clip it is logging is named a moment after it is written). Returns how many."""
+        """Delete audio files no row names: a kill between writing a clip and logging its row, or inside
+        an atomic write, leaves them. Only the server calls this, before it serves (a clip it is logging
+        is named a moment after it is written). Returns how many."""
         audio = self.folder / AUDIO_DIR
         if not audio.is_dir():
             return 0
         rows = self.conn.execute("SELECT audio_path FROM interactions WHERE audio_path IS NOT NULL")
         named = {rel for (rel,) in rows}
         swept = 0
-        for day in audio.iterdir():
-            for path in day.iterdir() if day.is_dir() else ():
-                if path.is_file() and path.relative_to(self.folder).as_posix() not in named:
-                    path.unlink()
-                    swept += 1
-            if day.is_dir() and not any(day.iterdir()):
-                day.rmdir()
+        try:
+            for day in audio.iterdir():
+                for path in day.iterdir() if day.is_dir() else ():
+                    if path.is_file() and path.relative_to(self.folder).as_posix() not in named:
+                        path.unlink()
+                        swept += 1
+                if day.is_dir() and not any(day.iterdir()):
+                    day.rmdir()
+        except OSError as err:  # the server serves on; the next start tries again
+            _LOGGER.warning("could not sweep %s: %s", audio, err)
         if swept:
             _LOGGER.info("deleted %d audio file(s) no interaction names (left by a crash)", swept)
         return swept
