@@ -225,7 +225,7 @@ def test_a_full_disk_fails_the_night_and_loses_nothing(
 ) -> None:
     """A disk that takes no file past 400 KB (`RLIMIT_FSIZE`, EFBIG as a full disk gives ENOSPC): the
     candidate's checkpoint (520 KB) cannot be written. The run is recorded as failed with the reason;
-    the served version, the kept ones and the labels' hash (so the next night runs again) stand."""
+    the served version, the kept ones and the job's state (a failed night saves no labels' hash) stand."""
     versions = Versions(household)
     kept, current = versions.names(), versions.current()
     state = (household / "adapt" / "state.json").read_bytes()
