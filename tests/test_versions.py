@@ -3,6 +3,7 @@ promotion rule; the day-0 rule of `--path auto`; the nightly timer's clock."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,7 +21,14 @@ from wyoming_tinyalign.handler import ServerSettings, build_info
 from wyoming_tinyalign.model.bundle import BundleConfig, ProjectorInfo
 from wyoming_tinyalign.model.projector import ProjectorConfig, build_projector
 from wyoming_tinyalign.scheduler import next_run, parse_adapt_at, parse_port, with_model_version
-from wyoming_tinyalign.versions import BASE, VersionError, Versions, check_fits, household_validated
+from wyoming_tinyalign.versions import (
+    BASE,
+    VersionError,
+    Versions,
+    check_fits,
+    household_validated,
+    record_model,
+)
 from wyoming_tinyalign.worker import choose_path
 
 CONFIG = ProjectorConfig(kind="linear", input_dim=8, output_dim=8, embed_norm=1.0, stack=1)
@@ -301,3 +309,16 @@ def test_info_reports_the_served_version() -> None:
     assert Describe().event().type == "describe" and updated.type == "info"
     programs = updated.data["asr"] + updated.data["intent"] + updated.data["handle"]
     assert {m["version"] for p in programs for m in p["models"]} == {"v0007"}
+
+
+def test_the_served_bundle_is_recorded_only_when_it_changes(tmp_path: Path) -> None:
+    """`serve` records its bundle at every start; an unchanged record is not rewritten, so a server
+    restarting on a full disk has nothing to write there (a rewrite failed with ENOSPC and stopped it)."""
+    record_model(tmp_path, tmp_path / "bundle-a", "a")
+    before = (tmp_path / "model.json").stat()
+    record_model(tmp_path, tmp_path / "bundle-a", "a")
+    after = (tmp_path / "model.json").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    record_model(tmp_path, tmp_path / "bundle-b", "b")
+    record = json.loads((tmp_path / "model.json").read_text())
+    assert record == {"folder": str((tmp_path / "bundle-b").resolve()), "name": "b"}

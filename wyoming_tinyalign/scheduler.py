@@ -168,7 +168,10 @@ class Nightly:
     ) -> Nightly:
         """Record the bundle for the job and serve the promoted version, if any (before serving)."""
         nightly = cls(args=args, choice=choice, worker=worker, base_version=base_version)
-        record_model(nightly.data_dir, choice.folder, choice.name)
+        try:
+            record_model(nightly.data_dir, choice.folder, choice.name)
+        except OSError as err:  # a full disk: serve anyway; a night would use the bundle recorded before
+            _LOGGER.error("cannot record the served bundle for the nightly job: %s", err)
         try:
             name = nightly.versions.current()
             if name != BASE:

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,10 +243,14 @@ def household_validated(info: ProjectorInfo | None) -> bool:
 
 # ------------------------------------------------------------------------------------- the data dir
 def record_model(data_dir: Path, folder: Path, name: str) -> None:
-    """Remember which bundle this data dir serves (the adaptation job and `eval --data-dir` read it)."""
+    """Remember which bundle this data dir serves (the adaptation job and `eval --data-dir` read it);
+    written only when it changes, so a server restarting on a full disk has nothing to write."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    record = {"folder": str(Path(folder).resolve()), "name": name}
-    write_atomic(data_dir / MODEL_FILE, json.dumps(record, indent=2).encode())
+    record = json.dumps({"folder": str(Path(folder).resolve()), "name": name}, indent=2).encode()
+    with suppress(OSError):
+        if (data_dir / MODEL_FILE).read_bytes() == record:
+            return
+    write_atomic(data_dir / MODEL_FILE, record)
 
 
 def recorded_model(data_dir: Path) -> Path:

@@ -171,13 +171,19 @@ def load_token(data_dir: Path, given: str | None) -> str:
             return token
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(token + "\n")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(token + "\n")
+        os.replace(tmp, path)
+    except OSError as err:  # a full disk: this run's token is not kept
+        tmp.unlink(missing_ok=True)
+        _LOGGER.warning(
+            "cannot store the web token in %s (%s): it changes at every start until it can", path, err
+        )
     return token
 
 
