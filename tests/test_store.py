@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import sqlite3
 import threading
 import time
@@ -68,6 +70,27 @@ def test_no_audio_is_kept_when_audio_logging_is_off(tmp_path: Path) -> None:
     assert s.conn.execute(query, (row_id,)).fetchone() == ("hello", None, 0)
     s.close()
     assert not (tmp_path / "log" / "audio").exists()
+
+
+def test_no_recordings_are_kept_while_the_disk_is_low(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Below `min_free_bytes` free (here more than this disk has) rows are logged without audio, with one
+    warning; with room again, recordings are kept, and it says so once."""
+    caplog.set_level(logging.INFO, "wyoming_tinyalign.store")
+    free = shutil.disk_usage(tmp_path).free
+    s = InteractionStore(tmp_path / "log", min_free_bytes=free + (1 << 40))
+    s.open()
+    try:
+        low = [s.add(utterance(transcript=f"low {i}"), tone(0.5)) for i in range(2)]
+        assert s.disk_low and caplog.text.count("recordings are not kept until over") == 1
+        s.min_free_bytes = 1 << 20
+        row_id = s.add(utterance(transcript="room"), tone(0.5))
+        assert not s.disk_low and caplog.text.count("recordings are kept") == 1
+        paths = dict(s.conn.execute("SELECT id, audio_path FROM interactions").fetchall())
+    finally:
+        s.close()
+    assert [paths[i] for i in low] == [None, None] and (tmp_path / "log" / paths[row_id]).is_file()
 
 
 def test_linking_a_conversation_keeps_what_was_known(store: InteractionStore) -> None:

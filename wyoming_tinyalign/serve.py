@@ -46,7 +46,7 @@ from .models import (
     resolve_model,
 )
 from .scheduler import Nightly, add_adaptation_args
-from .store import InteractionStore, StoreError
+from .store import MIN_FREE_BYTES, InteractionStore, StoreError
 from .worker import PATH_CHOICES, InferenceWorker
 
 _LOGGER = logging.getLogger(__name__)
@@ -86,6 +86,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "--retention-days", type=float, default=30.0, help="forget older interactions (0: keep)"
     )
     parser.add_argument("--retention-mb", type=float, default=2000.0, help="cap on logged audio (0: no cap)")
+    parser.add_argument(
+        "--min-free-mb", type=float, default=MIN_FREE_BYTES >> 20,
+        help="keep no recordings while the disk has less free (0: no limit)",
+    )  # fmt: skip
     parser.add_argument(
         "--context-file", type=Path, help="household JSON: areas and device names for the LLM"
     )
@@ -151,6 +155,7 @@ def run_serve(args: argparse.Namespace) -> int:
             log_audio=not args.no_log_audio,
             retention_days=args.retention_days,
             retention_bytes=int(args.retention_mb * 1024 * 1024),
+            min_free_bytes=int(args.min_free_mb * 1024 * 1024),
         )
         try:
             store.open()  # before the model: fail fast; the event loop is not running yet

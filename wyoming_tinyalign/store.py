@@ -9,8 +9,8 @@ The schema is versioned with `PRAGMA user_version`: `MIGRATIONS[i]` takes a data
 are filled by the review API and the nightly adaptation (`labels.py`), whose runs and reports go to the
 `adaptations` table (`adapt.py`). Retention: interactions older than `retention_days`, and the oldest
 ones past `retention_bytes` of audio, are deleted with their audio files. When the disk refuses an
-utterance's audio (full), its row is logged without it; audio files a crash left without a row are
-deleted when the server starts (`sweep`).
+utterance's audio (full), or leaves less than `min_free_bytes` free, its row is logged without it;
+audio files a crash left without a row are deleted when the server starts (`sweep`).
 
 The server opens the log before its event loop starts, then uses the `async_*` methods: every SQLite
 call and file write runs on the store's own thread, in order, never on the event loop and never queued
@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 import sqlite3
 import time
 import uuid
@@ -42,6 +43,7 @@ _LOGGER = logging.getLogger(__name__)
 DB_FILE = "interactions.sqlite3"
 AUDIO_DIR = "audio"
 PRUNE_EVERY_S = 600.0
+MIN_FREE_BYTES = 1 << 30  # below this much free disk, no recordings are kept (`--min-free-mb`)
 T = TypeVar("T")
 
 MIGRATIONS: tuple[str, ...] = (
@@ -158,11 +160,14 @@ class InteractionStore:
         log_audio: bool = True,
         retention_days: float | None = None,
         retention_bytes: int | None = None,
+        min_free_bytes: int = MIN_FREE_BYTES,
     ) -> None:
         self.folder = Path(folder)
         self.log_audio = log_audio
         self.retention_days = retention_days or None
         self.retention_bytes = retention_bytes or None
+        self.min_free_bytes = min_free_bytes
+        self.disk_low = False  # the last `add` found less than `min_free_bytes` free: no recordings kept
         self._conn: sqlite3.Connection | None = None
         self._last_prune = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
@@ -196,7 +201,7 @@ class InteractionStore:
         """Log one interaction (and its 16 kHz audio unless audio logging is off); returns its row id."""
         rel: str | None = None
         size = 0
-        if audio is not None and audio.size and self.log_audio:
+        if audio is not None and audio.size and self.log_audio and self._room_for_audio():
             day = datetime.fromtimestamp(interaction.created_at, UTC).strftime("%Y-%m-%d")
             rel = f"{AUDIO_DIR}/{day}/{uuid.uuid4().hex}.wav"
             target = self.folder / rel
@@ -228,6 +233,24 @@ class InteractionStore:
         if time.monotonic() - self._last_prune >= PRUNE_EVERY_S:
             self.prune()
         return int(cursor.lastrowid or 0)
+
+    def _room_for_audio(self) -> bool:
+        """False while the disk has less than `min_free_bytes` free: the log keeps no recordings then, so
+        that it never fills the disk Home Assistant may run on too (it says so once, and once again when
+        there is room)."""
+        if not self.min_free_bytes:
+            return True
+        free = shutil.disk_usage(self.folder).free
+        if (free < self.min_free_bytes) != self.disk_low:
+            self.disk_low = not self.disk_low
+            mb, need = free >> 20, self.min_free_bytes >> 20
+            if self.disk_low:
+                _LOGGER.warning(
+                    "%d MB free on the disk: recordings are not kept until over %d MB are", mb, need
+                )
+            else:
+                _LOGGER.info("%d MB free on the disk again: recordings are kept", mb)
+        return not self.disk_low
 
     def link(self, row_id: int, context: dict[str, Any]) -> None:
         """Attach the conversation that used an utterance's result (Home Assistant's context ids)."""

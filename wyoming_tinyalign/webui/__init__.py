@@ -376,7 +376,8 @@ async def dashboard(request: web.Request) -> str:
     if store is None:
         logging_text, store_item = "logging off", ""
     else:
-        logging_text = "logging on" + ("" if store.log_audio else " (without audio)")
+        paused = " (recordings paused: the disk is low)" if store.disk_low else ""
+        logging_text = "logging on" + (" (without audio)" if not store.log_audio else paused)
         ok = store_state == "ok"
         store_item = f'<li class="{"ok" if ok else "bad"}">log {"OK" if ok else escape(store_state)}</li>'
     disk_ok = disk.free >= LOW_DISK_BYTES
