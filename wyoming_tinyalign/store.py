@@ -236,8 +236,8 @@ class InteractionStore:
 
     def _room_for_audio(self) -> bool:
         """False while the disk has less than `min_free_bytes` free: the log keeps no recordings then, so
-        that it never fills the disk Home Assistant may run on too (it says so once, and once again when
-        there is room)."""
+        that they do not fill the disk Home Assistant may run on too (it says so once, and once again
+        when there is room)."""
         if not self.min_free_bytes:
             return True
         free = shutil.disk_usage(self.folder).free
