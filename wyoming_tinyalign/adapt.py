@@ -93,6 +93,7 @@ _LOGGER = logging.getLogger(__name__)
 ADAPT_DIR = "adapt"
 STATE_FILE = "state.json"
 PREDICTIONS_DIR = "predictions"  # under ADAPT_DIR: `Predictions` files
+FEATURES_DIR = Path("cache") / "features"  # under the data dir: the encoder feature cache by default
 CONTEXT_FILE = "context.txt"  # the household context the server used, written when it starts a job
 LOCK_FILE = "lock"
 HOUSEHOLD = "household"
@@ -590,9 +591,7 @@ class Job:
             objective, weight = serving_info.objective, serving_info.embedlink_weight
         self.loss_fn = objective_loss(objective, weight)
         context = self._context()
-        cache = FeatureCache(
-            opts.cache_dir or opts.data_dir / "cache" / "features", model.encoder, opts.batch
-        )
+        cache = FeatureCache(opts.cache_dir or opts.data_dir / FEATURES_DIR, model.encoder, opts.batch)
 
         # Household items, base-household replay and general held-out speech.
         train_pairs, held_pairs = self._items(trainable), self._items(held)
@@ -936,9 +935,11 @@ def forget_clips(data_dir: Path, wavs: list[Path]) -> int:
     for wav in wavs:  # one clip in memory at a time
         with suppress(AudioError):
             keys.add(FeatureCache.key(read_wav(wav)))
+    if not keys:
+        return 0
     removed = 0
     for key in keys:
-        for path in (data_dir / "cache" / "features").glob(f"*/{key[:2]}/{key}.safetensors"):
+        for path in (data_dir / FEATURES_DIR).glob(f"*/{key[:2]}/{key}.safetensors"):
             path.unlink(missing_ok=True)
             removed += 1
     for path in (data_dir / ADAPT_DIR / PREDICTIONS_DIR).glob("*.json"):

@@ -11,7 +11,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Write to a temporary file next to `path`, flush it to disk, then rename it into place.
 
     A crash or a full disk at any moment leaves either the old file or the new one, never half of one.
-    A failed write raises an `OSError` that names `path` (a bare write error names no file).
+    A failed write raises an `OSError` that names `path` (`naming`).
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -24,6 +24,11 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.filename is None:
-            raise OSError(err.errno, err.strerror, str(path)) from err
+        if isinstance(err, OSError):
+            raise naming(err, path) from err
         raise
+
+
+def naming(err: OSError, path: Path) -> OSError:
+    """`err` with `path` in its message (a failed `write` names no file), or `err` if it names one."""
+    return err if err.filename is not None else OSError(err.errno, err.strerror, str(path))

@@ -37,7 +37,7 @@ from wyoming.info import Info
 
 from .adapt import ADAPT_DIR, CONTEXT_FILE, forget_clips
 from .discovery import advertised_address
-from .files import write_atomic
+from .files import naming, write_atomic
 from .model.bundle import BundleConfig, BundleError, ProjectorInfo, load_bundle_config, load_projector
 from .model.projector import Projector
 from .models import ModelChoice
@@ -369,7 +369,7 @@ class Nightly:
             log.write(f"\n=== {datetime.now().isoformat(timespec='seconds')} {shlex.join(cmd)}\n".encode())
         except OSError as err:
             log.close()
-            raise OSError(err.errno, err.strerror, str(log_path)) from err
+            raise naming(err, log_path) from err
         return log
 
     async def _wait_job(self, job: asyncio.subprocess.Process) -> None:

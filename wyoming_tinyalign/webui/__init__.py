@@ -41,7 +41,7 @@ import numpy as np
 from aiohttp import web
 
 from ..intents import INTENT_SLOTS, Intent
-from ..store import InteractionStore
+from ..store import MIN_FREE_BYTES, InteractionStore
 from ..versions import BASE, VersionError, Versions
 from ..web import (
     adaptation_runs,
@@ -59,7 +59,6 @@ from .charts import Series, line_chart
 PER_PAGE = 25
 RUNS_SHOWN = 30
 COOKIE_MAX_AGE = 30 * 86400
-LOW_DISK_BYTES = 1 << 30
 STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
 PAGES = {"": "Dashboard", "interactions": "Interactions", "learning": "Learning"}
 FILTERS: dict[str, dict[str, str]] = {
@@ -380,7 +379,7 @@ async def dashboard(request: web.Request) -> str:
         logging_text = "logging on" + (" (without audio)" if not store.log_audio else paused)
         ok = store_state == "ok"
         store_item = f'<li class="{"ok" if ok else "bad"}">log {"OK" if ok else escape(store_state)}</li>'
-    disk_ok = disk.free >= LOW_DISK_BYTES
+    disk_ok = disk.free >= MIN_FREE_BYTES  # below it the log keeps no recordings (by default)
     health = (
         '<ul class="health"><li class="ok">model loaded</li>'
         f"{store_item}"
