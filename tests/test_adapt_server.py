@@ -317,3 +317,42 @@ async def test_deleting_removes_the_audio_files_and_what_the_nights_derived(srv:
     assert page["total"] == 0
     assert not list((srv.db.parent / "audio").rglob("*.wav"))
     assert answered(srv.data) and all(key.startswith("g") for key in answered(srv.data))
+
+
+async def test_a_delete_while_a_night_runs_is_not_undone_by_it(
+    srv: Server, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A night reads the labelled clips when it starts and writes their features and answers as it goes:
+    clips deleted while it trains leave nothing of theirs once it has ended."""
+    spoken = unseen_speech(tmp_path_factory, 10, seed=35)
+    async with asyncio.timeout(4 * TIMEOUT):
+        for _, audio in spoken:
+            await say(srv, audio, "doomed")
+    logged = wait_rows(srv.db, len(spoken), TAGGED, ("doomed",))
+    keys = {FeatureCache.key(read_wav(srv.db.parent / r["audio_path"])) for r in logged}
+    job_log = srv.data / "adapt" / "job.log"
+    start = job_log.stat().st_size
+    async with aiohttp.ClientSession(headers=srv.auth) as http:
+        for row, (utt, _) in zip(logged, spoken, strict=True):
+            body = {"text": utt.text, "intent": utt.intent.to_json() if utt.intent else None}
+            assert (
+                await http.put(f"{srv.web}/api/interactions/{row['id']}/correction", json=body)
+            ).status == 200
+        assert (await http.post(f"{srv.web}/api/adapt")).status == 202
+        deadline = time.monotonic() + 300
+        while b"training for up to" not in job_log.read_bytes()[start:]:  # it has read and heard them
+            assert time.monotonic() < deadline, job_log.read_text()[-3000:]
+            await asyncio.sleep(0.1)
+        for row in logged:
+            assert (await http.delete(f"{srv.web}/api/interactions/{row['id']}")).status == 204
+        while (runs := await (await http.get(f"{srv.web}/api/adaptations")).json())["running"]:
+            assert time.monotonic() < deadline, job_log.read_text()[-3000:]
+            await asyncio.sleep(0.5)
+    features = (srv.data / "cache" / "features").rglob("*.safetensors")
+    assert not keys & {path.stem for path in features}
+    assert not keys & answered(srv.data)
+    assert not list((srv.db.parent / "audio").rglob("*.wav"))
+    report = runs["items"][0]["report"]
+    assert report["status"] in ("promoted", "rejected"), report
+    assert report["data"]["heldout"] >= 1  # some of them were answered for validation
+    assert report["data"]["deleted_while_running"] == len(keys)  # and the night saw them go

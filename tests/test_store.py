@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 
 from wyoming_tinyalign import store as store_module
+from wyoming_tinyalign.adapt import ADAPT_DIR, FEATURES_DIR, PREDICTIONS_DIR, NightData
 from wyoming_tinyalign.audio import read_wav
 from wyoming_tinyalign.intents import Intent
 from wyoming_tinyalign.store import SCHEMA_VERSION, Interaction, InteractionStore, StoreError
+from wyoming_tinyalign.train import FeatureCache
 
 LABELS = {"correction", "teacher_transcript", "teacher_confidence", "ha_outcome", "labelled_at"}
 
@@ -116,6 +118,31 @@ def test_retention_by_age_deletes_rows_and_audio(tmp_path: Path) -> None:
     assert s.prune(now) == 1
     assert [r[0] for r in s.conn.execute("SELECT id FROM interactions")] == [new]
     assert not old_wav.exists() and not old_wav.parent.exists()  # the emptied day folder too
+    s.close()
+
+
+def test_retention_forgets_what_the_nights_derived_from_a_clip(tmp_path: Path) -> None:
+    """A clip that retention deletes takes its cached features (under every encoder) and the answers
+    the nights kept for it along (`adapt.NightData`); the clip that stays keeps its own."""
+    s = InteractionStore(tmp_path / "log", retention_days=7, derived=NightData(tmp_path))
+    s.open()
+    now = time.time()
+    s.add(utterance(created_at=now - 8 * 86400), tone(0.5))
+    s.add(utterance(created_at=now - 1 * 86400), tone(0.7))
+    wavs = [s.folder / rel for (rel,) in s.conn.execute("SELECT audio_path FROM interactions ORDER BY id")]
+    old, new = (FeatureCache.key(read_wav(wav)) for wav in wavs)
+    features = [
+        tmp_path / FEATURES_DIR / enc / k[:2] / f"{k}.safetensors" for enc in ("e1", "e2") for k in (old, new)
+    ]
+    for path in features:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"features")
+    answers = tmp_path / ADAPT_DIR / PREDICTIONS_DIR / "projector-d1.json"
+    answers.parent.mkdir(parents=True)
+    answers.write_text(json.dumps({f"{k}/ref": ["heard", None] for k in (old, new, "g0")}))
+    assert s.prune(now) == 1
+    assert [p.exists() for p in features] == [False, True, False, True]
+    assert set(json.loads(answers.read_text())) == {f"{new}/ref", "g0/ref"}
     s.close()
 
 

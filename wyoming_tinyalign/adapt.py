@@ -382,6 +382,7 @@ class Job:
         self.bundle_cfg: BundleConfig | None = None
         self.report: dict[str, Any] = {"status": "running", "started_at": time.time()}
         self.loss_fn: LossFn = embedlink_loss  # the held-out loss: the served projector's objective
+        self.clips: dict[int, str] = {}  # the labelled interactions read, by id: their clip's key
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
@@ -411,6 +412,10 @@ class Job:
         except Exception as err:  # recorded, then reported as a failure
             _LOGGER.exception("adaptation failed")
             self.report.update(status="failed", reason=f"{type(err).__name__}: {err}")
+        try:
+            self._forget_deleted()
+        except (OSError, sqlite3.Error) as err:
+            _LOGGER.error("could not forget the clips deleted while this run ran: %s", err)
         finish = time.time()
         self.report["finished_at"] = finish
         self.report["duration_s"] = round(self.elapsed(), 1)
@@ -516,10 +521,27 @@ class Job:
         out = []
         for label in labels:
             try:
-                out.append((label, read_wav(self.opts.data_dir / "log" / label.audio_path)))
+                audio = read_wav(self.opts.data_dir / "log" / label.audio_path)
             except AudioError as err:
                 _LOGGER.warning("skipping interaction %d: %s", label.id, err)
+                continue
+            out.append((label, audio))
+            self.clips[label.id] = FeatureCache.key(audio)
         return out
+
+    def _forget_deleted(self) -> None:
+        """Forget what this run derived from clips deleted while it ran: the server forgot them at once
+        (`store.Derived`), but this run may have written their features or answers since."""
+        rows = self.conn.execute(
+            "SELECT id FROM interactions WHERE id IN (SELECT value FROM json_each(?))",
+            (json.dumps(list(self.clips)),),
+        )
+        alive = {row_id for (row_id,) in rows}
+        gone = {key for row_id, key in self.clips.items() if row_id not in alive}
+        if gone:
+            NightData(self.opts.data_dir).forget(gone)
+            self.report.setdefault("data", {})["deleted_while_running"] = len(gone)
+            _LOGGER.info("forgot what this run derived from %d clip(s) deleted while it ran", len(gone))
 
     def _bootstrap(self, name: str, n: int, seed: int, households: list[Household]) -> Path:
         root = self.opts.bootstrap_dir or self.opts.data_dir / "bootstrap"
@@ -928,33 +950,44 @@ def prune_features(cache_dir: Path, keep: list[np.ndarray]) -> int:
     return removed
 
 
-def forget_clips(data_dir: Path, wavs: list[Path]) -> int:
-    """Delete what nights derived from these audio files: cached encoder features (under every encoder)
-    and the answers `Predictions` kept for them (what each projector heard). Returns how many were found."""
-    keys = set()
-    for wav in wavs:  # one clip in memory at a time
-        with suppress(AudioError):
-            keys.add(FeatureCache.key(read_wav(wav)))
-    if not keys:
-        return 0
-    removed = 0
-    for key in keys:
-        for path in (data_dir / FEATURES_DIR).glob(f"*/{key[:2]}/{key}.safetensors"):
-            path.unlink(missing_ok=True)
-            removed += 1
-    for path in (data_dir / ADAPT_DIR / PREDICTIONS_DIR).glob("*.json"):
-        try:
-            answers = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        kept = {k: v for k, v in answers.items() if k.split("/", 1)[0] not in keys}
-        if len(kept) < len(answers):
-            try:
-                write_atomic(path, json.dumps(kept).encode())
-            except OSError:  # a full disk must not stop a delete: the next night answers again
+@dataclass(frozen=True)
+class NightData:
+    """What nights derive from the logged clips of a data dir, by clip (`FeatureCache.key`): the cached
+    encoder features (under every encoder) and the answers `Predictions` kept for them (what each
+    projector heard). The interaction log forgets them with the clip (`store.Derived`)."""
+
+    data_dir: Path
+
+    def keys(self, wavs: list[Path]) -> set[str]:
+        """The clips' keys (unreadable files have none), one clip in memory at a time."""
+        keys = set()
+        for wav in wavs:
+            with suppress(AudioError):
+                keys.add(FeatureCache.key(read_wav(wav)))
+        return keys
+
+    def forget(self, keys: set[str]) -> int:
+        """Delete the features and answers of these clips; returns how many were found."""
+        if not keys:
+            return 0
+        removed = 0
+        for key in keys:
+            for path in (self.data_dir / FEATURES_DIR).glob(f"*/{key[:2]}/{key}.safetensors"):
                 path.unlink(missing_ok=True)
-            removed += len(answers) - len(kept)
-    return removed
+                removed += 1
+        for path in (self.data_dir / ADAPT_DIR / PREDICTIONS_DIR).glob("*.json"):
+            try:
+                answers = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            kept = {k: v for k, v in answers.items() if k.split("/", 1)[0] not in keys}
+            if len(kept) < len(answers):
+                try:
+                    write_atomic(path, json.dumps(kept).encode())
+                except OSError:  # a full disk must not stop a delete: the next night answers again
+                    path.unlink(missing_ok=True)
+                removed += len(answers) - len(kept)
+        return removed
 
 
 # ------------------------------------------------------------------------------------------------ CLI

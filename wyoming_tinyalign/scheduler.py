@@ -26,7 +26,6 @@ import sys
 from contextlib import suppress
 from datetime import datetime, timedelta
 from datetime import time as dtime
-from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import quote
@@ -35,7 +34,7 @@ from aiohttp import web
 from wyoming.event import Event
 from wyoming.info import Info
 
-from .adapt import ADAPT_DIR, CONTEXT_FILE, forget_clips
+from .adapt import ADAPT_DIR, CONTEXT_FILE
 from .discovery import advertised_address
 from .files import naming, write_atomic
 from .model.bundle import BundleConfig, BundleError, ProjectorInfo, load_bundle_config, load_projector
@@ -254,7 +253,6 @@ class Nightly:
             store=app.assistant.store,
             metrics=self.metrics,
             token=load_token(self.data_dir, self.web_token),
-            forget_audio=partial(forget_clips, self.data_dir),
         )
         runner = web.AppRunner(build_app(ctx), access_log=None)
         await runner.setup()

@@ -25,6 +25,7 @@ from wyoming.error import Error
 from wyoming.event import Event, async_get_stdin, async_write_event
 from wyoming.server import AsyncServer, AsyncStdioServer, AsyncTcpServer, AsyncUnixServer
 
+from .adapt import NightData
 from .assistant import (
     DEFAULT_MIN_CONFIDENCE,
     Assistant,
@@ -156,6 +157,7 @@ def run_serve(args: argparse.Namespace) -> int:
             retention_days=args.retention_days,
             retention_bytes=int(args.retention_mb * 1024 * 1024),
             min_free_bytes=int(args.min_free_mb * 1024 * 1024),
+            derived=NightData(args.data_dir),
         )
         try:
             store.open()  # before the model: fail fast; the event loop is not running yet

@@ -10,7 +10,9 @@ are filled by the review API and the nightly adaptation (`labels.py`), whose run
 `adaptations` table (`adapt.py`). Retention: interactions older than `retention_days`, and the oldest
 ones past `retention_bytes` of audio, are deleted with their audio files. When the disk refuses an
 utterance's audio (full), or leaves less than `min_free_bytes` free, its row is logged without it;
-audio files a crash left without a row are deleted when the server starts (`sweep`).
+audio files a crash left without a row are deleted when the server starts (`sweep`). Every delete (the
+API's and retention's) also forgets what was derived from the clips (`Derived`: the nights' cached
+features and answers), after the rows are gone, so a night running meanwhile sees the rows missing.
 
 The server opens the log before its event loop starts, then uses the `async_*` methods: every SQLite
 call and file write runs on the store's own thread, in order, never on the event loop and never queued
@@ -31,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -150,6 +152,18 @@ def migrate(conn: sqlite3.Connection) -> int:
     return found
 
 
+class Derived(Protocol):
+    """What is derived from logged clips elsewhere (`adapt.NightData`), named by a key per clip."""
+
+    def keys(self, wavs: list[Path]) -> set[str]:
+        """The keys of these audio files (read before the files are deleted)."""
+        ...
+
+    def forget(self, keys: set[str]) -> int:
+        """Delete what was derived from these clips; returns how much was found."""
+        ...
+
+
 class InteractionStore:
     """SQLite (WAL) + audio files under `folder`, with retention by age and by total audio size."""
 
@@ -161,8 +175,10 @@ class InteractionStore:
         retention_days: float | None = None,
         retention_bytes: int | None = None,
         min_free_bytes: int = MIN_FREE_BYTES,
+        derived: Derived | None = None,
     ) -> None:
         self.folder = Path(folder)
+        self.derived = derived
         self.log_audio = log_audio
         self.retention_days = retention_days or None
         self.retention_bytes = retention_bytes or None
@@ -296,15 +312,16 @@ class InteractionStore:
 
     def _delete(self, rows: list[tuple[int, str | None]]) -> int:
         """Delete the rows' audio files (and emptied day folders), then the rows (one transaction): on a
-        full disk the files free the room the database may need to delete its rows."""
+        full disk the files free the room the database may need to delete its rows. Then what was derived
+        from the clips: a night that read a row before it went finds it missing when it ends (`adapt`)."""
         if not rows:
             return 0
-        for _, rel in rows:
-            if rel:
-                path = self.folder / rel
-                path.unlink(missing_ok=True)
-                if path.parent.is_dir() and not any(path.parent.iterdir()):
-                    path.parent.rmdir()
+        paths = [self.folder / rel for _, rel in rows if rel]
+        keys = self.derived.keys(paths) if self.derived is not None else set()
+        for path in paths:
+            path.unlink(missing_ok=True)
+            if path.parent.is_dir() and not any(path.parent.iterdir()):
+                path.parent.rmdir()
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
             self.conn.executemany("DELETE FROM interactions WHERE id = ?", [(row_id,) for row_id, _ in rows])
@@ -312,6 +329,12 @@ class InteractionStore:
         busy, _, _ = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         if busy:  # another process is reading: the next checkpoint will do it
             _LOGGER.warning("the write-ahead log keeps the deleted rows until its next checkpoint")
+        if keys:
+            assert self.derived is not None
+            try:
+                self.derived.forget(keys)
+            except OSError as err:  # the rows and the audio are gone: say what is left, and go on
+                _LOGGER.warning("could not delete what was derived from %d clip(s): %s", len(keys), err)
         return len(rows)
 
     def sweep(self) -> int:

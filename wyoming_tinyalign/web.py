@@ -197,7 +197,6 @@ class WebContext:
     store: InteractionStore | None
     metrics: Metrics
     token: str
-    forget_audio: Callable[[list[Path]], int] | None = None  # removes derived data (features, answers)
 
 
 def build_app(ctx: WebContext) -> web.Application:
@@ -523,14 +522,9 @@ async def delete_correction(request: web.Request) -> web.Response:
 
 
 async def _delete(request: web.Request, where: str, args: list[Any]) -> int:
-    """Forget the audio's derived data (off the store's thread), then delete rows and audio files."""
-    ctx, store = web_context(request), log_store(request)
-    rows = await store.async_call(
-        select_rows, store, f"SELECT id, audio_path FROM interactions WHERE {where}", args
-    )
-    if ctx.forget_audio is not None:
-        paths = [store.folder / r["audio_path"] for r in rows if r["audio_path"]]
-        await asyncio.to_thread(ctx.forget_audio, paths)
+    """Delete the interactions that match, with their audio and what the nights derived from it."""
+    store = log_store(request)
+    rows = await store.async_call(select_rows, store, f"SELECT id FROM interactions WHERE {where}", args)
     return await store.async_call(store.delete, [r["id"] for r in rows])
 
 
