@@ -171,17 +171,21 @@ class Assistant:
         if unsure(result, self.min_confidence):
             assert result.intent is not None and result.confidence is not None
             _LOGGER.info(
-                "%s: withholding %s: %r heard with confidence %.2f, under %.2f (--min-confidence)",
-                request.client, result.intent.to_text(), result.transcript, result.confidence,
-                self.min_confidence,
+                "%s: withholding %s: heard with confidence %.2f, under %.2f (--min-confidence)",
+                request.client, result.intent.name, result.confidence, self.min_confidence,
             )  # fmt: skip
             answer = Answer(result.transcript, None, withheld=result.intent)
         self._observe("audio", result.path, latency_ms, _label(answer))
+        # What was said (words, names) only with --debug: the add-on's log outlives a delete.
+        outcome = answer.intent.name if answer.intent else "withheld" if answer.withheld else "not recognized"
         _LOGGER.info(
-            "%s: %.1f s of audio -> %r, %s (%s, %.0f ms)",
-            request.client, audio.size / TARGET_RATE, result.transcript,
-            answer.intent.to_text() if answer.intent else "not recognized", result.path, latency_ms,
+            "%s: %.1f s of audio -> %s (%s, %.0f ms)",
+            request.client, audio.size / TARGET_RATE, outcome, result.path, latency_ms,
         )  # fmt: skip
+        said = answer.intent or answer.withheld
+        _LOGGER.debug(
+            "%s: heard %r -> %s", request.client, result.transcript, said.to_text() if said else "nothing"
+        )
         interaction = self._interaction(request, "audio", created)
         interaction.duration_s = audio.size / TARGET_RATE
         interaction.path = result.path
