@@ -291,11 +291,27 @@ def answered(data: Path) -> set[str]:
     return {key.split("/")[0] for path in files for key in json.loads(path.read_text())}
 
 
+def words_on_disk(data: Path, texts: set[str]) -> list[str]:
+    """The files under the data dir that hold any of these utterances. Not the nights' answers: what the
+    model made of the general set's synthetic speech ("stop all timers") is no one's words (`answered`
+    tells whose answers are kept)."""
+    needles = [text.encode() for text in texts]
+    answers = data / "adapt" / "predictions"
+    return [
+        str(path)
+        for path in data.rglob("*")
+        if path.is_file() and path.parent != answers and any(n in path.read_bytes() for n in needles)
+    ]
+
+
 async def test_deleting_removes_the_audio_files_and_what_the_nights_derived(srv: Server) -> None:
     """The audio, its cached features, and the answers the night kept for it (what each projector
-    heard): after the night above, for a held-out utterance, then for all."""
+    heard): after the night above, for a held-out utterance, then for all; then no file in the data dir
+    holds what the family said."""
     household = {key for key in answered(srv.data) if not key.startswith("g")}
     corrected = rows(srv.db, TAGGED, ("corrected",))
+    said = {json.loads(r["correction"])["text"] for r in corrected}
+    assert words_on_disk(srv.data, said)  # in the log's database, at least
     heard = {FeatureCache.key(read_wav(srv.db.parent / r["audio_path"])): r for r in corrected}
     assert household and household <= set(heard)  # the night answered held-out utterances
     key = sorted(household)[0]
@@ -317,6 +333,7 @@ async def test_deleting_removes_the_audio_files_and_what_the_nights_derived(srv:
     assert page["total"] == 0
     assert not list((srv.db.parent / "audio").rglob("*.wav"))
     assert answered(srv.data) and all(key.startswith("g") for key in answered(srv.data))
+    assert words_on_disk(srv.data, said) == []
 
 
 async def test_a_delete_while_a_night_runs_is_not_undone_by_it(
@@ -352,6 +369,7 @@ async def test_a_delete_while_a_night_runs_is_not_undone_by_it(
     assert not keys & {path.stem for path in features}
     assert not keys & answered(srv.data)
     assert not list((srv.db.parent / "audio").rglob("*.wav"))
+    assert words_on_disk(srv.data, {utt.text for utt, _ in spoken}) == []
     report = runs["items"][0]["report"]
     assert report["status"] in ("promoted", "rejected"), report
     assert report["data"]["heldout"] >= 1  # some of them were answered for validation

@@ -96,6 +96,9 @@ PREDICTIONS_DIR = "predictions"  # under ADAPT_DIR: `Predictions` files
 FEATURES_DIR = Path("cache") / "features"  # under the data dir: the encoder feature cache by default
 CONTEXT_FILE = "context.txt"  # the household context the server used, written when it starts a job
 LOCK_FILE = "lock"
+# Under ADAPT_DIR, what one run trains from and into: gone when it ends (the manifests hold the
+# household's words, which a delete must not leave behind) and when the next starts (after a kill).
+SCRATCH_DIRS = ("manifests", "candidate")
 HOUSEHOLD = "household"
 REPLAY_SEED, GENERAL_SEED = 1000, 1001
 MIN_EVAL_ITEMS = 8
@@ -395,6 +398,7 @@ class Job:
             (time.time(),),
         )
         self.versions.clean()
+        self._clear_scratch()  # a killed run's (a half-trained candidate must not be resumed)
         try:
             self.report["serving_version"] = self.versions.current()
         except VersionError as err:
@@ -416,6 +420,7 @@ class Job:
             self._forget_deleted()
         except (OSError, sqlite3.Error) as err:
             _LOGGER.error("could not forget the clips deleted while this run ran: %s", err)
+        self._clear_scratch()
         finish = time.time()
         self.report["finished_at"] = finish
         self.report["duration_s"] = round(self.elapsed(), 1)
@@ -430,6 +435,10 @@ class Job:
         )  # fmt: skip
         _LOGGER.info("adaptation %s: %s", self.report["status"], self.report.get("reason"))
         return self.report
+
+    def _clear_scratch(self) -> None:
+        for name in SCRATCH_DIRS:
+            shutil.rmtree(self.opts.work / name, ignore_errors=True)
 
     def _state(self) -> dict[str, Any]:
         try:
@@ -670,7 +679,6 @@ class Job:
         # computing features should still learn something (the budget is a target, not a wall).
         train_s = max(0.25 * self.budget_s, self.budget_s - self.elapsed() - candidate_eval_s)
         out = opts.work / "candidate"
-        shutil.rmtree(out, ignore_errors=True)
         manifests = self._manifests(train_pairs, replay)
         # A few hundred utterances are learnt by heart long before the budget ends (a validation every
         # 15 s came too late: the loss was at its lowest before the first one). train() validates
@@ -780,7 +788,6 @@ class Job:
         for path in predictions.glob("*.json"):
             if path not in keep:
                 path.unlink(missing_ok=True)
-        shutil.rmtree(out, ignore_errors=True)
         if opts.cache_dir is None:  # the data dir's own cache: features of audio no longer used go
             # (deleted by retention, or computed by an old encoder); a shared --cache-dir is left alone
             audios = [a for _, a in train_pairs + held_pairs]
@@ -885,7 +892,7 @@ class Job:
     def _manifests(
         self, train_pairs: list[tuple[Label, np.ndarray]], replay: list[Utterance]
     ) -> dict[str, Path]:
-        folder = self.opts.work / "manifests"
+        folder = self.opts.work / "manifests"  # one of SCRATCH_DIRS
         folder.mkdir(parents=True, exist_ok=True)
         household = [_utterance(lab, absolute=self.opts.data_dir / "log") for lab, _ in train_pairs]
         # The newest household utterances and as many replayed ones (a random sample) validate.
