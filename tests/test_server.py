@@ -439,6 +439,41 @@ async def test_every_utterance_is_logged_with_its_audio(served: Served, speech: 
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
+async def test_a_damaged_log_is_set_aside_and_the_assistant_answers(
+    micro_model: Path, tmp_path: Path, speech: tuple[bytes, int]
+) -> None:
+    """A log that a power cut left unreadable does not stop the assistant: it is set aside with its
+    audio (for `.recover`), a new log keeps what follows, and *Delete all* deletes the damaged one too."""
+    pcm, rate = speech
+    data = tmp_path / "data"
+    old_wav = data / "log" / "audio" / "2026-11-30" / "0123.wav"
+    old_wav.parent.mkdir(parents=True)
+    old_wav.write_bytes(b"RIFF what was said before")
+    garbage = os.urandom(8192)
+    db = data / "log" / "interactions.sqlite3"
+    db.write_bytes(garbage)
+    args = serve_args(micro_model, data, "--uri", "tcp://127.0.0.1:0", "--web-port", "0", "--web-token", "t")
+    server = ServerProcess(args, tmp_path / "server.log")
+    try:
+        server.wait_ready()
+        api = server.wait_log(WEB).group(1) + "/api"
+        async with asyncio.timeout(2 * TIMEOUT):
+            events, _ = await transcribe(*server.host_port, pcm, rate, tag="after")
+        (row,) = wait_rows(db, 1, TAGGED, ("after",))
+        (aside,) = (data / "log").glob("damaged-*")
+        assert (aside / "interactions.sqlite3").read_bytes() == garbage
+        assert (aside / old_wav.relative_to(db.parent)).read_bytes() == b"RIFF what was said before"
+        assert (db.parent / row["audio_path"]).is_file()  # the new log keeps what follows
+        async with aiohttp.ClientSession(headers={"Authorization": "Bearer t"}) as http:
+            answer = await http.delete(f"{api}/interactions")
+            assert answer.status == 200 and (await answer.json())["deleted"] == 1
+        assert not aside.exists()
+    finally:
+        server.stop()
+    assert events[-1].type == "transcript"
+    assert f"file is not a database; set aside in {aside}, with its audio; a new log starts" in server.text
+
+
 async def test_a_full_disk_loses_an_utterances_audio_and_a_nights_start_not_the_answers(
     micro_model: Path, tmp_path: Path, speech: tuple[bytes, int]
 ) -> None:

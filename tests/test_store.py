@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sqlite3
 import threading
@@ -18,7 +19,14 @@ from wyoming_tinyalign import store as store_module
 from wyoming_tinyalign.adapt import ADAPT_DIR, FEATURES_DIR, PREDICTIONS_DIR, NightData
 from wyoming_tinyalign.audio import read_wav
 from wyoming_tinyalign.intents import Intent
-from wyoming_tinyalign.store import SCHEMA_VERSION, Interaction, InteractionStore, StoreError
+from wyoming_tinyalign.store import (
+    DB_FILE,
+    SCHEMA_VERSION,
+    Interaction,
+    InteractionStore,
+    StoreDamaged,
+    StoreError,
+)
 from wyoming_tinyalign.train import FeatureCache
 
 LABELS = {"correction", "teacher_transcript", "teacher_confidence", "ha_outcome", "labelled_at"}
@@ -210,6 +218,47 @@ def test_audio_files_a_crash_left_without_a_row_are_swept(tmp_path: Path) -> Non
         assert read_wav(tmp_path / kept_rel).size == 8000 and store.sweep() == 0
     finally:
         store.close()
+
+
+def damage(db: Path, how: str) -> None:
+    """What a power cut on an SD card can leave: a file that is no database, or one with a torn page."""
+    with open(db, "r+b") as f:
+        if how == "not a database":
+            f.write(os.urandom(4096))
+        else:
+            f.seek(4 * 4096)  # a page of the interactions table (4 KB pages)
+            f.write(os.urandom(4096))
+
+
+@pytest.mark.parametrize("how", ["not a database", "a torn page"])
+def test_a_damaged_log_is_set_aside_with_its_audio_and_a_new_one_starts(tmp_path: Path, how: str) -> None:
+    """Opening a damaged log says so (`StoreDamaged`); `set_aside` moves it and its audio into a
+    damaged-<time> folder and a new log opens; retention deletes that folder once it is old."""
+    s = InteractionStore(tmp_path / "log")
+    s.open()
+    for i in range(200):  # some pages of rows
+        s.add(utterance(transcript=f"turn on the light number {i} " * 4), None)
+    s.add(utterance(transcript="with audio"), tone(0.5))
+    s.close()
+    damage(tmp_path / "log" / DB_FILE, how)
+    s = InteractionStore(tmp_path / "log", retention_days=7)
+    with pytest.raises(StoreDamaged, match="not a database" if how == "not a database" else "malformed"):
+        s.open()
+    aside = s.set_aside()
+    s.open()
+    try:
+        assert aside.parent == s.folder and aside.name.startswith("damaged-")
+        assert (aside / DB_FILE).is_file() and len(list((aside / "audio").rglob("*.wav"))) == 1
+        assert s.conn.execute("SELECT COUNT(*) FROM interactions").fetchone()[0] == 0
+        assert s.sweep() == 0 and not (s.folder / "audio").exists()
+        s.add(utterance(transcript="the first of the new log"), tone(0.5))
+        assert s.prune() == 0 and aside.is_dir()  # kept as long as interactions are
+        week_ago = time.time() - 8 * 86400
+        os.utime(aside, (week_ago, week_ago))
+        s.prune()
+        assert not aside.exists() and s.conn.execute("SELECT COUNT(*) FROM interactions").fetchone()[0] == 1
+    finally:
+        s.close()
 
 
 def test_a_log_from_a_newer_version_is_refused(tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ from .models import (
     resolve_model,
 )
 from .scheduler import Nightly, add_adaptation_args
-from .store import MIN_FREE_BYTES, InteractionStore, StoreError
+from .store import MIN_FREE_BYTES, InteractionStore, StoreDamaged, StoreError
 from .worker import PATH_CHOICES, InferenceWorker
 
 _LOGGER = logging.getLogger(__name__)
@@ -160,9 +160,13 @@ def run_serve(args: argparse.Namespace) -> int:
             derived=NightData(args.data_dir),
         )
         try:
-            store.open()  # before the model: fail fast; the event loop is not running yet
+            try:
+                store.open()  # before the model: fail fast; the event loop is not running yet
+            except StoreDamaged as err:  # answering matters more than the log: start a new one
+                _LOGGER.error("%s; set aside in %s, with its audio; a new log starts", err, store.set_aside())
+                store.open()
             store.sweep()  # audio a crash left without its row (nothing is being logged yet)
-        except StoreError as err:
+        except (StoreError, OSError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
     choice = resolve_model(args.model, args.data_dir)

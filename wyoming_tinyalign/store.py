@@ -13,6 +13,7 @@ utterance's audio (full), or leaves less than `min_free_bytes` free, its row is 
 audio files a crash left without a row are deleted when the server starts (`sweep`). Every delete (the
 API's and retention's) also forgets what was derived from the clips (`Derived`: the nights' cached
 features and answers), after the rows are gone, so a night running meanwhile sees the rows missing.
+A damaged database (`StoreDamaged`) is set aside with its audio for the server to start a new one.
 
 The server opens the log before its event loop starts, then uses the `async_*` methods: every SQLite
 call and file write runs on the store's own thread, in order, never on the event loop and never queued
@@ -44,6 +45,7 @@ _LOGGER = logging.getLogger(__name__)
 
 DB_FILE = "interactions.sqlite3"
 AUDIO_DIR = "audio"
+DAMAGED_PREFIX = "damaged-"  # a damaged log set aside (`InteractionStore.set_aside`)
 PRUNE_EVERY_S = 600.0
 MIN_FREE_BYTES = 1 << 30  # below this much free disk, no recordings are kept (`--min-free-mb`)
 T = TypeVar("T")
@@ -106,6 +108,10 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 class StoreError(Exception):
     """An interaction log that cannot be used, with the reason."""
+
+
+class StoreDamaged(StoreError):
+    """A database file that is not one, or is damaged (a power cut on an SD card): `set_aside`."""
 
 
 @dataclass
@@ -200,18 +206,52 @@ class InteractionStore:
 
     # ------------------------------------------------------------------ sync API (one thread at a time)
     def open(self) -> None:
-        """Open (or create) the database, migrate it, apply retention."""
+        """Open (or create) the database, check and migrate it, apply retention. A damaged one raises
+        `StoreDamaged`."""
         self.folder.mkdir(parents=True, exist_ok=True)
         try:
             conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False, timeout=30)
+        except sqlite3.Error as err:
+            raise StoreError(f"cannot open the interaction log {self.db_path}: {err}") from err
+        try:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA secure_delete = ON")  # deleted words are overwritten, whatever the build
+            problems = [row for (row,) in conn.execute("PRAGMA quick_check(3)")]
+            if problems != ["ok"]:
+                raise StoreDamaged(f"the interaction log {self.db_path} is damaged: {'; '.join(problems)}")
             migrate(conn)
+        except StoreError:
+            conn.close()
+            raise
         except sqlite3.Error as err:
-            raise StoreError(f"cannot open the interaction log {self.db_path}: {err}") from err
+            conn.close()
+            damaged = err.sqlite_errorname in ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+            kind = StoreDamaged if damaged else StoreError
+            raise kind(f"cannot open the interaction log {self.db_path}: {err}") from err
         self._conn = conn
         self.prune()
+
+    def set_aside(self) -> Path:
+        """Move a damaged log (the database and the audio it names) into a `damaged-<time>` folder beside
+        them, for a new one to start; returns that folder. It is kept for `retention_days`, and goes with
+        *Delete all* (`remove_set_aside`). SQLite's shell prints the rows it can still read (`.dump`)."""
+        aside = self.folder / f"{DAMAGED_PREFIX}{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+        aside.mkdir()
+        for name in (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", AUDIO_DIR):
+            if (self.folder / name).exists():
+                (self.folder / name).rename(aside / name)
+        return aside
+
+    def remove_set_aside(self, older_than: float | None = None) -> int:
+        """Delete the damaged logs set aside (those set aside before `older_than`, unix time); returns
+        how many."""
+        removed = 0
+        for aside in self.folder.glob(f"{DAMAGED_PREFIX}*"):
+            if older_than is None or aside.stat().st_mtime < older_than:
+                shutil.rmtree(aside)
+                removed += 1
+        return removed
 
     def add(self, interaction: Interaction, audio: np.ndarray | None = None) -> int:
         """Log one interaction (and its 16 kHz audio unless audio logging is off); returns its row id."""
@@ -293,6 +333,11 @@ class InteractionStore:
                     "SELECT id, audio_path FROM interactions WHERE created_at < ?", (cutoff,)
                 ).fetchall()
             )
+            try:
+                if removed := self.remove_set_aside(older_than=cutoff):
+                    _LOGGER.info("retention: deleted %d damaged log(s) set aside", removed)
+            except OSError as err:
+                _LOGGER.warning("retention: could not delete a damaged log set aside: %s", err)
         if self.retention_bytes:
             total = self.conn.execute("SELECT COALESCE(SUM(audio_bytes), 0) FROM interactions").fetchone()[0]
             doomed: list[tuple[int, str | None]] = []
