@@ -470,8 +470,16 @@ def test_the_token_is_needed_outside_ingress(fresh, site: Site, shots: Path) -> 
     assert fresh.locator("input[name=token]").is_visible() and not fresh.context.cookies()
 
 
-def test_delete_all_asks_first(page, site: Site) -> None:
+def test_delete_all_asks_first_and_takes_a_damaged_log_set_aside_too(page, site: Site) -> None:
+    """The dashboard tells of a damaged log the server set aside (it holds recordings); *Delete all*
+    asks first, then deletes the log's rows, their audio, and the damaged log."""
+    aside = site.data / "log" / "damaged-20261201T030000Z"  # as `InteractionStore.set_aside` names it
+    (aside / "audio" / "2026-11-30").mkdir(parents=True)
+    (aside / "audio" / "2026-11-30" / "0123.wav").write_bytes(b"RIFF what was said before")
+    page.goto(site.url)
+    assert f"a damaged log was set aside in {aside.name}, with its recordings" in page.inner_text("main")
     page.goto(site.url + "interactions")
+    assert page.inner_text("#delete-all").endswith("recordings and 1 damaged log(s) set aside")
     before = rows(page)
     page.once("dialog", lambda dialog: dialog.dismiss())
     page.click("#delete-all")
@@ -481,4 +489,7 @@ def test_delete_all_asks_first(page, site: Site) -> None:
     page.click("#delete-all")
     page.locator(".empty").wait_for()
     assert api(site, "GET", "api/interactions")[1]["total"] == 0
-    assert not list((site.data / "log" / "audio").rglob("*.wav"))
+    assert not list((site.data / "log" / "audio").rglob("*.wav")) and not aside.exists()
+    assert page.locator("#delete-all").count() == 0  # nothing left to delete
+    page.goto(site.url)
+    assert "damaged" not in page.inner_text("main")

@@ -243,11 +243,15 @@ class InteractionStore:
                 (self.folder / name).rename(aside / name)
         return aside
 
+    def set_aside_logs(self) -> list[Path]:
+        """The damaged logs set aside, oldest first."""
+        return sorted(self.folder.glob(f"{DAMAGED_PREFIX}*"))
+
     def remove_set_aside(self, older_than: float | None = None) -> int:
         """Delete the damaged logs set aside (those set aside before `older_than`, unix time); returns
         how many."""
         removed = 0
-        for aside in self.folder.glob(f"{DAMAGED_PREFIX}*"):
+        for aside in self.set_aside_logs():
             if older_than is None or aside.stat().st_mtime < older_than:
                 shutil.rmtree(aside)
                 removed += 1

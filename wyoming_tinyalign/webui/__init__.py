@@ -301,6 +301,7 @@ def _overview(store: InteractionStore) -> dict[str, Any]:
         "p95": float(np.percentile(latencies, 95)) if latencies else None,
         "to_review": to_review,
         "last_run": next(iter(adaptation_runs(store, 1)), None),
+        "set_aside": [path.name for path in store.set_aside_logs()],
     }
 
 
@@ -379,6 +380,11 @@ async def dashboard(request: web.Request) -> str:
         logging_text = "logging on" + (" (without audio)" if not store.log_audio else paused)
         ok = store_state == "ok"
         store_item = f'<li class="{"ok" if ok else "bad"}">log {"OK" if ok else escape(store_state)}</li>'
+        for name in overview["set_aside"] if overview else []:
+            store_item += (
+                f'<li class="warn">a damaged log was set aside in {escape(name)}, with its recordings '
+                "(<i>Delete all recordings</i> deletes it)</li>"
+            )
     disk_ok = disk.free >= MIN_FREE_BYTES  # below it the log keeps no recordings (by default)
     health = (
         '<ul class="health"><li class="ok">model loaded</li>'
@@ -406,7 +412,7 @@ def _page_of(store: InteractionStore, name: str, page: int) -> dict[str, Any]:
     """One page of the log under a filter, and how many rows each filter has (store's thread)."""
     counts = {key: count_interactions(store, *interaction_filters(params)) for key, params in FILTERS.items()}
     items = interaction_page(store, *interaction_filters(FILTERS[name]), page, PER_PAGE)
-    return {"counts": counts, "items": items}
+    return {"counts": counts, "items": items, "set_aside": len(store.set_aside_logs())}
 
 
 def _where(item: dict[str, Any]) -> str:
@@ -527,10 +533,11 @@ async def interactions(request: web.Request) -> str:
     older = f'<a href="interactions{_query({**base, "page": page + 1})}">older &rarr;</a>'
     pager = f"{newer if page > 1 else ''}<span>page {page} of {pages}</span>{older if page < pages else ''}"
     everything = data["counts"]["all"]
+    damaged = f" and {data['set_aside']} damaged log(s) set aside" if data["set_aside"] else ""
     delete_all = (
         f'<button type="button" id="delete-all" class="danger" data-total="{everything}">'
-        f"Delete all {everything} recordings</button>"
-        if everything
+        f"Delete all {everything} recordings{damaged}</button>"
+        if everything or damaged
         else ""
     )
     body = f"""<h1>Interactions</h1>
