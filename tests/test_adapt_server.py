@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shlex
+import signal
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -35,6 +37,7 @@ from wyoming_tinyalign.versions import Versions
 from wyoming_tinyalign.web import authorized
 
 TAGGED = "json_extract(context, '$.tag') = ?"
+JOB_STARTED = re.compile(r"adaptation job started \(pid (\d+)")
 
 
 @dataclass
@@ -281,6 +284,35 @@ async def test_metrics_count_requests_and_show_the_version(srv: Server) -> None:
     assert 'tinyalign_request_latency_seconds_bucket{kind="audio",le="+Inf"}' in text
     assert 'tinyalign_adaptation_runs_total{status="promoted"} 1' in text
     assert "tinyalign_projector_version 1" in text and 'version="v0001"' in text
+
+
+async def test_a_night_killed_is_recorded_at_once_and_leaves_no_words(srv: Server) -> None:
+    """Short of memory, the kernel kills the night first (its `oom_score_adj` is 1000), not the server
+    beside it. A night killed so (SIGKILL, here by the test, mid-training) is recorded as failed at once,
+    its scratch (the manifests, with the household's words) goes, and the server serves on."""
+    job_log = srv.data / "adapt" / "job.log"
+    start, started = job_log.stat().st_size, len(JOB_STARTED.findall(srv.process.text))
+    async with aiohttp.ClientSession(headers=srv.auth) as http:
+        assert (await http.post(f"{srv.web}/api/adapt")).status == 202
+        deadline = time.monotonic() + 300
+        while len(pids := JOB_STARTED.findall(srv.process.text)) == started:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        pid = int(pids[-1])
+        while b"training for up to" not in job_log.read_bytes()[start:]:
+            assert time.monotonic() < deadline, job_log.read_text()[-3000:]
+            await asyncio.sleep(0.1)
+        assert Path(f"/proc/{pid}/oom_score_adj").read_text().strip() == "1000"
+        assert (srv.data / "adapt" / "manifests" / "train.jsonl").is_file()
+        os.kill(pid, signal.SIGKILL)
+        while (run := (await (await http.get(f"{srv.web}/api/adaptations")).json())["items"][0])[
+            "status"
+        ] == "running":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+    assert run["status"] == "failed" and run["reason"] == "killed (SIGKILL: out of memory?)", run
+    assert not (srv.data / "adapt" / "manifests").exists()
+    assert await served_version(srv) == "v0001"
 
 
 # -------------------------------------------------------------------------------------------- deletes

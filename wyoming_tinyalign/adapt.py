@@ -42,7 +42,8 @@ import resource
 import shutil
 import sqlite3
 import time
-from contextlib import nullcontext, suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -347,16 +348,47 @@ def _decide_on_loss(
 
 
 # ------------------------------------------------------------------------------------------------ job
+@contextmanager
+def job_lock(work: Path) -> Iterator[bool]:
+    """Hold the adaptation lock of a work folder for the block, if no run holds it (True)."""
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / LOCK_FILE, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+        else:
+            yield True
+
+
+def fail_running(conn: sqlite3.Connection, reason: str) -> int:
+    """Record the runs still marked running as failed (their job is gone); returns how many."""
+    return conn.execute(
+        "UPDATE adaptations SET status = 'failed', finished_at = ?, reason = ? WHERE status = 'running'",
+        (time.time(), reason),
+    ).rowcount
+
+
+def remove_scratch(work: Path) -> None:
+    """Delete a run's scratch folders (`SCRATCH_DIRS`); the caller holds the lock."""
+    for name in SCRATCH_DIRS:
+        shutil.rmtree(work / name, ignore_errors=True)
+
+
+def clean_up_killed_run(data_dir: Path, conn: sqlite3.Connection, reason: str) -> None:
+    """After a run was killed (no run holds the lock now): its row failed with `reason`, and its scratch
+    (the household's words in the manifests) deleted, as the run itself would have on its way out."""
+    with job_lock(data_dir / ADAPT_DIR) as free:
+        if free:
+            remove_scratch(data_dir / ADAPT_DIR)
+            fail_running(conn, reason)
+
+
 def run_job(opts: AdaptOptions) -> dict[str, Any]:
     """One adaptation run; returns its report (also stored in the `adaptations` table)."""
-    opts.work.mkdir(parents=True, exist_ok=True)
-    lock = open(opts.work / LOCK_FILE, "a+")  # noqa: SIM115 - held for the whole run
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.close()
-        return {"status": "busy", "reason": "another adaptation is running"}
-    try:
+    with job_lock(opts.work) as free:
+        if not free:
+            return {"status": "busy", "reason": "another adaptation is running"}
         if not (opts.data_dir / "log" / DB_FILE).is_file():
             return {
                 "status": "skipped",
@@ -368,8 +400,6 @@ def run_job(opts: AdaptOptions) -> dict[str, Any]:
             return Job(opts, store.conn).run()
         finally:
             store.close()
-    finally:
-        lock.close()
 
 
 class Job:
@@ -392,13 +422,9 @@ class Job:
 
     # ------------------------------------------------------------------------------------ bookkeeping
     def run(self) -> dict[str, Any]:
-        self.conn.execute(
-            "UPDATE adaptations SET status = 'failed', finished_at = ?, "
-            "reason = 'interrupted (the job was killed, or the machine stopped)' WHERE status = 'running'",
-            (time.time(),),
-        )
+        fail_running(self.conn, "interrupted (the job was killed, or the machine stopped)")
         self.versions.clean()
-        self._clear_scratch()  # a killed run's (a half-trained candidate must not be resumed)
+        remove_scratch(self.opts.work)  # a killed run's (a half-trained candidate must not be resumed)
         try:
             self.report["serving_version"] = self.versions.current()
         except VersionError as err:
@@ -420,7 +446,7 @@ class Job:
             self._forget_deleted()
         except (OSError, sqlite3.Error) as err:
             _LOGGER.error("could not forget the clips deleted while this run ran: %s", err)
-        self._clear_scratch()
+        remove_scratch(self.opts.work)
         finish = time.time()
         self.report["finished_at"] = finish
         self.report["duration_s"] = round(self.elapsed(), 1)
@@ -435,10 +461,6 @@ class Job:
         )  # fmt: skip
         _LOGGER.info("adaptation %s: %s", self.report["status"], self.report.get("reason"))
         return self.report
-
-    def _clear_scratch(self) -> None:
-        for name in SCRATCH_DIRS:
-            shutil.rmtree(self.opts.work / name, ignore_errors=True)
 
     def _state(self) -> dict[str, Any]:
         try:
@@ -994,6 +1016,11 @@ class NightData:
                 except OSError:  # a full disk must not stop a delete: the next night answers again
                     path.unlink(missing_ok=True)
                 removed += len(answers) - len(kept)
+        work = self.data_dir / ADAPT_DIR
+        if any((work / name).exists() for name in SCRATCH_DIRS):  # a killed run's: the manifests' words
+            with job_lock(work) as free:
+                if free:  # else the running night deletes them when it ends
+                    remove_scratch(work)
         return removed
 
 
@@ -1059,6 +1086,8 @@ def run_adapt(args: argparse.Namespace) -> int:
     if args.nice > 0:
         with suppress(OSError):
             os.nice(args.nice)
+    with suppress(OSError):  # short of memory, the kernel kills the night, not the server beside it
+        Path("/proc/self/oom_score_adj").write_text("1000")
     if not args.threads:  # the job shares the machine with the server: one thread unless told otherwise
         torch.set_num_threads(1)
     with suppress(RuntimeError):

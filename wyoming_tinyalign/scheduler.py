@@ -22,6 +22,7 @@ import logging
 import os
 import shlex
 import signal
+import sqlite3
 import sys
 from contextlib import suppress
 from datetime import datetime, timedelta
@@ -34,7 +35,7 @@ from aiohttp import web
 from wyoming.event import Event
 from wyoming.info import Info
 
-from .adapt import ADAPT_DIR, CONTEXT_FILE
+from .adapt import ADAPT_DIR, CONTEXT_FILE, clean_up_killed_run
 from .discovery import advertised_address
 from .files import naming, write_atomic
 from .model.bundle import BundleConfig, BundleError, ProjectorInfo, load_bundle_config, load_projector
@@ -373,4 +374,16 @@ class Nightly:
     async def _wait_job(self, job: asyncio.subprocess.Process) -> None:
         code = await job.wait()
         _LOGGER.info("adaptation job finished (exit %d)", code)
+        store = self.app.assistant.store if self.app is not None else None
+        if code < 0 and store is not None:  # killed: it could record nothing, nor clean up
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            reason = f"killed ({name}{': out of memory?' if -code == signal.SIGKILL else ''})"
+            _LOGGER.error("the adaptation job was %s", reason)
+            try:
+                await store.async_call(clean_up_killed_run, self.data_dir, store.conn, reason)
+            except (OSError, sqlite3.Error) as err:  # the next run records it as interrupted
+                _LOGGER.error("could not record the killed adaptation job: %s", err)
         await self.sync()  # a promoted version goes live at once
