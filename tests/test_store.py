@@ -131,7 +131,8 @@ def test_retention_by_age_deletes_rows_and_audio(tmp_path: Path) -> None:
 
 def test_retention_forgets_what_the_nights_derived_from_a_clip(tmp_path: Path) -> None:
     """A clip that retention deletes takes its cached features (under every encoder) and the answers
-    the nights kept for it along (`adapt.NightData`); the clip that stays keeps its own."""
+    the nights kept for it along (`adapt.NightData`); the clip that stays keeps its own. What a killed
+    night left (its manifests, with the household's words) goes too."""
     s = InteractionStore(tmp_path / "log", retention_days=7, derived=NightData(tmp_path))
     s.open()
     now = time.time()
@@ -148,9 +149,13 @@ def test_retention_forgets_what_the_nights_derived_from_a_clip(tmp_path: Path) -
     answers = tmp_path / ADAPT_DIR / PREDICTIONS_DIR / "projector-d1.json"
     answers.parent.mkdir(parents=True)
     answers.write_text(json.dumps({f"{k}/ref": ["heard", None] for k in (old, new, "g0")}))
+    manifest = tmp_path / ADAPT_DIR / "manifests" / "train.jsonl"  # as a night killed mid-way leaves it
+    manifest.parent.mkdir()
+    manifest.write_text('{"audio": "../../log/audio/x.wav", "text": "what the family said"}\n')
     assert s.prune(now) == 1
     assert [p.exists() for p in features] == [False, True, False, True]
     assert set(json.loads(answers.read_text())) == {f"{new}/ref", "g0/ref"}
+    assert not manifest.parent.exists()
     s.close()
 
 
