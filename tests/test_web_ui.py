@@ -479,11 +479,17 @@ def test_delete_all_asks_first_and_takes_a_damaged_log_set_aside_too(page, site:
     page.goto(site.url)
     assert f"a damaged log was set aside in {aside.name}, with its recordings" in page.inner_text("main")
     page.goto(site.url + "interactions")
-    assert page.inner_text("#delete-all").endswith("recordings and 1 damaged log(s) set aside")
+    total = api(site, "GET", "api/interactions")[1]["total"]
+    assert page.inner_text("#delete-all") == f"Delete all {total} recordings and 1 damaged log(s) set aside"
     before = rows(page)
-    page.once("dialog", lambda dialog: dialog.dismiss())
+    asked: list[str] = []
+    page.once("dialog", lambda dialog: (asked.append(dialog.message), dialog.dismiss()))
     page.click("#delete-all")
     page.wait_for_timeout(300)
+    assert asked == [
+        f"Delete all {total} recordings and 1 damaged log(s) set aside, with what was heard? "
+        "This cannot be undone."
+    ]
     assert rows(page) == before and api(site, "GET", "api/interactions")[1]["total"] == len(before)
     page.once("dialog", lambda dialog: dialog.accept())
     page.click("#delete-all")

@@ -533,11 +533,11 @@ async def interactions(request: web.Request) -> str:
     older = f'<a href="interactions{_query({**base, "page": page + 1})}">older &rarr;</a>'
     pager = f"{newer if page > 1 else ''}<span>page {page} of {pages}</span>{older if page < pages else ''}"
     everything = data["counts"]["all"]
-    damaged = f" and {data['set_aside']} damaged log(s) set aside" if data["set_aside"] else ""
+    doomed = [f"all {everything} recordings"] if everything else []
+    doomed += [f"{data['set_aside']} damaged log(s) set aside"] if data["set_aside"] else []
     delete_all = (
-        f'<button type="button" id="delete-all" class="danger" data-total="{everything}">'
-        f"Delete all {everything} recordings{damaged}</button>"
-        if everything or damaged
+        f'<button type="button" id="delete-all" class="danger">Delete {" and ".join(doomed)}</button>'
+        if doomed
         else ""
     )
     body = f"""<h1>Interactions</h1>

@@ -193,8 +193,7 @@ document.addEventListener("keydown", (event) => {
 const deleteAll = document.getElementById("delete-all");
 if (deleteAll) {
   deleteAll.addEventListener("click", async () => {
-    const n = deleteAll.dataset.total;
-    if (!window.confirm(`Delete all ${n} recordings and what was heard? This cannot be undone.`)) return;
+    if (!window.confirm(`${deleteAll.textContent}, with what was heard? This cannot be undone.`)) return;
     try {
       const answer = await api("DELETE", "api/interactions");
       say(`Deleted ${answer.deleted}.`);
