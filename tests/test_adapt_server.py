@@ -402,6 +402,8 @@ async def test_a_delete_while_a_night_runs_is_not_undone_by_it(
     assert not keys & answered(srv.data)
     assert not list((srv.db.parent / "audio").rglob("*.wav"))
     assert words_on_disk(srv.data, {utt.text for utt, _ in spoken}) == []
+    digests = json.loads((srv.data / "adapt" / "state.json").read_text())["labels"]
+    assert not {str(r["id"]) for r in logged} & set(digests)  # nor a digest of their labels
     report = runs["items"][0]["report"]
     assert report["status"] in ("promoted", "rejected"), report
     assert report["data"]["heldout"] >= 1  # some of them were answered for validation

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from wyoming_tinyalign import store as store_module
-from wyoming_tinyalign.adapt import ADAPT_DIR, FEATURES_DIR, PREDICTIONS_DIR, NightData
+from wyoming_tinyalign.adapt import ADAPT_DIR, FEATURES_DIR, PREDICTIONS_DIR, STATE_FILE, NightData
 from wyoming_tinyalign.audio import read_wav
 from wyoming_tinyalign.intents import Intent
 from wyoming_tinyalign.store import (
@@ -132,7 +132,7 @@ def test_retention_by_age_deletes_rows_and_audio(tmp_path: Path) -> None:
 def test_retention_forgets_what_the_nights_derived_from_a_clip(tmp_path: Path) -> None:
     """A clip that retention deletes takes its cached features (under every encoder) and the answers
     the nights kept for it along (`adapt.NightData`); the clip that stays keeps its own. What a killed
-    night left (its manifests, with the household's words) goes too."""
+    night left (its manifests, with the household's words) goes too, and the row's label digest."""
     s = InteractionStore(tmp_path / "log", retention_days=7, derived=NightData(tmp_path))
     s.open()
     now = time.time()
@@ -152,10 +152,13 @@ def test_retention_forgets_what_the_nights_derived_from_a_clip(tmp_path: Path) -
     manifest = tmp_path / ADAPT_DIR / "manifests" / "train.jsonl"  # as a night killed mid-way leaves it
     manifest.parent.mkdir()
     manifest.write_text('{"audio": "../../log/audio/x.wav", "text": "what the family said"}\n')
+    state = tmp_path / ADAPT_DIR / STATE_FILE  # the last night's digest of each row's label
+    state.write_text(json.dumps({"data_hash": "h", "labels": {"1": "digest of 1", "2": "digest of 2"}}))
     assert s.prune(now) == 1
     assert [p.exists() for p in features] == [False, True, False, True]
     assert set(json.loads(answers.read_text())) == {f"{new}/ref", "g0/ref"}
     assert not manifest.parent.exists()
+    assert json.loads(state.read_text()) == {"data_hash": "h", "labels": {"2": "digest of 2"}}
     s.close()
 
 

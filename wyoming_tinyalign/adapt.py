@@ -375,6 +375,20 @@ def remove_scratch(work: Path) -> None:
         shutil.rmtree(work / name, ignore_errors=True)
 
 
+def forget_label_digests(work: Path, ids: set[int]) -> None:
+    """Drop these rows from the last run's label digests (`STATE_FILE`): a digest of a deleted label's
+    words must not outlive it. The caller holds the lock."""
+    path = work / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    labels = state.get("labels", {})
+    kept = {k: v for k, v in labels.items() if int(k) not in ids}
+    if len(kept) < len(labels):
+        write_atomic(path, json.dumps({**state, "labels": kept}).encode())
+
+
 def clean_up_killed_run(data_dir: Path, conn: sqlite3.Connection, reason: str) -> None:
     """After a run was killed (no run holds the lock now): its row failed with `reason`, and its scratch
     (the household's words in the manifests) deleted, as the run itself would have on its way out."""
@@ -561,16 +575,19 @@ class Job:
         return out
 
     def _forget_deleted(self) -> None:
-        """Forget what this run derived from clips deleted while it ran: the server forgot them at once
-        (`store.Derived`), but this run may have written their features or answers since."""
+        """Forget what this run derived from rows deleted while it ran: the server forgot it at once
+        (`store.Derived`), but this run may have written their clips' features or answers, or their
+        label digests, since."""
+        ids = set(self.clips) | {int(k) for k in self._state().get("labels", {})}
         rows = self.conn.execute(
             "SELECT id FROM interactions WHERE id IN (SELECT value FROM json_each(?))",
-            (json.dumps(list(self.clips)),),
+            (json.dumps(list(ids)),),
         )
-        alive = {row_id for (row_id,) in rows}
-        gone = {key for row_id, key in self.clips.items() if row_id not in alive}
+        gone_ids = ids - {row_id for (row_id,) in rows}
+        forget_label_digests(self.opts.work, gone_ids)
+        gone = {key for row_id, key in self.clips.items() if row_id in gone_ids}
         if gone:
-            NightData(self.opts.data_dir).forget(gone)
+            NightData(self.opts.data_dir).forget(gone, gone_ids)
             self.report.setdefault("data", {})["deleted_while_running"] = len(gone)
             _LOGGER.info("forgot what this run derived from %d clip(s) deleted while it ran", len(gone))
 
@@ -995,10 +1012,9 @@ class NightData:
                 keys.add(FeatureCache.key(read_wav(wav)))
         return keys
 
-    def forget(self, keys: set[str]) -> int:
-        """Delete the features and answers of these clips; returns how many were found."""
-        if not keys:
-            return 0
+    def forget(self, keys: set[str], ids: set[int]) -> int:
+        """Delete the features and answers of these clips, and the label digests of these rows (when no
+        night runs: a running one forgets them as it ends); returns how many were found."""
         removed = 0
         for key in keys:
             for path in (self.data_dir / FEATURES_DIR).glob(f"*/{key[:2]}/{key}.safetensors"):
@@ -1017,10 +1033,11 @@ class NightData:
                     path.unlink(missing_ok=True)
                 removed += len(answers) - len(kept)
         work = self.data_dir / ADAPT_DIR
-        if any((work / name).exists() for name in SCRATCH_DIRS):  # a killed run's: the manifests' words
+        if work.is_dir():
             with job_lock(work) as free:
-                if free:  # else the running night deletes them when it ends
-                    remove_scratch(work)
+                if free:  # else the running night does it when it ends
+                    remove_scratch(work)  # a killed run's: the manifests hold the household's words
+                    forget_label_digests(work, ids)
         return removed
 
 

@@ -165,8 +165,8 @@ class Derived(Protocol):
         """The keys of these audio files (read before the files are deleted)."""
         ...
 
-    def forget(self, keys: set[str]) -> int:
-        """Delete what was derived from these clips; returns how much was found."""
+    def forget(self, keys: set[str], ids: set[int]) -> int:
+        """Delete what was derived from these clips and rows; returns how much was found."""
         ...
 
 
@@ -378,12 +378,11 @@ class InteractionStore:
         busy, _, _ = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         if busy:  # another process is reading: the next checkpoint will do it
             _LOGGER.warning("the write-ahead log keeps the deleted rows until its next checkpoint")
-        if keys:
-            assert self.derived is not None
+        if self.derived is not None:
             try:
-                self.derived.forget(keys)
+                self.derived.forget(keys, {row_id for row_id, _ in rows})
             except OSError as err:  # the rows and the audio are gone: say what is left, and go on
-                _LOGGER.warning("could not delete what was derived from %d clip(s): %s", len(keys), err)
+                _LOGGER.warning("could not delete what was derived from %d row(s): %s", len(rows), err)
         return len(rows)
 
     def sweep(self) -> int:
