@@ -1020,7 +1020,7 @@ class NightData:
             for path in (self.data_dir / FEATURES_DIR).glob(f"*/{key[:2]}/{key}.safetensors"):
                 path.unlink(missing_ok=True)
                 removed += 1
-        for path in (self.data_dir / ADAPT_DIR / PREDICTIONS_DIR).glob("*.json"):
+        for path in (self.data_dir / ADAPT_DIR / PREDICTIONS_DIR).glob("*.json") if keys else ():
             try:
                 answers = json.loads(path.read_text())
             except (OSError, ValueError):
