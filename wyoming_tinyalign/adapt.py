@@ -361,12 +361,12 @@ def job_lock(work: Path) -> Iterator[bool]:
             yield True
 
 
-def fail_running(conn: sqlite3.Connection, reason: str) -> int:
-    """Record the runs still marked running as failed (their job is gone); returns how many."""
-    return conn.execute(
+def fail_running(conn: sqlite3.Connection, reason: str) -> None:
+    """Record the runs still marked running as failed (their job is gone)."""
+    conn.execute(
         "UPDATE adaptations SET status = 'failed', finished_at = ?, reason = ? WHERE status = 'running'",
         (time.time(), reason),
-    ).rowcount
+    )
 
 
 def remove_scratch(work: Path) -> None:
@@ -587,7 +587,7 @@ class Job:
         forget_label_digests(self.opts.work, gone_ids)
         gone = {key for row_id, key in self.clips.items() if row_id in gone_ids}
         if gone:
-            NightData(self.opts.data_dir).forget(gone, gone_ids)
+            NightData(self.opts.data_dir).forget_clips(gone)  # the label digests went above
             self.report.setdefault("data", {})["deleted_while_running"] = len(gone)
             _LOGGER.info("forgot what this run derived from %d clip(s) deleted while it ran", len(gone))
 
@@ -676,7 +676,7 @@ class Job:
         replay = rng.sample(replay_all, min(len(replay_all), max(len(train_pairs), 16)))
         general_utts = read_manifest(general_manifest)
         held_items = self._eval_items(
-            cache, [(FeatureCache.key(a), a, _utterance(lab), context) for lab, a in held_pairs]
+            cache, [(self.clips[lab.id], a, _utterance(lab), context) for lab, a in held_pairs]
         )
         general_items = self._eval_items(
             cache,
@@ -1012,15 +1012,25 @@ class NightData:
                 keys.add(FeatureCache.key(read_wav(wav)))
         return keys
 
-    def forget(self, keys: set[str], ids: set[int]) -> int:
-        """Delete the features and answers of these clips, and the label digests of these rows (when no
-        night runs: a running one forgets them as it ends); returns how many were found."""
-        removed = 0
+    def forget(self, keys: set[str], ids: set[int]) -> None:
+        """Delete the features and answers of these clips; when no night runs (a running one does it as
+        it ends), the label digests of these rows and a killed night's scratch too."""
+        self.forget_clips(keys)
+        work = self.data_dir / ADAPT_DIR
+        if work.is_dir():
+            with job_lock(work) as free:
+                if free:
+                    remove_scratch(work)  # a killed run's: the manifests hold the household's words
+                    forget_label_digests(work, ids)
+
+    def forget_clips(self, keys: set[str]) -> None:
+        """Delete the cached features and the kept answers of these clips."""
+        if not keys:
+            return
         for key in keys:
             for path in (self.data_dir / FEATURES_DIR).glob(f"*/{key[:2]}/{key}.safetensors"):
                 path.unlink(missing_ok=True)
-                removed += 1
-        for path in (self.data_dir / ADAPT_DIR / PREDICTIONS_DIR).glob("*.json") if keys else ():
+        for path in (self.data_dir / ADAPT_DIR / PREDICTIONS_DIR).glob("*.json"):
             try:
                 answers = json.loads(path.read_text())
             except (OSError, ValueError):
@@ -1031,14 +1041,6 @@ class NightData:
                     write_atomic(path, json.dumps(kept).encode())
                 except OSError:  # a full disk must not stop a delete: the next night answers again
                     path.unlink(missing_ok=True)
-                removed += len(answers) - len(kept)
-        work = self.data_dir / ADAPT_DIR
-        if work.is_dir():
-            with job_lock(work) as free:
-                if free:  # else the running night does it when it ends
-                    remove_scratch(work)  # a killed run's: the manifests hold the household's words
-                    forget_label_digests(work, ids)
-        return removed
 
 
 # ------------------------------------------------------------------------------------------------ CLI

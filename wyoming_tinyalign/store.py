@@ -165,8 +165,8 @@ class Derived(Protocol):
         """The keys of these audio files (read before the files are deleted)."""
         ...
 
-    def forget(self, keys: set[str], ids: set[int]) -> int:
-        """Delete what was derived from these clips and rows; returns how much was found."""
+    def forget(self, keys: set[str], ids: set[int]) -> None:
+        """Delete what was derived from these clips and rows."""
         ...
 
 

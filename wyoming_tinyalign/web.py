@@ -537,7 +537,7 @@ async def delete_interactions(request: web.Request) -> web.Response:
     where, args = interaction_filters(request.query)
     deleted = await _delete(request, where, args)
     _LOGGER.info("web: deleted %d interaction(s) with their audio", deleted)
-    if not args and where == "1":  # all of them: damaged logs set aside too (they hold recordings)
+    if where == "1":  # all of them: damaged logs set aside too (they hold recordings)
         store = log_store(request)
         if removed := await store.async_call(store.remove_set_aside):
             _LOGGER.info("web: deleted %d damaged log(s) set aside", removed)
