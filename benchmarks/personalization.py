@@ -327,6 +327,7 @@ def real_size(args: argparse.Namespace, dtype: str) -> dict:
         "wall_s": round(time.monotonic() - t0, 1),
         "duration_s": report.get("duration_s"),
         "peak_rss_mb": report.get("peak_rss_mb"),
+        "peak_cuda_mb": report.get("peak_cuda_mb"),
         "memory_mb": report.get("memory_mb"),
         "train": {k: v for k, v in (report.get("train") or {}).items() if k not in ("history", "loss_curve")},
         "data": report.get("data"),
@@ -425,15 +426,16 @@ def report(r: dict) -> str:
         lines += [
             "",
             "| real-size job (whisper-base + Qwen2.5-0.5B shapes, random weights) | objective | utterances "
-            "| result | wall s | job s | peak RSS MB | train steps | step ms |",
-            "|---" * 9 + "|",
+            "| result | wall s | job s | peak RSS MB | peak CUDA MB | train steps | step ms |",
+            "|---" * 10 + "|",
         ]
+        job_args = f" {r['job_args']}" if r["job_args"] else ""
         for s in r["real_size"]:
             lines.append(
-                f"| `adapt --now --threads {r['threads']} --dtype {s['dtype']}` | {s['objective']} "
+                f"| `adapt --now --threads {r['threads']} --dtype {s['dtype']}{job_args}` | {s['objective']} "
                 f"| {s['utterances']} "
                 f"| {s['status']} | {s['wall_s']} | {s['duration_s']} | {s['peak_rss_mb']} "
-                f"| {s['train'].get('steps')} | {s['train'].get('step_ms')} |"
+                f"| {s['peak_cuda_mb'] or '-'} | {s['train'].get('steps')} | {s['train'].get('step_ms')} |"
             )
     return "\n".join(lines)
 
@@ -490,7 +492,8 @@ def main() -> None:
     bootstrap(args)
     results: dict = {
         "date": date.today().isoformat(),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "machine": f"{platform.machine()} {os.cpu_count()} cores"
+        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
         "model": str(args.model),
         "threads": args.threads,
         "budget_minutes": args.budget_minutes,

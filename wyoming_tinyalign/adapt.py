@@ -465,6 +465,8 @@ class Job:
         self.report["finished_at"] = finish
         self.report["duration_s"] = round(self.elapsed(), 1)
         self.report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        if self.opts.device.startswith("cuda") and torch.cuda.is_initialized():
+            self.report["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(self.opts.device) / 2**20, 1)
         self.conn.execute(
             "UPDATE adaptations SET finished_at = ?, status = ?, reason = ?, version = ?, data_hash = ?, "
             "report = ? WHERE id = ?",
