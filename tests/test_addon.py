@@ -300,6 +300,9 @@ def test_the_run_script_starts_the_server_with_the_options(
     assert args["uri"] == "tcp://0.0.0.0:10300" and str(args["data_dir"]) == "/data"
     assert (args["model"], args["language"], args["device"], args["path"]) == ("dev", "en", "cpu", "auto")
     assert args["retention_days"] == 30.0 and not args["no_log"] and not args["no_log_audio"]
+    for option in ("retention_mb", "min_free_mb"):  # the add-on's defaults are the server's
+        flag = "--" + option.replace("_", "-")
+        assert args[option] == config["options"][option] == _serve_action(flag).default
     assert args["hass_url"] == "ws://supervisor/core/websocket"
     assert args["hass_token"] == SUPERVISOR_TOKEN and env["WYOMING_TINYALIGN_HASS_TOKEN"] == SUPERVISOR_TOKEN
     assert env["HF_HOME"] == "/data/huggingface" and env["XDG_CACHE_HOME"] == "/data/cache"
