@@ -190,7 +190,7 @@ def test_a_version_1_log_is_migrated_to_the_label_source_and_adaptations(tmp_pat
     store = old_log(tmp_path, 1)
     try:
         conn = store.conn
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         assert "label_source" in {row[1] for row in conn.execute("PRAGMA table_info(interactions)")}
         assert conn.execute("SELECT transcript, label_source FROM interactions").fetchall() == [("hi", None)]
         conn.execute(
@@ -211,5 +211,17 @@ def test_a_version_2_log_is_migrated_to_the_withheld_intent(tmp_path: Path) -> N
         row = store.add(Interaction(kind="audio", transcript="turn on the porch light", withheld=unsure))
         (raw,) = conn.execute("SELECT withheld FROM interactions WHERE id = ?", (row,)).fetchone()
         assert Intent.from_json(json.loads(raw)) == unsure
+    finally:
+        store.close()
+
+
+def test_a_version_3_log_is_migrated_to_the_clips_key(tmp_path: Path) -> None:
+    """A log written before rows kept their clip's key keeps its rows, without one (a delete reads their
+    clips instead: `test_store`)."""
+    store = old_log(tmp_path, 3)
+    try:
+        conn = store.conn
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("SELECT transcript, audio_key FROM interactions").fetchall() == [("hi", None)]
     finally:
         store.close()

@@ -45,7 +45,7 @@ def utterance(**fields: object) -> Interaction:
 def test_a_new_log_is_wal_at_the_current_schema_with_label_columns(store: InteractionStore) -> None:
     conn = store.conn
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     columns = {row[1] for row in conn.execute("PRAGMA table_info(interactions)")}
     assert LABELS | {"created_at", "client", "satellite_id", "conversation_id", "audio_path"} <= columns
     assert {"duration_s", "path", "transcript", "intent", "latency_ms", "projector_version"} <= columns
@@ -160,6 +160,55 @@ def test_retention_forgets_what_the_nights_derived_from_a_clip(tmp_path: Path) -
     assert not manifest.parent.exists()
     assert json.loads(state.read_text()) == {"data_hash": "h", "labels": {"2": "digest of 2"}}
     s.close()
+
+
+def test_a_clip_is_logged_with_the_key_its_file_reads_back_by(tmp_path: Path) -> None:
+    """The row keeps its clip's key (what the nights cache its features by), the same as read from the
+    file: for quiet, loud (clipped) and noisy audio. Without derived data (`derived=None`) there is none."""
+    rng = np.random.default_rng(0)
+    clips = [tone(0.3), 5.0 * tone(0.3), 1e-5 * tone(0.3), rng.normal(0, 0.4, 4800).astype(np.float32)]
+    s = InteractionStore(tmp_path / "log", derived=NightData(tmp_path))
+    s.open()
+    plain = InteractionStore(tmp_path / "plain")
+    plain.open()
+    try:
+        for audio in clips:
+            s.add(utterance(), audio)
+            plain.add(utterance(), audio)
+        rows = s.conn.execute("SELECT audio_path, audio_key FROM interactions ORDER BY id").fetchall()
+        assert [key for _, key in rows] == [FeatureCache.key(read_wav(s.folder / rel)) for rel, _ in rows]
+        assert len({key for _, key in rows}) == len(clips)
+        assert (
+            plain.conn.execute("SELECT COUNT(*) FROM interactions WHERE audio_key IS NULL").fetchone()[0] == 4
+        )
+    finally:
+        s.close()
+        plain.close()
+
+
+def test_a_delete_finds_what_was_derived_by_the_rows_key_or_else_by_reading_the_clip(tmp_path: Path) -> None:
+    """A delete reads no clip that was logged with its key, so a clip whose file no longer reads (a bad
+    block) still takes its cached features along; a clip logged before the log kept keys is read back."""
+    s = InteractionStore(tmp_path / "log", derived=NightData(tmp_path))
+    s.open()
+    try:
+        unreadable, old, kept = (s.add(utterance(), tone(seconds)) for seconds in (0.3, 0.4, 0.5))
+        rows = {
+            i: (rel, key)
+            for i, rel, key in s.conn.execute("SELECT id, audio_path, audio_key FROM interactions")
+        }
+        features = {
+            i: tmp_path / FEATURES_DIR / "enc" / k[:2] / f"{k}.safetensors" for i, (_, k) in rows.items()
+        }
+        for path in features.values():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"features")
+        (s.folder / rows[unreadable][0]).write_bytes(b"RIFF, and then nothing a WAV reader reads")
+        s.conn.execute("UPDATE interactions SET audio_key = NULL WHERE id = ?", (old,))  # logged before v4
+        assert s.delete([unreadable, old]) == 2
+        assert [features[i].exists() for i in (unreadable, old, kept)] == [False, False, True]
+    finally:
+        s.close()
 
 
 def test_retention_by_size_forgets_the_oldest_first(tmp_path: Path) -> None:

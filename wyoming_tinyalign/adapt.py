@@ -1006,13 +1006,9 @@ class NightData:
 
     data_dir: Path
 
-    def keys(self, wavs: list[Path]) -> set[str]:
-        """The clips' keys (unreadable files have none), one clip in memory at a time."""
-        keys = set()
-        for wav in wavs:
-            with suppress(AudioError):
-                keys.add(FeatureCache.key(read_wav(wav)))
-        return keys
+    def key(self, audio: np.ndarray) -> str:
+        """A clip's key: the one its features are cached by."""
+        return FeatureCache.key(audio)
 
     def forget(self, keys: set[str], ids: set[int]) -> None:
         """Delete the features and answers of these clips; when no night runs (a running one does it as

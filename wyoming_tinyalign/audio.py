@@ -50,6 +50,11 @@ def float_to_pcm16(audio: np.ndarray) -> bytes:
     return np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
 
 
+def as_stored(audio: np.ndarray) -> np.ndarray:
+    """The samples that a WAV `write_wav` makes of float32 mono 16 kHz `audio` reads back as."""
+    return np.frombuffer(float_to_pcm16(audio), dtype="<i2").astype(np.float32) / np.float32(32768.0)
+
+
 def decode_wav(data: bytes, name: str = "<bytes>") -> np.ndarray:
     """Decode a WAV file's bytes (PCM 8/16/24/32-bit, IEEE float 32/64-bit) to float32 mono 16 kHz.
 

@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,7 +39,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from .audio import write_wav
+from .audio import AudioError, as_stored, read_wav, write_wav
 from .intents import Intent
 
 _LOGGER = logging.getLogger(__name__)
@@ -102,8 +103,15 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE interactions ADD COLUMN withheld TEXT;  -- {"name": ..., "slots": {...}} JSON
     """,
+    # 3 -> 4: the key of the row's clip (`Derived.key`), so that a delete finds what the nights derived
+    # from it without reading the clip back; NULL for clips logged before (a delete reads those).
+    """
+    ALTER TABLE interactions ADD COLUMN audio_key TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+
+Doomed = tuple[int, str | None, str | None]  # a row to delete: id, audio_path, audio_key
 
 
 class StoreError(Exception):
@@ -161,8 +169,8 @@ def migrate(conn: sqlite3.Connection) -> int:
 class Derived(Protocol):
     """What is derived from logged clips elsewhere (`adapt.NightData`), named by a key per clip."""
 
-    def keys(self, wavs: list[Path]) -> set[str]:
-        """The keys of these audio files (read before the files are deleted)."""
+    def key(self, audio: np.ndarray) -> str:
+        """A clip's key, from its samples as its file reads back (float32 mono 16 kHz)."""
         ...
 
     def forget(self, keys: set[str], ids: set[int]) -> None:
@@ -272,16 +280,17 @@ class InteractionStore:
             except OSError as err:  # a full disk: the request is still logged, without its audio
                 _LOGGER.warning("the audio of this request was not kept: %s", err)
                 rel = None
+        key = self.derived.key(as_stored(audio)) if rel and self.derived is not None else None
         i = interaction
         try:
             cursor = self.conn.execute(
                 """INSERT INTO interactions (created_at, kind, client, satellite_id, device_id,
-                    conversation_id, context, language, audio_path, audio_bytes, duration_s, path,
-                    transcript, intent, confidence, latency_ms, model_ms, projector_version, withheld)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    conversation_id, context, language, audio_path, audio_bytes, audio_key, duration_s,
+                    path, transcript, intent, confidence, latency_ms, model_ms, projector_version, withheld)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
                     i.created_at, i.kind, i.client, i.satellite_id, i.device_id, i.conversation_id,
-                    _json(i.context), i.language, rel, size, i.duration_s, i.path, i.transcript,
+                    _json(i.context), i.language, rel, size, key, i.duration_s, i.path, i.transcript,
                     _json(i.intent.to_json() if i.intent else None), i.confidence, i.latency_ms,
                     i.model_ms, i.projector_version, _json(i.withheld.to_json() if i.withheld else None),
                 ),
@@ -334,7 +343,7 @@ class InteractionStore:
             cutoff = now - self.retention_days * 86400.0
             deleted += self._delete(
                 self.conn.execute(
-                    "SELECT id, audio_path FROM interactions WHERE created_at < ?", (cutoff,)
+                    "SELECT id, audio_path, audio_key FROM interactions WHERE created_at < ?", (cutoff,)
                 ).fetchall()
             )
             try:
@@ -344,46 +353,57 @@ class InteractionStore:
                 _LOGGER.warning("retention: could not delete a damaged log set aside: %s", err)
         if self.retention_bytes:
             total = self.conn.execute("SELECT COALESCE(SUM(audio_bytes), 0) FROM interactions").fetchone()[0]
-            doomed: list[tuple[int, str | None]] = []
+            doomed: list[Doomed] = []
             rows = self.conn.execute(
-                "SELECT id, audio_path, audio_bytes FROM interactions WHERE audio_bytes > 0 "
+                "SELECT id, audio_path, audio_key, audio_bytes FROM interactions WHERE audio_bytes > 0 "
                 "ORDER BY created_at, id"
             ).fetchall()
-            for row_id, rel, size in rows:
+            for row_id, rel, key, size in rows:
                 if total <= self.retention_bytes:
                     break
-                doomed.append((row_id, rel))
+                doomed.append((row_id, rel, key))
                 total -= size
             deleted += self._delete(doomed)
         if deleted:
             _LOGGER.info("retention: deleted %d old interaction(s)", deleted)
         return deleted
 
-    def _delete(self, rows: list[tuple[int, str | None]]) -> int:
-        """Delete the rows' audio files (and emptied day folders), then the rows (one transaction): on a
+    def _delete(self, rows: list[Doomed]) -> int:
+        """Delete these rows' audio files (and emptied day folders), then the rows (one transaction): on a
         full disk the files free the room the database may need to delete its rows. Then what was derived
         from the clips: a night that read a row before it went finds it missing when it ends (`adapt`)."""
         if not rows:
             return 0
-        paths = [self.folder / rel for _, rel in rows if rel]
-        keys = self.derived.keys(paths) if self.derived is not None else set()
+        paths = [self.folder / rel for _, rel, _ in rows if rel]
+        keys = self._clip_keys(rows) if self.derived is not None else set()
         for path in paths:
             path.unlink(missing_ok=True)
             if path.parent.is_dir() and not any(path.parent.iterdir()):
                 path.parent.rmdir()
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
-            self.conn.executemany("DELETE FROM interactions WHERE id = ?", [(row_id,) for row_id, _ in rows])
+            self.conn.executemany("DELETE FROM interactions WHERE id = ?", [(row[0],) for row in rows])
         # The write-ahead log still holds the pages as they were: copy it into the database, empty it.
         busy, _, _ = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         if busy:  # another process is reading: the next checkpoint will do it
             _LOGGER.warning("the write-ahead log keeps the deleted rows until its next checkpoint")
         if self.derived is not None:
             try:
-                self.derived.forget(keys, {row_id for row_id, _ in rows})
+                self.derived.forget(keys, {row[0] for row in rows})
             except OSError as err:  # the rows and the audio are gone: say what is left, and go on
                 _LOGGER.warning("could not delete what was derived from %d row(s): %s", len(rows), err)
         return len(rows)
+
+    def _clip_keys(self, rows: list[Doomed]) -> set[str]:
+        """The keys of the rows' clips: logged with the row, or read from a clip logged before the log
+        kept them (one clip in memory at a time; one that does not read has none)."""
+        assert self.derived is not None
+        keys = {key for _, _, key in rows if key}
+        for _, rel, key in rows:
+            if rel and not key:
+                with suppress(AudioError):
+                    keys.add(self.derived.key(read_wav(self.folder / rel)))
+        return keys
 
     def sweep(self) -> int:
         """Delete audio files no row names: a kill between writing a clip and logging its row, or inside
@@ -411,11 +431,12 @@ class InteractionStore:
 
     def delete(self, ids: list[int]) -> int:
         """Delete these interactions with their audio files; returns how many there were."""
-        rows: list[tuple[int, str | None]] = []
+        rows: list[Doomed] = []
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
             rows += self.conn.execute(
-                f"SELECT id, audio_path FROM interactions WHERE id IN ({','.join('?' * len(chunk))})", chunk
+                f"SELECT id, audio_path, audio_key FROM interactions WHERE id IN ({marks})", chunk
             ).fetchall()
         return self._delete(rows)
 
