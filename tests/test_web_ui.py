@@ -84,6 +84,7 @@ async def test_ingress_needs_no_token_but_changes_need_the_header(
         "data": {"train": 24, "heldout": 6, "new": 24, "sources": {"correction": 30}},
         "duration_s": 95.0,
         "peak_rss_mb": 812.0,
+        "peak_cuda_mb": 1370.6,  # a night on CUDA
     }
     store.conn.execute(
         "INSERT INTO adaptations (started_at, finished_at, status, reason, version, report) "
@@ -101,8 +102,9 @@ async def test_ingress_needs_no_token_but_changes_need_the_header(
             assert 'name="token"' not in await answer.text()
         learning = await (await http.get("/learning", headers=ingress)).text()
         assert learning.count('<svg class="chart"') == 2  # accuracy over the nights, loss curve
-        assert "50% &rarr; 70%" in learning and "1 min 35 s" in learning and "812 MB" in learning
+        assert "50% &rarr; 70%" in learning and "1 min 35 s" in learning
         assert "93% &rarr; 90%" in learning  # other voices
+        assert "812 MB peak &middot; 1371 MB on the GPU" in learning
         assert "promoted v0001 (no longer kept)" in learning  # pruned: not in this data dir
         # The header alone, from any other address, is no way in.
         answer = await http.get("/", headers={"X-Ingress-Path": PREFIX})

@@ -624,8 +624,12 @@ def _run_row(run: dict[str, Any], kept: set[str]) -> str:
     took = report.get("duration_s")
     if took is None and run["finished_at"]:
         took = run["finished_at"] - run["started_at"]
-    peak = report.get("peak_rss_mb")
-    memory = f'<div class="small">{peak:.0f} MB peak</div>' if peak else ""
+    peaks = []
+    if peak := report.get("peak_rss_mb"):
+        peaks.append(f"{peak:.0f} MB peak")
+    if gpu := report.get("peak_cuda_mb"):  # a night on CUDA
+        peaks.append(f"{gpu:.0f} MB on the GPU")
+    memory = f'<div class="small">{" &middot; ".join(peaks)}</div>' if peaks else ""
     return f"""<tr class="run {escape(run["status"])}">
 <td data-label="Started" class="nowrap">{_when(run["started_at"])}</td>
 <td data-label="Result"><b>{status}</b><div class="small">{escape(run["reason"] or "")}</div></td>
