@@ -372,7 +372,8 @@ async def test_a_delete_while_a_night_runs_is_not_undone_by_it(
     srv: Server, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """A night reads the labelled clips when it starts and writes their features and answers as it goes:
-    clips deleted while it trains leave nothing of theirs once it has ended."""
+    clips deleted while it trains leave nothing of theirs once it has ended, and the projector it trained
+    on them is neither served nor kept."""
     spoken = unseen_speech(tmp_path_factory, 10, seed=35)
     async with asyncio.timeout(4 * TIMEOUT):
         for _, audio in spoken:
@@ -382,6 +383,7 @@ async def test_a_delete_while_a_night_runs_is_not_undone_by_it(
     job_log = srv.data / "adapt" / "job.log"
     start = job_log.stat().st_size
     async with aiohttp.ClientSession(headers=srv.auth) as http:
+        versions_before = await (await http.get(f"{srv.web}/api/versions")).json()
         for row, (utt, _) in zip(logged, spoken, strict=True):
             body = {"text": utt.text, "intent": utt.intent.to_json() if utt.intent else None}
             assert (
@@ -397,6 +399,7 @@ async def test_a_delete_while_a_night_runs_is_not_undone_by_it(
         while (runs := await (await http.get(f"{srv.web}/api/adaptations")).json())["running"]:
             assert time.monotonic() < deadline, job_log.read_text()[-3000:]
             await asyncio.sleep(0.5)
+        versions_after = await (await http.get(f"{srv.web}/api/versions")).json()
     features = (srv.data / "cache" / "features").rglob("*.safetensors")
     assert not keys & {path.stem for path in features}
     assert not keys & answered(srv.data)
@@ -404,7 +407,10 @@ async def test_a_delete_while_a_night_runs_is_not_undone_by_it(
     assert words_on_disk(srv.data, {utt.text for utt, _ in spoken}) == []
     digests = json.loads((srv.data / "adapt" / "state.json").read_text())["labels"]
     assert not {str(r["id"]) for r in logged} & set(digests)  # nor a digest of their labels
-    report = runs["items"][0]["report"]
-    assert report["status"] in ("promoted", "rejected"), report
+    run = runs["items"][0]
+    report = run["report"]
+    assert run["status"] == report["status"] == "rejected" and run["version"] is None, report
+    assert f"{len(keys)} recording(s) it learnt from or was judged on were deleted" in report["reason"]
+    assert versions_after == versions_before  # nothing served or kept that learnt from them
     assert report["data"]["heldout"] >= 1  # some of them were answered for validation
     assert report["data"]["deleted_while_running"] == len(keys)  # and the night saw them go

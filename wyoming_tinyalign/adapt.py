@@ -22,6 +22,7 @@ One run, in its own low-priority process (`nice` 10, one torch thread unless `--
    served projector and than the bundle's own (so small losses do not add up night after night). The
    candidate becomes a new numbered version file either way (`versions.py`); a promoted one then gets
    the pointer, a rejected one is kept on record with the reason (the household may serve it anyway).
+   Unless recordings it was trained or judged on were deleted while it ran: then it goes, unkept.
 
 Nothing the server reads is written before step 7, so a kill at any moment leaves it serving a complete
 version. The report (data sizes, label sources, before/after metrics, loss curve, duration, peak memory)
@@ -580,18 +581,21 @@ class Job:
         """Forget what this run derived from rows deleted while it ran: the server forgot it at once
         (`store.Derived`), but this run may have written their clips' features or answers, or their
         label digests, since."""
-        ids = set(self.clips) | {int(k) for k in self._state().get("labels", {})}
-        rows = self.conn.execute(
-            "SELECT id FROM interactions WHERE id IN (SELECT value FROM json_each(?))",
-            (json.dumps(list(ids)),),
-        )
-        gone_ids = ids - {row_id for (row_id,) in rows}
+        gone_ids = self._gone(set(self.clips) | {int(k) for k in self._state().get("labels", {})})
         forget_label_digests(self.opts.work, gone_ids)
         gone = {key for row_id, key in self.clips.items() if row_id in gone_ids}
         if gone:
             NightData(self.opts.data_dir).forget_clips(gone)  # the label digests went above
             self.report.setdefault("data", {})["deleted_while_running"] = len(gone)
             _LOGGER.info("forgot what this run derived from %d clip(s) deleted while it ran", len(gone))
+
+    def _gone(self, ids: set[int]) -> set[int]:
+        """Those of these interaction rows that are no longer in the log (deleted)."""
+        found = self.conn.execute(
+            "SELECT id FROM interactions WHERE id IN (SELECT value FROM json_each(?))",
+            (json.dumps(list(ids)),),
+        )
+        return ids - {row_id for (row_id,) in found}
 
     def _bootstrap(self, name: str, n: int, seed: int, households: list[Household]) -> Path:
         root = self.opts.bootstrap_dir or self.opts.data_dir / "bootstrap"
@@ -791,6 +795,13 @@ class Job:
                 report["changes"] = paired  # per set and metric, the utterances that got [worse, better]
             shipped_general = report["shipped"]["general"] if shipped else None
             promote, reason = decide(after, before, opts.tolerance, paired, opts.decide_on, shipped_general)
+        if candidate is not None and (deleted := self._gone(set(self.clips))):
+            # What the household deleted is not learnt from: the candidate goes, promoted or not.
+            promote, candidate = False, None
+            reason = (
+                f"{len(deleted)} recording(s) it learnt from or was judged on were deleted while it ran: "
+                "not kept (the next night learns without them)"
+            )
         report.update(reason=reason, status="promoted" if promote else "rejected")
         if candidate is not None:
             # Kept either way: a rejected one on record, for the household to serve anyway if it disagrees.
