@@ -318,6 +318,30 @@ def test_a_damaged_log_is_set_aside_with_its_audio_and_a_new_one_starts(tmp_path
         s.close()
 
 
+def test_the_audio_cap_counts_a_damaged_log_set_aside_and_deletes_it_first(tmp_path: Path) -> None:
+    """`retention_bytes` caps all recorded audio on the disk: the audio of a damaged log set aside is older
+    than the new log's, so it goes first when the total is over; then the new log's oldest rows."""
+    s = InteractionStore(tmp_path / "log")
+    s.open()
+    for _ in range(3):
+        s.add(utterance(created_at=time.time() - 3600), tone(1.0))
+    s.close()
+    aside = s.set_aside()
+    s.open()
+    try:
+        ids = [s.add(utterance(), tone(1.0)) for _ in range(3)]
+        clip = s.conn.execute("SELECT MAX(audio_bytes) FROM interactions").fetchone()[0]
+        s.retention_bytes = 6 * clip  # room for all six
+        assert s.prune() == 0 and aside.is_dir()
+        s.retention_bytes = 3 * clip  # room for the new log's three: the set-aside log goes, not a row
+        assert s.prune() == 0 and not aside.exists()
+        s.retention_bytes = 2 * clip
+        assert s.prune() == 1
+        assert [r[0] for r in s.conn.execute("SELECT id FROM interactions ORDER BY id")] == ids[1:]
+    finally:
+        s.close()
+
+
 def test_a_log_from_a_newer_version_is_refused(tmp_path: Path) -> None:
     (tmp_path / "log").mkdir()
     with closing(sqlite3.connect(tmp_path / "log" / "interactions.sqlite3")) as conn:

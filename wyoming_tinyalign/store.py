@@ -265,6 +265,27 @@ class InteractionStore:
                 removed += 1
         return removed
 
+    def _cap_set_aside(self, logged: int) -> int:
+        """Count the audio of the damaged logs set aside in `retention_bytes` with the `logged` bytes of
+        this log's: they are older than any of its rows, so they go first, oldest first, while the
+        total is over. Returns what is left of the set-aside audio, plus `logged`."""
+        aside = [
+            (path, sum(wav.stat().st_size for wav in (path / AUDIO_DIR).rglob("*.wav")))
+            for path in self.set_aside_logs()
+        ]
+        total = logged + sum(size for _, size in aside)
+        for path, size in aside:
+            if total <= self.retention_bytes:
+                break
+            try:
+                shutil.rmtree(path)
+            except OSError as err:
+                _LOGGER.warning("retention: could not delete a damaged log set aside: %s", err)
+                break
+            _LOGGER.info("retention: deleted the damaged log set aside in %s (audio over the cap)", path.name)
+            total -= size
+        return total
+
     def add(self, interaction: Interaction, audio: np.ndarray | None = None) -> int:
         """Log one interaction (and its 16 kHz audio unless audio logging is off); returns its row id."""
         rel: str | None = None
@@ -353,6 +374,7 @@ class InteractionStore:
                 _LOGGER.warning("retention: could not delete a damaged log set aside: %s", err)
         if self.retention_bytes:
             total = self.conn.execute("SELECT COALESCE(SUM(audio_bytes), 0) FROM interactions").fetchone()[0]
+            total = self._cap_set_aside(total)
             doomed: list[Doomed] = []
             rows = self.conn.execute(
                 "SELECT id, audio_path, audio_key, audio_bytes FROM interactions WHERE audio_bytes > 0 "
