@@ -54,7 +54,7 @@ NIGHTS = [
         "v0001",
         (0.42, 0.38),
         (0.55, 0.30),
-        "better for the household (intent_accuracy 0.42 -> 0.55), not worse on other voices",
+        "better for the household (intent accuracy 0.42 -> 0.55), not worse on other voices",
     ),
     ("skipped", None, None, None, "only 6 new label(s); at least 20 are needed (--min-new)"),
     (
@@ -62,7 +62,7 @@ NIGHTS = [
         "v0002",
         (0.55, 0.30),
         (0.58, 0.29),
-        "better for the household (intent_accuracy 0.55 -> 0.58) but worse on other voices: "
+        "better for the household (intent accuracy 0.55 -> 0.58) but worse on other voices: "
         "intent accuracy 0.81 -> 0.74 (tolerance 0.02)",
     ),
     (
@@ -70,7 +70,7 @@ NIGHTS = [
         "v0003",
         (0.55, 0.30),
         (0.63, 0.26),
-        "better for the household (intent_accuracy 0.55 -> 0.63), not worse on other voices",
+        "better for the household (intent accuracy 0.55 -> 0.63), not worse on other voices",
     ),
     ("skipped", None, None, None, "the labelled data has not changed since the last run"),
     (
@@ -78,14 +78,14 @@ NIGHTS = [
         "v0004",
         (0.63, 0.26),
         (0.71, 0.21),
-        "better for the household (intent_accuracy 0.63 -> 0.71), not worse on other voices",
+        "better for the household (intent accuracy 0.63 -> 0.71), not worse on other voices",
     ),
     (
         "rejected",
         "v0005",
         (0.71, 0.21),
         (0.70, 0.22),
-        "worse for the household: intent_accuracy 0.7 vs 0.71 served",
+        "worse for the household: intent accuracy 0.7 vs 0.71 served",
     ),
 ]
 

@@ -187,17 +187,17 @@ GENERAL = {"intent_accuracy": 0.8, "wer": 0.2, "loss": 1.0, "n": 10}
 @pytest.mark.parametrize(
     ("household", "general", "promote", "why"),
     [
-        ({"intent_accuracy": 0.6, "wer": 0.4, "loss": 1.05}, {}, True, "intent_accuracy 0.5 -> 0.6"),
-        ({"intent_accuracy": 0.6, "wer": 0.5}, {}, False, "worse for the household: wer"),
+        ({"intent_accuracy": 0.6, "wer": 0.4, "loss": 1.05}, {}, True, "intent accuracy 0.5 -> 0.6"),
+        ({"intent_accuracy": 0.6, "wer": 0.5}, {}, False, "worse for the household: WER"),
         ({"intent_accuracy": 0.7, "wer": 0.1, "loss": 1.5}, {}, False, "held-out loss 1.0 -> 1.5"),
         (
             {"intent_accuracy": 0.4, "wer": 0.1, "loss": 0.5},
             {},
             False,
-            "worse for the household: intent_accuracy",
+            "worse for the household: intent accuracy",
         ),
-        ({"wer": 0.3}, {}, True, "wer 0.4 -> 0.3"),
-        ({"wer": 0.45, "loss": 0.5}, {}, False, "worse for the household: wer"),
+        ({"wer": 0.3}, {}, True, "WER 0.4 -> 0.3"),
+        ({"wer": 0.45, "loss": 0.5}, {}, False, "worse for the household: WER"),
         ({"loss": 0.9}, {}, True, "held-out loss 1.0 -> 0.9"),
         ({"loss": 0.999}, {}, False, "no better for the household"),
         (
@@ -274,12 +274,12 @@ def test_a_gain_for_the_household_must_be_more_than_chance() -> None:
     promote, reason = decide(candidate, serving, 0.02, {"household": {"intent_accuracy": [0, 1]}})
     assert not promote and "no better for the household" in reason and "could be chance (p=0.50)" in reason
     promote, reason = decide(candidate, serving, 0.02, {"household": {"intent_accuracy": [0, 4]}})
-    assert promote and "intent_accuracy 0.5 -> 0.6" in reason
+    assert promote and "intent accuracy 0.5 -> 0.6" in reason
     # A chance gain in one metric does not hide a real gain in the other.
     candidate["household"] |= {"wer": 0.3}
     changes = {"intent_accuracy": [1, 2], "wer": [1, 7]}
     promote, reason = decide(candidate, serving, 0.02, {"household": changes})
-    assert promote and "wer 0.4 -> 0.3" in reason and "intent_accuracy" not in reason
+    assert promote and "WER 0.4 -> 0.3" in reason and "intent accuracy" not in reason
 
 
 def test_tiny_models_can_be_judged_on_the_loss_alone() -> None:

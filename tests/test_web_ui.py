@@ -310,7 +310,7 @@ def test_a_rejected_candidate_is_served_anyway_and_rolled_back(page, site: Site,
     the household serves it anyway with a click, and "Roll back" passes over it to the promoted one before
     (none here: the model's own)."""
     projector, info = load_projector(micro_model / "projector.safetensors")
-    reason = "no better for the household: intent_accuracy 0.2 -> 0.3 on 10 utterances could be chance"
+    reason = "no better for the household: intent accuracy 0.2 -> 0.3 on 10 utterances could be chance"
     rejected = {
         "household": {"intent_accuracy": 0.3, "wer": 0.4},
         "rejected": {"reason": reason, "at": time.time()},

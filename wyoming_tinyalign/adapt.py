@@ -292,13 +292,13 @@ def decide(
     if c is not None and s is not None and c > s * (1 + LOSS_GUARD):
         return False, f"worse for the household: held-out loss {s} -> {c} (up more than {LOSS_GUARD:.0%})"
     gains, chance = [], []
-    for key, higher_is_better in (("intent_accuracy", True), ("wer", False)):
+    for key, label, higher_is_better in (("intent_accuracy", "intent accuracy", True), ("wer", "WER", False)):
         c, s = mine.get(key), theirs.get(key)
         if c is None or s is None or abs(c - s) <= 1e-9:
             continue
         if (c > s) != higher_is_better:
-            return False, f"worse for the household: {key} {c} vs {s} served"
-        change = f"{key} {s} -> {c}"
+            return False, f"worse for the household: {label} {c} vs {s} served"
+        change = f"{label} {s} -> {c}"
         counts = (paired or {}).get("household", {}).get(key)
         if counts is not None and (p := sign_test(counts[1], counts[0])) >= SIGNIFICANCE:
             chance.append(f"{change} on {mine.get('n')} utterances could be chance (p={p:.2f})")
