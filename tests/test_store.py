@@ -211,6 +211,24 @@ def test_a_delete_finds_what_was_derived_by_the_rows_key_or_else_by_reading_the_
         s.close()
 
 
+def test_retention_waits_while_a_night_runs(tmp_path: Path) -> None:
+    """While `retention_held` (a night runs), logging does not prune: a row deleted under the night
+    would discard its work. Once released, the next `add` prunes."""
+    s = InteractionStore(tmp_path / "log", retention_days=7)
+    s.open()
+    try:
+        old = s.add(utterance(created_at=time.time() - 8 * 86400), tone(0.3))
+        s.retention_held = True
+        s._last_prune -= store_module.PRUNE_EVERY_S  # the store would prune at this add
+        s.add(utterance(), tone(0.3))
+        assert old in {r[0] for r in s.conn.execute("SELECT id FROM interactions")}
+        s.retention_held = False
+        s.add(utterance(), tone(0.3))
+        assert old not in {r[0] for r in s.conn.execute("SELECT id FROM interactions")}
+    finally:
+        s.close()
+
+
 def test_retention_by_size_forgets_the_oldest_first(tmp_path: Path) -> None:
     s = InteractionStore(tmp_path / "log")
     s.open()

@@ -198,6 +198,9 @@ class InteractionStore:
         self.retention_bytes = retention_bytes or None
         self.min_free_bytes = min_free_bytes
         self.disk_low = False  # the last `add` found less than `min_free_bytes` free: no recordings kept
+        # While a night runs (the server's scheduler sets it), retention waits: a row it deleted would
+        # discard the night's work as a delete by the household does (`adapt`). A delete still deletes.
+        self.retention_held = False
         self._conn: sqlite3.Connection | None = None
         self._last_prune = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
@@ -320,7 +323,7 @@ class InteractionStore:
             if rel:
                 (self.folder / rel).unlink(missing_ok=True)
             raise
-        if time.monotonic() - self._last_prune >= PRUNE_EVERY_S:
+        if not self.retention_held and time.monotonic() - self._last_prune >= PRUNE_EVERY_S:
             self.prune()
         return int(cursor.lastrowid or 0)
 
