@@ -405,12 +405,13 @@ async def test_a_delete_while_a_night_runs_is_not_undone_by_it(
     assert not keys & answered(srv.data)
     assert not list((srv.db.parent / "audio").rglob("*.wav"))
     assert words_on_disk(srv.data, {utt.text for utt, _ in spoken}) == []
-    digests = json.loads((srv.data / "adapt" / "state.json").read_text())["labels"]
-    assert not {str(r["id"]) for r in logged} & set(digests)  # nor a digest of their labels
+    state = json.loads((srv.data / "adapt" / "state.json").read_text())
+    assert not {str(r["id"]) for r in logged} & set(state["labels"])  # nor a digest of their labels
     run = runs["items"][0]
     report = run["report"]
     assert run["status"] == report["status"] == "rejected" and run["version"] is None, report
     assert f"{len(keys)} recording(s) it learnt from or was judged on were deleted" in report["reason"]
     assert versions_after == versions_before  # nothing served or kept that learnt from them
+    assert state["data_hash"] != report["data_hash"]  # nor its labels recorded as learnt: new again
     assert report["data"]["heldout"] >= 1  # some of them were answered for validation
     assert report["data"]["deleted_while_running"] == len(keys)  # and the night saw them go

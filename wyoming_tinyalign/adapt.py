@@ -795,12 +795,14 @@ class Job:
                 report["changes"] = paired  # per set and metric, the utterances that got [worse, better]
             shipped_general = report["shipped"]["general"] if shipped else None
             promote, reason = decide(after, before, opts.tolerance, paired, opts.decide_on, shipped_general)
-        if candidate is not None and (deleted := self._gone(set(self.clips))):
-            # What the household deleted is not learnt from: the candidate goes, promoted or not.
-            promote, candidate = False, None
+        learnt = True
+        if deleted := self._gone(set(self.clips)):
+            # What the household deleted is not learnt from: a candidate goes, promoted or not, and the
+            # labels are not recorded as learnt, so the next night counts them as new again.
+            promote, candidate, learnt = False, None, False
             reason = (
                 f"{len(deleted)} recording(s) it learnt from or was judged on were deleted while it ran: "
-                "not kept (the next night learns without them)"
+                "nothing it trained is kept (the next night learns without them)"
             )
         report.update(reason=reason, status="promoted" if promote else "rejected")
         if candidate is not None:
@@ -832,7 +834,8 @@ class Job:
                 self.versions.promote(name)
                 report["path_auto"] = "aligned" if household_validated(info) else "cascade"
             report.update(version=name, pruned=self.versions.prune(opts.keep))
-        self._save_state(data_hash, digests)
+        if learnt:
+            self._save_state(data_hash, digests)
         keep = {cascade_cache.path, *(c.path for c in (serving_cache, shipped_cache) if c is not None)}
         for name in self.versions.names():
             with suppress(VersionError):
