@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from contextlib import closing
 from pathlib import Path
@@ -26,6 +27,7 @@ from wyoming_tinyalign.adapt import (
     _utterance,
     answers,
     bootstrap_speech,
+    job_lock,
     run_job,
 )
 from wyoming_tinyalign.audio import read_wav
@@ -342,3 +344,17 @@ def test_a_label_without_an_intent_is_trained_on_its_words_alone(tmp_path: Path)
     read = {name: u for name, u in zip(labels, read_manifest(path), strict=True)}
     assert [u.transcript_only for u in read.values()] == [True, False, False]
     assert read["teacher"].intent is None and read["corrected"].intent == labels["corrected"].intent
+
+
+def test_a_run_waits_out_a_delete_holding_the_lock_but_not_another_run(tmp_path: Path) -> None:
+    """A delete (`NightData.forget`) holds the job lock for moments: a run starting then waits for it
+    rather than giving up as "busy"; a lock held by another run still says busy once the wait is over."""
+    with job_lock(tmp_path) as run:
+        t0 = time.monotonic()
+        with job_lock(tmp_path, wait_s=0.3) as second:
+            assert run and not second and time.monotonic() - t0 >= 0.3
+    delete = job_lock(tmp_path)
+    assert delete.__enter__()
+    threading.Timer(0.3, delete.__exit__, (None, None, None)).start()
+    with job_lock(tmp_path, wait_s=5.0) as waited:
+        assert waited

@@ -47,7 +47,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -98,6 +98,9 @@ PREDICTIONS_DIR = "predictions"  # under ADAPT_DIR: `Predictions` files
 FEATURES_DIR = Path("cache") / "features"  # under the data dir: the encoder feature cache by default
 CONTEXT_FILE = "context.txt"  # the household context the server used, written when it starts a job
 LOCK_FILE = "lock"
+# How long a run waits for the lock: a delete or the server's clean-up after a kill holds it for moments
+# (`NightData.forget`, `clean_up_killed_run`), another run for its whole length.
+LOCK_WAIT_S = 5.0
 # Under ADAPT_DIR, what one run trains from and into: gone when it ends (the manifests hold the
 # household's words, which a delete must not leave behind) and when the next starts (after a kill).
 SCRATCH_DIRS = ("manifests", "candidate")
@@ -350,16 +353,23 @@ def _decide_on_loss(
 
 # ------------------------------------------------------------------------------------------------ job
 @contextmanager
-def job_lock(work: Path) -> Iterator[bool]:
-    """Hold the adaptation lock of a work folder for the block, if no run holds it (True)."""
+def job_lock(work: Path, wait_s: float = 0.0) -> Iterator[bool]:
+    """Hold the adaptation lock of a work folder for the block if it can be had within `wait_s` (True);
+    False: another holds it."""
     work.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_s
     with open(work / LOCK_FILE, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            yield False
-        else:
-            yield True
+        while not (held := _try_lock(lock)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield held
+
+
+def _try_lock(lock: IO[str]) -> bool:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
 
 
 def fail_running(conn: sqlite3.Connection, reason: str) -> None:
@@ -401,7 +411,7 @@ def clean_up_killed_run(data_dir: Path, conn: sqlite3.Connection, reason: str) -
 
 def run_job(opts: AdaptOptions) -> dict[str, Any]:
     """One adaptation run; returns its report (also stored in the `adaptations` table)."""
-    with job_lock(opts.work) as free:
+    with job_lock(opts.work, LOCK_WAIT_S) as free:
         if not free:
             return {"status": "busy", "reason": "another adaptation is running"}
         if not (opts.data_dir / "log" / DB_FILE).is_file():
