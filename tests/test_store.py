@@ -7,6 +7,8 @@ import logging
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from contextlib import closing
@@ -212,20 +214,31 @@ def test_a_delete_finds_what_was_derived_by_the_rows_key_or_else_by_reading_the_
 
 
 def test_retention_waits_while_a_night_runs(tmp_path: Path) -> None:
-    """While `retention_held` (a night runs), logging does not prune: a row deleted under the night
-    would discard its work. Once released, the next `add` prunes."""
-    s = InteractionStore(tmp_path / "log", retention_days=7)
+    """While a night holds the job lock (here another process, as `wyoming-tinyalign adapt` started by
+    hand beside the server), logging does not prune: a row deleted under the night would discard its
+    work. Once the lock is released, the next `add` prunes."""
+    s = InteractionStore(tmp_path / "log", retention_days=7, derived=NightData(tmp_path))
     s.open()
+    holder = "from wyoming_tinyalign.adapt import job_lock; import sys\n" \
+        "with job_lock(__import__('pathlib').Path(sys.argv[1])) as free:\n" \
+        "    print(free, flush=True); sys.stdin.read()"  # fmt: skip
+    night = subprocess.Popen(
+        [sys.executable, "-c", holder, str(tmp_path / ADAPT_DIR)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
+        assert night.stdout is not None and night.stdout.readline() == "True\n"
         old = s.add(utterance(created_at=time.time() - 8 * 86400), tone(0.3))
-        s.retention_held = True
         s._last_prune -= store_module.PRUNE_EVERY_S  # the store would prune at this add
         s.add(utterance(), tone(0.3))
         assert old in {r[0] for r in s.conn.execute("SELECT id FROM interactions")}
-        s.retention_held = False
+        night.communicate("", timeout=30)  # the night ends
         s.add(utterance(), tone(0.3))
         assert old not in {r[0] for r in s.conn.execute("SELECT id FROM interactions")}
     finally:
+        night.kill()
         s.close()
 
 

@@ -1045,6 +1045,14 @@ class NightData:
                     remove_scratch(work)  # a killed run's: the manifests hold the household's words
                     forget_label_digests(work, ids)
 
+    def night_running(self) -> bool:
+        """True while a night (the server's or one started by hand) holds the job lock."""
+        work = self.data_dir / ADAPT_DIR
+        if not (work / LOCK_FILE).is_file():
+            return False
+        with job_lock(work) as free:
+            return not free
+
     def forget_clips(self, keys: set[str]) -> None:
         """Delete the cached features and the kept answers of these clips."""
         if not keys:

@@ -347,8 +347,6 @@ class Nightly:
                 self._job = await asyncio.create_subprocess_exec(
                     *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
                 )
-            if self.app is not None and self.app.assistant.store is not None:
-                self.app.assistant.store.retention_held = True  # until `_wait_job` sees the job end
         _LOGGER.info(
             "adaptation job started (pid %d%s); its log: %s", self._job.pid, ", now" if now else "", log.name
         )
@@ -377,8 +375,6 @@ class Nightly:
         code = await job.wait()
         _LOGGER.info("adaptation job finished (exit %d)", code)
         store = self.app.assistant.store if self.app is not None else None
-        if store is not None:
-            store.retention_held = False
         if code < 0 and store is not None:  # killed: it could record nothing, nor clean up
             try:
                 name = signal.Signals(-code).name

@@ -8,11 +8,12 @@ The schema is versioned with `PRAGMA user_version`: `MIGRATIONS[i]` takes a data
 (`correction`, `teacher_transcript`, `teacher_confidence`, `ha_outcome`, `labelled_at`, `label_source`)
 are filled by the review API and the nightly adaptation (`labels.py`), whose runs and reports go to the
 `adaptations` table (`adapt.py`). Retention: interactions older than `retention_days`, and the oldest
-ones past `retention_bytes` of audio, are deleted with their audio files. When the disk refuses an
-utterance's audio (full), or leaves less than `min_free_bytes` free, its row is logged without it;
-audio files a crash left without a row are deleted when the server starts (`sweep`). Every delete (the
-API's and retention's) also forgets what was derived from the clips (`Derived`: the nights' cached
-features and answers), after the rows are gone, so a night running meanwhile sees the rows missing.
+ones past `retention_bytes` of audio, are deleted with their audio files (not while a night runs).
+When the disk refuses an utterance's audio (full), or leaves less than `min_free_bytes` free, its row is
+logged without it; audio files a crash left without a row are deleted when the server starts (`sweep`).
+Every delete (the API's and retention's) also forgets what was derived from the clips (`Derived`: the
+nights' cached features and answers), after the rows are gone, so a night running meanwhile sees the
+rows missing.
 A damaged database (`StoreDamaged`) is set aside with its audio for the server to start a new one.
 
 The server opens the log before its event loop starts, then uses the `async_*` methods: every SQLite
@@ -177,6 +178,11 @@ class Derived(Protocol):
         """Delete what was derived from these clips and rows."""
         ...
 
+    def night_running(self) -> bool:
+        """True while a night runs on these clips: retention waits, since a row it deleted would discard
+        the night's work as a delete by the household does (`adapt`). A delete still deletes."""
+        ...
+
 
 class InteractionStore:
     """SQLite (WAL) + audio files under `folder`, with retention by age and by total audio size."""
@@ -198,9 +204,6 @@ class InteractionStore:
         self.retention_bytes = retention_bytes or None
         self.min_free_bytes = min_free_bytes
         self.disk_low = False  # the last `add` found less than `min_free_bytes` free: no recordings kept
-        # While a night runs (the server's scheduler sets it), retention waits: a row it deleted would
-        # discard the night's work as a delete by the household does (`adapt`). A delete still deletes.
-        self.retention_held = False
         self._conn: sqlite3.Connection | None = None
         self._last_prune = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
@@ -323,7 +326,7 @@ class InteractionStore:
             if rel:
                 (self.folder / rel).unlink(missing_ok=True)
             raise
-        if not self.retention_held and time.monotonic() - self._last_prune >= PRUNE_EVERY_S:
+        if time.monotonic() - self._last_prune >= PRUNE_EVERY_S:
             self.prune()
         return int(cursor.lastrowid or 0)
 
@@ -359,7 +362,10 @@ class InteractionStore:
         )  # fmt: skip
 
     def prune(self, now: float | None = None) -> int:
-        """Apply retention (age first, then total audio size); returns the number of deletions."""
+        """Apply retention (age first, then total audio size); returns the number of deletions. While a
+        night runs it waits (`Derived.night_running`): the next `add` tries again."""
+        if self.derived is not None and self.derived.night_running():
+            return 0
         now = time.time() if now is None else now
         self._last_prune = time.monotonic()
         deleted = 0
