@@ -483,6 +483,42 @@ async def test_a_damaged_log_is_set_aside_and_the_assistant_answers(
     assert f"file is not a database; set aside in {aside}, with its audio; a new log starts" in server.text
 
 
+async def test_a_log_damaged_while_the_server_runs_is_set_aside_and_the_utterance_kept(
+    micro_model: Path, tmp_path: Path, speech: tuple[bytes, int]
+) -> None:
+    """A page of the log torn while the server runs (a bad block): the next write finds it damaged, the
+    log is set aside with its audio, and that utterance goes to a new log, with its audio."""
+    pcm, rate = speech
+    data = tmp_path / "data"
+    db = data / "log" / "interactions.sqlite3"
+    server = ServerProcess(
+        serve_args(micro_model, data, "--uri", "tcp://127.0.0.1:0"), tmp_path / "server.log"
+    )
+    try:
+        server.wait_ready()
+        async with asyncio.timeout(2 * TIMEOUT):
+            await transcribe(*server.host_port, pcm, rate, tag="before")
+            (before,) = wait_rows(db, 1, TAGGED, ("before",))
+            with closing(sqlite3.connect(db, isolation_level=None)) as other:  # as a night's connection
+                other.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the rows into the file; the server rereads
+                with open(db, "r+b") as f:
+                    f.seek(4096)  # page 2: the interactions table's root, which every write reads
+                    f.write(os.urandom(4096))
+            events, _ = await transcribe(*server.host_port, pcm, rate, tag="after")
+        deadline = time.monotonic() + TIMEOUT
+        while not (asides := list((data / "log").glob("damaged-*"))):
+            assert time.monotonic() < deadline, "the damaged log was not set aside"
+            time.sleep(0.05)
+        (after,) = wait_rows(db, 1, TAGGED, ("after",))
+    finally:
+        server.stop()
+    (aside,) = asides
+    assert events[-1].type == "transcript" and after["id"] == 1
+    assert (db.parent / after["audio_path"]).is_file() and after["audio_bytes"] > 0
+    assert (aside / before["audio_path"]).is_file() and not (db.parent / before["audio_path"]).exists()
+    assert f"malformed; set aside in {aside}, with its audio; a new log starts" in server.text
+
+
 async def test_a_full_disk_loses_an_utterances_audio_and_a_nights_start_not_the_answers(
     micro_model: Path, tmp_path: Path, speech: tuple[bytes, int]
 ) -> None:

@@ -162,9 +162,8 @@ def run_serve(args: argparse.Namespace) -> int:
         try:
             try:
                 store.open()  # before the model: fail fast; the event loop is not running yet
-            except StoreDamaged as err:  # answering matters more than the log: start a new one
-                _LOGGER.error("%s; set aside in %s, with its audio; a new log starts", err, store.set_aside())
-                store.open()
+            except StoreDamaged as err:
+                store.start_over(err)
             store.sweep()  # audio a crash left without its row (nothing is being logged yet)
         except (StoreError, OSError) as err:
             print(f"error: {err}", file=sys.stderr)

@@ -14,7 +14,8 @@ logged without it; audio files a crash left without a row are deleted when the s
 Every delete (the API's and retention's) also forgets what was derived from the clips (`Derived`: the
 nights' cached features and answers), after the rows are gone, so a night running meanwhile sees the
 rows missing.
-A damaged database (`StoreDamaged`) is set aside with its audio for the server to start a new one.
+A damaged database (`StoreDamaged`, when the server starts, or an SQLite error saying so while it runs)
+is set aside with its audio and a new one starts (`start_over`).
 
 The server opens the log before its event loop starts, then uses the `async_*` methods: every SQLite
 call and file write runs on the store's own thread, in order, never on the event loop and never queued
@@ -240,17 +241,25 @@ class InteractionStore:
             raise
         except sqlite3.Error as err:
             conn.close()
-            damaged = err.sqlite_errorname in ("SQLITE_CORRUPT", "SQLITE_NOTADB")
-            kind = StoreDamaged if damaged else StoreError
+            kind = StoreDamaged if _damage(err) else StoreError
             raise kind(f"cannot open the interaction log {self.db_path}: {err}") from err
         self._conn = conn
         self.prune()
+
+    def start_over(self, problem: Exception) -> None:
+        """The log is damaged (`problem`): close it, set it aside with its audio and open a new one.
+        Answering matters more than the log, and the damaged one is kept for `.recover`."""
+        self.close()
+        _LOGGER.error("%s; set aside in %s, with its audio; a new log starts", problem, self.set_aside())
+        self.open()
 
     def set_aside(self) -> Path:
         """Move a damaged log (the database and the audio it names) into a `damaged-<time>` folder beside
         them, for a new one to start; returns that folder. It is kept for `retention_days`, and goes with
         *Delete all* (`remove_set_aside`). SQLite's shell prints the rows it can still read (`.dump`)."""
         aside = self.folder / f"{DAMAGED_PREFIX}{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+        while aside.exists():  # set aside twice within a second
+            aside = aside.with_name(f"{aside.name}+")
         aside.mkdir()
         for name in (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", AUDIO_DIR):
             if (self.folder / name).exists():
@@ -479,7 +488,18 @@ class InteractionStore:
 
     # ------------------------------------------------------------------ async API (the server's)
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._mending, fn, *args)
+
+    def _mending(self, fn: Callable[..., T], *args: object) -> T:
+        """`fn(*args)`; if it finds the log damaged while the server runs (a bad block on an SD card), the
+        log is set aside and `fn` runs once more on a new one: the utterance being logged is kept."""
+        try:
+            return fn(*args)
+        except sqlite3.DatabaseError as err:
+            if self._conn is None or not _damage(err):
+                raise
+            self.start_over(StoreDamaged(f"the interaction log {self.db_path} is damaged: {err}"))
+        return fn(*args)
 
     async def async_add(self, interaction: Interaction, audio: np.ndarray | None = None) -> int:
         return await self._call(self.add, interaction, audio)
@@ -495,6 +515,11 @@ class InteractionStore:
         """Finish every queued write, close the database and stop the store's thread."""
         await self._call(self.close)
         await asyncio.to_thread(self._executor.shutdown, True)
+
+
+def _damage(err: sqlite3.Error) -> bool:
+    """Whether SQLite's error says the database file is damaged or not a database."""
+    return err.sqlite_errorname in ("SQLITE_CORRUPT", "SQLITE_NOTADB")
 
 
 def _json(value: Any) -> str | None:
