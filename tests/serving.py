@@ -17,6 +17,7 @@ import re
 import resource
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ import time
 import wave
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from functools import partial
 from pathlib import Path
 
@@ -48,6 +50,16 @@ def file_size_limit(max_bytes: int) -> Callable[[], None]:
     """A `preexec_fn` after which the child cannot grow any file past `max_bytes` (`RLIMIT_FSIZE`): its
     write fails with EFBIG, as one on a full disk fails with ENOSPC (Python ignores SIGXFSZ)."""
     return partial(resource.setrlimit, resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
+
+def tear_live_root_page(db: Path) -> None:
+    """Tear page 2 (the interactions table's root, which every write reads) of a log in use, as a bad
+    block would; another connection's checkpoint makes the store's connection read it again."""
+    with closing(sqlite3.connect(db, isolation_level=None)) as other:
+        other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        with open(db, "r+b") as f:
+            f.seek(4096)
+            f.write(os.urandom(4096))
 
 
 class ServerProcess:

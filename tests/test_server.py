@@ -37,6 +37,7 @@ from serving import (
     serve_args,
     start_tts,
     stereo_left,
+    tear_live_root_page,
     transcribe,
 )
 from wyoming.asr import Transcribe, Transcript
@@ -499,11 +500,7 @@ async def test_a_log_damaged_while_the_server_runs_is_set_aside_and_the_utteranc
         async with asyncio.timeout(2 * TIMEOUT):
             await transcribe(*server.host_port, pcm, rate, tag="before")
             (before,) = wait_rows(db, 1, TAGGED, ("before",))
-            with closing(sqlite3.connect(db, isolation_level=None)) as other:  # as a night's connection
-                other.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the rows into the file; the server rereads
-                with open(db, "r+b") as f:
-                    f.seek(4096)  # page 2: the interactions table's root, which every write reads
-                    f.write(os.urandom(4096))
+            tear_live_root_page(db)
             events, _ = await transcribe(*server.host_port, pcm, rate, tag="after")
         deadline = time.monotonic() + TIMEOUT
         while not (asides := list((data / "log").glob("damaged-*"))):

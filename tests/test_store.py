@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from serving import tear_live_root_page
 
 from wyoming_tinyalign import store as store_module
 from wyoming_tinyalign.adapt import ADAPT_DIR, FEATURES_DIR, PREDICTIONS_DIR, STATE_FILE, NightData
@@ -347,6 +348,30 @@ def test_a_damaged_log_is_set_aside_with_its_audio_and_a_new_one_starts(tmp_path
         assert not aside.exists() and s.conn.execute("SELECT COUNT(*) FROM interactions").fetchone()[0] == 1
     finally:
         s.close()
+
+
+async def test_a_log_damaged_while_in_use_is_set_aside_once_and_not_again_soon(tmp_path: Path) -> None:
+    """Found damaged by a write through the server's API: set aside with its audio, and the write goes
+    to a new log. Damaged again within `START_OVER_EVERY_S` (a failing disk), the write fails instead of
+    leaving a folder per utterance; after that, it is set aside again."""
+    s = InteractionStore(tmp_path / "log")
+    s.open()
+    try:
+        await s.async_add(utterance(transcript="before"), tone(0.5))
+        tear_live_root_page(s.db_path)
+        assert await s.async_add(utterance(transcript="after"), tone(0.5)) == 1
+        (aside,) = s.set_aside_logs()
+        assert len(list((aside / "audio").rglob("*.wav"))) == 1 and len(list(s.folder.rglob("*.wav"))) == 2
+        assert s.conn.execute("SELECT transcript FROM interactions").fetchall() == [("after",)]
+        tear_live_root_page(s.db_path)
+        with pytest.raises(sqlite3.DatabaseError, match="malformed"):
+            await s.async_add(utterance(transcript="lost"), tone(0.5))
+        assert s.set_aside_logs() == [aside] and len(list(s.folder.rglob("*.wav"))) == 2
+        s._started_over -= store_module.START_OVER_EVERY_S  # the time passes
+        assert await s.async_add(utterance(transcript="later"), tone(0.5)) == 1
+        assert len(s.set_aside_logs()) == 2 and s.set_aside_logs()[0] == aside
+    finally:
+        await s.async_close()
 
 
 def test_the_audio_cap_counts_a_damaged_log_set_aside_and_deletes_it_first(tmp_path: Path) -> None:

@@ -50,6 +50,9 @@ DB_FILE = "interactions.sqlite3"
 AUDIO_DIR = "audio"
 DAMAGED_PREFIX = "damaged-"  # a damaged log set aside (`InteractionStore.set_aside`)
 PRUNE_EVERY_S = 600.0
+# A log found damaged again this soon after a new one started is not set aside once more: a failing disk
+# would leave a folder per utterance. Its writes fail (and are logged) until then.
+START_OVER_EVERY_S = 600.0
 MIN_FREE_BYTES = 1 << 30  # below this much free disk, no recordings are kept (`--min-free-mb`)
 T = TypeVar("T")
 
@@ -207,6 +210,7 @@ class InteractionStore:
         self.disk_low = False  # the last `add` found less than `min_free_bytes` free: no recordings kept
         self._conn: sqlite3.Connection | None = None
         self._last_prune = 0.0
+        self._started_over = -START_OVER_EVERY_S
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
 
     @property
@@ -251,6 +255,7 @@ class InteractionStore:
         Answering matters more than the log, and the damaged one is kept for `.recover`."""
         self.close()
         _LOGGER.error("%s; set aside in %s, with its audio; a new log starts", problem, self.set_aside())
+        self._started_over = time.monotonic()
         self.open()
 
     def set_aside(self) -> Path:
@@ -497,6 +502,13 @@ class InteractionStore:
             return fn(*args)
         except sqlite3.DatabaseError as err:
             if self._conn is None or not _damage(err):
+                raise
+            if time.monotonic() - self._started_over < START_OVER_EVERY_S:
+                _LOGGER.error(
+                    "the interaction log %s is damaged again (%s) within %d minutes of starting over: is "
+                    "the disk failing? It is not set aside again until then",
+                    self.db_path, err, START_OVER_EVERY_S // 60,
+                )  # fmt: skip
                 raise
             self.start_over(StoreDamaged(f"the interaction log {self.db_path} is damaged: {err}"))
         return fn(*args)
