@@ -374,6 +374,32 @@ async def test_a_log_damaged_while_in_use_is_set_aside_once_and_not_again_soon(t
         await s.async_close()
 
 
+async def test_a_damaged_log_that_cannot_be_set_aside_stays_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk gone read-only refuses the set-aside folder: the write fails with that error and the log
+    stays open as it was (not closed for good), so it is set aside once the disk takes it."""
+    s = InteractionStore(tmp_path / "log")
+    s.open()
+    try:
+        await s.async_add(utterance(transcript="before"), tone(0.5))
+        tear_live_root_page(s.db_path)
+        set_aside = s.set_aside
+
+        def read_only() -> Path:
+            raise OSError(30, "Read-only file system")
+
+        monkeypatch.setattr(s, "set_aside", read_only)
+        with pytest.raises(OSError, match="Read-only"):
+            await s.async_add(utterance(transcript="refused"), tone(0.5))
+        assert s._conn is not None and s.set_aside_logs() == [] and s.db_path.is_file()
+        monkeypatch.setattr(s, "set_aside", set_aside)
+        assert await s.async_add(utterance(transcript="taken"), tone(0.5)) == 1
+        assert len(s.set_aside_logs()) == 1
+    finally:
+        await s.async_close()
+
+
 def test_the_audio_cap_counts_a_damaged_log_set_aside_and_deletes_it_first(tmp_path: Path) -> None:
     """`retention_bytes` caps all recorded audio on the disk: the audio of a damaged log set aside is older
     than the new log's, so it goes first when the total is over; then the new log's oldest rows."""

@@ -251,10 +251,12 @@ class InteractionStore:
         self.prune()
 
     def start_over(self, problem: Exception) -> None:
-        """The log is damaged (`problem`): close it, set it aside with its audio and open a new one.
-        Answering matters more than the log, and the damaged one is kept for `.recover`."""
+        """The log is damaged (`problem`): set it aside with its audio, close it and open a new one.
+        Answering matters more than the log, and the damaged one is kept for `.recover`. If it cannot be
+        set aside (`OSError`: a disk gone read-only), the open log stays as it was."""
+        aside = self.set_aside()  # an open connection keeps the files it has open, wherever they go
         self.close()
-        _LOGGER.error("%s; set aside in %s, with its audio; a new log starts", problem, self.set_aside())
+        _LOGGER.error("%s; set aside in %s, with its audio; a new log starts", problem, aside)
         self._started_over = time.monotonic()
         self.open()
 
