@@ -351,9 +351,10 @@ def test_a_damaged_log_is_set_aside_with_its_audio_and_a_new_one_starts(tmp_path
 
 
 async def test_a_log_damaged_while_in_use_is_set_aside_once_and_not_again_soon(tmp_path: Path) -> None:
-    """Found damaged by a write through the server's API: set aside with its audio, and the write goes
-    to a new log. Damaged again within `START_OVER_EVERY_S` (a failing disk), the write fails instead of
-    leaving a folder per utterance; after that, it is set aside again."""
+    """Found damaged by logging an utterance through the server's API: set aside with its audio, and the
+    utterance goes to a new log. Damaged again within `START_OVER_EVERY_S` (a failing disk), the write
+    fails instead of leaving a folder per utterance; after that, it is set aside again. A read that
+    finds it damaged sets it aside and fails once."""
     s = InteractionStore(tmp_path / "log")
     s.open()
     try:
@@ -370,6 +371,15 @@ async def test_a_log_damaged_while_in_use_is_set_aside_once_and_not_again_soon(t
         s._started_over -= store_module.START_OVER_EVERY_S  # the time passes
         assert await s.async_add(utterance(transcript="later"), tone(0.5)) == 1
         assert len(s.set_aside_logs()) == 2 and s.set_aside_logs()[0] == aside
+
+        def transcripts() -> list[tuple[str]]:  # a read, as the page's: it fails once, is not run again
+            return s.conn.execute("SELECT transcript FROM interactions").fetchall()
+
+        tear_live_root_page(s.db_path)
+        s._started_over -= store_module.START_OVER_EVERY_S
+        with pytest.raises(sqlite3.DatabaseError, match="malformed"):
+            await s.async_call(transcripts)
+        assert len(s.set_aside_logs()) == 3 and await s.async_call(transcripts) == []
     finally:
         await s.async_close()
 

@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -252,7 +253,7 @@ class InteractionStore:
 
     def start_over(self, problem: Exception) -> None:
         """The log is damaged (`problem`): set it aside with its audio, close it and open a new one.
-        Answering matters more than the log, and the damaged one is kept for `.recover`. If it cannot be
+        Answering matters more than the log, and the damaged one is kept (`set_aside`). If it cannot be
         set aside (`OSError`: a disk gone read-only), the open log stays as it was."""
         aside = self.set_aside()  # an open connection keeps the files it has open, wherever they go
         self.close()
@@ -494,12 +495,15 @@ class InteractionStore:
             self._conn = None
 
     # ------------------------------------------------------------------ async API (the server's)
-    async def _call(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._mending, fn, *args)
+    async def _call(self, fn: Callable[..., T], *args: object, again: bool = False) -> T:
+        run = partial(self._mending, fn, args, again)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
 
-    def _mending(self, fn: Callable[..., T], *args: object) -> T:
-        """`fn(*args)`; if it finds the log damaged while the server runs (a bad block on an SD card), the
-        log is set aside and `fn` runs once more on a new one: the utterance being logged is kept."""
+    def _mending(self, fn: Callable[..., T], args: tuple[object, ...], again: bool) -> T:
+        """`fn(*args)`; if SQLite finds the log damaged while the server runs (a bad block on an SD card),
+        the log is set aside and a new one started, and the call fails with SQLite's error, or, when
+        `again` (logging an utterance, so that it is kept), runs once more on the new log. Others may
+        hold the old connection or name the old log's rows."""
         try:
             return fn(*args)
         except sqlite3.DatabaseError as err:
@@ -513,10 +517,12 @@ class InteractionStore:
                 )  # fmt: skip
                 raise
             self.start_over(StoreDamaged(f"the interaction log {self.db_path} is damaged: {err}"))
+            if not again:
+                raise
         return fn(*args)
 
     async def async_add(self, interaction: Interaction, audio: np.ndarray | None = None) -> int:
-        return await self._call(self.add, interaction, audio)
+        return await self._call(self.add, interaction, audio, again=True)
 
     async def async_link(self, row_id: int, context: dict[str, Any]) -> None:
         await self._call(self.link, row_id, context)
