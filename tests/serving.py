@@ -53,13 +53,15 @@ def file_size_limit(max_bytes: int) -> Callable[[], None]:
 
 
 def tear_live_root_page(db: Path) -> None:
-    """Tear page 2 (the interactions table's root, which every write reads) of a log in use, as a bad
-    block would; another connection's checkpoint makes the store's connection read it again."""
+    """Tear the interactions table's root page (which every write reads) of a log in use, as a bad block
+    would; another connection's checkpoint makes the store's connection read it again."""
     with closing(sqlite3.connect(db, isolation_level=None)) as other:
         other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        with open(db, "r+b") as f:
-            f.seek(4096)
-            f.write(os.urandom(4096))
+        (root,) = other.execute("SELECT rootpage FROM sqlite_master WHERE name = 'interactions'").fetchone()
+        (size,) = other.execute("PRAGMA page_size").fetchone()
+    with open(db, "r+b") as f:
+        f.seek((root - 1) * size)
+        f.write(os.urandom(size))
 
 
 class ServerProcess:

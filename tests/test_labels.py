@@ -190,7 +190,7 @@ def test_a_version_1_log_is_migrated_to_the_label_source_and_adaptations(tmp_pat
     store = old_log(tmp_path, 1)
     try:
         conn = store.conn
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         assert "label_source" in {row[1] for row in conn.execute("PRAGMA table_info(interactions)")}
         assert conn.execute("SELECT transcript, label_source FROM interactions").fetchall() == [("hi", None)]
         conn.execute(
@@ -223,5 +223,23 @@ def test_a_version_3_log_is_migrated_to_the_clips_key(tmp_path: Path) -> None:
         conn = store.conn
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert conn.execute("SELECT transcript, audio_key FROM interactions").fetchall() == [("hi", None)]
+    finally:
+        store.close()
+
+
+def test_a_version_4_log_is_migrated_so_that_no_id_is_given_twice(tmp_path: Path) -> None:
+    """The table is rebuilt with AUTOINCREMENT: rows, ids and indexes kept; the id of the newest row,
+    deleted, is not given to the next (before, it was: a night then took the new row for the deleted)."""
+    store = old_log(tmp_path, 4)
+    try:
+        conn = store.conn
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("SELECT id, transcript, audio_key FROM interactions").fetchall() == [
+            (1, "hi", None)
+        ]
+        indexes = {row[1] for row in conn.execute("PRAGMA index_list(interactions)")}
+        assert {"interactions_created_at", "interactions_conversation"} <= indexes
+        assert store.delete([1]) == 1
+        assert store.add(Interaction(kind="audio", transcript="after")) == 2
     finally:
         store.close()

@@ -48,7 +48,7 @@ def utterance(**fields: object) -> Interaction:
 def test_a_new_log_is_wal_at_the_current_schema_with_label_columns(store: InteractionStore) -> None:
     conn = store.conn
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     columns = {row[1] for row in conn.execute("PRAGMA table_info(interactions)")}
     assert LABELS | {"created_at", "client", "satellite_id", "conversation_id", "audio_path"} <= columns
     assert {"duration_s", "path", "transcript", "intent", "latency_ms", "projector_version"} <= columns
@@ -241,6 +241,16 @@ def test_retention_waits_while_a_night_runs(tmp_path: Path) -> None:
     finally:
         night.kill()
         s.close()
+
+
+def test_an_id_is_never_given_twice(store: InteractionStore) -> None:
+    """Deleting the newest row, or every row, does not free their ids for the next ones logged: a night
+    or a page still naming a deleted row must not find another in its place."""
+    ids = [store.add(utterance(transcript=str(i)), None) for i in range(3)]
+    assert store.delete([ids[-1]]) == 1
+    assert store.add(utterance(transcript="next"), None) == ids[-1] + 1
+    assert store.delete(list(range(1, ids[-1] + 2))) == 3
+    assert store.add(utterance(transcript="after delete all"), None) == ids[-1] + 2
 
 
 def test_retention_by_size_forgets_the_oldest_first(tmp_path: Path) -> None:

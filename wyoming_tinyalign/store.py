@@ -57,11 +57,9 @@ START_OVER_EVERY_S = 600.0
 MIN_FREE_BYTES = 1 << 30  # below this much free disk, no recordings are kept (`--min-free-mb`)
 T = TypeVar("T")
 
-MIGRATIONS: tuple[str, ...] = (
-    # 0 -> 1: the interactions table.
-    """
-    CREATE TABLE interactions (
-        id INTEGER PRIMARY KEY,
+# The interactions table's columns of schema version 1 (after `id`), and its indexes: written out
+# once, for the table (0 -> 1) and again when it is rebuilt (4 -> 5).
+_INTERACTION_COLUMNS = """
         created_at REAL NOT NULL,           -- unix time (UTC) the request arrived
         kind TEXT NOT NULL,                 -- 'audio' (an utterance) or 'text' (a typed/HA text request)
         client TEXT,                        -- peer address of the Wyoming client
@@ -84,11 +82,14 @@ MIGRATIONS: tuple[str, ...] = (
         teacher_transcript TEXT,
         teacher_confidence REAL,
         ha_outcome TEXT,
-        labelled_at REAL
-    );
+        labelled_at REAL"""
+_INTERACTION_INDEXES = """
     CREATE INDEX interactions_created_at ON interactions (created_at);
     CREATE INDEX interactions_conversation ON interactions (conversation_id);
-    """,
+"""
+MIGRATIONS: tuple[str, ...] = (
+    # 0 -> 1: the interactions table.
+    f"CREATE TABLE interactions (id INTEGER PRIMARY KEY, {_INTERACTION_COLUMNS});{_INTERACTION_INDEXES}",
     # 1 -> 2: the label the nightly adaptation used for a row, and its runs (see adapt.py, labels.py).
     """
     ALTER TABLE interactions ADD COLUMN label_source TEXT;  -- correction / teacher / outcome
@@ -113,6 +114,19 @@ MIGRATIONS: tuple[str, ...] = (
     # from it without reading the clip back; NULL for clips logged before (a delete reads those).
     """
     ALTER TABLE interactions ADD COLUMN audio_key TEXT;
+    """,
+    # 4 -> 5: a row's id is never given again (AUTOINCREMENT): the id of the newest row, deleted, went to
+    # the next one logged, and a night checking which of its rows were deleted (`adapt.Job._gone`), or a
+    # page still showing the deleted row, took the new row for it. SQLite rebuilds the table for that.
+    f"""
+    CREATE TABLE interactions_v5 (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, {_INTERACTION_COLUMNS},
+        label_source TEXT, withheld TEXT, audio_key TEXT
+    );
+    INSERT INTO interactions_v5 SELECT * FROM interactions;
+    DROP TABLE interactions;
+    ALTER TABLE interactions_v5 RENAME TO interactions;
+    {_INTERACTION_INDEXES}
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
