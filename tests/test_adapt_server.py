@@ -27,6 +27,7 @@ from serving import TIMEOUT, WEB, ServerProcess, client, describe_rtt, read_unti
 from wyoming.asr import Transcribe, Transcript
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 
+from wyoming_tinyalign.adapt import AdaptOptions, held_out
 from wyoming_tinyalign.audio import read_wav
 from wyoming_tinyalign.manifest import Utterance
 from wyoming_tinyalign.model.bundle import load_projector
@@ -374,11 +375,15 @@ async def test_a_delete_while_a_night_runs_is_not_undone_by_it(
     """A night reads the labelled clips when it starts and writes their features and answers as it goes:
     clips deleted while it trains leave nothing of theirs once it has ended, and the projector it trained
     on them is neither served nor kept."""
-    spoken = unseen_speech(tmp_path_factory, 10, seed=35)
-    async with asyncio.timeout(4 * TIMEOUT):
-        for _, audio in spoken:
-            await say(srv, audio, "doomed")
-    logged = wait_rows(srv.db, len(spoken), TAGGED, ("doomed",))
+    pool = unseen_speech(tmp_path_factory, 30, seed=35)
+    every = AdaptOptions(srv.data).heldout_every  # the job's default split
+    spoken: list[tuple[Utterance, np.ndarray]] = []
+    logged: list[sqlite3.Row] = []
+    async with asyncio.timeout(8 * TIMEOUT):  # 10 at least, and one the night holds out (by its id)
+        while len(spoken) < 10 or not any(held_out(r["id"], every) for r in logged):
+            spoken.append(pool[len(spoken)])
+            await say(srv, spoken[-1][1], "doomed")
+            logged = wait_rows(srv.db, len(spoken), TAGGED, ("doomed",))
     keys = {FeatureCache.key(read_wav(srv.db.parent / r["audio_path"])) for r in logged}
     job_log = srv.data / "adapt" / "job.log"
     start = job_log.stat().st_size

@@ -652,8 +652,8 @@ class Job:
                 raise Skip("the labelled data has not changed since the last run")
             if new < opts.min_new:
                 raise Skip(f"only {new} new label(s); at least {opts.min_new} are needed (--min-new)")
-        held = [lab for lab in labels if _held_out(lab.id, opts.heldout_every)]
-        trainable = [lab for lab in labels if not _held_out(lab.id, opts.heldout_every)]
+        held = [lab for lab in labels if held_out(lab.id, opts.heldout_every)]
+        trainable = [lab for lab in labels if not held_out(lab.id, opts.heldout_every)]
         held = sorted(held, key=lambda lab: -lab.created_at)[: opts.heldout_max]
         trainable = sorted(trainable, key=lambda lab: -lab.created_at)[: opts.train_max]
         if not trainable or not held:
@@ -982,7 +982,7 @@ def bootstrap_speech(root: Path, name: str, n: int, seed: int, households: list[
     return manifest
 
 
-def _held_out(row_id: int, every: int) -> bool:
+def held_out(row_id: int, every: int) -> bool:
     """1 in `every` interactions is held out, by a hash of its id: the same side every night."""
     return every > 1 and int(hashlib.sha256(f"heldout/{row_id}".encode()).hexdigest(), 16) % every == 0
 
