@@ -109,6 +109,8 @@ REPLAY_SEED, GENERAL_SEED = 1000, 1001
 MIN_EVAL_ITEMS = 8
 SIGNIFICANCE = 0.1  # a household gain or a drop elsewhere counts when a one-sided sign test is below this
 LOSS_GUARD = 0.1  # a candidate whose household held-out loss rose more than this share is broken
+# The answers' metrics a night is judged by: report key, how a reason names it, +1 if higher is better.
+ANSWER_METRICS = (("intent_accuracy", "intent accuracy", 1), ("wer", "WER", -1))
 CAP_MARGIN = 8  # validation answers may run this many tokens past the reference answer
 EARLY_STOP_EVERY = 6  # 1 in this many training utterances (and as many replayed ones) stops training early
 
@@ -295,11 +297,11 @@ def decide(
     if c is not None and s is not None and c > s * (1 + LOSS_GUARD):
         return False, f"worse for the household: held-out loss {s} -> {c} (up more than {LOSS_GUARD:.0%})"
     gains, chance = [], []
-    for key, label, higher_is_better in (("intent_accuracy", "intent accuracy", True), ("wer", "WER", False)):
+    for key, label, better in ANSWER_METRICS:
         c, s = mine.get(key), theirs.get(key)
         if c is None or s is None or abs(c - s) <= 1e-9:
             continue
-        if (c > s) != higher_is_better:
+        if better * (c - s) < 0:
             return False, f"worse for the household: {label} {c} vs {s} served"
         change = f"{label} {s} -> {c}"
         counts = (paired or {}).get("household", {}).get(key)
@@ -320,9 +322,9 @@ def decide(
     for than, before, pairs in anchors:
         if not (general.get("n") and before.get("n")):
             continue
-        for key, label, sign in (("intent_accuracy", "intent accuracy", -1), ("wer", "WER", 1)):
+        for key, label, better in ANSWER_METRICS:
             c, s = general.get(key), before.get(key)
-            if c is None or s is None or sign * (c - s) <= tolerance + 1e-9:
+            if c is None or s is None or better * (s - c) <= tolerance + 1e-9:
                 continue
             change = f"{label} {s} -> {c}"
             counts = (paired or {}).get(pairs, {}).get(key)
@@ -805,11 +807,10 @@ class Job:
                 report["changes"] = paired  # per set and metric, the utterances that got [worse, better]
             shipped_general = report["shipped"]["general"] if shipped else None
             promote, reason = decide(after, before, opts.tolerance, paired, opts.decide_on, shipped_general)
-        learnt = True
         if deleted := self._gone(set(self.clips)):
             # What the household deleted is not learnt from: a candidate goes, promoted or not, and the
             # labels are not recorded as learnt, so the next night counts them as new again.
-            promote, candidate, learnt = False, None, False
+            promote, candidate = False, None
             reason = (
                 f"{len(deleted)} recording(s) it learnt from or was judged on were deleted while it ran: "
                 "nothing it trained is kept (the next night learns without them)"
@@ -844,7 +845,7 @@ class Job:
                 self.versions.promote(name)
                 report["path_auto"] = "aligned" if household_validated(info) else "cascade"
             report.update(version=name, pruned=self.versions.prune(opts.keep))
-        if learnt:
+        if not deleted:
             self._save_state(data_hash, digests)
         keep = {cascade_cache.path, *(c.path for c in (serving_cache, shipped_cache) if c is not None)}
         for name in self.versions.names():
