@@ -37,7 +37,7 @@ from wyoming_tinyalign.labels import Label
 from wyoming_tinyalign.manifest import read_manifest, write_manifest
 from wyoming_tinyalign.model.bundle import BundleError
 from wyoming_tinyalign.model.speechllm import SpeechLLM
-from wyoming_tinyalign.store import InteractionStore
+from wyoming_tinyalign.store import SCHEMA_VERSION, InteractionStore
 from wyoming_tinyalign.versions import Versions, served
 
 BUDGET = "0.4"  # minutes (the first night also computes the encoder features)
@@ -246,6 +246,26 @@ def test_a_full_disk_fails_the_night_and_loses_nothing(
     assert run["status"] == "failed" and run["reason"] == report["reason"]
     assert versions.names() == kept and versions.current() == current
     assert (household / "adapt" / "state.json").read_bytes() == state
+
+
+@pytest.mark.parametrize("log", ["newer", "damaged"])
+def test_a_log_the_night_cannot_open_stops_it_with_one_line_and_is_left_as_it_is(
+    tmp_path: Path, log: str
+) -> None:
+    """A newer version's log, or a damaged one (the server sets that aside, not the night)."""
+    db = tmp_path / "log" / "interactions.sqlite3"
+    db.parent.mkdir()
+    if log == "newer":
+        with closing(sqlite3.connect(db)) as conn:
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    else:
+        db.write_bytes(b"a power cut " * 1000)
+    before = db.read_bytes()
+    proc = cli("adapt", "--data-dir", str(tmp_path), "--now")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and ("newer" if log == "newer" else "not a database") in last
+    assert db.read_bytes() == before and sorted(p.name for p in db.parent.iterdir()) == [db.name]
 
 
 def test_replay_speech_rehearses_the_homes_own_names(tmp_path: Path) -> None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 import pytest
+from serving import file_size_limit
 
 from wyoming_tinyalign.intents import Intent
 from wyoming_tinyalign.labels import (
@@ -241,5 +244,40 @@ def test_a_version_4_log_is_migrated_so_that_no_id_is_given_twice(tmp_path: Path
         assert {"interactions_created_at", "interactions_conversation"} <= indexes
         assert store.delete([1]) == 1
         assert store.add(Interaction(kind="audio", transcript="after")) == 2
+    finally:
+        store.close()
+
+
+def test_a_migration_the_disk_cannot_hold_leaves_the_log_as_it_was(tmp_path: Path) -> None:
+    """The v5 rebuild of a 3000-row log on a disk that takes no file past 300 KB (the log itself is 600
+    KB; `RLIMIT_FSIZE`): the open fails with the reason, not as damage (the server then answers without
+    logging: `test_server`), and the log stays at version 4 with every row; with room, it migrates."""
+    folder = tmp_path / "log"
+    folder.mkdir()
+    with closing(sqlite3.connect(folder / DB_FILE, isolation_level=None)) as conn:
+        conn.execute("PRAGMA journal_mode = WAL")  # as a version-4 server left it
+        conn.executescript(f"BEGIN;\n{chr(10).join(MIGRATIONS[:4])}\nPRAGMA user_version = 4;\nCOMMIT;")
+        conn.executemany(
+            "INSERT INTO interactions (created_at, kind, transcript) VALUES (?, 'audio', ?)",
+            [(i, f"turn on the kitchen light {i} " * 5) for i in range(3000)],
+        )
+    assert (folder / DB_FILE).stat().st_size > 500_000
+    opening = f"from wyoming_tinyalign.store import InteractionStore as S; S({str(folder)!r}).open()"
+    proc = subprocess.run(
+        [sys.executable, "-c", opening], capture_output=True, text=True, timeout=120,
+        preexec_fn=file_size_limit(300_000),
+    )  # fmt: skip
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("wyoming_tinyalign.store.StoreError: cannot open the interaction log"), last
+    with closing(sqlite3.connect(folder / DB_FILE)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert conn.execute("SELECT COUNT(*) FROM interactions").fetchone()[0] == 3000
+        assert conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    store = InteractionStore(folder)
+    store.open()
+    try:
+        assert store.conn.execute("SELECT COUNT(*) FROM interactions").fetchone()[0] == 3000
+        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     finally:
         store.close()

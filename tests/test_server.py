@@ -516,6 +516,47 @@ async def test_a_log_damaged_while_the_server_runs_is_set_aside_and_the_utteranc
     assert f"malformed; set aside in {aside}, with its audio; a new log starts" in server.text
 
 
+async def test_a_log_that_cannot_be_used_turns_logging_off_and_the_assistant_answers(
+    micro_model: Path, tmp_path: Path, speech: tuple[bytes, int]
+) -> None:
+    """A log written by a newer version (the add-on downgraded) is left as it is: the assistant answers
+    without logging, and its log, /healthz, the API and the dashboard say why."""
+    pcm, rate = speech
+    data = tmp_path / "data"
+    db = data / "log" / "interactions.sqlite3"
+    db.parent.mkdir(parents=True)
+    with closing(sqlite3.connect(db)) as conn:
+        conn.execute("CREATE TABLE kept (words TEXT)")
+        conn.execute("INSERT INTO kept VALUES ('the household said this')")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        conn.commit()
+    before = db.read_bytes()
+    args = serve_args(micro_model, data, "--uri", "tcp://127.0.0.1:0", "--web-port", "0", "--web-token", "t")
+    server = ServerProcess(args, tmp_path / "server.log")
+    try:
+        server.wait_ready()
+        site = server.wait_log(WEB).group(1)
+        async with asyncio.timeout(2 * TIMEOUT):
+            events, _ = await transcribe(*server.host_port, pcm, rate, tag="unlogged")
+            async with aiohttp.ClientSession(headers={"Authorization": "Bearer t"}) as http:
+                async with http.get(f"{site}/healthz") as answer:
+                    health = await answer.json()
+                async with http.get(f"{site}/api/interactions") as answer:
+                    listed = answer.status, await answer.json()
+                async with http.get(f"{site}/") as answer:
+                    dashboard = await answer.text()
+    finally:
+        server.stop()
+    assert events[-1].type == "transcript" and events[-1].data["text"]
+    assert health["status"] == "ok" and health["log"] is False and "newer" in health["log_off"]
+    why = "the interaction log has schema version"
+    assert listed[0] == 409 and listed[1]["error"].startswith(f"interaction logging is off ({why}")
+    assert re.search(rf'<li class="bad">logging off \({why} \d+, newer', dashboard)
+    assert "fix it, then restart the assistant" in dashboard
+    assert f"logging is off: {why}" in server.text
+    assert db.read_bytes() == before and not list(db.parent.glob("damaged-*"))  # nothing written, moved
+
+
 async def test_a_full_disk_loses_an_utterances_audio_and_a_nights_start_not_the_answers(
     micro_model: Path, tmp_path: Path, speech: tuple[bytes, int]
 ) -> None:

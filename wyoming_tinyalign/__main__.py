@@ -18,6 +18,7 @@ from .audio import AudioError
 from .evaluate import add_eval_args, run_eval
 from .model.bundle import BundleError
 from .serve import add_serve_args, run_serve
+from .store import StoreError
 from .synth import add_synth_args, run_synth
 from .train import add_train_args, run_train
 
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[args.command][2](args)
-    except (BundleError, AudioError, OSError, ValueError) as err:
+    except (BundleError, AudioError, StoreError, OSError, ValueError) as err:
         _LOGGER.debug("failed", exc_info=True)
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -254,6 +254,7 @@ class Nightly:
             store=app.assistant.store,
             metrics=self.metrics,
             token=load_token(self.data_dir, self.web_token),
+            log_off=app.log_off,
         )
         runner = web.AppRunner(build_app(ctx), access_log=None)
         await runner.setup()

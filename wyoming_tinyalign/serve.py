@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import sqlite3
 import sys
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ from .models import (
     resolve_model,
 )
 from .scheduler import Nightly, add_adaptation_args
-from .store import MIN_FREE_BYTES, InteractionStore, StoreDamaged, StoreError
+from .store import MIN_FREE_BYTES, NO_LOG, InteractionStore, StoreDamaged, StoreError
 from .worker import PATH_CHOICES, InferenceWorker
 
 _LOGGER = logging.getLogger(__name__)
@@ -129,6 +130,33 @@ def min_confidence(value: str) -> float | None:
     return number
 
 
+def open_log(args: argparse.Namespace) -> tuple[InteractionStore | None, str]:
+    """The interaction log, or None and why logging is off. A damaged log is set aside for a new one;
+    one that cannot be used otherwise (a newer version's, a full disk while migrating, a folder that may
+    not be written) leaves logging off until a restart: answering matters more than the log."""
+    if args.no_log:
+        return None, NO_LOG
+    store = InteractionStore(
+        args.data_dir / "log",
+        log_audio=not args.no_log_audio,
+        retention_days=args.retention_days,
+        retention_bytes=int(args.retention_mb * 1024 * 1024),
+        min_free_bytes=int(args.min_free_mb * 1024 * 1024),
+        derived=NightData(args.data_dir),
+    )
+    try:
+        try:
+            store.open()  # before the model, while the event loop is not running yet
+        except StoreDamaged as err:
+            store.start_over(err)
+        store.sweep()  # audio a crash left without its row (nothing is being logged yet)
+    except (StoreError, OSError, sqlite3.Error) as err:
+        store.close()
+        _LOGGER.error("logging is off: %s; the assistant answers without it (fix it, then restart)", err)
+        return None, str(err)
+    return store, ""
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Load everything, then serve until SIGTERM/SIGINT (or stdin ends for stdio://)."""
     server = AsyncServer.from_uri(args.uri)  # validates the URI
@@ -149,25 +177,7 @@ def run_serve(args: argparse.Namespace) -> int:
         )
     household: ContextProvider = hass if hass is not None else static_context(file_context)
     dtype = inference_dtype(args.device, args.dtype)
-    store = None
-    if not args.no_log:
-        store = InteractionStore(
-            args.data_dir / "log",
-            log_audio=not args.no_log_audio,
-            retention_days=args.retention_days,
-            retention_bytes=int(args.retention_mb * 1024 * 1024),
-            min_free_bytes=int(args.min_free_mb * 1024 * 1024),
-            derived=NightData(args.data_dir),
-        )
-        try:
-            try:
-                store.open()  # before the model: fail fast; the event loop is not running yet
-            except StoreDamaged as err:
-                store.start_over(err)
-            store.sweep()  # audio a crash left without its row (nothing is being logged yet)
-        except (StoreError, OSError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
+    store, log_off = open_log(args)
     choice = resolve_model(args.model, args.data_dir)
     model = load_model(choice, args.device, dtype)
     worker = InferenceWorker(model, args.path)
@@ -200,6 +210,7 @@ def run_serve(args: argparse.Namespace) -> int:
         settings=settings,
         info=build_info(choice.name, description, version, settings).event(),
         max_connections=args.max_connections,
+        log_off=log_off,
         services=[nightly] if hass is None else [hass, nightly],
     )
     zeroconf = args.zeroconf
@@ -216,6 +227,7 @@ class App:
     settings: ServerSettings
     info: Event
     max_connections: int
+    log_off: str = ""  # why the interaction log is off ("--no-log", or why it cannot be used)
     services: list[Any] = field(default_factory=list)  # start(app) once listening, stop() at the end
     _handlers: dict[asyncio.Task[None], TinyAlignHandler] = field(default_factory=dict, init=False)
     _stopping: bool = field(default=False, init=False)

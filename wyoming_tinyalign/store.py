@@ -54,6 +54,7 @@ PRUNE_EVERY_S = 600.0
 # A log found damaged again this soon after a new one started is not set aside once more: a failing disk
 # would leave a folder per utterance. Its writes fail (and are logged) until then.
 START_OVER_EVERY_S = 600.0
+NO_LOG = "--no-log"  # why logging is off when the household turned it off (`serve.open_log`)
 MIN_FREE_BYTES = 1 << 30  # below this much free disk, no recordings are kept (`--min-free-mb`)
 T = TypeVar("T")
 
@@ -248,13 +249,13 @@ class InteractionStore:
         except sqlite3.Error as err:
             raise StoreError(f"cannot open the interaction log {self.db_path}: {err}") from err
         try:
-            conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA secure_delete = ON")  # deleted words are overwritten, whatever the build
             problems = [row for (row,) in conn.execute("PRAGMA quick_check(3)")]
             if problems != ["ok"]:
                 raise StoreDamaged(f"the interaction log {self.db_path} is damaged: {'; '.join(problems)}")
             migrate(conn)
+            conn.execute("PRAGMA journal_mode = WAL")  # after `migrate`: a newer version's log is left as is
         except StoreError:
             conn.close()
             raise

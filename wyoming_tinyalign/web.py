@@ -197,6 +197,7 @@ class WebContext:
     store: InteractionStore | None
     metrics: Metrics
     token: str
+    log_off: str = ""  # why the interaction log is off: "--no-log", or why it cannot be used
 
 
 def build_app(ctx: WebContext) -> web.Application:
@@ -304,6 +305,7 @@ async def healthz(request: web.Request) -> web.Response:
             "path": ctx.control.path,
             "adaptation_running": ctx.control.job_running,
             "log": ctx.store is not None,
+            "log_off": ctx.log_off or None,
         }
     )
 
@@ -325,13 +327,13 @@ async def metrics(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------------------------------- interactions
 def log_store(request: web.Request) -> InteractionStore:
     """The interaction log, or a 409 answer when logging is off."""
-    store = web_context(request).store
-    if store is None:
+    ctx = web_context(request)
+    if ctx.store is None:
         raise web.HTTPConflict(
-            text=json.dumps({"error": "interaction logging is off (--no-log)"}),
+            text=json.dumps({"error": f"interaction logging is off ({ctx.log_off})"}),
             content_type="application/json",
         )
-    return store
+    return ctx.store
 
 
 def _time_bound(value: str, end: bool) -> float:

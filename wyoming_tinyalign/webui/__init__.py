@@ -41,7 +41,7 @@ import numpy as np
 from aiohttp import web
 
 from ..intents import INTENT_SLOTS, Intent
-from ..store import MIN_FREE_BYTES, InteractionStore
+from ..store import MIN_FREE_BYTES, NO_LOG, InteractionStore
 from ..versions import BASE, VersionError, Versions
 from ..web import (
     adaptation_runs,
@@ -323,6 +323,13 @@ def _served_metrics(versions: Versions, name: str) -> dict[str, Any]:
         return {}
 
 
+def _why_log_off(log_off: str) -> str:
+    """Why logging is off, for a page: the household's choice, or what keeps the log from being used."""
+    if log_off == NO_LOG:
+        return f"<code>{NO_LOG}</code>"
+    return f"{escape(log_off)}; fix it, then restart the assistant"
+
+
 async def dashboard(request: web.Request) -> str:
     """Model and projector, path, today's requests and latency, the next run, health."""
     ctx = web_context(request)
@@ -373,8 +380,10 @@ async def dashboard(request: web.Request) -> str:
     else:
         today = "<dt>Requests today</dt><dd>- (logging is off)</dd>"
         review, last_text = "", "-"
+    logging_class = "ok"
     if store is None:
-        logging_text, store_item = "logging off", ""
+        logging_class = "warn" if ctx.log_off == NO_LOG else "bad"  # a log that cannot be used: fix it
+        logging_text, store_item = f"logging off ({_why_log_off(ctx.log_off)})", ""
     else:
         paused = " (recordings paused: the disk is low)" if store.disk_low else ""
         logging_text = "logging on" + (" (without audio)" if not store.log_audio else paused)
@@ -390,7 +399,7 @@ async def dashboard(request: web.Request) -> str:
         '<ul class="health"><li class="ok">model loaded</li>'
         f"{store_item}"
         f'<li class="{"ok" if disk_ok else "bad"}">disk: {disk.free / (1 << 30):.1f} GB free</li>'
-        f'<li class="{"ok" if store is not None else "warn"}">{logging_text}</li></ul>'
+        f'<li class="{logging_class}">{logging_text}</li></ul>'
     )
     body = f"""<h1>Dashboard</h1>
 {health}
@@ -503,7 +512,7 @@ async def interactions(request: web.Request) -> str:
     ctx = web_context(request)
     logout = _logged_in_by_cookie(request)
     if ctx.store is None:
-        body = "<h1>Interactions</h1><p>Logging is off (<code>--no-log</code>): nothing is kept.</p>"
+        body = f"<h1>Interactions</h1><p>Logging is off ({_why_log_off(ctx.log_off)}): nothing is kept.</p>"
         return _layout("Interactions", "interactions", body, logout=logout)
     name = request.query.get("filter", "all")
     name = name if name in FILTERS else "all"
