@@ -331,8 +331,9 @@ def damage(db: Path, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["not a database", "a torn page"])
 def test_a_damaged_log_is_set_aside_with_its_audio_and_a_new_one_starts(tmp_path: Path, how: str) -> None:
-    """Opening a damaged log says so (`StoreDamaged`); `set_aside` moves it and its audio into a
-    damaged-<time> folder and a new log opens; retention deletes that folder once it is old."""
+    """Opening a damaged log says so (`StoreDamaged`); `start_over` moves it and its audio into a
+    damaged-<time> folder and opens a new log, whose ids go on from the old one's where its file still
+    says how far they went; retention deletes that folder once it is old."""
     s = InteractionStore(tmp_path / "log")
     s.open()
     for i in range(200):  # some pages of rows
@@ -341,16 +342,19 @@ def test_a_damaged_log_is_set_aside_with_its_audio_and_a_new_one_starts(tmp_path
     s.close()
     damage(tmp_path / "log" / DB_FILE, how)
     s = InteractionStore(tmp_path / "log", retention_days=7)
-    with pytest.raises(StoreDamaged, match="not a database" if how == "not a database" else "malformed"):
+    with pytest.raises(
+        StoreDamaged, match="not a database" if how == "not a database" else "malformed"
+    ) as err:
         s.open()
-    aside = s.set_aside()
-    s.open()
+    s.start_over(err.value)
+    (aside,) = s.set_aside_logs()
     try:
         assert aside.parent == s.folder and aside.name.startswith("damaged-")
         assert (aside / DB_FILE).is_file() and len(list((aside / "audio").rglob("*.wav"))) == 1
         assert s.conn.execute("SELECT COUNT(*) FROM interactions").fetchone()[0] == 0
         assert s.sweep() == 0 and not (s.folder / "audio").exists()
-        s.add(utterance(transcript="the first of the new log"), tone(0.5))
+        first = s.add(utterance(transcript="the first of the new log"), tone(0.5))
+        assert first == (1 if how == "not a database" else 202)  # the header torn, nothing says how far
         assert s.prune() == 0 and aside.is_dir()  # kept as long as interactions are
         week_ago = time.time() - 8 * 86400
         os.utime(aside, (week_ago, week_ago))
@@ -370,7 +374,7 @@ async def test_a_log_damaged_while_in_use_is_set_aside_once_and_not_again_soon(t
     try:
         await s.async_add(utterance(transcript="before"), tone(0.5))
         tear_live_root_page(s.db_path)
-        assert await s.async_add(utterance(transcript="after"), tone(0.5)) == 1
+        assert await s.async_add(utterance(transcript="after"), tone(0.5)) == 2  # ids go on
         (aside,) = s.set_aside_logs()
         assert len(list((aside / "audio").rglob("*.wav"))) == 1 and len(list(s.folder.rglob("*.wav"))) == 2
         assert s.conn.execute("SELECT transcript FROM interactions").fetchall() == [("after",)]
@@ -379,7 +383,7 @@ async def test_a_log_damaged_while_in_use_is_set_aside_once_and_not_again_soon(t
             await s.async_add(utterance(transcript="lost"), tone(0.5))
         assert s.set_aside_logs() == [aside] and len(list(s.folder.rglob("*.wav"))) == 2
         s._started_over -= store_module.START_OVER_EVERY_S  # the time passes
-        assert await s.async_add(utterance(transcript="later"), tone(0.5)) == 1
+        assert await s.async_add(utterance(transcript="later"), tone(0.5)) == 3
         assert len(s.set_aside_logs()) == 2 and s.set_aside_logs()[0] == aside
 
         def transcripts() -> list[tuple[str]]:  # a read, as the page's: it fails once, is not run again
@@ -414,7 +418,7 @@ async def test_a_damaged_log_that_cannot_be_set_aside_stays_open(
             await s.async_add(utterance(transcript="refused"), tone(0.5))
         assert s._conn is not None and s.set_aside_logs() == [] and s.db_path.is_file()
         monkeypatch.setattr(s, "set_aside", set_aside)
-        assert await s.async_add(utterance(transcript="taken"), tone(0.5)) == 1
+        assert await s.async_add(utterance(transcript="taken"), tone(0.5)) == 2
         assert len(s.set_aside_logs()) == 1
     finally:
         await s.async_close()

@@ -33,7 +33,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
+from contextlib import closing, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -54,6 +54,7 @@ PRUNE_EVERY_S = 600.0
 # A log found damaged again this soon after a new one started is not set aside once more: a failing disk
 # would leave a folder per utterance. Its writes fail (and are logged) until then.
 START_OVER_EVERY_S = 600.0
+MAX_ID = 1 << 40  # an id read from a damaged log above this is taken for damage (`start_over`)
 NO_LOG = "--no-log"  # why logging is off when the household turned it off (`serve.open_log`)
 MIN_FREE_BYTES = 1 << 30  # below this much free disk, no recordings are kept (`--min-free-mb`)
 T = TypeVar("T")
@@ -227,6 +228,7 @@ class InteractionStore:
         self._conn: sqlite3.Connection | None = None
         self._last_prune = 0.0
         self._started_over = -START_OVER_EVERY_S
+        self._top_id = 0  # the highest row id given, as far as known: a log started over goes on from it
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
 
     @property
@@ -264,17 +266,26 @@ class InteractionStore:
             kind = StoreDamaged if _damage(err) else StoreError
             raise kind(f"cannot open the interaction log {self.db_path}: {err}") from err
         self._conn = conn
+        self._top_id = max(self._top_id, _top_id(conn))
         self.prune()
 
     def start_over(self, problem: Exception) -> None:
         """The log is damaged (`problem`): set it aside with its audio, close it and open a new one.
         Answering matters more than the log, and the damaged one is kept (`set_aside`). If it cannot be
-        set aside (`OSError`: a disk gone read-only), the open log stays as it was."""
+        set aside (`OSError`: a disk gone read-only), the open log stays as it was. The new log's ids go on
+        from the old one's, so that no id names two utterances (a night's, a page's)."""
+        if self._conn is None:  # at start-up: what the damaged file still says
+            read_only = f"file:{self.db_path}?mode=ro"
+            with suppress(sqlite3.Error), closing(sqlite3.connect(read_only, uri=True)) as damaged:
+                if (top := _top_id(damaged)) < MAX_ID:  # not a damaged page's garbage: it would use up ids
+                    self._top_id = max(self._top_id, top)
         aside = self.set_aside()  # an open connection keeps the files it has open, wherever they go
         self.close()
         _LOGGER.error("%s; set aside in %s, with its audio; a new log starts", problem, aside)
         self._started_over = time.monotonic()
         self.open()
+        # the new log's row there is written by migration 5 (its rows copied: none), so an UPDATE does
+        self.conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'interactions'", (self._top_id,))
 
     def set_aside(self) -> Path:
         """Move a damaged log (the database and the audio it names) into a `damaged-<time>` folder beside
@@ -358,9 +369,11 @@ class InteractionStore:
             if rel:
                 (self.folder / rel).unlink(missing_ok=True)
             raise
+        row = int(cursor.lastrowid or 0)
+        self._top_id = max(self._top_id, row)
         if time.monotonic() - self._last_prune >= PRUNE_EVERY_S:
             self.prune()
-        return int(cursor.lastrowid or 0)
+        return row
 
     def _room_for_audio(self) -> bool:
         """False while the disk has less than `min_free_bytes` free: the log keeps no recordings then, so
@@ -550,6 +563,12 @@ class InteractionStore:
         """Finish every queued write, close the database and stop the store's thread."""
         await self._call(self.close)
         await asyncio.to_thread(self._executor.shutdown, True)
+
+
+def _top_id(conn: sqlite3.Connection) -> int:
+    """The highest interaction id this log has given (0 if none, or no row was ever logged)."""
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'interactions'").fetchone()
+    return int(row[0]) if row else 0
 
 
 def _damage(err: sqlite3.Error) -> bool:
