@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +30,7 @@ from serving import CHROMIUM, PAGE_LINK, TIMEOUT, ServerProcess, say_all, serve_
 
 from wyoming_tinyalign.intents import INTENT_SLOTS
 from wyoming_tinyalign.model.bundle import load_projector
-from wyoming_tinyalign.store import InteractionStore
+from wyoming_tinyalign.store import Interaction, InteractionStore
 from wyoming_tinyalign.versions import VersionError, Versions
 from wyoming_tinyalign.web import INGRESS_PEER, Metrics, WebContext, build_app
 
@@ -113,6 +115,38 @@ async def test_ingress_needs_no_token_but_changes_need_the_header(
         assert (await http.post("/api/adapt", headers=ingress)).status == 403
         changed = await http.post("/api/adapt", headers={**ingress, "X-Requested-With": "tinyalign"})
         assert changed.status == 202 and control.started == [True]
+
+
+async def test_a_log_that_keeps_nothing_is_shown_until_it_keeps_an_utterance_again(
+    tmp_path: Path, store: InteractionStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A card remounted read-only (SQLite's `query_only` here) still reads, so the dashboard said "log OK"
+    while nothing was kept. Now it and /healthz say why until an utterance is logged again; the server's
+    log gives the traceback once, then a line per utterance lost."""
+    caplog.set_level(logging.INFO, logger="wyoming_tinyalign.store")
+    app = build_app(WebContext(control=FakeControl(tmp_path), store=store, metrics=Metrics(), token="secret"))
+    bearer = {"Authorization": "Bearer secret"}
+    readonly = "attempt to write a readonly database"
+    async with TestClient(TestServer(app)) as http:
+        assert (await (await http.get("/healthz")).json())["log_error"] is None
+        await store.async_call(store.conn.execute, "PRAGMA query_only = ON")
+        for _ in range(2):
+            with pytest.raises(sqlite3.OperationalError, match=readonly):
+                await store.async_add(Interaction(kind="audio", transcript="lost"))
+        refused = await (await http.get("/", headers=bearer)).text()
+        health = await (await http.get("/healthz")).json()
+        await store.async_call(store.conn.execute, "PRAGMA query_only = OFF")
+        await store.async_add(Interaction(kind="audio", transcript="kept"))
+        taken = await (await http.get("/", headers=bearer)).text()
+        assert (await (await http.get("/healthz")).json())["log_error"] is None
+    assert f'<li class="bad">log error: the last utterance could not be logged: {readonly}</li>' in refused
+    assert health["log_error"] == readonly and health["log"] is True
+    assert '<li class="ok">log OK</li>' in taken
+    said = [r for r in caplog.records if r.name == "wyoming_tinyalign.store"]
+    assert [r.getMessage() for r in said] == [f"could not log the interaction: {readonly}"] * 2 + [
+        "the interaction log keeps utterances again"
+    ]
+    assert said[0].exc_info and not said[1].exc_info
 
 
 # -------------------------------------------------------------------------------------- the server

@@ -261,8 +261,7 @@ class Assistant:
         assert self.store is not None
         try:
             return await self.store.async_add(interaction, audio)
-        except Exception:  # a full disk must not break answering
-            _LOGGER.exception("could not log the interaction")
+        except Exception:  # a full disk must not break answering; the store has said why
             return None
 
     def _remember(self, transcript: str, entry: _Recent) -> None:

@@ -225,6 +225,7 @@ class InteractionStore:
         self.retention_bytes = retention_bytes or None
         self.min_free_bytes = min_free_bytes
         self.disk_low = False  # the last `add` found less than `min_free_bytes` free: no recordings kept
+        self.write_error: str | None = None  # why the last utterance could not be logged (None: it was)
         self._conn: sqlite3.Connection | None = None
         self._last_prune = 0.0
         self._started_over = -START_OVER_EVERY_S
@@ -550,7 +551,19 @@ class InteractionStore:
         return fn(*args)
 
     async def async_add(self, interaction: Interaction, audio: np.ndarray | None = None) -> int:
-        return await self._call(self.add, interaction, audio, again=True)
+        """`add` on the store's thread. A failure (a card remounted read-only, a full disk) is logged, with
+        its traceback the first time, and kept in `write_error` for the dashboard until an utterance is
+        logged again: reads still work then, so the log would look fine while it keeps nothing."""
+        try:
+            row = await self._call(self.add, interaction, audio, again=True)
+        except Exception as err:
+            _LOGGER.error("could not log the interaction: %s", err, exc_info=self.write_error is None)
+            self.write_error = str(err) or type(err).__name__
+            raise
+        if self.write_error is not None:
+            _LOGGER.info("the interaction log keeps utterances again")
+            self.write_error = None
+        return row
 
     async def async_link(self, row_id: int, context: dict[str, Any]) -> None:
         await self._call(self.link, row_id, context)

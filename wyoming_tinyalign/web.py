@@ -306,6 +306,7 @@ async def healthz(request: web.Request) -> web.Response:
             "adaptation_running": ctx.control.job_running,
             "log": ctx.store is not None,
             "log_off": ctx.log_off or None,
+            "log_error": ctx.store.write_error if ctx.store is not None else None,
         }
     )
 

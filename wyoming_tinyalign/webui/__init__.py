@@ -387,6 +387,8 @@ async def dashboard(request: web.Request) -> str:
     else:
         paused = " (recordings paused: the disk is low)" if store.disk_low else ""
         logging_text = "logging on" + (" (without audio)" if not store.log_audio else paused)
+        if store_state == "ok" and store.write_error is not None:  # it reads, but keeps nothing
+            store_state = f"error: the last utterance could not be logged: {store.write_error}"
         ok = store_state == "ok"
         store_item = f'<li class="{"ok" if ok else "bad"}">log {"OK" if ok else escape(store_state)}</li>'
         for name in overview["set_aside"] if overview else []:
