@@ -96,6 +96,36 @@ def test_a_server_that_never_answers_is_unhealthy_after_the_timeout() -> None:
     assert elapsed < 1 + 10  # the timeout, plus starting Python on a busy machine
 
 
+def test_a_server_building_the_demo_model_passes_with_its_data_dir(tmp_path: Path) -> None:
+    """A first start that builds the demo model for hours does not answer yet: with `--data-dir` (the
+    images' HEALTHCHECKs) that passes while the server's process builds, so that Home Assistant's watchdog
+    does not restart it; without (the add-on's discovery step) it does not; once the process is gone (a
+    kill leaves its folder), it does not either."""
+    slow_build = (  # the server's own ensure_dev_model, with a build that takes its time
+        "import sys, time; from pathlib import Path; from wyoming_tinyalign.models import ensure_dev_model; "
+        "ensure_dev_model(Path(sys.argv[1]), build=lambda tmp, size: (tmp.mkdir(), time.sleep(300)))"
+    )
+    builder = subprocess.Popen([sys.executable, "-c", slow_build, str(tmp_path / "models" / "dev-small")])
+    closed = f"tcp://127.0.0.1:{free_port()}"
+    try:
+        folder = tmp_path / "models" / f".dev-small.building-{builder.pid}"
+        deadline = time.monotonic() + TIMEOUT
+        while not folder.is_dir():
+            assert builder.poll() is None and time.monotonic() < deadline, "the build did not start"
+            time.sleep(0.1)
+        building = healthcheck("--uri", closed, "--data-dir", str(tmp_path))
+        strict = healthcheck("--uri", closed)
+    finally:
+        builder.kill()
+        builder.wait(TIMEOUT)
+    after = healthcheck("--uri", closed, "--data-dir", str(tmp_path))
+    assert building.returncode == 0, building.stderr
+    said = f"healthy: not answering yet, process {builder.pid} is building a model in {folder}\n"
+    assert building.stdout == said
+    assert strict.returncode == 1 and strict.stderr.startswith(f"unhealthy: {closed}: ")
+    assert folder.is_dir() and after.returncode == 1 and after.stderr.startswith("unhealthy:")
+
+
 @pytest.mark.parametrize("reply", [b"", b'{"type": "pong"}\n', b"not wyoming\n"])
 def test_a_wrong_answer_is_unhealthy(reply: bytes) -> None:
     with socket.socket() as listener:

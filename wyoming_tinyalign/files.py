@@ -1,4 +1,4 @@
-"""Crash-safe file writes."""
+"""Crash-safe file writes, and bundles built in a folder of their own (renamed into place once whole)."""
 
 from __future__ import annotations
 
@@ -32,3 +32,23 @@ def write_atomic(path: Path, data: bytes) -> None:
 def naming(err: OSError, path: Path) -> OSError:
     """`err` with `path` in its message (a failed `write` names no file), or `err` if it names one."""
     return err if err.filename is not None else OSError(err.errno, err.strerror, str(path))
+
+
+def building_folder(folder: Path, pid: int | str) -> Path:
+    """Where process `pid` builds the bundle `folder` (`models.ensure_dev_model`; `"*"`: a glob of them)."""
+    return folder.parent / f".{folder.name}.building-{pid}"
+
+
+def live_builds(models: Path) -> list[tuple[Path, int]]:
+    """The bundles being built under `models` by a server process still running (one with `wyoming` in its
+    command line, read from /proc: a dead build's number may have gone to another process)."""
+    live = []
+    for path in sorted(models.glob(building_folder(models / "*", "*").name)):
+        pid = path.name.rpartition("-")[2]
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes() if pid.isdigit() else b""
+        except OSError:  # no such process (or no /proc)
+            continue
+        if b"wyoming" in command:
+            live.append((path, int(pid)))
+    return live

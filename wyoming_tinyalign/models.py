@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .files import building_folder
 from .model.bundle import BundleConfig, BundleError, load_bundle_config, save_bundle_config
 from .model.prompt import DEFAULT_TEMPLATE
 from .model.speechllm import SpeechLLM
@@ -81,10 +82,10 @@ def ensure_dev_model(folder: Path, build: Builder | None = None) -> Path:
     if build is None:
         from .devmodel import build_dev_model as build
     folder.parent.mkdir(parents=True, exist_ok=True)
-    for stale in folder.parent.glob(f".{folder.name}.building-*"):
+    for stale in folder.parent.glob(building_folder(folder, "*").name):
         _LOGGER.info("removing an unfinished build: %s", stale)
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = folder.parent / f".{folder.name}.building-{os.getpid()}"
+    tmp = building_folder(folder, os.getpid())
     _LOGGER.warning(
         "building the offline DEMO model into %s (once; 1 to 2 hours on 2 cores); progress follows",
         folder,
