@@ -55,6 +55,7 @@ from zeroconf import IPVersion, ServiceInfo, Zeroconf
 from wyoming_tinyalign import __version__
 from wyoming_tinyalign.assistant import load_context_file, response_text
 from wyoming_tinyalign.audio import pcm_to_float, read_wav
+from wyoming_tinyalign.devmodel import build_dev_model
 from wyoming_tinyalign.handler import HANDLE_PROGRAM, NOT_SURE, ProtocolError, read_event, wyoming_intent
 from wyoming_tinyalign.intents import Intent
 from wyoming_tinyalign.model.speechllm import Result, SpeechLLM
@@ -734,31 +735,68 @@ def test_a_preset_with_no_cache_and_no_hub_fails_with_one_clear_line(tmp_path: P
     assert bundle["projector"] is None and bundle["cascade_pad_30s"] is True
 
 
-def test_the_dev_model_is_built_atomically(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    folder = tmp_path / "models" / "dev-small"
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / ".dev-small.building-1").mkdir()  # left by a killed first run
+def test_the_dev_model_is_built_atomically_and_a_stopped_build_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A build stopped part-way is never taken for a bundle; the next start goes on with what it left
+    (the newest of them; older ones are deleted), then renames it into place."""
+    models = tmp_path / "models"
+    folder = models / "dev-small"
+    models.mkdir()
+    (models / ".dev-small.building-999999").mkdir()  # an older one, by a process long gone
+    os.utime(models / ".dev-small.building-999999", (1, 1))
+    (models / ".dev-small.building-1").mkdir()  # the last one: the number is the init process's now
 
-    def killed(out: Path, size: str) -> None:
-        (out / "llm").mkdir(parents=True)
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        ensure_dev_model(folder, killed)
-    assert list((tmp_path / "models").iterdir()) == []  # no half bundle, no leftovers
-
-    built: list[str] = []
-
-    def build(out: Path, size: str) -> None:
-        built.append(size)
-        out.mkdir(parents=True)
-        (out / "bundle.json").write_text("{}")
+    def stopped(out: Path, size: str) -> None:
+        (out / "llm").mkdir()
+        raise KeyboardInterrupt  # or SIGTERM, SIGKILL, a power cut: the folder stays
 
     with caplog.at_level("INFO"):
+        with pytest.raises(KeyboardInterrupt):
+            ensure_dev_model(folder, stopped)
+        assert [p.name for p in models.iterdir()] == [f".dev-small.building-{os.getpid()}"]  # no bundle
+
+        found: list[list[str]] = []
+
+        def build(out: Path, size: str) -> None:
+            found.append([size, *sorted(p.name for p in out.iterdir())])
+            (out / "bundle.json").write_text("{}")
+
         assert ensure_dev_model(folder, build) == folder
         assert ensure_dev_model(folder, build) == folder
-    assert built == ["small"] and (folder / "bundle.json").is_file()
-    assert "DEMO model" in caplog.text
+    assert found == [["small", "llm"]] and (folder / "bundle.json").is_file()
+    assert [p.name for p in models.iterdir()] == ["dev-small"]
+    assert "removing an unfinished build" in caplog.text and "stopped part-way" in caplog.text
+
+
+def test_a_dev_model_build_killed_after_its_llm_goes_on_from_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The real build (micro), killed (-9) once its LLM is saved: the next run takes the LLM as it was
+    (the same bytes, not trained again), trains the rest and gives a bundle that loads."""
+    out = tmp_path / "micro"
+    building = [sys.executable, "-m", "wyoming_tinyalign", "dev-model", "--out", str(out), "--size", "micro"]
+    proc = subprocess.Popen(building, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "llm").is_dir():
+            assert proc.poll() is None and time.monotonic() < deadline, "the LLM was not saved"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (out / "bundle.json").exists()  # killed before the Whisper was saved
+    llm = (out / "llm" / "model.safetensors").read_bytes()
+    with caplog.at_level("INFO"):
+        report = build_dev_model(out, "micro", seed=0)
+    assert (out / "llm" / "model.safetensors").read_bytes() == llm
+    assert "llm_s" not in report and report["whisper_s"] > 0 and report["projector_s"] > 0
+    assert "going on with the build stopped part-way" in caplog.text
+    assert "the tokenizer and LLM of the build stopped part-way are taken" in caplog.text
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".json")) == [
+        "llm", "projector.safetensors", "whisper"
+    ]  # fmt: skip
+    assert SpeechLLM.load(out).has_aligned_projector
 
 
 def test_household_context_file_in_both_shapes(tmp_path: Path) -> None:

@@ -47,7 +47,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_dev_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, type=Path, help="bundle folder to write")
+    parser.add_argument(
+        "--out", required=True, type=Path, help="bundle folder to write (a build stopped there goes on)"
+    )
     parser.add_argument("--size", choices=("micro", "small"), default="small")
     parser.add_argument("--seed", type=int, default=0)
 

@@ -17,13 +17,16 @@ real models.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
 import re
-import tempfile
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,8 +41,10 @@ from transformers import (
     WhisperForConditionalGeneration,
 )
 
+from . import __version__
 from .corpus import Command, generate_commands, random_household
 from .evaluate import evaluate_items, evaluate_text
+from .files import write_atomic
 from .households import Household, Speaker, context_text, load_households
 from .intents import format_answer
 from .manifest import load_utterances
@@ -441,77 +446,120 @@ def train_whisper(
 
 
 # ---------------------------------------------------------------------- build
+WORK_DIR = "work"  # speech and features of a build, inside its folder until the bundle is whole
+RECIPE_FILE = "build.json"  # what a build in this folder makes: one stopped part-way goes on if the same
+
+
+def _start_or_go_on(out: Path, recipe: dict) -> None:
+    """Make `out` a build of `recipe`: what a build of the same recipe stopped part-way left there is
+    kept (the build goes on); from anything else, the parts a build would take up are deleted."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        found = json.loads((out / RECIPE_FILE).read_text())
+    except (OSError, ValueError):
+        found = None
+    if found == recipe:
+        _LOGGER.info("going on with the build stopped part-way in %s", out)
+        return
+    for name in ("llm", "whisper", WORK_DIR):
+        shutil.rmtree(out / name, ignore_errors=True)
+    (out / STATE_FILE).unlink(missing_ok=True)
+    write_atomic(out / RECIPE_FILE, json.dumps(recipe).encode())
+
+
+def _save_whole(folder: Path, *parts: Any) -> None:
+    """`save_pretrained` of each part into `folder`, which appears only once all are written."""
+    tmp = folder.with_name(f"{folder.name}.saving")
+    shutil.rmtree(tmp, ignore_errors=True)  # a save a kill cut short
+    for part in parts:
+        part.save_pretrained(tmp)
+    os.replace(tmp, folder)
+
+
 def build_dev_model(out: Path, size_name: str = "small", seed: int = 0) -> dict:
-    """Build the dev bundle in `out`; returns the build report (times, accuracies)."""
+    """Build the dev bundle in `out`; returns the build report (times, accuracies).
+
+    A build stopped part-way (a restart, a power cut: on a Raspberry Pi it takes hours) goes on in the same
+    `out`: the LLM and Whisper, each saved whole once trained, are loaded back; the projector's training
+    resumes from its last epoch (`train`); the speech is rendered again (it is the same for a seed). A
+    folder left by another recipe (size, seed, version) starts afresh."""
     size = SIZES[size_name]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _start_or_go_on(out, {"size": size_name, "seed": seed, "version": __version__})
     rng = random.Random(seed)
     households = [h for h in load_households() if h.split == "base"]
     template = PromptTemplate(DEFAULT_TEMPLATE)
     times: dict[str, float] = {}
     t_all = t = time.monotonic()
 
-    # Speech and features go inside `out`: a killed build leaves them where the server's next start
-    # clears unfinished builds, not in the system's temp folder (a gigabyte or more).
-    with tempfile.TemporaryDirectory(dir=out) as tmp_name:
-        tmp = Path(tmp_name)
-        n_all = size.speech_utterances + size.val_utterances + size.eval_utterances + size.crowd_utterances
-        _LOGGER.info("rendering %d utterances of synthetic speech", n_all)
-        train_manifest = render_corpus(tmp / "train", households, size.speech_utterances, seed)
-        val_manifest = render_corpus(tmp / "val", households, size.val_utterances, seed + 1)
-        heldout = load_utterances(render_corpus(tmp / "heldout", households, size.eval_utterances, seed + 2))
-        speech = [(a, u.text) for u, a in load_utterances(train_manifest)]
-        crowd = crowd_households(size.crowd_utterances // 20, random.Random(f"{seed}/crowd"))
-        crowd_speech = [
-            (a, u.text)
-            for u, a in load_utterances(render_corpus(tmp / "crowd", crowd, size.crowd_utterances, seed + 3))
-        ]
-        times["speech_s"] = time.monotonic() - t
+    # Speech and features go inside `out`, not in the system's temp folder (a gigabyte or more): a build
+    # that goes on finds the features it computed; the folder goes once the bundle is whole.
+    work = out / WORK_DIR
+    n_all = size.speech_utterances + size.val_utterances + size.eval_utterances + size.crowd_utterances
+    _LOGGER.info("rendering %d utterances of synthetic speech", n_all)
+    train_manifest = render_corpus(work / "train", households, size.speech_utterances, seed)
+    val_manifest = render_corpus(work / "val", households, size.val_utterances, seed + 1)
+    heldout = load_utterances(render_corpus(work / "heldout", households, size.eval_utterances, seed + 2))
+    speech = [(a, u.text) for u, a in load_utterances(train_manifest)]
+    crowd = crowd_households(size.crowd_utterances // 20, random.Random(f"{seed}/crowd"))
+    crowd_speech = [
+        (a, u.text)
+        for u, a in load_utterances(render_corpus(work / "crowd", crowd, size.crowd_utterances, seed + 3))
+    ]
+    times["speech_s"] = time.monotonic() - t
 
-        t = time.monotonic()
+    t = time.monotonic()
+    if (out / "llm").is_dir():
+        _LOGGER.info("the tokenizer and LLM of the build stopped part-way are taken as they were saved")
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(out / "llm")
+        llm = Qwen2ForCausalLM.from_pretrained(out / "llm")
+    else:
         examples = text_examples(households, size.llm_steps * size.batch // 2 + 1000, rng)
         texts = [format_answer(e.transcript, e.answer.intent if e.answer else None) for e in examples]
         texts += [context_text(h) for h in households] + [template.text] + [t for _, t in speech]
         tokenizer = train_tokenizer(texts, size.vocab)
         encoded = encode_llm_examples(tokenizer, template, examples, size.cast_len, rng)
         llm = train_llm(tokenizer, encoded, size, seed)
+        _save_whole(out / "llm", llm, tokenizer)
         times["llm_s"] = time.monotonic() - t
 
-        t = time.monotonic()
+    t = time.monotonic()
+    if (out / "whisper").is_dir():
+        _LOGGER.info("the Whisper of the build stopped part-way is taken as it was saved")
+        whisper = WhisperForConditionalGeneration.from_pretrained(out / "whisper")
+    else:
         feature_extractor = WhisperFeatureExtractor(feature_size=80)
         whisper = train_whisper(tokenizer, feature_extractor, speech + crowd_speech, size, seed)
+        _save_whole(out / "whisper", whisper, tokenizer, feature_extractor)
         times["whisper_s"] = time.monotonic() - t
+    save_bundle_config(
+        out, BundleConfig(encoder="whisper", llm="llm", prompt_template=template.text, projector=None)
+    )
 
-        for sub, model in (("llm", llm), ("whisper", whisper)):
-            model.save_pretrained(out / sub)
-            tokenizer.save_pretrained(out / sub)
-        feature_extractor.save_pretrained(out / "whisper")
-        save_bundle_config(
-            out, BundleConfig(encoder="whisper", llm="llm", prompt_template=template.text, projector=None)
-        )
-
-        # Align a BridgeFormer on the same speech, through the loading code real models use. The combined
-        # objective: the generative loss aligns this tiny LLM far better than EmbedLink alone (held-out
-        # intent accuracy 0.41 vs 0.29 in 10 minutes, RESULTS.md), and a light EmbedLink term
-        # (ALIGN_EMBEDLINK_WEIGHT) keeps the outputs in the token embeddings' space.
-        t = time.monotonic()
-        model = SpeechLLM.load(out)
-        align = TrainConfig(
-            objective="combined",
-            embedlink_weight=ALIGN_EMBEDLINK_WEIGHT,
-            projector="bridgeformer",
-            hidden_dim=size.projector_hidden,
-            heads=max(2, size.projector_hidden // 64),
-            cast_len=size.cast_len,
-            batch=size.batch,
-            max_minutes=None,  # the epochs are the budget
-            max_epochs=size.align_epochs,
-            seed=seed,
-        )
-        train(out, train_manifest, val_manifest, out, align, cache_dir=tmp / "features", model=model)
-        (out / STATE_FILE).unlink(missing_ok=True)
-        times["projector_s"] = time.monotonic() - t
+    # Align a BridgeFormer on the same speech, through the loading code real models use. The combined
+    # objective: the generative loss aligns this tiny LLM far better than EmbedLink alone (held-out
+    # intent accuracy 0.41 vs 0.29 in 10 minutes, RESULTS.md), and a light EmbedLink term
+    # (ALIGN_EMBEDLINK_WEIGHT) keeps the outputs in the token embeddings' space. A build that goes on
+    # resumes it from its last epoch (`train`'s state file).
+    t = time.monotonic()
+    model = SpeechLLM.load(out)
+    align = TrainConfig(
+        objective="combined",
+        embedlink_weight=ALIGN_EMBEDLINK_WEIGHT,
+        projector="bridgeformer",
+        hidden_dim=size.projector_hidden,
+        heads=max(2, size.projector_hidden // 64),
+        cast_len=size.cast_len,
+        batch=size.batch,
+        max_minutes=None,  # the epochs are the budget
+        max_epochs=size.align_epochs,
+        seed=seed,
+    )
+    train(out, train_manifest, val_manifest, out, align, cache_dir=work / "features", model=model)
+    (out / STATE_FILE).unlink(missing_ok=True)
+    times["projector_s"] = time.monotonic() - t
+    shutil.rmtree(work)
+    (out / RECIPE_FILE).unlink()
 
     # Held-out checks on the finished bundle.
     t = time.monotonic()
@@ -537,7 +585,7 @@ def build_dev_model(out: Path, size_name: str = "small", seed: int = 0) -> dict:
         "llm_text_intent_accuracy_unseen_names": evaluate_text(model, unseen),
         "n_heldout_speech": len(heldout),
         **{f"{p}_{k}": r[k] for p, r in paths.items() for k in ("intent_accuracy", "wer", "latency_ms_p50")},
-        **{k: round(v, 1) for k, v in times.items()},
+        **{k: round(v, 1) for k, v in times.items()},  # the stages run by this process
     }
     report["eval_s"] = round(time.monotonic() - t, 1)
     report["build_s"] = round(time.monotonic() - t_all, 1)

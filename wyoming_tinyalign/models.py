@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .files import building_folder
+from .files import building_folder, live_builds
 from .model.bundle import BundleConfig, BundleError, load_bundle_config, save_bundle_config
 from .model.prompt import DEFAULT_TEMPLATE
 from .model.speechllm import SpeechLLM
@@ -76,28 +76,32 @@ def resolve_model(spec: str, data_dir: Path, build: Builder | None = None) -> Mo
 
 
 def ensure_dev_model(folder: Path, build: Builder | None = None) -> Path:
-    """Build the dev model into `folder` once; a half-built attempt is never taken for a bundle."""
+    """Build the dev model into `folder` once; a half-built attempt is never taken for a bundle. One
+    stopped part-way (its process is gone) goes on where it was (`devmodel.build_dev_model`)."""
     if (folder / "bundle.json").is_file():
         return folder
     if build is None:
         from .devmodel import build_dev_model as build
     folder.parent.mkdir(parents=True, exist_ok=True)
-    for stale in folder.parent.glob(building_folder(folder, "*").name):
-        _LOGGER.info("removing an unfinished build: %s", stale)
-        shutil.rmtree(stale, ignore_errors=True)
     tmp = building_folder(folder, os.getpid())
-    _LOGGER.warning(
-        "building the offline DEMO model into %s (once; 1 to 2 hours on 2 cores); progress follows",
-        folder,
-    )
-    try:
-        build(tmp, DEV_SIZE)
-        if folder.exists():  # an empty or broken leftover without bundle.json
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    others = {path for path, pid in live_builds(folder.parent) if pid != os.getpid()}  # another server's
+    stopped = [path for path in folder.parent.glob(building_folder(folder, "*").name) if path not in others]
+    *older, newest = sorted(stopped, key=lambda path: path.stat().st_mtime) or [None]
+    for path in older:
+        _LOGGER.info("removing an unfinished build: %s", path)
+        shutil.rmtree(path, ignore_errors=True)
+    if newest is not None:
+        os.replace(newest, tmp)  # the same folder if this process has the number the stopped one had
+        _LOGGER.warning("going on with the DEMO model build that stopped part-way; progress follows")
+    else:
+        _LOGGER.warning(
+            "building the offline DEMO model into %s (once; 1 to 2 hours on 2 cores); progress follows",
+            folder,
+        )
+    build(tmp, DEV_SIZE)
+    if folder.exists():  # an empty or broken leftover without bundle.json
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
     _LOGGER.info("demo model ready in %s", folder)
     return folder
 
