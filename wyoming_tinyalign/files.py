@@ -40,8 +40,8 @@ def building_folder(folder: Path, pid: int | str) -> Path:
 
 
 def live_builds(models: Path) -> list[tuple[Path, int]]:
-    """The bundles being built under `models` by a server process still running (one with `wyoming` in its
-    command line, read from /proc: a dead build's number may have gone to another process)."""
+    """The bundles being built under `models` by another server process still running (one with `wyoming`
+    in its command line, read from /proc: a dead build's number may have gone to another process)."""
     live = []
     for path in sorted(models.glob(building_folder(models / "*", "*").name)):
         pid = path.name.rpartition("-")[2]
@@ -49,6 +49,6 @@ def live_builds(models: Path) -> list[tuple[Path, int]]:
             command = Path(f"/proc/{pid}/cmdline").read_bytes() if pid.isdigit() else b""
         except OSError:  # no such process (or no /proc)
             continue
-        if b"wyoming" in command:
+        if b"wyoming" in command and int(pid) != os.getpid():
             live.append((path, int(pid)))
     return live

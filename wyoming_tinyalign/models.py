@@ -84,7 +84,7 @@ def ensure_dev_model(folder: Path, build: Builder | None = None) -> Path:
         from .devmodel import build_dev_model as build
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = building_folder(folder, os.getpid())
-    others = {path for path, pid in live_builds(folder.parent) if pid != os.getpid()}  # another server's
+    others = {path for path, _ in live_builds(folder.parent)}  # another server's
     stopped = [path for path in folder.parent.glob(building_folder(folder, "*").name) if path not in others]
     *older, newest = sorted(stopped, key=lambda path: path.stat().st_mtime) or [None]
     for path in older:
