@@ -22,6 +22,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import pytest
+import torch
 from serving import (
     TIMEOUT,
     WEB,
@@ -40,6 +41,7 @@ from serving import (
     tear_live_root_page,
     transcribe,
 )
+from transformers import PreTrainedTokenizerFast, WhisperFeatureExtractor
 from wyoming.asr import Transcribe, Transcript
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.error import Error
@@ -52,15 +54,17 @@ from wyoming.ping import Ping
 from wyoming.pipeline import PipelineStage, RunPipeline
 from zeroconf import IPVersion, ServiceInfo, Zeroconf
 
-from wyoming_tinyalign import __version__
+from wyoming_tinyalign import __version__, devmodel
 from wyoming_tinyalign.assistant import load_context_file, response_text
 from wyoming_tinyalign.audio import pcm_to_float, read_wav
-from wyoming_tinyalign.devmodel import build_dev_model
+from wyoming_tinyalign.devmodel import SIZES, build_dev_model, train_whisper
 from wyoming_tinyalign.handler import HANDLE_PROGRAM, NOT_SURE, ProtocolError, read_event, wyoming_intent
 from wyoming_tinyalign.intents import Intent
+from wyoming_tinyalign.manifest import load_utterances
 from wyoming_tinyalign.model.speechllm import Result, SpeechLLM
 from wyoming_tinyalign.models import ensure_dev_model
 from wyoming_tinyalign.store import SCHEMA_VERSION
+from wyoming_tinyalign.train import Progress
 from wyoming_tinyalign.worker import choose_path
 
 HOUSEHOLD = {"areas": ["kitchen", "porch"], "devices": [{"name": "porch light"}, "ceiling fan"]}
@@ -797,6 +801,39 @@ def test_a_dev_model_build_killed_after_its_llm_goes_on_from_it(
         "llm", "projector.safetensors", "whisper"
     ]  # fmt: skip
     assert SpeechLLM.load(out).has_aligned_projector
+
+
+def test_whispers_training_stopped_part_way_goes_on_to_the_same_model(
+    micro_model: Path, base_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo build's longest stage, its Whisper, stopped at step 30 of 60 (a `KeyboardInterrupt` from
+    its progress line stands in for the kill) goes on from its last save to the very weights of a run
+    that was never stopped: the data order and augmentation go on where they were."""
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(micro_model / "llm")
+    speech = [(audio, u.text) for u, audio in load_utterances(base_manifest)]
+
+    def run(checkpoint: Path | None = None) -> dict[str, torch.Tensor]:
+        fe = WhisperFeatureExtractor(feature_size=80)
+        return train_whisper(tokenizer, fe, speech, SIZES["micro"], 0, checkpoint).state_dict()
+
+    whole = run()
+    checkpoint = tmp_path / "whisper-training.pt"
+    monkeypatch.setattr(devmodel, "CHECKPOINT_EVERY_S", 0.0)  # a save after every step
+    update = Progress.update
+
+    def stopped_at_30(progress: Progress, done: float, loss: float) -> None:
+        if done == 30:
+            raise KeyboardInterrupt
+        update(progress, done, loss)
+
+    with monkeypatch.context() as stopping:
+        stopping.setattr(Progress, "update", stopped_at_30)
+        with pytest.raises(KeyboardInterrupt):
+            run(checkpoint)
+    assert torch.load(checkpoint, weights_only=True)["step"] == 29
+    gone_on = run(checkpoint)
+    assert whole.keys() == gone_on.keys()
+    assert all(torch.equal(whole[name], gone_on[name]) for name in whole)
 
 
 def test_household_context_file_in_both_shapes(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ real models.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -71,6 +72,7 @@ CTC_WEIGHT = 0.3
 # 6 epochs, RESULTS.md); 0.1 keeps the outputs in the embeddings' space but gives up most of the
 # readout path (WER 0.35 -> 0.78).
 ALIGN_EMBEDLINK_WEIGHT = 0.1
+CHECKPOINT_EVERY_S = 300.0  # a build stopped inside its Whisper's training loses at most this much of it
 # The crowd: voices that only the tiny Whisper hears, as real Whisper has heard many accents before a
 # household ever speaks to it. English accents and other languages' voices reading English; none is a
 # voice or a language of the `unseen` households, which stay unheard by every part of the dev model.
@@ -353,8 +355,10 @@ def train_whisper(
     speech: list[tuple[np.ndarray, str]],
     size: DevSize,
     seed: int,
+    checkpoint: Path | None = None,
 ) -> WhisperForConditionalGeneration:
-    """Train a tiny Whisper as an ASR, on the true length of each clip (as it is run).
+    """Train a tiny Whisper as an ASR, on the true length of each clip (as it is run). With `checkpoint`,
+    its state is saved there every `CHECKPOINT_EVERY_S` and a run stopped part-way goes on from it.
 
     Besides the decoder's cross-entropy, a character CTC head on the encoder (dropped after training)
     carries `CTC_WEIGHT` of the loss: it makes the encoder's frames carry the sounds early, before the
@@ -406,8 +410,9 @@ def train_whisper(
     params = [*whisper.parameters(), *ctc_head.parameters()]
     opt = torch.optim.AdamW(params, lr=1.5e-3, weight_decay=0.01)
     rng, progress = random.Random(seed), Progress("whisper", size.whisper_steps)
+    saved = Checkpoint(checkpoint, {"whisper": whisper, "ctc": ctc_head, "opt": opt}, rng)
     whisper.train()
-    for step in range(1, size.whisper_steps + 1):
+    for step in range(saved.resume() + 1, size.whisper_steps + 1):
         group = rng.choice(groups)
         mel_len = torch.tensor([m.shape[-1] for m, _, _ in group])
         mel = torch.zeros(len(group), group[0][0].shape[0], int(mel_len.max()))
@@ -442,7 +447,46 @@ def train_whisper(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         progress.update(step, loss.item())
+        saved.save(step)
     return whisper.eval()
+
+
+class Checkpoint:
+    """A training loop's state (its modules' and optimizer's, the step, the random generators) saved into
+    `path` at most every `every_s` seconds, whole or not at all, so that a loop stopped part-way (a
+    restart, a power cut) goes on from its last save with the same data order."""
+
+    def __init__(
+        self, path: Path | None, parts: dict[str, Any], rng: random.Random, every_s: float | None = None
+    ) -> None:
+        self.path, self.parts, self.rng = path, parts, rng
+        self.every_s = CHECKPOINT_EVERY_S if every_s is None else every_s
+        self.last = time.monotonic()
+
+    def resume(self) -> int:
+        """Restore the last save, if any; returns its step (0: none)."""
+        if self.path is None or not self.path.is_file():
+            return 0
+        state = torch.load(self.path, weights_only=True)
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        torch.set_rng_state(state["torch_rng"])
+        _LOGGER.info(
+            "%s: going on from step %d (saved by a run stopped part-way)", self.path.stem, state["step"]
+        )
+        return state["step"]
+
+    def save(self, step: int) -> None:
+        if self.path is None or time.monotonic() - self.last < self.every_s:
+            return
+        state = {name: part.state_dict() for name, part in self.parts.items()}
+        state |= {"step": step, "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state()}
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_atomic(self.path, buffer.getvalue())
+        self.last = time.monotonic()
 
 
 # ---------------------------------------------------------------------- build
@@ -529,7 +573,8 @@ def build_dev_model(out: Path, size_name: str = "small", seed: int = 0) -> dict:
         whisper = WhisperForConditionalGeneration.from_pretrained(out / "whisper")
     else:
         feature_extractor = WhisperFeatureExtractor(feature_size=80)
-        whisper = train_whisper(tokenizer, feature_extractor, speech + crowd_speech, size, seed)
+        ckpt = work / "whisper-training.pt"
+        whisper = train_whisper(tokenizer, feature_extractor, speech + crowd_speech, size, seed, ckpt)
         _save_whole(out / "whisper", whisper, tokenizer, feature_extractor)
         times["whisper_s"] = time.monotonic() - t
     save_bundle_config(
