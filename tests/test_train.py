@@ -6,7 +6,9 @@ import copy
 import itertools
 import json
 import logging
+import re
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from wyoming_tinyalign.train import (
     STATE_FILE,
     Example,
     FeatureCache,
+    Progress,
     TrainConfig,
     embedlink_loss,
     generative_loss,
@@ -343,6 +346,16 @@ def test_a_fine_tune_that_only_hurts_keeps_the_starting_projector(
         names = list(a.keys())
         assert names and set(names) == set(b.keys())
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in names)
+
+
+def test_a_resumed_runs_eta_is_from_its_own_pace(caplog: pytest.LogCaptureFixture) -> None:
+    """A run that goes on at step 50 of 100 and does 10 steps in 1 s has 4 s left, not 0.7 s."""
+    caplog.set_level(logging.INFO, logger="wyoming_tinyalign.train")
+    progress = Progress("whisper", 100, every_s=0.0, before=50)
+    time.sleep(1.0)
+    progress.update(60, 0.5)
+    (eta,) = re.findall(r"whisper 60/100 loss 0.5000 eta (\d+)s", caplog.text)
+    assert 4 <= int(eta) <= 6
 
 
 def test_training_resumes_from_the_saved_step(

@@ -409,10 +409,12 @@ def train_whisper(
     groups = [items[i : i + size.batch] for i in range(0, len(items), size.batch)]
     params = [*whisper.parameters(), *ctc_head.parameters()]
     opt = torch.optim.AdamW(params, lr=1.5e-3, weight_decay=0.01)
-    rng, progress = random.Random(seed), Progress("whisper", size.whisper_steps)
+    rng = random.Random(seed)
     saved = Checkpoint(checkpoint, {"whisper": whisper, "ctc": ctc_head, "opt": opt}, rng)
+    first = saved.resume() + 1
+    progress = Progress("whisper", size.whisper_steps, before=first - 1)
     whisper.train()
-    for step in range(saved.resume() + 1, size.whisper_steps + 1):
+    for step in range(first, size.whisper_steps + 1):
         group = rng.choice(groups)
         mel_len = torch.tensor([m.shape[-1] for m, _, _ in group])
         mel = torch.zeros(len(group), group[0][0].shape[0], int(mel_len.max()))

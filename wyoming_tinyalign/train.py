@@ -62,8 +62,11 @@ class Progress:
     """A progress line with loss and ETA, logged at most every few seconds: "done/total", or "done"
     and `unit` when given ("57% of the budget")."""
 
-    def __init__(self, name: str, total: float, every_s: float = 5.0, unit: str | None = None) -> None:
-        self.name, self.total, self.every_s, self.unit = name, total, every_s, unit
+    def __init__(
+        self, name: str, total: float, every_s: float = 5.0, unit: str | None = None, before: float = 0.0
+    ) -> None:
+        """`before`: what a run that goes on had done already (the ETA is from this run's pace)."""
+        self.name, self.total, self.every_s, self.unit, self.before = name, total, every_s, unit, before
         self.start = self.last = time.monotonic()
 
     def update(self, done: float, loss: float) -> None:
@@ -71,7 +74,7 @@ class Progress:
         if now - self.last < self.every_s and done < self.total:
             return
         self.last = now
-        eta = (now - self.start) / max(done, 1e-9) * (self.total - done)
+        eta = (now - self.start) / max(done - self.before, 1e-9) * (self.total - done)
         shown = f"{done:.0f}{self.unit}" if self.unit else f"{done:.0f}/{self.total:.0f}"
         _LOGGER.info("%s %s loss %.4f eta %.0fs", self.name, shown, loss, eta)
 
@@ -582,7 +585,6 @@ def train(
     budget_s = math.inf if cfg.max_minutes is None else cfg.max_minutes * 60
     max_epochs = math.inf if cfg.max_epochs is None else cfg.max_epochs
     steps_per_epoch = max(1, len(train_set) // cfg.batch)
-    progress = Progress(f"train {cfg.objective}/{proj_cfg.kind}", 100, every_s=10, unit="% of the budget")
     step_times: list[float] = []
     projector.train()
     if cfg.lora_r:
@@ -595,6 +597,9 @@ def train(
             (time.monotonic() - t_loop) / max(budget_s, 1e-9),
             state["step"] / (max_epochs * steps_per_epoch),
         )
+
+    name, unit = f"train {cfg.objective}/{proj_cfg.kind}", "% of the budget"
+    progress = Progress(name, 100, every_s=10, unit=unit, before=100 * spent())  # > 0 when resumed
 
     def checkpoint(train_loss: float | None) -> None:
         """Validate; keep the projector when it is the best so far; count patience."""
