@@ -455,14 +455,12 @@ def train_whisper(
 
 class Checkpoint:
     """A training loop's state (its modules' and optimizer's, the step, the random generators) saved into
-    `path` at most every `every_s` seconds, whole or not at all, so that a loop stopped part-way (a
+    `path` at most every `CHECKPOINT_EVERY_S`, whole or not at all, so that a loop stopped part-way (a
     restart, a power cut) goes on from its last save with the same data order."""
 
-    def __init__(
-        self, path: Path | None, parts: dict[str, Any], rng: random.Random, every_s: float | None = None
-    ) -> None:
+    def __init__(self, path: Path | None, parts: dict[str, Any], rng: random.Random) -> None:
         self.path, self.parts, self.rng = path, parts, rng
-        self.every_s = CHECKPOINT_EVERY_S if every_s is None else every_s
+        self.every_s = CHECKPOINT_EVERY_S
         self.last = time.monotonic()
 
     def resume(self) -> int:
