@@ -808,7 +808,8 @@ def test_whispers_training_stopped_part_way_goes_on_to_the_same_model(
 ) -> None:
     """The demo build's longest stage, its Whisper, stopped at step 30 of 60 (a `KeyboardInterrupt` from
     its progress line stands in for the kill) goes on from its last save to the very weights of a run
-    that was never stopped: the data order and augmentation go on where they were."""
+    that was never stopped: the data order and augmentation go on where they were. A save that cannot be
+    read is not a wall: the training starts from its beginning."""
     tokenizer = PreTrainedTokenizerFast.from_pretrained(micro_model / "llm")
     speech = [(audio, u.text) for u, audio in load_utterances(base_manifest)]
 
@@ -834,6 +835,9 @@ def test_whispers_training_stopped_part_way_goes_on_to_the_same_model(
     gone_on = run(checkpoint)
     assert whole.keys() == gone_on.keys()
     assert all(torch.equal(whole[name], gone_on[name]) for name in whole)
+    checkpoint.write_bytes(b"PK\x03\x04 torn by a failing card")  # a save that cannot be read: from the start
+    afresh = run(checkpoint)
+    assert all(torch.equal(whole[name], afresh[name]) for name in whole)
 
 
 def test_household_context_file_in_both_shapes(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -464,10 +465,15 @@ class Checkpoint:
         self.last = time.monotonic()
 
     def resume(self) -> int:
-        """Restore the last save, if any; returns its step (0: none)."""
+        """Restore the last save, if any; returns its step (0: none, or one that cannot be read, which
+        would otherwise stop every start of the server at the same place)."""
         if self.path is None or not self.path.is_file():
             return 0
-        state = torch.load(self.path, weights_only=True)
+        try:  # read whole before any part is touched
+            state = torch.load(self.path, weights_only=True)
+        except (OSError, RuntimeError, pickle.UnpicklingError) as err:
+            _LOGGER.warning("%s cannot be read (%s): this training starts from its beginning", self.path, err)
+            return 0
         for name, part in self.parts.items():
             part.load_state_dict(state[name])
         version, internal, gauss = state["rng"]
