@@ -8,13 +8,15 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import logging
 import os
+import random
 import re
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ import aiohttp
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from serving import (
     TIMEOUT,
     WEB,
@@ -41,7 +44,7 @@ from serving import (
     tear_live_root_page,
     transcribe,
 )
-from transformers import PreTrainedTokenizerFast, WhisperFeatureExtractor
+from transformers import PreTrainedTokenizerFast, WhisperFeatureExtractor, WhisperForConditionalGeneration
 from wyoming.asr import Transcribe, Transcript
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.error import Error
@@ -57,10 +60,20 @@ from zeroconf import IPVersion, ServiceInfo, Zeroconf
 from wyoming_tinyalign import __version__, devmodel
 from wyoming_tinyalign.assistant import load_context_file, response_text
 from wyoming_tinyalign.audio import pcm_to_float, read_wav
-from wyoming_tinyalign.devmodel import SIZES, build_dev_model, train_whisper
+from wyoming_tinyalign.checkpoint import Checkpoint
+from wyoming_tinyalign.devmodel import (
+    SIZES,
+    build_dev_model,
+    encode_llm_examples,
+    text_examples,
+    train_llm,
+    train_whisper,
+)
 from wyoming_tinyalign.handler import HANDLE_PROGRAM, NOT_SURE, ProtocolError, read_event, wyoming_intent
+from wyoming_tinyalign.households import load_households
 from wyoming_tinyalign.intents import Intent
 from wyoming_tinyalign.manifest import load_utterances
+from wyoming_tinyalign.model.prompt import DEFAULT_TEMPLATE, PromptTemplate
 from wyoming_tinyalign.model.speechllm import Result, SpeechLLM
 from wyoming_tinyalign.models import ensure_dev_model
 from wyoming_tinyalign.store import SCHEMA_VERSION
@@ -803,41 +816,85 @@ def test_a_dev_model_build_killed_after_its_llm_goes_on_from_it(
     assert SpeechLLM.load(out).has_aligned_projector
 
 
-def test_whispers_training_stopped_part_way_goes_on_to_the_same_model(
-    micro_model: Path, base_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _stopped_at(
+    step: int, run: Callable[[], dict[str, torch.Tensor]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The demo build's longest stage, its Whisper, stopped at step 30 of 60 (a `KeyboardInterrupt` from
-    its progress line stands in for the kill) goes on from its last save to the very weights of a run
-    that was never stopped: the data order and augmentation go on where they were. A save that cannot be
-    read is not a wall: the training starts from its beginning."""
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(micro_model / "llm")
-    speech = [(audio, u.text) for u, audio in load_utterances(base_manifest)]
-
-    def run(checkpoint: Path | None = None) -> dict[str, torch.Tensor]:
-        fe = WhisperFeatureExtractor(feature_size=80)
-        return train_whisper(tokenizer, fe, speech, SIZES["micro"], 0, checkpoint).state_dict()
-
-    whole = run()
-    checkpoint = tmp_path / "whisper-training.pt"
-    monkeypatch.setattr(devmodel, "CHECKPOINT_EVERY_S", 0.0)  # a save after every step
+    """`run` stopped after its save of `step - 1` (a `KeyboardInterrupt` from its progress line stands in
+    for the kill), saving after every step."""
+    monkeypatch.setattr(devmodel, "CHECKPOINT_EVERY_S", 0.0)
     update = Progress.update
 
-    def stopped_at_30(progress: Progress, done: float, loss: float) -> None:
-        if done == 30:
+    def stopping(progress: Progress, done: float, loss: float) -> None:
+        if done == step:
             raise KeyboardInterrupt
         update(progress, done, loss)
 
-    with monkeypatch.context() as stopping:
-        stopping.setattr(Progress, "update", stopped_at_30)
+    with monkeypatch.context() as patch:
+        patch.setattr(Progress, "update", stopping)
         with pytest.raises(KeyboardInterrupt):
-            run(checkpoint)
-    assert torch.load(checkpoint, weights_only=True)["step"] == 29
-    gone_on = run(checkpoint)
-    assert whole.keys() == gone_on.keys()
-    assert all(torch.equal(whole[name], gone_on[name]) for name in whole)
+            run()
+
+
+def _saved_step(path: Path) -> int:
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["state"])["step"]
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_whispers_training_stopped_part_way_goes_on_to_the_same_model(
+    micro_model: Path, base_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo build's longest stage, its Whisper, stopped at step 30 of 60 goes on from its last save to
+    the very weights of a run that was never stopped: the data order and augmentation go on where they
+    were. A save that cannot be read is not a wall: the training starts from its beginning."""
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(micro_model / "llm")
+    speech = [(audio, u.text) for u, audio in load_utterances(base_manifest)]
+    checkpoint = tmp_path / "whisper-training.safetensors"
+
+    def run(save: Path | None = checkpoint) -> dict[str, torch.Tensor]:
+        fe = WhisperFeatureExtractor(feature_size=80)
+        return train_whisper(tokenizer, fe, speech, SIZES["micro"], 0, save).state_dict()
+
+    whole = run(None)
+    _stopped_at(30, run, monkeypatch)
+    assert _saved_step(checkpoint) == 29
+    assert _same(whole, run())
     checkpoint.write_bytes(b"PK\x03\x04 torn by a failing card")  # a save that cannot be read: from the start
-    afresh = run(checkpoint)
-    assert all(torch.equal(whole[name], afresh[name]) for name in whole)
+    assert _same(whole, run())
+
+
+def test_the_llms_training_stopped_part_way_goes_on_to_the_same_model(
+    micro_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The demo build's LLM, stopped at step 120 of 200, goes on from its last save (its batches replayed
+    to the saved step) to the very weights of a run never stopped. A save of another training (the
+    Whisper's) in its place is refused whole, and the training starts from its beginning."""
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(micro_model / "llm")
+    households = [h for h in load_households() if h.split == "base"]
+    rng = random.Random(0)
+    examples = text_examples(households, 300, rng)
+    encoded = encode_llm_examples(
+        tokenizer, PromptTemplate(DEFAULT_TEMPLATE), examples, SIZES["micro"].cast_len, rng
+    )
+    checkpoint = tmp_path / "llm-training.safetensors"
+
+    def run(save: Path | None = checkpoint) -> dict[str, torch.Tensor]:
+        return train_llm(tokenizer, encoded, SIZES["micro"], 0, save).state_dict()
+
+    whole = run(None)
+    _stopped_at(120, run, monkeypatch)
+    assert _saved_step(checkpoint) == 119
+    caplog.set_level(logging.INFO, logger="wyoming_tinyalign")
+    assert _same(whole, run())
+    assert "llm-training: going on from step 119" in caplog.text
+    whisper = WhisperForConditionalGeneration.from_pretrained(micro_model / "whisper")
+    Checkpoint(checkpoint, {"whisper": whisper}).save({"step": 50})
+    caplog.clear()
+    assert _same(whole, run())
+    assert "does not fit this training" in caplog.text and "going on" not in caplog.text
 
 
 def test_household_context_file_in_both_shapes(tmp_path: Path) -> None:

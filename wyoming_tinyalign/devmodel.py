@@ -17,11 +17,9 @@ real models.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
-import pickle
 import random
 import re
 import shutil
@@ -44,6 +42,7 @@ from transformers import (
 )
 
 from . import __version__
+from .checkpoint import Checkpoint
 from .corpus import Command, generate_commands, random_household
 from .evaluate import evaluate_items, evaluate_text
 from .files import write_atomic
@@ -73,7 +72,7 @@ CTC_WEIGHT = 0.3
 # 6 epochs, RESULTS.md); 0.1 keeps the outputs in the embeddings' space but gives up most of the
 # readout path (WER 0.35 -> 0.78).
 ALIGN_EMBEDLINK_WEIGHT = 0.1
-CHECKPOINT_EVERY_S = 300.0  # a build stopped inside its Whisper's training loses at most this much of it
+CHECKPOINT_EVERY_S = 300.0  # a build stopped inside its LLM's or Whisper's training loses at most this much
 # The crowd: voices that only the tiny Whisper hears, as real Whisper has heard many accents before a
 # household ever speaks to it. English accents and other languages' voices reading English; none is a
 # voice or a language of the `unseen` households, which stay unheard by every part of the dev model.
@@ -264,10 +263,27 @@ def _lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
     return peak * lr_factor(step, warmup, (step - warmup) / max(1, total - warmup))
 
 
+def _resume(saves: Checkpoint) -> int:
+    """Restore a training loop's last save, if it has a usable one; returns its step (0: none)."""
+    saved = saves.read()
+    if saved is None:
+        return 0
+    saves.restore(saved)
+    _LOGGER.info(
+        "%s: going on from step %d (saved by a run stopped part-way)", saves.path.stem, saved.state["step"]
+    )
+    return saved.state["step"]
+
+
 def train_llm(
-    tokenizer: PreTrainedTokenizerFast, encoded: list[tuple[list[int], int]], size: DevSize, seed: int
+    tokenizer: PreTrainedTokenizerFast,
+    encoded: list[tuple[list[int], int]],
+    size: DevSize,
+    seed: int,
+    checkpoint: Path | None = None,
 ) -> Qwen2ForCausalLM:
-    """Pretrain a tiny Qwen2 on prompt -> answer (loss on the answer only)."""
+    """Pretrain a tiny Qwen2 on prompt -> answer (loss on the answer only). With `checkpoint`, its state
+    is saved there every `CHECKPOINT_EVERY_S` and a run stopped part-way goes on from it."""
     torch.manual_seed(seed)
     cfg = Qwen2Config(
         vocab_size=len(tokenizer),
@@ -284,9 +300,14 @@ def train_llm(
     )
     llm = Qwen2ForCausalLM(cfg)
     opt = torch.optim.AdamW(llm.parameters(), lr=3e-3, weight_decay=0.01)
-    rng, progress = random.Random(seed), Progress("llm", size.llm_steps)
+    saves = Checkpoint(checkpoint, {"llm": llm, "opt": opt}, every_s=CHECKPOINT_EVERY_S)
+    done = _resume(saves)
+    batches = _batches(encoded, size.batch, random.Random(seed))
+    for _ in range(done):  # the batches the saved steps took: the data order goes on where it was
+        next(batches)
+    progress = Progress("llm", size.llm_steps, before=done)
     llm.train()
-    for step, batch in zip(range(1, size.llm_steps + 1), _batches(encoded, size.batch, rng), strict=False):
+    for step, batch in zip(range(done + 1, size.llm_steps + 1), batches, strict=False):
         width = max(len(ids) for ids, _ in batch)
         input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
         labels = torch.full((len(batch), width), -100)
@@ -303,6 +324,7 @@ def train_llm(
         torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
         opt.step()
         progress.update(step, loss.item())
+        saves.save({"step": step})
     return llm.eval()
 
 
@@ -411,11 +433,11 @@ def train_whisper(
     params = [*whisper.parameters(), *ctc_head.parameters()]
     opt = torch.optim.AdamW(params, lr=1.5e-3, weight_decay=0.01)
     rng = random.Random(seed)
-    saved = Checkpoint(checkpoint, {"whisper": whisper, "ctc": ctc_head, "opt": opt}, rng)
-    first = saved.resume() + 1
-    progress = Progress("whisper", size.whisper_steps, before=first - 1)
+    saves = Checkpoint(checkpoint, {"whisper": whisper, "ctc": ctc_head, "opt": opt}, rng, CHECKPOINT_EVERY_S)
+    done = _resume(saves)
+    progress = Progress("whisper", size.whisper_steps, before=done)
     whisper.train()
-    for step in range(first, size.whisper_steps + 1):
+    for step in range(done + 1, size.whisper_steps + 1):
         group = rng.choice(groups)
         mel_len = torch.tensor([m.shape[-1] for m, _, _ in group])
         mel = torch.zeros(len(group), group[0][0].shape[0], int(mel_len.max()))
@@ -450,49 +472,8 @@ def train_whisper(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         progress.update(step, loss.item())
-        saved.save(step)
+        saves.save({"step": step})
     return whisper.eval()
-
-
-class Checkpoint:
-    """A training loop's state (its modules' and optimizer's, the step, the random generators) saved into
-    `path` at most every `CHECKPOINT_EVERY_S`, whole or not at all, so that a loop stopped part-way (a
-    restart, a power cut) goes on from its last save with the same data order."""
-
-    def __init__(self, path: Path | None, parts: dict[str, Any], rng: random.Random) -> None:
-        self.path, self.parts, self.rng = path, parts, rng
-        self.every_s = CHECKPOINT_EVERY_S
-        self.last = time.monotonic()
-
-    def resume(self) -> int:
-        """Restore the last save, if any; returns its step (0: none, or one that cannot be read, which
-        would otherwise stop every start of the server at the same place)."""
-        if self.path is None or not self.path.is_file():
-            return 0
-        try:  # read whole before any part is touched
-            state = torch.load(self.path, weights_only=True)
-        except (OSError, RuntimeError, pickle.UnpicklingError) as err:
-            _LOGGER.warning("%s cannot be read (%s): this training starts from its beginning", self.path, err)
-            return 0
-        for name, part in self.parts.items():
-            part.load_state_dict(state[name])
-        version, internal, gauss = state["rng"]
-        self.rng.setstate((version, tuple(internal), gauss))
-        torch.set_rng_state(state["torch_rng"])
-        _LOGGER.info(
-            "%s: going on from step %d (saved by a run stopped part-way)", self.path.stem, state["step"]
-        )
-        return state["step"]
-
-    def save(self, step: int) -> None:
-        if self.path is None or time.monotonic() - self.last < self.every_s:
-            return
-        state = {name: part.state_dict() for name, part in self.parts.items()}
-        state |= {"step": step, "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state()}
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        write_atomic(self.path, buffer.getvalue())
-        self.last = time.monotonic()
 
 
 # ---------------------------------------------------------------------- build
@@ -530,9 +511,10 @@ def build_dev_model(out: Path, size_name: str = "small", seed: int = 0) -> dict:
     """Build the dev bundle in `out`; returns the build report (times, accuracies).
 
     A build stopped part-way (a restart, a power cut: on a Raspberry Pi it takes hours) goes on in the same
-    `out`: the LLM and Whisper, each saved whole once trained, are loaded back; the projector's training
-    resumes from its last epoch (`train`); the speech is rendered again (it is the same for a seed). A
-    folder left by another recipe (size, seed, version) starts afresh."""
+    `out`: the LLM and Whisper, each saved whole once trained, are loaded back, and a training stopped
+    inside goes on from its last save (`CHECKPOINT_EVERY_S`); the projector's training resumes from its
+    last epoch (`train`); the speech is rendered again (it is the same for a seed). A folder left by
+    another recipe (size, seed, version) starts afresh."""
     size = SIZES[size_name]
     out = Path(out)
     _start_or_go_on(out, {"size": size_name, "seed": seed, "version": __version__})
@@ -567,9 +549,14 @@ def build_dev_model(out: Path, size_name: str = "small", seed: int = 0) -> dict:
         examples = text_examples(households, size.llm_steps * size.batch // 2 + 1000, rng)
         texts = [format_answer(e.transcript, e.answer.intent if e.answer else None) for e in examples]
         texts += [context_text(h) for h in households] + [template.text] + [t for _, t in speech]
-        tokenizer = train_tokenizer(texts, size.vocab)
+        # The LLM's training save holds ids of this tokenizer: a build that goes on takes the same one.
+        if (work / "tokenizer").is_dir():
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(work / "tokenizer")
+        else:
+            tokenizer = train_tokenizer(texts, size.vocab)
+            _save_whole(work / "tokenizer", tokenizer)
         encoded = encode_llm_examples(tokenizer, template, examples, size.cast_len, rng)
-        llm = train_llm(tokenizer, encoded, size, seed)
+        llm = train_llm(tokenizer, encoded, size, seed, work / "llm-training.safetensors")
         _save_whole(out / "llm", llm, tokenizer)
         times["llm_s"] = time.monotonic() - t
 
@@ -579,7 +566,7 @@ def build_dev_model(out: Path, size_name: str = "small", seed: int = 0) -> dict:
         whisper = WhisperForConditionalGeneration.from_pretrained(out / "whisper")
     else:
         feature_extractor = WhisperFeatureExtractor(feature_size=80)
-        ckpt = work / "whisper-training.pt"
+        ckpt = work / "whisper-training.safetensors"
         whisper = train_whisper(tokenizer, feature_extractor, speech + crowd_speech, size, seed, ckpt)
         _save_whole(out / "whisper", whisper, tokenizer, feature_extractor)
         times["whisper_s"] = time.monotonic() - t

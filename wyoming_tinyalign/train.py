@@ -30,11 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
+from .checkpoint import Checkpoint
 from .evaluate import score
 from .files import write_atomic
 from .households import context_text, load_households
@@ -399,45 +400,6 @@ def llm_fingerprint(llm: nn.Module) -> str:
     return digest.hexdigest()[:24]
 
 
-def _save_state(
-    path: Path, projector: Projector, llm: nn.Module, opt: torch.optim.Optimizer, state: dict
-) -> None:
-    """Projector, LoRA adapters, optimizer moments and loop position in one atomic file (no pickle)."""
-    tensors = {f"projector.{k}": v.detach().cpu().contiguous() for k, v in projector.state_dict().items()}
-    for name, param in llm.named_parameters():
-        if param.requires_grad:
-            tensors[f"llm.{name}"] = param.detach().cpu().contiguous()
-    for i, moments in opt.state_dict()["state"].items():
-        for k, v in moments.items():
-            tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
-    write_atomic(path, save(tensors, metadata={"state": json.dumps(state)}))
-
-
-def _read_state(path: Path) -> dict | None:
-    """The loop position saved in a state file; None when there is none or it is unreadable."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return json.loads((f.metadata() or {})["state"])
-    except (OSError, SafetensorError, KeyError, ValueError):
-        return None
-
-
-def _load_state(path: Path, projector: Projector, llm: nn.Module, opt: torch.optim.Optimizer) -> None:
-    tensors = load_file(str(path))
-    projector.load_state_dict({k[10:]: v for k, v in tensors.items() if k.startswith("projector.")})
-    params = dict(llm.named_parameters())
-    with torch.no_grad():
-        for key, value in tensors.items():
-            if key.startswith("llm."):
-                params[key[4:]].copy_(value)
-    opt_state = opt.state_dict()
-    for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, i, name = key.split(".", 2)
-            opt_state["state"].setdefault(int(i), {})[name] = value
-    opt.load_state_dict(opt_state)
-
-
 def _write_bundle(
     out: Path, src_cfg: BundleConfig, projector: Projector, info: ProjectorInfo, lora: bool, meta: dict
 ) -> None:
@@ -550,10 +512,12 @@ def train(
     budget = ("max_minutes", "max_epochs", "patience", "val_every_s")  # a resumed run may get more
     what = {k: v for k, v in asdict(cfg).items() if k not in budget}
     fingerprint = json.dumps({**what, "data": hash_, **start}, sort_keys=True)
-    saved = _read_state(state_path)
-    if saved and saved.get("config") == fingerprint:
-        _load_state(state_path, projector, model.llm, opt)
-        state = saved
+    # Each epoch's end is saved: projector, LoRA adapters, optimizer moments and the loop's position.
+    saves = Checkpoint(state_path, {"projector": projector, "llm": model.llm, "opt": opt})
+    saved = saves.read()
+    if saved and saved.state.get("config") == fingerprint:
+        saves.restore(saved)
+        state = saved.state
         _LOGGER.info("resuming from epoch %d, step %d", state["epoch"], state["step"])
     elif saved:
         _LOGGER.info("%s holds a run of other settings, data or backbones: starting afresh", out)
@@ -663,7 +627,7 @@ def train(
             last_validation = time.monotonic()
             checkpoint(round(loss_value, 5))
         state["wall_s"] = time.monotonic() - t_loop
-        _save_state(state_path, projector, model.llm, opt, state)
+        saves.save(state)
         if out_of_time:
             break
     return TrainResult(
