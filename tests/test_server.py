@@ -762,7 +762,8 @@ def test_the_dev_model_is_built_atomically_and_a_stopped_build_goes_on(
     models.mkdir()
     (models / ".dev-small.building-999999").mkdir()  # an older one, by a process long gone
     os.utime(models / ".dev-small.building-999999", (1, 1))
-    (models / ".dev-small.building-1").mkdir()  # the last one: the number is the init process's now
+    other = subprocess.Popen(["sleep", "60"])  # the last one: its number went to another program since
+    (models / f".dev-small.building-{other.pid}").mkdir()
 
     def stopped(out: Path, size: str) -> None:
         (out / "llm").mkdir()
@@ -781,6 +782,8 @@ def test_the_dev_model_is_built_atomically_and_a_stopped_build_goes_on(
 
         assert ensure_dev_model(folder, build) == folder
         assert ensure_dev_model(folder, build) == folder
+    other.kill()
+    other.wait()
     assert found == [["small", "llm"]] and (folder / "bundle.json").is_file()
     assert [p.name for p in models.iterdir()] == ["dev-small"]
     assert "removing an unfinished build" in caplog.text and "stopped part-way" in caplog.text

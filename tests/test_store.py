@@ -24,6 +24,7 @@ from wyoming_tinyalign.audio import read_wav
 from wyoming_tinyalign.intents import Intent
 from wyoming_tinyalign.store import (
     DB_FILE,
+    MAX_ID,
     SCHEMA_VERSION,
     Interaction,
     InteractionStore,
@@ -329,8 +330,17 @@ def damage(db: Path, how: str) -> None:
             f.write(os.urandom(4096))
 
 
-@pytest.mark.parametrize("how", ["not a database", "a torn page"])
-def test_a_damaged_log_is_set_aside_with_its_audio_and_a_new_one_starts(tmp_path: Path, how: str) -> None:
+@pytest.mark.parametrize(
+    ("how", "next_id"),
+    [
+        ("not a database", 1),  # the header torn: nothing says how far the ids went
+        ("a torn page", 202),
+        ("a torn page", 1),  # and its sequence garbled beyond `MAX_ID`: not taken, ids would run out
+    ],
+)
+def test_a_damaged_log_is_set_aside_with_its_audio_and_a_new_one_starts(
+    tmp_path: Path, how: str, next_id: int
+) -> None:
     """Opening a damaged log says so (`StoreDamaged`); `start_over` moves it and its audio into a
     damaged-<time> folder and opens a new log, whose ids go on from the old one's where its file still
     says how far they went; retention deletes that folder once it is old."""
@@ -339,6 +349,8 @@ def test_a_damaged_log_is_set_aside_with_its_audio_and_a_new_one_starts(tmp_path
     for i in range(200):  # some pages of rows
         s.add(utterance(transcript=f"turn on the light number {i} " * 4), None)
     s.add(utterance(transcript="with audio"), tone(0.5))
+    if next_id == 1 and how == "a torn page":
+        s.conn.execute("UPDATE sqlite_sequence SET seq = ?", (MAX_ID * 2,))
     s.close()
     damage(tmp_path / "log" / DB_FILE, how)
     s = InteractionStore(tmp_path / "log", retention_days=7)
@@ -354,7 +366,7 @@ def test_a_damaged_log_is_set_aside_with_its_audio_and_a_new_one_starts(tmp_path
         assert s.conn.execute("SELECT COUNT(*) FROM interactions").fetchone()[0] == 0
         assert s.sweep() == 0 and not (s.folder / "audio").exists()
         first = s.add(utterance(transcript="the first of the new log"), tone(0.5))
-        assert first == (1 if how == "not a database" else 202)  # the header torn, nothing says how far
+        assert first == next_id
         assert s.prune() == 0 and aside.is_dir()  # kept as long as interactions are
         week_ago = time.time() - 8 * 86400
         os.utime(aside, (week_ago, week_ago))

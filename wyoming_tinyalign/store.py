@@ -259,6 +259,7 @@ class InteractionStore:
                 raise StoreDamaged(f"the interaction log {self.db_path} is damaged: {'; '.join(problems)}")
             migrate(conn)
             conn.execute("PRAGMA journal_mode = WAL")  # after `migrate`: a newer version's log is left as is
+            top = _top_id(conn)
         except StoreError:
             conn.close()
             raise
@@ -267,7 +268,7 @@ class InteractionStore:
             kind = StoreDamaged if _damage(err) else StoreError
             raise kind(f"cannot open the interaction log {self.db_path}: {err}") from err
         self._conn = conn
-        self._top_id = max(self._top_id, _top_id(conn))
+        self._top_id = max(self._top_id, top)
         self.prune()
 
     def start_over(self, problem: Exception) -> None:
