@@ -813,6 +813,7 @@ def test_a_dev_model_build_killed_after_its_llm_goes_on_from_it(
     assert "llm_s" not in report and report["whisper_s"] > 0 and report["projector_s"] > 0
     assert "going on with the build stopped part-way" in caplog.text
     assert "the tokenizer and LLM of the build stopped part-way are taken" in caplog.text
+    assert caplog.text.count("is taken as the build stopped part-way rendered it") == 4  # not rendered again
     assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".json")) == [
         "llm", "projector.safetensors", "whisper"
     ]  # fmt: skip

@@ -498,6 +498,16 @@ def _start_or_go_on(out: Path, recipe: dict) -> None:
     write_atomic(out / RECIPE_FILE, json.dumps(recipe).encode())
 
 
+def _render(folder: Path, households: list[Household], n: int, seed: int) -> Path:
+    """`render_corpus` into `folder`, unless a stopped build rendered it whole there (its manifest, written
+    last, is there: every clip was written before it)."""
+    manifest = folder / "manifest.jsonl"
+    if manifest.is_file():
+        _LOGGER.info("the speech in %s is taken as the build stopped part-way rendered it", folder)
+        return manifest
+    return render_corpus(folder, households, n, seed)
+
+
 def _save_whole(folder: Path, *parts: Any) -> None:
     """`save_pretrained` of each part into `folder`, which appears only once all are written."""
     tmp = folder.with_name(f"{folder.name}.saving")
@@ -513,8 +523,8 @@ def build_dev_model(out: Path, size_name: str = "small", seed: int = 0) -> dict:
     A build stopped part-way (a restart, a power cut: on a Raspberry Pi it takes hours) goes on in the same
     `out`: the LLM and Whisper, each saved whole once trained, are loaded back, and a training stopped
     inside goes on from its last save (`CHECKPOINT_EVERY_S`); the projector's training resumes from its
-    last epoch (`train`); the speech is rendered again (it is the same for a seed). A folder left by
-    another recipe (size, seed, version) starts afresh."""
+    last epoch (`train`); the speech it rendered whole is taken. A folder left by another recipe (size,
+    seed, version) starts afresh."""
     size = SIZES[size_name]
     out = Path(out)
     _start_or_go_on(out, {"size": size_name, "seed": seed, "version": __version__})
@@ -529,15 +539,13 @@ def build_dev_model(out: Path, size_name: str = "small", seed: int = 0) -> dict:
     work = out / WORK_DIR
     n_all = size.speech_utterances + size.val_utterances + size.eval_utterances + size.crowd_utterances
     _LOGGER.info("rendering %d utterances of synthetic speech", n_all)
-    train_manifest = render_corpus(work / "train", households, size.speech_utterances, seed)
-    val_manifest = render_corpus(work / "val", households, size.val_utterances, seed + 1)
-    heldout = load_utterances(render_corpus(work / "heldout", households, size.eval_utterances, seed + 2))
+    train_manifest = _render(work / "train", households, size.speech_utterances, seed)
+    val_manifest = _render(work / "val", households, size.val_utterances, seed + 1)
+    heldout = load_utterances(_render(work / "heldout", households, size.eval_utterances, seed + 2))
     speech = [(a, u.text) for u, a in load_utterances(train_manifest)]
     crowd = crowd_households(size.crowd_utterances // 20, random.Random(f"{seed}/crowd"))
-    crowd_speech = [
-        (a, u.text)
-        for u, a in load_utterances(render_corpus(work / "crowd", crowd, size.crowd_utterances, seed + 3))
-    ]
+    crowd_manifest = _render(work / "crowd", crowd, size.crowd_utterances, seed + 3)
+    crowd_speech = [(a, u.text) for u, a in load_utterances(crowd_manifest)]
     times["speech_s"] = time.monotonic() - t
 
     t = time.monotonic()
