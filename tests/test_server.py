@@ -788,6 +788,29 @@ def test_the_dev_model_is_built_atomically_and_a_stopped_build_goes_on(
     assert "removing an unfinished build" in caplog.text and "stopped part-way" in caplog.text
 
 
+def test_sigterm_during_the_first_starts_build_stops_it_cleanly_and_keeps_the_build(tmp_path: Path) -> None:
+    """A first start builds the demo model for an hour or two; SIGTERM then (an add-on stopped, `docker
+    stop`) stops it within seconds, says so, exits 0 and leaves the build to go on at the next start.
+    Before, the process died of the signal without a word (and Ctrl-C ended in a traceback)."""
+    serve = [sys.executable, "-m", "wyoming_tinyalign", "serve", "--data-dir", str(tmp_path)]
+    with open(tmp_path / "stderr", "wb") as stderr:
+        proc = subprocess.Popen([*serve, "--model", "dev", "--uri", "tcp://127.0.0.1:0"], stderr=stderr)
+        try:
+            speech = tmp_path / "models" / f".dev-small.building-{proc.pid}" / "work" / "train" / "wavs"
+            deadline = time.monotonic() + TIMEOUT
+            while not (speech.is_dir() and any(speech.rglob("*.wav"))):
+                assert proc.poll() is None and time.monotonic() < deadline, "the build did not start"
+                time.sleep(0.1)
+            proc.terminate()
+            assert proc.wait(15) == 0
+        finally:
+            proc.kill()
+    said = (tmp_path / "stderr").read_text()
+    assert "the DEMO model build stopped; the next start goes on from where it was" in said
+    assert said.rstrip().endswith("stopped before serving") and "Traceback" not in said
+    assert speech.is_dir() and not (tmp_path / "models" / "dev-small").exists()
+
+
 def test_a_dev_model_build_killed_after_its_llm_goes_on_from_it(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -98,7 +98,11 @@ def ensure_dev_model(folder: Path, build: Builder | None = None) -> Path:
             "building the offline DEMO model into %s (once; 1 to 2 hours on 2 cores); progress follows",
             folder,
         )
-    build(tmp, DEV_SIZE)
+    try:
+        build(tmp, DEV_SIZE)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM while the server loads (`serve.run_serve`)
+        _LOGGER.warning("the DEMO model build stopped; the next start goes on from where it was")
+        raise
     if folder.exists():  # an empty or broken leftover without bundle.json
         shutil.rmtree(folder)
     os.replace(tmp, folder)

@@ -157,8 +157,26 @@ def open_log(args: argparse.Namespace) -> tuple[InteractionStore | None, str]:
     return store, ""
 
 
+def _stop_loading(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_serve(args: argparse.Namespace) -> int:
-    """Load everything, then serve until SIGTERM/SIGINT (or stdin ends for stdio://)."""
+    """Load everything, then serve until SIGTERM/SIGINT (or stdin ends for stdio://).
+
+    Until it serves, SIGTERM stops it as Ctrl-C does, with a line in the log and exit code 0: loading
+    takes minutes, a first start's demo build hours (and that build goes on at the next start)."""
+    signal.signal(signal.SIGTERM, _stop_loading)  # until `App.serve` puts its own handlers in place
+    try:
+        app, server, zeroconf = _load(args)
+    except KeyboardInterrupt:
+        _LOGGER.warning("stopped before serving")
+        return 0
+    return asyncio.run(app.serve(server, zeroconf))
+
+
+def _load(args: argparse.Namespace) -> tuple[App, AsyncServer, str | None]:
+    """The app of `args`, its server (not listening yet) and its zeroconf name."""
     server = AsyncServer.from_uri(args.uri)  # validates the URI
     if args.tts_uri:
         AsyncClient.from_uri(args.tts_uri)  # validates it now rather than at the first request
@@ -216,7 +234,7 @@ def run_serve(args: argparse.Namespace) -> int:
     zeroconf = args.zeroconf
     if zeroconf is not None and zeroconf.strip().lower() in _TRUE:  # WYOMING_TINYALIGN_ZEROCONF=true
         zeroconf = DEFAULT_ZEROCONF_NAME
-    return asyncio.run(app.serve(server, zeroconf))
+    return app, server, zeroconf
 
 
 @dataclass
