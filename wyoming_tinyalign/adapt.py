@@ -411,8 +411,9 @@ def clean_up_killed_run(data_dir: Path, conn: sqlite3.Connection, reason: str) -
             fail_running(conn, reason)
 
 
-def run_job(opts: AdaptOptions) -> dict[str, Any]:
-    """One adaptation run; returns its report (also stored in the `adaptations` table)."""
+def run_job(opts: AdaptOptions, started: float | None = None) -> dict[str, Any]:
+    """One adaptation run; returns its report (also stored in the `adaptations` table). Its time budget
+    counts from `started` (a `time.monotonic()`; default: now)."""
     with job_lock(opts.work, LOCK_WAIT_S) as free:
         if not free:
             return {"status": "busy", "reason": "another adaptation is running"}
@@ -424,7 +425,7 @@ def run_job(opts: AdaptOptions) -> dict[str, Any]:
         store = InteractionStore(opts.data_dir / "log")
         store.open()
         try:
-            return Job(opts, store.conn).run()
+            return Job(opts, store.conn, started).run()
         finally:
             store.close()
 
@@ -432,9 +433,9 @@ def run_job(opts: AdaptOptions) -> dict[str, Any]:
 class Job:
     """One run against an open interaction log (see the module docstring for the steps)."""
 
-    def __init__(self, opts: AdaptOptions, conn: sqlite3.Connection) -> None:
+    def __init__(self, opts: AdaptOptions, conn: sqlite3.Connection, started: float | None = None) -> None:
         self.opts, self.conn = opts, conn
-        self.start = time.monotonic()
+        self.start = time.monotonic() if started is None else started
         self.budget_s = max(0.0, opts.budget_minutes * 60)
         self.versions = Versions(opts.data_dir)
         self.model: SpeechLLM | None = None
@@ -1131,7 +1132,18 @@ def add_adapt_args(parser: argparse.ArgumentParser) -> None:
     add_dtype_arg(parser)
 
 
+def process_age_s() -> float:
+    """Seconds since this process started, its interpreter and imports included (Linux; 0 elsewhere)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rpartition(")")[2].split()[19])
+        uptime_s = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(0.0, uptime_s - start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
 def run_adapt(args: argparse.Namespace) -> int:
+    started = time.monotonic() - process_age_s()  # the budget is the process's: imports take seconds
     return_freed_memory()  # before the model is loaded: the budget is the process's peak
     if args.nice > 0:
         with suppress(OSError):
@@ -1152,7 +1164,7 @@ def run_adapt(args: argparse.Namespace) -> int:
         device=args.device, dtype=args.dtype, context_file=args.context_file,
         bootstrap_dir=args.bootstrap_dir, cache_dir=args.cache_dir,
     )  # fmt: skip
-    report = run_job(opts)
+    report = run_job(opts, started)
     print(json.dumps(report))
     return 1 if report["status"] == "failed" else 0
 
