@@ -100,7 +100,8 @@ class Checkpoint:
         return saved
 
     def _is_moment(self, key: str) -> bool:
-        """An optimizer's moment: there are none before its first step, and they are checked on loading."""
+        """An optimizer's moment: a fresh optimizer has none to compare a save's with (the parameters'
+        names and shapes, which they follow, are compared)."""
         return isinstance(self.parts.get(key.split(".", 1)[0]), torch.optim.Optimizer)
 
     def restore(self, saved: Saved) -> None:
