@@ -505,6 +505,7 @@ def _render(folder: Path, households: list[Household], n: int, seed: int) -> Pat
     if manifest.is_file():
         _LOGGER.info("the speech in %s is taken as the build stopped part-way rendered it", folder)
         return manifest
+    _LOGGER.info("rendering %d utterances of synthetic speech into %s", n, folder)
     return render_corpus(folder, households, n, seed)
 
 
@@ -537,8 +538,6 @@ def build_dev_model(out: Path, size_name: str = "small", seed: int = 0) -> dict:
     # Speech and features go inside `out`, not in the system's temp folder (a gigabyte or more): a build
     # that goes on finds the features it computed; the folder goes once the bundle is whole.
     work = out / WORK_DIR
-    n_all = size.speech_utterances + size.val_utterances + size.eval_utterances + size.crowd_utterances
-    _LOGGER.info("rendering %d utterances of synthetic speech", n_all)
     train_manifest = _render(work / "train", households, size.speech_utterances, seed)
     val_manifest = _render(work / "val", households, size.val_utterances, seed + 1)
     heldout = load_utterances(_render(work / "heldout", households, size.eval_utterances, seed + 2))
