@@ -12,14 +12,17 @@ import sys
 import threading
 import time
 from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 from adaptation import cli, job_flags, last_json, log_household, unseen_speech
 from serving import file_size_limit
 
 from wyoming_tinyalign.__main__ import main
 from wyoming_tinyalign.adapt import (
+    EARLY_STOP_MAX,
     AdaptOptions,
     Item,
     Job,
@@ -34,7 +37,7 @@ from wyoming_tinyalign.audio import read_wav
 from wyoming_tinyalign.households import load_households
 from wyoming_tinyalign.intents import Intent
 from wyoming_tinyalign.labels import Label
-from wyoming_tinyalign.manifest import read_manifest, write_manifest
+from wyoming_tinyalign.manifest import Utterance, read_manifest, write_manifest
 from wyoming_tinyalign.model.bundle import BundleError
 from wyoming_tinyalign.model.speechllm import SpeechLLM
 from wyoming_tinyalign.store import SCHEMA_VERSION, InteractionStore
@@ -381,6 +384,23 @@ def test_a_label_without_an_intent_is_trained_on_its_words_alone(tmp_path: Path)
     read = {name: u for name, u in zip(labels, read_manifest(path), strict=True)}
     assert [u.transcript_only for u in read.values()] == [True, False, False]
     assert read["teacher"].intent is None and read["corrected"].intent == labels["corrected"].intent
+
+
+@pytest.mark.parametrize(("household", "held"), [(60, 10), (600, EARLY_STOP_MAX)])
+def test_the_utterances_that_stop_training_early_are_capped(
+    tmp_path: Path, household: int, held: int
+) -> None:
+    """1 in 6 of the household's training utterances, and as many replayed ones, validate the training's
+    loss, but not more than `EARLY_STOP_MAX` each: at real size two validations over 93 + 93 took 190 s
+    of a 387 s training; the rest train."""
+    label = Label(0, "0.wav", 0.0, "turn on the fan", None, "teacher", "teacher", None)
+    pairs = [(replace(label, id=i, audio_path=f"{i}.wav"), np.zeros(1)) for i in range(household)]
+    replay = [Utterance(tmp_path / f"r{i}.wav", "turn off the lamp", None, "s", "base") for i in range(400)]
+    job = Job(AdaptOptions(data_dir=tmp_path), conn=None)
+    paths = job._manifests(pairs, replay)
+    val, train = read_manifest(paths["val"]), read_manifest(paths["train"])
+    assert len(val) == 2 * held and len(train) == household + 400 - 2 * held
+    assert sum(u.audio.name.startswith("r") for u in val) == held
 
 
 def test_a_run_waits_out_a_delete_holding_the_lock_but_not_another_run(tmp_path: Path) -> None:

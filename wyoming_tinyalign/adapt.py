@@ -113,6 +113,9 @@ LOSS_GUARD = 0.1  # a candidate whose household held-out loss rose more than thi
 ANSWER_METRICS = (("intent_accuracy", "intent accuracy", 1), ("wer", "WER", -1))
 CAP_MARGIN = 8  # validation answers may run this many tokens past the reference answer
 EARLY_STOP_EVERY = 6  # 1 in this many training utterances (and as many replayed ones) stops training early
+# ... but at most this many: each of the training's validations runs the LLM over them (about 0.5 s
+# apiece at real size, 2 cores), and at 561 household utterances two took 190 s of a 387 s training.
+EARLY_STOP_MAX = 32
 
 
 @dataclass
@@ -963,7 +966,7 @@ class Job:
         folder.mkdir(parents=True, exist_ok=True)
         household = [_utterance(lab, absolute=self.opts.data_dir / "log") for lab, _ in train_pairs]
         # The newest household utterances and as many replayed ones (a random sample) validate.
-        n_val = len(household) // EARLY_STOP_EVERY
+        n_val = min(len(household) // EARLY_STOP_EVERY, EARLY_STOP_MAX)
         n_replay = max(1, n_val)
         paths = {"train": folder / "train.jsonl", "val": folder / "val.jsonl"}
         write_manifest(paths["train"], household[n_val:] + replay[n_replay:])
