@@ -66,7 +66,8 @@ def test_a_save_is_written_at_most_every_every_s(tmp_path: Path) -> None:
     saves = Checkpoint(tmp_path / "s.safetensors", {"model": model, "opt": opt}, every_s=3600)
     saves.save({"step": 1})
     assert not saves.path.exists()
-    Checkpoint(None, {"model": model}).save({"step": 1})  # no path: nothing saved, no error
+    Checkpoint(None, {"model": model}).save({"step": 1})  # no path (a training that is not saved)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("how", ["torn", "another model", "no generator"])

@@ -835,7 +835,7 @@ def test_a_dev_model_build_killed_after_its_llm_goes_on_from_it(
     assert "llm_s" not in report and report["whisper_s"] > 0 and report["projector_s"] > 0
     assert "going on with the build stopped part-way" in caplog.text
     assert "the tokenizer and LLM of the build stopped part-way are taken" in caplog.text
-    assert caplog.text.count("is taken as the build stopped part-way rendered it") == 4  # not rendered again
+    assert "rendering" not in caplog.text  # the speech the killed build rendered is taken, not rendered again
     assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".json")) == [
         "llm", "projector.safetensors", "whisper"
     ]  # fmt: skip
@@ -888,7 +888,7 @@ def test_whispers_training_stopped_part_way_goes_on_to_the_same_model(
     _stopped_at(30, run, monkeypatch)
     assert _saved_step(checkpoint) == 29
     assert _same(whole, run())
-    checkpoint.write_bytes(b"PK\x03\x04 torn by a failing card")  # a save that cannot be read: from the start
+    checkpoint.write_bytes(b"torn by a failing card")  # a save that cannot be read: from the start
     assert _same(whole, run())
 
 

@@ -75,7 +75,7 @@ from .model.prompt import answer_ids
 from .model.speechllm import DECODING_VERSION, SpeechLLM
 from .models import add_dtype_arg, inference_dtype, projector_version, resolve_model
 from .store import DB_FILE, InteractionStore
-from .synth import render_corpus
+from .synth import render_once
 from .train import (
     Example,
     FeatureCache,
@@ -979,12 +979,7 @@ def bootstrap_speech(root: Path, name: str, n: int, seed: int, households: list[
     households' names) and reused every night; returns its manifest."""
     names = json.dumps([[h.name, h.areas, [d.name for d in h.devices]] for h in households])
     folder = root / f"{name}-{n}-{seed}-{hashlib.sha256(names.encode()).hexdigest()[:8]}"
-    manifest = folder / "manifest.jsonl"
-    if not manifest.is_file():  # the manifest is written last: present means complete
-        _LOGGER.info("rendering %d utterances of synthetic speech for %s (once)", n, name)
-        shutil.rmtree(folder, ignore_errors=True)
-        render_corpus(folder, households, n, seed)
-    return manifest
+    return render_once(folder, households, n, seed)
 
 
 def held_out(row_id: int, every: int) -> bool:

@@ -55,7 +55,8 @@ class Checkpoint:
         self.last = time.monotonic()
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        """What is saved: trainable parameters, optimizer moments, torch's generator."""
+        """What is saved, where the parts hold it: trainable parameters, optimizer moments, torch's
+        generator."""
         out = {TORCH_RNG: torch.get_rng_state()}
         for name, part in self.parts.items():
             if isinstance(part, torch.optim.Optimizer):
@@ -63,7 +64,7 @@ class Checkpoint:
                     out |= {f"{name}.{i}.{k}": torch.as_tensor(v) for k, v in moments.items()}
             else:
                 out |= {f"{name}.{k}": p for k, p in part.named_parameters() if p.requires_grad}
-        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+        return out
 
     def save(self, state: dict) -> None:
         """Save the parts with the loop's `state` (JSON), unless the last save is under `every_s` old."""
@@ -72,7 +73,8 @@ class Checkpoint:
         meta = {"state": json.dumps(state)}
         if self.rng is not None:
             meta["rng"] = json.dumps(self.rng.getstate())
-        write_atomic(self.path, save(self._tensors(), metadata=meta))
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self._tensors().items()}
+        write_atomic(self.path, save(tensors, metadata=meta))
         self.last = time.monotonic()
 
     def read(self) -> Saved | None:

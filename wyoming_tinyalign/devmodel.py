@@ -53,7 +53,7 @@ from .model.bundle import BundleConfig, load_bundle_config, save_bundle_config
 from .model.encoder import AudioEncoder
 from .model.prompt import DEFAULT_TEMPLATE, PromptTemplate, answer_ids
 from .model.speechllm import PATHS, SpeechLLM
-from .synth import render_corpus
+from .synth import render_once
 from .train import STATE_FILE, Progress, TrainConfig, lr_factor, train
 
 _LOGGER = logging.getLogger(__name__)
@@ -498,17 +498,6 @@ def _start_or_go_on(out: Path, recipe: dict) -> None:
     write_atomic(out / RECIPE_FILE, json.dumps(recipe).encode())
 
 
-def _render(folder: Path, households: list[Household], n: int, seed: int) -> Path:
-    """`render_corpus` into `folder`, unless a stopped build rendered it whole there (its manifest, written
-    last, is there: every clip was written before it)."""
-    manifest = folder / "manifest.jsonl"
-    if manifest.is_file():
-        _LOGGER.info("the speech in %s is taken as the build stopped part-way rendered it", folder)
-        return manifest
-    _LOGGER.info("rendering %d utterances of synthetic speech into %s", n, folder)
-    return render_corpus(folder, households, n, seed)
-
-
 def _save_whole(folder: Path, *parts: Any) -> None:
     """`save_pretrained` of each part into `folder`, which appears only once all are written."""
     tmp = folder.with_name(f"{folder.name}.saving")
@@ -538,12 +527,12 @@ def build_dev_model(out: Path, size_name: str = "small", seed: int = 0) -> dict:
     # Speech and features go inside `out`, not in the system's temp folder (a gigabyte or more): a build
     # that goes on finds the features it computed; the folder goes once the bundle is whole.
     work = out / WORK_DIR
-    train_manifest = _render(work / "train", households, size.speech_utterances, seed)
-    val_manifest = _render(work / "val", households, size.val_utterances, seed + 1)
-    heldout = load_utterances(_render(work / "heldout", households, size.eval_utterances, seed + 2))
+    train_manifest = render_once(work / "train", households, size.speech_utterances, seed)
+    val_manifest = render_once(work / "val", households, size.val_utterances, seed + 1)
+    heldout = load_utterances(render_once(work / "heldout", households, size.eval_utterances, seed + 2))
     speech = [(a, u.text) for u, a in load_utterances(train_manifest)]
     crowd = crowd_households(size.crowd_utterances // 20, random.Random(f"{seed}/crowd"))
-    crowd_manifest = _render(work / "crowd", crowd, size.crowd_utterances, seed + 3)
+    crowd_manifest = render_once(work / "crowd", crowd, size.crowd_utterances, seed + 3)
     crowd_speech = [(a, u.text) for u, a in load_utterances(crowd_manifest)]
     times["speech_s"] = time.monotonic() - t
 

@@ -7,7 +7,9 @@ byte-identical WAV files and manifest whatever the number of jobs.
 from __future__ import annotations
 
 import argparse
+import logging
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +25,8 @@ from .audio import TARGET_RATE, decode_wav, write_wav
 from .corpus import Command, generate_commands
 from .households import Household, Speaker, load_households
 from .manifest import Utterance, read_manifest, write_manifest
+
+_LOGGER = logging.getLogger(__name__)
 
 SPLITS = ("base", "unseen", "all")
 _PAD_S = (0.05, 0.3)  # random leading and trailing silence
@@ -78,6 +82,17 @@ def render_corpus(
         for job in plan
     ]
     write_manifest(manifest, utterances)
+    return manifest
+
+
+def render_once(out_dir: Path, households: list[Household], n: int, seed: int) -> Path:
+    """`render_corpus` into `out_dir` unless it was rendered whole there before (its manifest is written
+    last, after every clip: present means complete); a folder left part-way is rendered afresh."""
+    manifest = out_dir / "manifest.jsonl"
+    if not manifest.is_file():
+        _LOGGER.info("rendering %d utterances of synthetic speech into %s", n, out_dir)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        render_corpus(out_dir, households, n, seed)
     return manifest
 
 
