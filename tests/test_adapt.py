@@ -391,7 +391,7 @@ def test_the_utterances_that_stop_training_early_are_capped(
     tmp_path: Path, household: int, held: int
 ) -> None:
     """1 in 6 of the household's training utterances, and as many replayed ones, validate the training's
-    loss, but not more than `EARLY_STOP_MAX` each: at real size two validations over 93 + 93 took 190 s
+    loss, but not more than `EARLY_STOP_MAX` each: at real size two validations over 93 + 93 took ~190 s
     of a 387 s training; the rest train."""
     label = Label(0, "0.wav", 0.0, "turn on the fan", None, "teacher", "teacher", None)
     pairs = [(replace(label, id=i, audio_path=f"{i}.wav"), np.zeros(1)) for i in range(household)]

@@ -114,7 +114,7 @@ ANSWER_METRICS = (("intent_accuracy", "intent accuracy", 1), ("wer", "WER", -1))
 CAP_MARGIN = 8  # validation answers may run this many tokens past the reference answer
 EARLY_STOP_EVERY = 6  # 1 in this many training utterances (and as many replayed ones) stops training early
 # ... but at most this many: each of the training's validations runs the LLM over them (about 0.5 s
-# apiece at real size, 2 cores), and at 561 household utterances two took 190 s of a 387 s training.
+# apiece at real size, 2 cores), and at 561 household utterances two took about 190 s of a 387 s training.
 EARLY_STOP_MAX = 32
 
 
