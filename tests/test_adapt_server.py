@@ -194,6 +194,11 @@ async def test_a_household_is_recognised_better_after_one_night(
     # household's held-out loss fell, and not at the other voices' expense.
     assert report["after"]["household"]["loss"] < report["before"]["household"]["loss"]
     assert report["after"]["general"]["loss"] <= 1.02 * report["before"]["general"]["loss"]
+    # The logs a household reads (the add-on's Log tab, the night's job.log) are lines, not progress bars.
+    server_log, job_log = srv.process.text, (srv.data / "adapt" / "job.log").read_text()
+    assert "loaded on cpu" in server_log and "adapt: loading" in job_log  # both loaded the model
+    for log in (server_log, job_log):
+        assert "Loading weights" not in log and "\r" not in log
 
     async with asyncio.timeout(4 * TIMEOUT):
         after = [await say(srv, audio, "after") for _, audio in fresh]

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from . import __version__
 from .adapt import add_adapt_args, add_rollback_args, run_adapt, run_rollback
@@ -91,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.debug:  # transformers' "Loading weights" bars: carriage returns in the add-on's log
+        hf_logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
