@@ -811,6 +811,38 @@ def test_sigterm_during_the_first_starts_build_stops_it_cleanly_and_keeps_the_bu
     assert speech.is_dir() and not (tmp_path / "models" / "dev-small").exists()
 
 
+def test_a_stopped_demo_build_is_deleted_a_week_after_another_model_took_over(
+    micro_model: Path, tmp_path: Path
+) -> None:
+    """A household that stopped the first start's build and chose another model would keep a gigabyte or
+    more of speech and features in its data dir for good: it is kept 7 days (`--model dev` goes on with
+    it), then deleted; a build another server runs now is left alone."""
+    models = tmp_path / "data" / "models"
+    week_ago = time.time() - 7.5 * 86400
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "wyoming"])
+    builds = {name: models / f".dev-small.building-{pid}" for name, pid in
+              (("old", 999998), ("recent", 999999), ("live", live.pid))}  # fmt: skip
+    for name, path in builds.items():
+        (path / "work" / "train").mkdir(parents=True)
+        (path / "work" / "train" / "0001.wav").write_bytes(bytes(3 << 20))
+        if name != "recent":
+            for touched in (path / "work" / "train" / "0001.wav", path / "work" / "train", path):
+                os.utime(touched, (week_ago, week_ago))
+    server = ServerProcess(
+        serve_args(micro_model, tmp_path / "data", "--uri", "tcp://127.0.0.1:0"), tmp_path / "log"
+    )
+    try:
+        server.wait_ready()
+    finally:
+        server.stop()
+        live.kill()
+        live.wait()
+    assert not builds["old"].exists() and builds["recent"].exists() and builds["live"].exists()
+    assert re.search(r"deleted the DEMO model build stopped part-way 8 days ago \(3 MB freed\)", server.text)
+    kept = re.findall(r"build stopped part-way (\S+) days ago is kept in (\S+) \((\d+) MB\)", server.text)
+    assert kept == [("0.0", str(builds["recent"]), "3")]
+
+
 def test_a_dev_model_build_killed_after_its_llm_goes_on_from_it(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

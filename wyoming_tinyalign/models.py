@@ -5,6 +5,10 @@
   half a bundle behind.
 - `preset:<name>`: real backbones by Hugging Face hub id, with no projector yet (the `cascade` path).
   `from_pretrained` reads the local cache, so it works offline once the models are cached.
+
+A demo build stopped part-way while the server serves another model is kept for `STOPPED_BUILD_KEEP_DAYS`
+after its last write (`--model dev` goes on with it), then deleted (`sweep_stopped_builds`): it holds a
+gigabyte or more of rendered speech and features.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import hashlib
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +40,7 @@ PRESETS: dict[str, tuple[str, str]] = {
     "whisper-small+qwen2.5-1.5b": ("openai/whisper-small", "Qwen/Qwen2.5-1.5B-Instruct"),
 }
 Builder = Callable[[Path, str], object]
+STOPPED_BUILD_KEEP_DAYS = 7.0
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,36 @@ def ensure_dev_model(folder: Path, build: Builder | None = None) -> Path:
     os.replace(tmp, folder)
     _LOGGER.info("demo model ready in %s", folder)
     return folder
+
+
+def sweep_stopped_builds(models: Path, now: float | None = None) -> None:
+    """Delete the demo builds under `models` that stopped part-way and have not been written to for
+    `STOPPED_BUILD_KEEP_DAYS`; say which are kept until then. Called when another model serves: a build
+    another server runs now is left alone, and a folder that cannot be read or deleted only logged."""
+    now = time.time() if now is None else now
+    live = {path for path, _ in live_builds(models)}
+    for path in sorted(models.glob(building_folder(models / "*", "*").name)):
+        if path in live:
+            continue
+        try:
+            files = [entry.stat() for entry in path.rglob("*") if entry.is_file()]
+            size_mb = sum(f.st_size for f in files) / 2**20
+            idle_days = (now - max((f.st_mtime for f in files), default=path.stat().st_mtime)) / 86400
+            if idle_days < STOPPED_BUILD_KEEP_DAYS:
+                _LOGGER.warning(
+                    "a DEMO model build stopped part-way %.1f days ago is kept in %s (%.0f MB): a start "
+                    "with --model dev goes on with it; unused, it is deleted %.0f days after it stopped",
+                    idle_days, path, size_mb, STOPPED_BUILD_KEEP_DAYS,
+                )  # fmt: skip
+                continue
+            shutil.rmtree(path)
+        except OSError as err:
+            _LOGGER.warning("could not look at or delete the stopped DEMO model build %s: %s", path, err)
+            continue
+        _LOGGER.info(
+            "deleted the DEMO model build stopped part-way %.0f days ago (%.0f MB freed): %s",
+            idle_days, size_mb, path.name,
+        )  # fmt: skip
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

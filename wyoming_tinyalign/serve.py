@@ -46,6 +46,7 @@ from .models import (
     load_model,
     projector_version,
     resolve_model,
+    sweep_stopped_builds,
 )
 from .scheduler import Nightly, add_adaptation_args
 from .store import MIN_FREE_BYTES, NO_LOG, InteractionStore, StoreDamaged, StoreError
@@ -197,6 +198,8 @@ def _load(args: argparse.Namespace) -> tuple[App, AsyncServer, str | None]:
     dtype = inference_dtype(args.device, args.dtype)
     store, log_off = open_log(args)
     choice = resolve_model(args.model, args.data_dir)
+    if not choice.demo:
+        sweep_stopped_builds(args.data_dir / "models")
     model = load_model(choice, args.device, dtype)
     worker = InferenceWorker(model, args.path)
     version = projector_version(choice.folder)
