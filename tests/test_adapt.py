@@ -40,7 +40,7 @@ from wyoming_tinyalign.labels import Label
 from wyoming_tinyalign.manifest import Utterance, read_manifest, write_manifest
 from wyoming_tinyalign.model.bundle import BundleError
 from wyoming_tinyalign.model.speechllm import SpeechLLM
-from wyoming_tinyalign.store import SCHEMA_VERSION, InteractionStore
+from wyoming_tinyalign.store import SCHEMA_VERSION, InteractionStore, StoreDamaged
 from wyoming_tinyalign.versions import Versions, served
 
 BUDGET = "0.4"  # minutes (the first night also computes the encoder features)
@@ -249,6 +249,41 @@ def test_a_full_disk_fails_the_night_and_loses_nothing(
     assert run["status"] == "failed" and run["reason"] == report["reason"]
     assert versions.names() == kept and versions.current() == current
     assert (household / "adapt" / "state.json").read_bytes() == state
+
+
+def test_a_night_whose_log_is_set_aside_meanwhile_is_recorded_in_the_new_one(
+    tmp_path: Path, micro_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The server sets a log found damaged aside while a night runs (`store.start_over`): the night's row
+    went with it, and the household's page did not list the night (nor the version it promoted)."""
+    data = tmp_path / "data"
+    log_household(data, micro_model, unseen_speech(tmp_path_factory, 30, seed=21))
+    log = tmp_path / "job.log"
+    with open(log, "wb") as stderr:
+        job = subprocess.Popen(
+            [sys.executable, "-m", "wyoming_tinyalign", "adapt", "--data-dir", str(data), "--now",
+             "--budget-minutes", BUDGET, *job_flags(tmp_path_factory)],
+            stdout=subprocess.PIPE, stderr=stderr, text=True,
+        )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while "training for up to" not in log.read_text():
+        assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    server = InteractionStore(data / "log")  # as the server does when SQLite says the file is damaged
+    server.open()
+    server.start_over(StoreDamaged("the interaction log is damaged"))
+    server.close()
+    stdout, _ = job.communicate(timeout=300)
+    assert job.returncode == 0, log.read_text()[-3000:]
+    report = last_json(stdout)  # promoted or rejected: the clips it trains on went with the old log
+    assert report["status"] in ("promoted", "rejected") and report["version"] == "v0001", report
+    (row,) = adaptations(data)
+    assert (row["status"], row["version"], row["id"]) == (report["status"], "v0001", report["run"])
+    assert json.loads(row["report"]) == report and row["finished_at"] == report["finished_at"]
+    assert "the run is recorded in the new one too" in log.read_text()
+    (aside,) = InteractionStore(data / "log").set_aside_logs()
+    with closing(sqlite3.connect(aside / "interactions.sqlite3")) as conn:  # the old log's row stands
+        assert conn.execute("SELECT status FROM adaptations").fetchall() == [(report["status"],)]
 
 
 @pytest.mark.parametrize("log", ["newer", "damaged"])

@@ -74,7 +74,7 @@ from .model.projector import Projector, weights_key
 from .model.prompt import answer_ids
 from .model.speechllm import DECODING_VERSION, SpeechLLM
 from .models import add_dtype_arg, inference_dtype, projector_version, resolve_model
-from .store import DB_FILE, InteractionStore
+from .store import DB_FILE, InteractionStore, StoreError
 from .synth import render_once
 from .train import (
     Example,
@@ -427,10 +427,43 @@ def run_job(opts: AdaptOptions, started: float | None = None) -> dict[str, Any]:
             }
         store = InteractionStore(opts.data_dir / "log")
         store.open()
+        opened = store.db_path.stat().st_ino
         try:
-            return Job(opts, store.conn, started).run()
+            report = Job(opts, store.conn, started).run()
         finally:
             store.close()
+        with suppress(FileNotFoundError):
+            if store.db_path.stat().st_ino == opened:
+                return report
+        record_in_new_log(store.folder, report)
+        return report
+
+
+def record_in_new_log(folder: Path, report: dict[str, Any]) -> None:
+    """The server set the log aside as damaged while this run ran (`store.start_over`), and the run's
+    row went with it: record the finished run in the log there now too, so the household's page lists
+    it (a version it promoted is served)."""
+    store = InteractionStore(folder)
+    try:
+        store.open()
+        try:
+            columns = ("started_at", "finished_at", "status", "reason", "serving_version", "version")
+            row = store.conn.execute(
+                "INSERT INTO adaptations (started_at, finished_at, status, reason, serving_version, version) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [report.get(column) for column in columns],
+            ).lastrowid
+            report["run"] = row
+            store.conn.execute(
+                "UPDATE adaptations SET data_hash = ?, report = ? WHERE id = ?",
+                (report.get("data_hash"), json.dumps(report), row),
+            )
+        finally:
+            store.close()
+    except (OSError, StoreError, sqlite3.Error) as err:
+        _LOGGER.error("the log was set aside while this run ran, and the new one cannot take it: %s", err)
+        return
+    _LOGGER.warning("the log was set aside while this run ran: the run is recorded in the new one too")
 
 
 class Job:
