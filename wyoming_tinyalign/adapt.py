@@ -447,17 +447,21 @@ def record_in_new_log(folder: Path, report: dict[str, Any]) -> None:
     try:
         store.open()
         try:
-            columns = ("started_at", "finished_at", "status", "reason", "serving_version", "version")
+            columns = [
+                "started_at",
+                "finished_at",
+                "status",
+                "reason",
+                "serving_version",
+                "version",
+                "data_hash",
+            ]
             row = store.conn.execute(
-                "INSERT INTO adaptations (started_at, finished_at, status, reason, serving_version, version) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO adaptations ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
                 [report.get(column) for column in columns],
             ).lastrowid
-            report["run"] = row
-            store.conn.execute(
-                "UPDATE adaptations SET data_hash = ?, report = ? WHERE id = ?",
-                (report.get("data_hash"), json.dumps(report), row),
-            )
+            report["run"] = row  # this log's number for it
+            store.conn.execute("UPDATE adaptations SET report = ? WHERE id = ?", (json.dumps(report), row))
         finally:
             store.close()
     except (OSError, StoreError, sqlite3.Error) as err:
