@@ -1,0 +1,232 @@
+"""What a night could reach by adapting Whisper's *decoder* (the cascade's ear) instead of the projector.
+
+    python benchmarks/decoder_adaptation.py --model /tmp/readme/data/models/dev-small --work /tmp/bench-dec \
+        [--lr 5e-4] [--epochs 5,10,20] [--lora-rank 0] [--replay-n 100] [--seed 0]
+    python benchmarks/decoder_adaptation.py --real-size-steps 20 --threads 2 [--lora-rank 16]
+
+The nights of `personalization.py` leave the unseen households' intents where they were: the encoder
+hears them, the projector maps what it hears, and the names it does not catch stay wrong. Whisper's
+decoder is the part that writes the words; it is small and its training is cheap. For each unseen
+household, the same 100 labelled and 50 held-out utterances as `personalization.py` (same seeds), the
+encoder frozen: the decoder (whole, or LoRA adapters of `--lora-rank` on its attention and MLP layers) is
+fine-tuned on the household's 100 corrected transcripts and `--replay-n` base-household utterances (the
+night's replay speech), batch 16, AdamW; after each of `--epochs` the cascade (this decoder's transcript,
+then the frozen LLM's intent from it, with the household's context) is scored on the household's 50
+held-out utterances and on the night's 60 general base-household utterances. An experiment, not a
+product path: nothing here is served. Prints a markdown table and writes WORK/decoder_adaptation.json.
+
+`--real-size-steps N` instead times N such training steps (batch 16, 150 encoder frames, 24 decoder
+tokens each) on whisper-base's decoder (`realsize.whisper_base`, random weights): what a night's decoder
+training would cost at real size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import resource
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from realsize import whisper_base
+
+from wyoming_tinyalign.adapt import GENERAL_SEED, REPLAY_SEED, bootstrap_speech
+from wyoming_tinyalign.evaluate import score
+from wyoming_tinyalign.households import context_text, load_households
+from wyoming_tinyalign.manifest import load_utterances
+from wyoming_tinyalign.model.speechllm import SpeechLLM, whisper_prompt
+from wyoming_tinyalign.synth import render_once
+
+Example = tuple[torch.Tensor, list[int]]  # encoder features [N, Da], decoder ids (prompt + transcript)
+
+
+def cascade_score(model: SpeechLLM, items: list, contexts: dict[str, str]) -> dict:
+    """Cascade intent accuracy and WER of (utterance, features) items."""
+    results = [(u, model.run_features(f, "cascade", contexts[u.household])) for u, f in items]
+    report = score(results)
+    return {"intent_accuracy": report["intent_accuracy"], "wer": report["wer"]}
+
+
+def trainable_decoder(whisper: torch.nn.Module, lora_rank: int) -> None:
+    """Freeze Whisper but its decoder: the whole decoder, or LoRA adapters on its attention and MLP."""
+    whisper.requires_grad_(False)
+    if not lora_rank:
+        whisper.model.decoder.requires_grad_(True)
+        return
+    layers = r".*decoder\.layers\.\d+\."
+    config = LoraConfig(
+        r=lora_rank,
+        lora_alpha=2 * lora_rank,
+        target_modules=rf"{layers}(self_attn|encoder_attn)\.(q_proj|k_proj|v_proj|out_proj)|{layers}(fc1|fc2)",
+    )
+    inject_adapter_in_model(config, whisper)
+
+
+def real_size_step_s(args: argparse.Namespace) -> dict:
+    """Seconds per decoder training step at whisper-base's shapes, and the process's peak RSS."""
+    whisper = whisper_base()
+    trainable_decoder(whisper, args.lora_rank)
+    params = [p for p in whisper.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr)
+    feats = torch.randn(16, 150, whisper.config.d_model)
+    ids = torch.randint(0, whisper.config.vocab_size, (16, 24))
+    times = []
+    for _ in range(args.real_size_steps + 2):  # the first two warm up
+        t0 = time.perf_counter()
+        hidden = whisper.model.decoder(input_ids=ids, encoder_hidden_states=feats).last_hidden_state
+        logits = whisper.proj_out(hidden)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return {
+        "trained_parameters": sum(p.numel() for p in params),
+        "step_s": round(sum(times[2:]) / args.real_size_steps, 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def train_epoch(
+    model: SpeechLLM, examples: list[Example], opt: torch.optim.Optimizer, rng: random.Random
+) -> None:
+    """One pass over `examples` in batches of 16 of similar length (the decoder's cross-attention has no
+    padding mask: features are zero-padded, as the dev model's Whisper was trained)."""
+    whisper, tokenizer = model.whisper, model.whisper_tokenizer
+    prompt, _ = whisper_prompt(whisper, tokenizer, "en")
+    eos, pad = whisper.generation_config.eos_token_id, tokenizer.pad_token_id
+    order = sorted(range(len(examples)), key=lambda i: (examples[i][0].shape[0], rng.random()))
+    groups = [order[i : i + 16] for i in range(0, len(order), 16)]
+    rng.shuffle(groups)
+    params = [p for p in whisper.parameters() if p.requires_grad]
+    whisper.train()
+    for group in groups:
+        batch = [examples[i] for i in group]
+        feats = torch.zeros(len(batch), max(f.shape[0] for f, _ in batch), batch[0][0].shape[1])
+        width = max(len(ids) for _, ids in batch) + 1
+        ids = torch.full((len(batch), width), pad)
+        labels = torch.full((len(batch), width), -100)
+        for i, (f, seq) in enumerate(batch):
+            feats[i, : f.shape[0]] = f
+            target = [*seq, eos]
+            ids[i, : len(seq)] = torch.tensor(seq)
+            labels[i, len(prompt) - 1 : len(target) - 1] = torch.tensor(target[len(prompt) :])
+        hidden = whisper.model.decoder(
+            input_ids=ids, attention_mask=(ids != pad).long(), encoder_hidden_states=feats
+        ).last_hidden_state
+        loss = torch.nn.functional.cross_entropy(
+            whisper.proj_out(hidden).flatten(0, 1), labels.flatten(), ignore_index=-100
+        )
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    whisper.eval()
+
+
+def adapt_household(args: argparse.Namespace, index: int, name: str, replay: list, general: list) -> dict:
+    """Decoder fine-tuning for one household, scored after each of `args.epochs`."""
+    household = next(h for h in load_households() if h.name == name)
+    contexts = {h.name: context_text(h) for h in load_households()}
+    work = args.work / name
+    # personalization.py's seeds: night 1's labelled utterances and the held-out ones
+    labelled = load_utterances(render_once(work / "labelled", [household], args.labelled, 100 + index))
+    heldout = load_utterances(render_once(work / "heldout", [household], args.heldout, 200 + index))
+    model = SpeechLLM.load(args.model)
+    trainable_decoder(model.whisper, args.lora_rank)
+    trained = sum(p.numel() for p in model.whisper.parameters() if p.requires_grad)
+    tokenizer = model.whisper_tokenizer
+    prompt, _ = whisper_prompt(model.whisper, tokenizer, "en")
+
+    def features(items: list) -> list:
+        return [(u, model.encode(audio)) for u, audio in items]
+
+    household_train, household_held = features(labelled), features(heldout)
+    examples = [
+        (f, prompt + tokenizer(u.text, add_special_tokens=False)["input_ids"])
+        for u, f in household_train + features(replay)
+    ]
+    general_f = features(general)
+    opt = torch.optim.AdamW(
+        [p for p in model.whisper.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01
+    )
+    rng = random.Random(1000 * args.seed + index)  # the batches' order
+    rows, done, train_s = [], 0, 0.0
+    for epochs in [0, *args.epochs]:
+        t0 = time.monotonic()
+        while done < epochs:
+            train_epoch(model, examples, opt, rng)
+            done += 1
+        train_s += time.monotonic() - t0
+        row = {
+            "epochs": epochs,
+            "train_s": round(train_s, 1),
+            "household": cascade_score(model, household_held, contexts),
+            "general": cascade_score(model, general_f, contexts),
+        }
+        print(name, json.dumps(row), flush=True)
+        rows.append(row)
+    return {"household": name, "trained_parameters": trained, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="the dev bundle (its Whisper is adapted)")
+    parser.add_argument("--work", type=Path)
+    parser.add_argument("--real-size-steps", type=int, default=0, help="time this many real-size steps")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--epochs", type=lambda s: [int(x) for x in s.split(",")], default=[5, 10, 20])
+    parser.add_argument("--lora-rank", type=int, default=0, help="0: the whole decoder trains")
+    parser.add_argument("--replay-n", type=int, default=100, help="base-household utterances trained on")
+    parser.add_argument("--labelled", type=int, default=100)
+    parser.add_argument("--heldout", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="of the adapters' init and the batches' order")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    if args.real_size_steps:
+        print(
+            json.dumps(
+                {"threads": torch.get_num_threads(), "lora_rank": args.lora_rank, **real_size_step_s(args)}
+            )
+        )
+        return
+    if args.model is None or args.work is None:
+        parser.error("--model and --work are needed (or --real-size-steps)")
+    base = [h for h in load_households() if h.split == "base"]
+    replay = load_utterances(bootstrap_speech(args.work / "bootstrap", "replay", 400, REPLAY_SEED, base))
+    general = load_utterances(bootstrap_speech(args.work / "bootstrap", "general", 60, GENERAL_SEED, base))
+    unseen = [h.name for h in load_households() if h.split == "unseen"]
+    results = [
+        adapt_household(args, i, name, replay[: args.replay_n], general) for i, name in enumerate(unseen)
+    ]
+    what = f"LoRA rank {args.lora_rank}" if args.lora_rank else "whole decoder"
+    print(
+        f"\nDate {date.today()}; machine: {platform.machine()} {torch.get_num_threads()} thread(s); "
+        f"{what}, lr {args.lr}, {args.labelled} corrected + {args.replay_n} replayed utterances, "
+        f"{args.heldout} held out, seed {args.seed}.\n"
+    )
+    print(
+        "| household | trained parameters | epochs | train s | cascade on its 50 held-out | on 60 general |"
+    )
+    print("|---|---|---|---|---|---|")
+    for result in results:
+        for row in result["rows"]:
+            h, g = row["household"], row["general"]
+            figures = [result["household"], result["trained_parameters"], row["epochs"], row["train_s"]]
+            figures.append(f"{h['intent_accuracy']:.2f} / {h['wer']:.3f}")
+            figures.append(f"{g['intent_accuracy']:.3f} / {g['wer']:.3f}")
+            print("| " + " | ".join(str(x) for x in figures) + " |")
+    settings = {k: str(v) for k, v in vars(args).items()}
+    out = {"date": str(date.today()), "args": settings, "results": results}
+    (args.work / "decoder_adaptation.json").write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
