@@ -1,19 +1,20 @@
 """What a night could reach by adapting Whisper's *decoder* (the cascade's ear) instead of the projector.
 
     python benchmarks/decoder_adaptation.py --model /tmp/readme/data/models/dev-small --work /tmp/bench-dec \
-        [--lr 5e-4] [--epochs 5,10,20] [--lora-rank 0] [--replay-n 100] [--seed 0]
+        [--lr 5e-4] [--epochs 5,10,20] [--lora-rank 0] [--replay-n 100] [--seed 0] [--encoder-layers 0]
     python benchmarks/decoder_adaptation.py --real-size-steps 20 --threads 2 [--lora-rank 16]
 
 The nights of `personalization.py` leave the unseen households' intents where they were: the encoder
 hears them, the projector maps what it hears, and the names it does not catch stay wrong. Whisper's
 decoder is the part that writes the words; it is small and its training is cheap. For each unseen
-household, the same 100 labelled and 50 held-out utterances as `personalization.py` (same seeds), the
-encoder frozen: the decoder (whole, or LoRA adapters of `--lora-rank` on its attention and MLP layers) is
-fine-tuned on the household's 100 corrected transcripts and `--replay-n` base-household utterances (the
-night's replay speech), batch 16, AdamW; after each of `--epochs` the cascade (this decoder's transcript,
-then the frozen LLM's intent from it, with the household's context) is scored on the household's 50
-held-out utterances and on the night's 60 general base-household utterances. An experiment, not a
-product path: nothing here is served. Prints a markdown table and writes WORK/decoder_adaptation.json.
+household, the same 100 labelled and 50 held-out utterances as `personalization.py` (same seeds): the
+decoder (whole, or LoRA adapters of `--lora-rank` on its attention and MLP layers) is fine-tuned on the
+household's 100 corrected transcripts and `--replay-n` base-household utterances (the night's replay
+speech), batch 16, AdamW, the encoder frozen (`--encoder-layers N`: but its top N layers and final norm);
+after each of `--epochs` the cascade (this decoder's transcript, then the frozen LLM's intent from it,
+with the household's context) is scored on the household's 50 held-out utterances and on the night's 60
+general base-household utterances. An experiment, not a product path: nothing here is served. Prints a
+markdown table and writes WORK/decoder_adaptation.json.
 
 `--real-size-steps N` instead times N such training steps (batch 16, 150 encoder frames, 24 decoder
 tokens each) on whisper-base's decoder (`realsize.whisper_base`, random weights): what a night's decoder
@@ -31,6 +32,7 @@ import time
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from realsize import whisper_base
@@ -93,26 +95,38 @@ def real_size_step_s(args: argparse.Namespace) -> dict:
 
 
 def train_epoch(
-    model: SpeechLLM, examples: list[Example], opt: torch.optim.Optimizer, rng: random.Random
+    model: SpeechLLM, examples: list[Example], opt: torch.optim.Optimizer, rng: random.Random, mels: bool
 ) -> None:
     """One pass over `examples` in batches of 16 of similar length (the decoder's cross-attention has no
-    padding mask: features are zero-padded, as the dev model's Whisper was trained)."""
+    padding mask: features are zero-padded, as the dev model's Whisper was trained). With `mels`, the
+    examples hold log-mel frames `[mels, F]` and the encoder (its trainable top layers) runs too."""
     whisper, tokenizer = model.whisper, model.whisper_tokenizer
     prompt, _ = whisper_prompt(whisper, tokenizer, "en")
     eos, pad = whisper.generation_config.eos_token_id, tokenizer.pad_token_id
-    order = sorted(range(len(examples)), key=lambda i: (examples[i][0].shape[0], rng.random()))
+    order = sorted(
+        range(len(examples)), key=lambda i: (examples[i][0].shape[-1 if mels else 0], rng.random())
+    )
     groups = [order[i : i + 16] for i in range(0, len(order), 16)]
     rng.shuffle(groups)
     params = [p for p in whisper.parameters() if p.requires_grad]
     whisper.train()
     for group in groups:
         batch = [examples[i] for i in group]
-        feats = torch.zeros(len(batch), max(f.shape[0] for f, _ in batch), batch[0][0].shape[1])
+        if mels:
+            lengths = torch.tensor([x.shape[-1] for x, _ in batch])
+            mel = torch.zeros(len(batch), batch[0][0].shape[0], int(lengths.max()))
+            for i, (x, _) in enumerate(batch):
+                mel[i, :, : x.shape[-1]] = x
+            feats, frames = model.encoder(mel, lengths)
+            feats = feats * (torch.arange(feats.shape[1])[None, :] < frames[:, None]).unsqueeze(-1)
+        else:
+            feats = torch.zeros(len(batch), max(x.shape[0] for x, _ in batch), batch[0][0].shape[1])
+            for i, (x, _) in enumerate(batch):
+                feats[i, : x.shape[0]] = x
         width = max(len(ids) for _, ids in batch) + 1
         ids = torch.full((len(batch), width), pad)
         labels = torch.full((len(batch), width), -100)
-        for i, (f, seq) in enumerate(batch):
-            feats[i, : f.shape[0]] = f
+        for i, (_, seq) in enumerate(batch):
             target = [*seq, eos]
             ids[i, : len(seq)] = torch.tensor(seq)
             labels[i, len(prompt) - 1 : len(target) - 1] = torch.tensor(target[len(prompt) :])
@@ -139,6 +153,10 @@ def adapt_household(args: argparse.Namespace, index: int, name: str, replay: lis
     heldout = load_utterances(render_once(work / "heldout", [household], args.heldout, 200 + index))
     model = SpeechLLM.load(args.model)
     trainable_decoder(model.whisper, args.lora_rank)
+    encoder = model.whisper.model.encoder
+    if args.encoder_layers:  # its top layers and final norm train too
+        for module in [*encoder.layers[-args.encoder_layers :], encoder.layer_norm]:
+            module.requires_grad_(True)
     trained = sum(p.numel() for p in model.whisper.parameters() if p.requires_grad)
     tokenizer = model.whisper_tokenizer
     prompt, _ = whisper_prompt(model.whisper, tokenizer, "en")
@@ -146,12 +164,14 @@ def adapt_household(args: argparse.Namespace, index: int, name: str, replay: lis
     def features(items: list) -> list:
         return [(u, model.encode(audio)) for u, audio in items]
 
-    household_train, household_held = features(labelled), features(heldout)
+    def source(audio: np.ndarray) -> torch.Tensor:
+        """What a training example keeps: log-mel when the encoder trains, else its (fixed) features."""
+        return model.encoder.features([audio])[0][0] if args.encoder_layers else model.encode(audio)
+
     examples = [
-        (f, prompt + tokenizer(u.text, add_special_tokens=False)["input_ids"])
-        for u, f in household_train + features(replay)
+        (source(audio), prompt + tokenizer(u.text, add_special_tokens=False)["input_ids"])
+        for u, audio in labelled + replay
     ]
-    general_f = features(general)
     opt = torch.optim.AdamW(
         [p for p in model.whisper.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01
     )
@@ -160,14 +180,14 @@ def adapt_household(args: argparse.Namespace, index: int, name: str, replay: lis
     for epochs in [0, *args.epochs]:
         t0 = time.monotonic()
         while done < epochs:
-            train_epoch(model, examples, opt, rng)
+            train_epoch(model, examples, opt, rng, mels=bool(args.encoder_layers))
             done += 1
         train_s += time.monotonic() - t0
         row = {
             "epochs": epochs,
             "train_s": round(train_s, 1),
-            "household": cascade_score(model, household_held, contexts),
-            "general": cascade_score(model, general_f, contexts),
+            "household": cascade_score(model, features(heldout), contexts),
+            "general": cascade_score(model, features(general), contexts),
         }
         print(name, json.dumps(row), flush=True)
         rows.append(row)
@@ -182,6 +202,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--epochs", type=lambda s: [int(x) for x in s.split(",")], default=[5, 10, 20])
     parser.add_argument("--lora-rank", type=int, default=0, help="0: the whole decoder trains")
+    parser.add_argument("--encoder-layers", type=int, default=0, help="the encoder's top layers train too")
     parser.add_argument("--replay-n", type=int, default=100, help="base-household utterances trained on")
     parser.add_argument("--labelled", type=int, default=100)
     parser.add_argument("--heldout", type=int, default=50)
@@ -207,6 +228,7 @@ def main() -> None:
         adapt_household(args, i, name, replay[: args.replay_n], general) for i, name in enumerate(unseen)
     ]
     what = f"LoRA rank {args.lora_rank}" if args.lora_rank else "whole decoder"
+    what += f" and the encoder's top {args.encoder_layers} layer(s)" if args.encoder_layers else ""
     print(
         f"\nDate {date.today()}; machine: {platform.machine()} {torch.get_num_threads()} thread(s); "
         f"{what}, lr {args.lr}, {args.labelled} corrected + {args.replay_n} replayed utterances, "
