@@ -44,7 +44,7 @@ from wyoming_tinyalign.manifest import load_utterances
 from wyoming_tinyalign.model.speechllm import SpeechLLM, whisper_prompt
 from wyoming_tinyalign.synth import render_once
 
-Example = tuple[torch.Tensor, list[int]]  # encoder features [N, Da], decoder ids (prompt + transcript)
+Example = tuple[torch.Tensor, list[int]]  # features [N, Da] (or log-mel [mels, F]), decoder ids
 
 
 def cascade_score(model: SpeechLLM, items: list, contexts: dict[str, str]) -> dict:
