@@ -814,9 +814,9 @@ def test_sigterm_during_the_first_starts_build_stops_it_cleanly_and_keeps_the_bu
 def test_a_stopped_demo_build_is_deleted_a_week_after_another_model_took_over(
     micro_model: Path, tmp_path: Path
 ) -> None:
-    """A household that stopped the first start's build and chose another model would keep a gigabyte or
-    more of speech and features in its data dir for good: it is kept 7 days (`--model dev` goes on with
-    it), then deleted; a build another server runs now is left alone."""
+    """A household that stopped the first start's build and chose another model kept it in its data dir
+    for good (972 MB for one stopped in its LLM's training): it is kept 7 days (`--model dev` goes on
+    with it), then deleted; a build another server runs now is left alone."""
     models = tmp_path / "data" / "models"
     week_ago = time.time() - 7.5 * 86400
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "wyoming"])
