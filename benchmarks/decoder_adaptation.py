@@ -38,6 +38,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from realsize import whisper_base
 
 from wyoming_tinyalign.adapt import GENERAL_SEED, REPLAY_SEED, bootstrap_speech
+from wyoming_tinyalign.devmodel import decoder_loss
 from wyoming_tinyalign.evaluate import score
 from wyoming_tinyalign.households import context_text, load_households
 from wyoming_tinyalign.manifest import load_utterances
@@ -76,13 +77,11 @@ def real_size_step_s(args: argparse.Namespace) -> dict:
     params = [p for p in whisper.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr)
     feats = torch.randn(16, 150, whisper.config.d_model)
-    ids = torch.randint(0, whisper.config.vocab_size, (16, 24))
+    sequences = torch.randint(0, whisper.config.vocab_size, (16, 24)).tolist()  # 4 prompt + 20 words' ids
     times = []
     for _ in range(args.real_size_steps + 2):  # the first two warm up
         t0 = time.perf_counter()
-        hidden = whisper.model.decoder(input_ids=ids, encoder_hidden_states=feats).last_hidden_state
-        logits = whisper.proj_out(hidden)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss = decoder_loss(whisper, feats, sequences, 4, whisper.config.pad_token_id)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -97,12 +96,11 @@ def real_size_step_s(args: argparse.Namespace) -> dict:
 def train_epoch(
     model: SpeechLLM, examples: list[Example], opt: torch.optim.Optimizer, rng: random.Random, mels: bool
 ) -> None:
-    """One pass over `examples` in batches of 16 of similar length (the decoder's cross-attention has no
-    padding mask: features are zero-padded, as the dev model's Whisper was trained). With `mels`, the
-    examples hold log-mel frames `[mels, F]` and the encoder (its trainable top layers) runs too."""
+    """One pass over `examples` in batches of 16 of similar length, with the loss the dev model's Whisper
+    was trained with (`devmodel.decoder_loss`). With `mels`, the examples hold log-mel frames `[mels, F]`
+    and the encoder (its trainable top layers) runs too."""
     whisper, tokenizer = model.whisper, model.whisper_tokenizer
     prompt, _ = whisper_prompt(whisper, tokenizer, "en")
-    eos, pad = whisper.generation_config.eos_token_id, tokenizer.pad_token_id
     order = sorted(
         range(len(examples)), key=lambda i: (examples[i][0].shape[-1 if mels else 0], rng.random())
     )
@@ -123,19 +121,7 @@ def train_epoch(
             feats = torch.zeros(len(batch), max(x.shape[0] for x, _ in batch), batch[0][0].shape[1])
             for i, (x, _) in enumerate(batch):
                 feats[i, : x.shape[0]] = x
-        width = max(len(ids) for _, ids in batch) + 1
-        ids = torch.full((len(batch), width), pad)
-        labels = torch.full((len(batch), width), -100)
-        for i, (_, seq) in enumerate(batch):
-            target = [*seq, eos]
-            ids[i, : len(seq)] = torch.tensor(seq)
-            labels[i, len(prompt) - 1 : len(target) - 1] = torch.tensor(target[len(prompt) :])
-        hidden = whisper.model.decoder(
-            input_ids=ids, attention_mask=(ids != pad).long(), encoder_hidden_states=feats
-        ).last_hidden_state
-        loss = torch.nn.functional.cross_entropy(
-            whisper.proj_out(hidden).flatten(0, 1), labels.flatten(), ignore_index=-100
-        )
+        loss = decoder_loss(whisper, feats, [seq for _, seq in batch], len(prompt), tokenizer.pad_token_id)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -176,6 +162,7 @@ def adapt_household(args: argparse.Namespace, index: int, name: str, replay: lis
         [p for p in model.whisper.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01
     )
     rng = random.Random(1000 * args.seed + index)  # the batches' order
+    frozen = None if args.encoder_layers else (features(heldout), features(general))  # computed once
     rows, done, train_s = [], 0, 0.0
     for epochs in [0, *args.epochs]:
         t0 = time.monotonic()
@@ -183,11 +170,12 @@ def adapt_household(args: argparse.Namespace, index: int, name: str, replay: lis
             train_epoch(model, examples, opt, rng, mels=bool(args.encoder_layers))
             done += 1
         train_s += time.monotonic() - t0
+        held_f, general_f = frozen or (features(heldout), features(general))
         row = {
             "epochs": epochs,
             "train_s": round(train_s, 1),
-            "household": cascade_score(model, features(heldout), contexts),
-            "general": cascade_score(model, features(general), contexts),
+            "household": cascade_score(model, held_f, contexts),
+            "general": cascade_score(model, general_f, contexts),
         }
         print(name, json.dumps(row), flush=True)
         rows.append(row)

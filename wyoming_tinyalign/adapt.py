@@ -432,11 +432,30 @@ def run_job(opts: AdaptOptions, started: float | None = None) -> dict[str, Any]:
             report = Job(opts, store.conn, started).run()
         finally:
             store.close()
-        with suppress(FileNotFoundError):
-            if store.db_path.stat().st_ino == opened:
-                return report
-        record_in_new_log(store.folder, report)
+        with suppress(FileNotFoundError):  # a log gone altogether has no page to list the run
+            if store.db_path.stat().st_ino != opened:
+                record_in_new_log(store.folder, report)
         return report
+
+
+def start_row(conn: sqlite3.Connection, report: dict[str, Any]) -> int:
+    """A run's row in the `adaptations` table, while it runs; returns its id."""
+    return conn.execute(
+        "INSERT INTO adaptations (started_at, status, serving_version) VALUES (?, 'running', ?)",
+        (report["started_at"], report["serving_version"]),
+    ).lastrowid
+
+
+def finish_row(conn: sqlite3.Connection, row: int, report: dict[str, Any]) -> None:
+    """Record the finished run's outcome and report in its row."""
+    conn.execute(
+        "UPDATE adaptations SET finished_at = ?, status = ?, reason = ?, version = ?, data_hash = ?, "
+        "report = ? WHERE id = ?",
+        (
+            report["finished_at"], report["status"], report.get("reason"), report.get("version"),
+            report.get("data_hash"), json.dumps(report), row,
+        ),
+    )  # fmt: skip
 
 
 def record_in_new_log(folder: Path, report: dict[str, Any]) -> None:
@@ -447,21 +466,8 @@ def record_in_new_log(folder: Path, report: dict[str, Any]) -> None:
     try:
         store.open()
         try:
-            columns = [
-                "started_at",
-                "finished_at",
-                "status",
-                "reason",
-                "serving_version",
-                "version",
-                "data_hash",
-            ]
-            row = store.conn.execute(
-                f"INSERT INTO adaptations ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
-                [report.get(column) for column in columns],
-            ).lastrowid
-            report["run"] = row  # this log's number for it
-            store.conn.execute("UPDATE adaptations SET report = ? WHERE id = ?", (json.dumps(report), row))
+            report["run"] = start_row(store.conn, report)  # this log's number for it
+            finish_row(store.conn, report["run"], report)
         finally:
             store.close()
     except (OSError, StoreError, sqlite3.Error) as err:
@@ -498,11 +504,7 @@ class Job:
         except VersionError as err:
             self.report["serving_version"] = None
             _LOGGER.error("the version pointer is unreadable: %s", err)
-        row = self.conn.execute(
-            "INSERT INTO adaptations (started_at, status, serving_version) VALUES (?, 'running', ?)",
-            (self.report["started_at"], self.report["serving_version"]),
-        ).lastrowid
-        self.report["run"] = row
+        row = self.report["run"] = start_row(self.conn, self.report)
         try:
             self._run()
         except Skip as skip:
@@ -515,20 +517,12 @@ class Job:
         except (OSError, sqlite3.Error) as err:
             _LOGGER.error("could not forget the clips deleted while this run ran: %s", err)
         remove_scratch(self.opts.work)
-        finish = time.time()
-        self.report["finished_at"] = finish
+        self.report["finished_at"] = time.time()
         self.report["duration_s"] = round(self.elapsed(), 1)
         self.report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         if self.opts.device.startswith("cuda") and torch.cuda.is_initialized():
             self.report["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(self.opts.device) / 2**20, 1)
-        self.conn.execute(
-            "UPDATE adaptations SET finished_at = ?, status = ?, reason = ?, version = ?, data_hash = ?, "
-            "report = ? WHERE id = ?",
-            (
-                finish, self.report["status"], self.report.get("reason"), self.report.get("version"),
-                self.report.get("data_hash"), json.dumps(self.report), row,
-            ),
-        )  # fmt: skip
+        finish_row(self.conn, row, self.report)
         _LOGGER.info("adaptation %s: %s", self.report["status"], self.report.get("reason"))
         return self.report
 

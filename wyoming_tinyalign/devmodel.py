@@ -372,6 +372,31 @@ def _spec_augment(mel: torch.Tensor, length: int, rng: random.Random) -> torch.T
     return mel
 
 
+def decoder_loss(
+    whisper: WhisperForConditionalGeneration,
+    feats: torch.Tensor,
+    sequences: list[list[int]],
+    n_prompt: int,
+    pad_id: int,
+) -> torch.Tensor:
+    """Cross-entropy of Whisper's decoder writing each sequence after its `n_prompt` start tokens, then
+    the end token, from encoder features `feats` `[B, N, D]` (zero past each clip: the cross-attention has
+    no padding mask)."""
+    eos = whisper.generation_config.eos_token_id
+    width = max(len(ids) for ids in sequences) + 1
+    dec = torch.full((len(sequences), width), pad_id)
+    labels = torch.full((len(sequences), width), -100)
+    for i, ids in enumerate(sequences):
+        target = [*ids, eos]
+        dec[i, : len(ids)] = torch.tensor(ids)
+        labels[i, n_prompt - 1 : len(target) - 1] = torch.tensor(target[n_prompt:])
+    hidden = whisper.model.decoder(
+        input_ids=dec, attention_mask=(dec != pad_id).long(), encoder_hidden_states=feats
+    ).last_hidden_state
+    logits = whisper.proj_out(hidden)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
 def train_whisper(
     tokenizer: PreTrainedTokenizerFast,
     feature_extractor: WhisperFeatureExtractor,
@@ -441,21 +466,11 @@ def train_whisper(
         group = rng.choice(groups)
         mel_len = torch.tensor([m.shape[-1] for m, _, _ in group])
         mel = torch.zeros(len(group), group[0][0].shape[0], int(mel_len.max()))
-        width = max(len(ids) for _, ids, _ in group) + 1
-        dec = torch.full((len(group), width), tokenizer.pad_token_id)
-        labels = torch.full((len(group), width), -100)
-        for i, (m, ids, _) in enumerate(group):
+        for i, (m, _, _) in enumerate(group):
             mel[i, :, : m.shape[-1]] = _spec_augment(m, m.shape[-1], rng)
-            target = ids + [tokenizer.eos_token_id]
-            dec[i, : len(ids)] = torch.tensor(ids)
-            labels[i, len(prefix) - 1 : len(target) - 1] = torch.tensor(target[len(prefix) :])
         feats, lengths = encoder(mel, mel_len)
         feats = feats * (torch.arange(feats.shape[1])[None, :] < lengths[:, None]).unsqueeze(-1)
-        hidden = whisper.model.decoder(
-            input_ids=dec, attention_mask=(dec != tokenizer.pad_token_id).long(), encoder_hidden_states=feats
-        ).last_hidden_state
-        logits = whisper.proj_out(hidden)
-        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        ce = decoder_loss(whisper, feats, [ids for _, ids, _ in group], len(prefix), tokenizer.pad_token_id)
         chars = [c for _, _, c in group]
         ctc = torch.nn.functional.ctc_loss(
             ctc_head(feats).log_softmax(-1).transpose(0, 1),

@@ -52,3 +52,10 @@ def live_builds(models: Path) -> list[tuple[Path, int]]:
         if b"wyoming" in command and int(pid) != os.getpid():
             live.append((path, int(pid)))
     return live
+
+
+def stopped_builds(folder: Path) -> list[Path]:
+    """The folders where a build of the bundle `folder` stopped part-way (no other server process builds
+    there now); `folder` may be a glob (`models / "*"`: every bundle's)."""
+    live = {path for path, _ in live_builds(folder.parent)}
+    return sorted(path for path in folder.parent.glob(building_folder(folder, "*").name) if path not in live)

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .files import building_folder, live_builds
+from .files import building_folder, stopped_builds
 from .model.bundle import BundleConfig, BundleError, load_bundle_config, save_bundle_config
 from .model.prompt import DEFAULT_TEMPLATE
 from .model.speechllm import SpeechLLM
@@ -90,9 +91,7 @@ def ensure_dev_model(folder: Path, build: Builder | None = None) -> Path:
         from .devmodel import build_dev_model as build
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = building_folder(folder, os.getpid())
-    others = {path for path, _ in live_builds(folder.parent)}  # another server's
-    stopped = [path for path in folder.parent.glob(building_folder(folder, "*").name) if path not in others]
-    *older, newest = sorted(stopped, key=lambda path: path.stat().st_mtime) or [None]
+    *older, newest = sorted(stopped_builds(folder), key=lambda path: path.stat().st_mtime) or [None]
     for path in older:
         _LOGGER.info("removing an unfinished build: %s", path)
         shutil.rmtree(path, ignore_errors=True)
@@ -121,12 +120,9 @@ def sweep_stopped_builds(models: Path, now: float | None = None) -> None:
     `STOPPED_BUILD_KEEP_DAYS`; say which are kept until then. Called when another model serves: a build
     another server runs now is left alone, and a folder that cannot be read or deleted only logged."""
     now = time.time() if now is None else now
-    live = {path for path, _ in live_builds(models)}
-    for path in sorted(models.glob(building_folder(models / "*", "*").name)):
-        if path in live:
-            continue
+    for path in stopped_builds(models / "*"):
         try:
-            files = [entry.stat() for entry in path.rglob("*") if entry.is_file()]
+            files = [info for entry in path.rglob("*") if stat.S_ISREG((info := entry.lstat()).st_mode)]
             size_mb = sum(f.st_size for f in files) / 2**20
             idle_days = (now - max((f.st_mtime for f in files), default=path.stat().st_mtime)) / 86400
             if idle_days < STOPPED_BUILD_KEEP_DAYS:
