@@ -69,6 +69,7 @@ from wyoming_tinyalign.store import DB_FILE, Interaction, InteractionStore
 from wyoming_tinyalign.synth import render_corpus
 from wyoming_tinyalign.train import OBJECTIVES
 from wyoming_tinyalign.versions import Versions, load_household_model, record_model
+from wyoming_tinyalign.worker import choose_path
 
 _LOGGER = logging.getLogger("personalization")
 LABEL_MODES = {"corrections": "corrections", "teacher": "the teacher alone (nothing corrected)"}
@@ -212,7 +213,8 @@ def quality(args: argparse.Namespace) -> list[dict]:
             report = run_night(data, args, ["--context-file", household_json])
             wall = time.monotonic() - t0
             after_model, version = load_household_model(data)
-            after = evaluate(after_model, heldout, context, ("aligned",))
+            after = evaluate(after_model, heldout, context, ("aligned", "cascade"))
+            served_path = choose_path("auto", after_model)
             rejected = None  # what the night refused would have done on the held-out truth
             if report["status"] == "rejected" and report.get("version"):
                 after_model.projector, after_model.projector_info = Versions(data).load(report["version"])
@@ -225,7 +227,13 @@ def quality(args: argparse.Namespace) -> list[dict]:
                     "status": report["status"],
                     "reason": report.get("reason"),
                     "version": version,
-                    "after": {"aligned": _two(after["aligned"])},
+                    "after": {p: _two(r) for p, r in after.items()},
+                    "served_path": served_path,
+                    "decoder": {
+                        k: v
+                        for k, v in (report.get("decoder") or {}).items()
+                        if k in ("promoted", "reason", "steps", "epochs", "train_s", "after", "examples")
+                    },
                     "rejected": rejected,
                     "teacher_labels": teacher_label_quality(data, truth) if truth is not None else None,
                     "job": {
@@ -254,7 +262,17 @@ def quality(args: argparse.Namespace) -> list[dict]:
                 "text_ceiling": round(ceiling, 4),
                 **{
                     k: last[k]
-                    for k in ("status", "reason", "version", "after", "rejected", "teacher_labels", "job")
+                    for k in (
+                        "status",
+                        "reason",
+                        "version",
+                        "after",
+                        "served_path",
+                        "decoder",
+                        "rejected",
+                        "teacher_labels",
+                        "job",
+                    )  # fmt: skip
                 },
                 "nights": nights,
             }
@@ -383,6 +401,26 @@ def report(r: dict) -> str:
             f"{_fig(hb, 'wer')} -> {_fig(ha, 'wer')} ({_fig(hb, 'n')} utterances) "
             f"| {_fig(gb, 'intent_accuracy')} -> {_fig(ga, 'intent_accuracy')} "
             f"| {row['job']['duration_s']} | {row['job']['peak_rss_mb']} |"
+        )
+    lines += [
+        "",
+        "What `--path auto` serves (day 0: the cascade), and the cascade with the night's decoder adapters:",
+        "",
+        "| household | served before: path, intent acc / WER | served after | intent error cut "
+        "| cascade before -> after: intent acc / WER | decoder adapters: verdict (steps, epochs, s) |",
+        "|---" * 6 + "|",
+    ]
+    for row in r["quality"]:
+        served_before = row["before"]["cascade"]
+        path = row.get("served_path", "aligned")
+        served_after = row["after"].get(path) or row["after"]["aligned"]
+        cut = 1 - (1 - served_after["intent_accuracy"]) / max(1e-9, 1 - served_before["intent_accuracy"])
+        d = row.get("decoder") or {}
+        lines.append(
+            f"| {row['household']} | cascade, {_pair(served_before)} | {path}, {_pair(served_after)} "
+            f"| {cut:+.0%} "
+            f"| {_pair(row['before']['cascade'])} -> {_pair(row['after'].get('cascade'))} "
+            f"| {d.get('reason', '-')} ({d.get('steps')}, {d.get('epochs')}, {d.get('train_s')}) |"
         )
     if r.get("nights", 1) > 1:
         lines += [

@@ -58,8 +58,9 @@ def options(data: Path, tmp_path_factory: pytest.TempPathFactory, **kw: object) 
     flags = job_flags(tmp_path_factory)
     bootstrap = Path(flags[flags.index("--bootstrap-dir") + 1])
     base = dict(
-        replay_n=32, general_n=16, bootstrap_dir=bootstrap, teacher_min_confidence=1.0, decide_on="loss"
-    )
+        replay_n=32, general_n=16, bootstrap_dir=bootstrap, teacher_min_confidence=1.0, decide_on="loss",
+        decoder_epochs=0,
+    )  # fmt: skip
     return AdaptOptions(data_dir=data, **(base | kw))  # type: ignore[arg-type]
 
 

@@ -12,16 +12,22 @@ One run, in its own low-priority process (`nice` 10, one torch thread unless `--
 5. fine-tunes the served projector with the objective it was aligned with (EmbedLink for a projector
    the nights grew from nothing; `train.train`, encoder features cached under `DATA/cache/features`) on
    the household's train split plus a replay sample of the base households' speech (rendered once into
-   `DATA/bootstrap`, so it does not forget them), within the time budget;
+   `DATA/bootstrap`, so it does not forget them), within the time budget; and, in half of that time,
+   Whisper's decoder adapters (`model/decoder_adapter.py`, `decoder_train.py`; from the served ones) on
+   the same utterances' transcripts and a larger replay sample;
 6. validates the candidate and the served projector on the household's held-out set and on a general
    held-out set of base-household speech (intent accuracy, WER, and that objective's loss), and the
    cascade on the household's held-out set (for the day-0 rule of `--path auto`), and, when a household
-   version is served, the bundle's own projector on the general set;
+   version is served, the bundle's own projector on the general set; the cascade with the new decoder
+   adapters against the served cascade on both sets (and, when adapters are served, Whisper's decoder as
+   built on the general set);
 7. promotes the candidate only when it is better for the household by more than chance (a sign test
    over the held-out utterances that changed) and not worse elsewhere beyond `--tolerance`, than the
-   served projector and than the bundle's own (so small losses do not add up night after night). The
-   candidate becomes a new numbered version file either way (`versions.py`); a promoted one then gets
-   the pointer, a rejected one is kept on record with the reason (the household may serve it anyway).
+   served projector and than the bundle's own (so small losses do not add up night after night); the
+   decoder adapters by the same rule on the cascade's answers. The version holds each part the night
+   made where its gate passed, the served part where not (when neither passed: the night's candidates).
+   It becomes a new numbered version file either way (`versions.py`); a promoted one then gets the
+   pointer, a rejected one is kept on record with the reason (the household may serve it anyway).
    Unless recordings it was trained or judged on were deleted while it ran: then it goes, unkept.
 
 Nothing the server reads is written before step 7, so a kill at any moment leaves it serving a complete
@@ -54,6 +60,7 @@ import torch
 
 from .assistant import load_context_file
 from .audio import AudioError, read_wav
+from .decoder_train import DecoderTrainConfig, decoder_examples, train_decoder_adapter
 from .evaluate import score_answers, word_edits
 from .files import write_atomic
 from .hass import HOUSEHOLD_FILE
@@ -69,7 +76,15 @@ from .labels import (
 )
 from .manifest import Utterance, read_manifest, write_manifest
 from .memory import return_freed_memory
-from .model.bundle import BundleConfig, ProjectorInfo, load_bundle_config, load_projector
+from .model.bundle import (
+    BundleConfig,
+    BundleError,
+    ProjectorInfo,
+    load_bundle_config,
+    load_decoder_adapter,
+    load_projector,
+)
+from .model.decoder_adapter import Adapter, AdapterConfig, AdapterError, adapter_key
 from .model.projector import Projector, weights_key
 from .model.prompt import answer_ids
 from .model.speechllm import DECODING_VERSION, SpeechLLM
@@ -116,6 +131,12 @@ EARLY_STOP_EVERY = 6  # 1 in this many training utterances (and as many replayed
 # ... but at most this many: each of the training's validations runs the LLM over them (about 0.5 s
 # apiece at real size, 2 cores), and at 561 household utterances two took about 190 s of a 387 s training.
 EARLY_STOP_MAX = 32
+# Whisper's decoder adapters get this share of the training time (the projector the rest).
+DECODER_SHARE = 0.5
+# Replayed base-household utterances per household one for the decoder (benchmarks/decoder_adaptation.py:
+# 400 for 100 held the other voices over 20 epochs, 100 did not); one each where the cascade pads to 30 s
+# (each clip's features are then 1500 frames: memory).
+DECODER_REPLAY = 4
 
 
 @dataclass
@@ -139,6 +160,8 @@ class AdaptOptions:
     replay_n: int = 400
     general_n: int = 60
     lr: float = 3e-4
+    decoder_epochs: int = 20  # of Whisper's decoder adapters (0: the night trains the projector alone)
+    decoder_lr: float = 1e-3
     batch: int = 16
     # Utterances per forward/backward pass: at Qwen2.5-0.5B's size a step peaks ~0.36 GB over the model one
     # at a time, ~0.63 GB two at a time (benchmarks/RESULTS.md); the 3 GB budget takes one.
@@ -153,6 +176,18 @@ class AdaptOptions:
     @property
     def work(self) -> Path:
         return self.data_dir / ADAPT_DIR
+
+
+@dataclass
+class DecoderNight:
+    """What a night made of Whisper's decoder adapters: them, the cascade with them, and the verdict."""
+
+    adapter: Adapter | None
+    config: AdapterConfig
+    promote: bool
+    reason: str
+    after: dict[str, dict]  # the cascade's figures with them, per set
+    report: dict[str, Any]
 
 
 class Skip(Exception):
@@ -554,7 +589,22 @@ class Job:
             _LOGGER.info("loading %s (%s)", self.bundle, str(dtype).removeprefix("torch."))
             self.model = SpeechLLM.load(self.bundle, device=self.opts.device, dtype=dtype)
             self.report["dtype"] = str(dtype).removeprefix("torch.")
+            self._serve_decoder_adapter(self.model)
         return self.model
+
+    def _serve_decoder_adapter(self, model: SpeechLLM) -> None:
+        """The served version's Whisper decoder adapters, in the model's cascade (and so the teacher's)."""
+        name = self.report.get("serving_version") or BASE
+        if name == BASE:
+            return
+        try:
+            adapter = load_decoder_adapter(self.versions.path(name))
+            if adapter is not None:
+                model.set_decoder_adapter(adapter, self.versions.info(name).decoder)
+        except (BundleError, VersionError, AdapterError) as err:
+            _LOGGER.error(
+                "the decoder adapters of %s cannot be used (%s); the cascade runs without", name, err
+            )
 
     def _serving_projector(
         self, model: SpeechLLM
@@ -744,11 +794,14 @@ class Job:
 
         # Before: the served projector (and the cascade) on the held-out sets, sized to the budget.
         predictions = opts.work / PREDICTIONS_DIR
-        cascade_cache = Predictions(predictions, "cascade-" + encoder_fingerprint(model.encoder))
+        served_adapter = model.decoder_adapter
+        cascade_cache = self._cascade_cache(model, served_adapter[0] if served_adapter else None)
         serving_cache = Predictions(predictions, weights_key(serving)) if serving is not None else None
         shipped_cache = Predictions(predictions, weights_key(shipped[0])) if shipped else None
         per_item = self._time_one(model, serving, held_items[0])
-        held_items, general_items = self._fit_validation(per_item, held_items, general_items, shipped_cache)
+        held_items, general_items = self._fit_validation(
+            per_item, held_items, general_items, shipped_cache, served_adapter is not None
+        )
         data.update(heldout_evaluated=len(held_items), general_evaluated=len(general_items))
         before, before_answers = self._evaluate(model, serving, serving_cache, held_items, general_items)
         shipped_answers = None
@@ -757,19 +810,31 @@ class Job:
                 model, shipped[0], shipped_cache, [], general_items, with_loss=opts.decide_on == "loss"
             )
             report["shipped"] = {"general": figures["general"]}
-        held_refs = [it.utterance for it in held_items]
-        cascade = score_answers(held_refs, answers(model, held_items, "cascade", cascade_cache))
+        cascade_sets = {"household": held_items}
+        if opts.decoder_epochs:  # the adapters' gate reads the other voices too
+            cascade_sets["general"] = general_items
+        cascade_answers = {
+            name: answers(model, items, "cascade", cascade_cache) for name, items in cascade_sets.items()
+        }
         cascade_cache.save()
         report["before"] = before
         self._memory("validated the served projector")
-        report["cascade"] = {"household": cascade}
+        report["cascade"] = {
+            name: score_answers([it.utterance for it in items], cascade_answers[name])
+            for name, items in cascade_sets.items()
+        }
 
         # Train within what is left of the budget (keeping time for validating the candidate).
         loss_s = sum(before[name].get("loss_s", 0.0) for name in ("household", "general"))  # never cached
-        candidate_eval_s = per_item * (len(held_items) + len(general_items)) + loss_s + 5
+        candidate_eval_s = (
+            per_item * (len(held_items) + len(general_items)) * (2.5 if opts.decoder_epochs else 1)
+        )
+        candidate_eval_s += loss_s + 5  # (the adapters' cascade: 1.5x an aligned answer)
         # At least a quarter of the budget: a first night that spent it rendering replay speech and
         # computing features should still learn something (the budget is a target, not a wall).
         train_s = max(0.25 * self.budget_s, self.budget_s - self.elapsed() - candidate_eval_s)
+        decoder_s = DECODER_SHARE * train_s if opts.decoder_epochs else 0.0
+        train_s -= decoder_s
         out = opts.work / "candidate"
         manifests = self._manifests(train_pairs, replay)
         # A few hundred utterances are learnt by heart long before the budget ends (a validation every
@@ -842,50 +907,78 @@ class Job:
                 report["changes"] = paired  # per set and metric, the utterances that got [worse, better]
             shipped_general = report["shipped"]["general"] if shipped else None
             promote, reason = decide(after, before, opts.tolerance, paired, opts.decide_on, shipped_general)
+        night = None
+        if opts.decoder_epochs:
+            try:
+                night = self._decoder_night(
+                    model, train_pairs, replay_all, cascade_sets, cascade_answers, decoder_s, cache
+                )
+                report["decoder"] = night.report
+            except Exception as err:  # whatever stops the adapters must not cost the night its projector
+                _LOGGER.exception("training Whisper's decoder adapters failed")
+                report["decoder"] = {"error": f"{type(err).__name__}: {err}", "promoted": False}
         if deleted := self._gone(set(self.clips)):
             # What the household deleted is not learnt from: a candidate goes, promoted or not, and the
             # labels are not recorded as learnt, so the next night counts them as new again.
-            promote, candidate = False, None
+            promote, candidate, night = False, None, None
             reason = (
                 f"{len(deleted)} recording(s) it learnt from or was judged on were deleted while it ran: "
                 "nothing it trained is kept (the next night learns without them)"
             )
-        report.update(reason=reason, status="promoted" if promote else "rejected")
-        if candidate is not None:
-            # Kept either way: a rejected one on record, for the household to serve anyway if it disagrees.
+        elif night is not None:
+            reason = f"projector: {reason}; decoder: {night.reason}"
+        decoder_ok = night is not None and night.promote
+        promoted = promote or decoder_ok
+        report.update(reason=reason, status="promoted" if promoted else "rejected")
+        # The version: each part the night's own where its gate passed, the served one where the other
+        # part's passed, and when neither passed, the night's candidates (kept on record, rejected).
+        if candidate is not None and (promote or not decoder_ok):
+            projector, p_info, aligned = candidate, candidate_info, after
+        else:
+            projector, p_info, aligned = serving, serving_info, before
+        if night is not None and night.adapter is not None and (decoder_ok or not promote):
+            adapter, cascade_figures = (night.adapter, night.config), night.after
+        else:
+            adapter, cascade_figures = served_adapter, report["cascade"]
+        news = candidate is not None or (night is not None and night.adapter is not None)
+        if projector is not None and p_info is not None and news:
             assert self.bundle_cfg is not None
             decision = (
                 {"promoted_at": time.time()}
-                if promote
+                if promoted
                 else {"rejected": {"reason": reason, "at": time.time()}}
             )
             info = replace(
-                candidate_info,
+                p_info,
                 encoder=self.bundle_cfg.encoder,
                 llm=self.bundle_cfg.llm,
                 data_hash=data_hash,
-                trained=True,
+                trained=p_info.trained or projector is candidate,
+                decoder=adapter[1] if adapter else None,
                 metrics={
-                    "household": after["household"],
-                    "general": after["general"],
-                    "cascade": {"household": cascade},
+                    "household": aligned["household"],
+                    "general": aligned["general"],
+                    "cascade": cascade_figures,
                     "before": {"version": serving_name, **before},
                     "run": report["run"],
                     **decision,
                     "labels": data["sources"],
                 },
             )
-            name = self.versions.add(candidate, info)
-            if promote:
+            name = self.versions.add(projector, info, adapter[0] if adapter else None)
+            if promoted:
                 self.versions.promote(name)
                 report["path_auto"] = "aligned" if household_validated(info) else "cascade"
             report.update(version=name, pruned=self.versions.prune(opts.keep))
         if not deleted:
             self._save_state(data_hash, digests)
         keep = {cascade_cache.path, *(c.path for c in (serving_cache, shipped_cache) if c is not None)}
+        keep.add(self._cascade_cache(model, None).path)
         for name in self.versions.names():
-            with suppress(VersionError):
+            with suppress(VersionError, BundleError):
                 keep.add(Predictions(predictions, weights_key(self.versions.load(name)[0])).path)
+                if (kept_adapter := load_decoder_adapter(self.versions.path(name))) is not None:
+                    keep.add(self._cascade_cache(model, kept_adapter).path)
         for path in predictions.glob("*.json"):
             if path not in keep:
                 path.unlink(missing_ok=True)
@@ -894,6 +987,84 @@ class Job:
             audios = [a for _, a in train_pairs + held_pairs]
             audios += [a for _, a in _readable(replay_all) + _readable(general_utts)]
             data["features_pruned"] = prune_features(cache.folder.parent, audios)
+
+    def _cascade_cache(self, model: SpeechLLM, adapter: Adapter | None) -> Predictions:
+        """The cascade's kept answers, with these decoder adapters (None: Whisper's decoder as built)."""
+        key = "cascade-" + encoder_fingerprint(model.encoder)
+        return Predictions(
+            self.opts.work / PREDICTIONS_DIR, key + (f"-{adapter_key(adapter)}" if adapter else "")
+        )
+
+    def _decoder_night(
+        self,
+        model: SpeechLLM,
+        train_pairs: list[tuple[Label, np.ndarray]],
+        replay_all: list[Utterance],
+        sets: dict[str, list[Item]],
+        served_answers: dict[str, list[tuple[str, Intent | None]]],
+        max_s: float,
+        cache: FeatureCache,
+    ) -> DecoderNight:
+        """Train Whisper's decoder adapters (from the served ones) on the household's transcripts and a
+        replay sample, within `max_s`; score the cascade with them against the served cascade, and,
+        when adapters are served, against Whisper's decoder as built on the other voices (as the
+        projector is held to the shipped one); decide by the same rule as the projector."""
+        opts, t0 = self.opts, time.monotonic()
+        served = model.decoder_adapter
+        rng = random.Random(f"decoder/{self.report['data_hash']}")
+        per_item = 1 if model.cascade_pad_30s else DECODER_REPLAY
+        replay = rng.sample(replay_all, min(len(replay_all), per_item * len(train_pairs)))
+        texts = [lab.text for lab, _ in train_pairs] + [u.text for u in replay]
+        audios = [a for _, a in train_pairs] + [read_wav(u.audio) for u in replay]
+        examples = decoder_examples(model, texts, audios, None if model.cascade_pad_30s else cache)
+        cfg = DecoderTrainConfig(
+            epochs=opts.decoder_epochs, lr=opts.decoder_lr, batch=opts.batch, seed=opts.seed,
+            max_s=max(0.0, max_s - (time.monotonic() - t0)),
+        )  # fmt: skip
+        _LOGGER.info(
+            "training Whisper's decoder adapters for up to %.0f s on %d household and %d replay transcripts",
+            cfg.max_s, len(train_pairs), len(replay),
+        )  # fmt: skip
+        with model.separate_decoder():
+            result = train_decoder_adapter(model, examples, cfg, *(served or (None, None)))
+            mine = self._cascade_cache(model, result.adapter)
+            got = {name: answers(model, items, "cascade", mine) for name, items in sets.items()}
+        mine.save()
+        config = served[1] if served else AdapterConfig()
+        figures = {
+            name: score_answers([it.utterance for it in items], got[name]) for name, items in sets.items()
+        }
+        paired = {
+            name: paired_changes(items, served_answers[name], got[name]) for name, items in sets.items()
+        }
+        built = None
+        if served is not None:  # the other voices as Whisper's decoder as built hears them
+            model.set_decoder_adapter(None)
+            plain = self._cascade_cache(model, None)
+            plain_answers = answers(model, sets["general"], "cascade", plain)
+            plain.save()
+            model.set_decoder_adapter(*served)
+            built = score_answers([it.utterance for it in sets["general"]], plain_answers)
+            paired["shipped"] = paired_changes(sets["general"], plain_answers, got["general"])
+        promote, reason = decide(figures, self.report["cascade"], opts.tolerance, paired, "answers", built)
+        self._memory("trained and validated the decoder adapters")
+        report = {
+            "seconds": round(time.monotonic() - t0, 1),
+            "train_s": round(result.seconds, 1),
+            "budget_s": round(max_s, 1),
+            "examples": {"household": len(train_pairs), "replay": len(replay)},
+            "steps": result.steps,
+            "epochs": result.epochs,
+            "loss_curve": result.loss_curve,
+            "lr": opts.decoder_lr,
+            "init": "served" if served else None,
+            "after": figures,
+            "changes": paired,
+            **({"built": {"general": built}} if built else {}),
+            "reason": reason,
+            "promoted": promote,
+        }
+        return DecoderNight(result.adapter, config, promote, reason, figures, report)
 
     def _memory(self, stage: str) -> None:
         """Resident memory at a stage of the run (Linux), for the report."""
@@ -936,18 +1107,27 @@ class Job:
         return max(1e-3, time.perf_counter() - t0)
 
     def _fit_validation(
-        self, per_item: float, held: list[Item], general: list[Item], shipped: Predictions | None
+        self,
+        per_item: float,
+        held: list[Item],
+        general: list[Item],
+        shipped: Predictions | None,
+        adapter_served: bool,
     ) -> tuple[list[Item], list[Item]]:
         """Trim the held-out sets (general first, never below a minimum) so that validating the served
         projector, the cascade and the candidate (and the `shipped` projector on the general set, when
-        its answers are not cached) takes at most half of what is left of the budget. (Answers of the
-        served projector and the cascade are cached across nights, so this is the first night's worst
-        case.)"""
+        its answers are not cached), and the cascade with the night's decoder adapters on both sets
+        (and with the served ones and none on the general set) takes at most half of what is left of the
+        budget. (Answers of the served projector and the cascade are cached across nights, so this is
+        the first night's worst case.)"""
         allowance = 0.5 * max(0.0, self.budget_s - self.elapsed())
         anchor = shipped is not None and any(answer_key(it) not in shipped.data for it in general)
+        decoder = bool(self.opts.decoder_epochs)
 
-        def cost(nh: int, ng: int) -> float:  # served + cascade (1.5x) + candidate on household; 2x general
-            return per_item * (3.5 * nh + (2 + anchor) * ng)
+        def cost(nh: int, ng: int) -> float:  # a cascade answer costs 1.5 aligned ones
+            aligned = 2 * nh + (2 + anchor) * ng  # served and candidate projector (+ shipped: general)
+            cascade = nh + decoder * (nh + (2 + adapter_served) * ng)  # served (+ night's, + built)
+            return per_item * (aligned + 1.5 * cascade)
 
         nh, ng = len(held), len(general)
         while cost(nh, ng) > allowance and ng > MIN_EVAL_ITEMS:
@@ -1149,6 +1329,13 @@ def add_adapt_args(parser: argparse.ArgumentParser) -> None:
         "--general-n", type=int, default=d.general_n, help="base-household held-out utterances"
     )
     parser.add_argument("--lr", type=float, default=d.lr, help="learning rate of the fine-tuning")
+    parser.add_argument(
+        "--decoder-epochs", type=int, default=d.decoder_epochs,
+        help="passes of Whisper's decoder adapters over the household's transcripts (0: not trained)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--decoder-lr", type=float, default=d.decoder_lr, help="learning rate of the adapters"
+    )
     parser.add_argument("--batch", type=int, default=d.batch)
     add_micro_batch_arg(parser, d.micro_batch)
     parser.add_argument("--seed", type=int, default=d.seed)

@@ -156,6 +156,8 @@ class Assistant:
         self.store = store
         self.household = household
         self.projector_version = projector_version
+        # The version whose Whisper decoder adapters serve the cascade (None: the decoder as built).
+        self.cascade_version: str | None = None
         self.min_confidence = min_confidence
         self._recent: OrderedDict[str, _Recent] = OrderedDict()
         self._logging: set[asyncio.Task[int | None]] = set()
@@ -195,7 +197,9 @@ class Assistant:
         interaction.confidence = result.confidence
         interaction.latency_ms = latency_ms
         interaction.model_ms = result.latency_ms
-        interaction.projector_version = self.projector_version if result.path != "cascade" else None
+        interaction.projector_version = (
+            self.projector_version if result.path != "cascade" else self.cascade_version
+        )
         row = self._log(interaction, audio)
         if result.transcript:
             self._remember(result.transcript, _Recent(answer, row, time.monotonic()))

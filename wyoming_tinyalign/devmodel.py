@@ -384,8 +384,8 @@ def decoder_loss(
     no padding mask)."""
     eos = whisper.generation_config.eos_token_id
     width = max(len(ids) for ids in sequences) + 1
-    dec = torch.full((len(sequences), width), pad_id)
-    labels = torch.full((len(sequences), width), -100)
+    dec = torch.full((len(sequences), width), pad_id, device=feats.device)
+    labels = torch.full((len(sequences), width), -100, device=feats.device)
     for i, ids in enumerate(sequences):
         target = [*ids, eos]
         dec[i, : len(ids)] = torch.tensor(ids)

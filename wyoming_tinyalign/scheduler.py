@@ -43,7 +43,7 @@ from .model.projector import Projector
 from .models import ModelChoice
 from .versions import BASE, VersionError, Versions, check_fits, record_model
 from .web import Metrics, WebContext, build_app, load_token
-from .worker import InferenceWorker
+from .worker import InferenceWorker, ServedAdapter
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -151,6 +151,7 @@ class Nightly:
         ]  # fmt: skip
         self.served_name = BASE
         self.version = base_version
+        self.adapted = False  # the served version has Whisper decoder adapters (it serves the cascade too)
         self.model_name = choice.name
         self.app: Any = None
         self.metrics = Metrics()
@@ -175,25 +176,32 @@ class Nightly:
         try:
             name = nightly.versions.current()
             if name != BASE:
-                projector, info = nightly._load(name)
-                worker.replace_projector(projector, info)
+                projector, info, adapter = nightly._load(name)
+                worker.replace_projector(projector, info, adapter)
                 nightly.served_name, nightly.version = name, name
-                _LOGGER.info("serving household projector %s (path %s)", name, worker.path)
+                nightly.adapted = adapter is not None
+                _LOGGER.info(
+                    "serving household version %s (path %s%s)",
+                    name, worker.path, ", with Whisper decoder adapters" if adapter else "",
+                )  # fmt: skip
         except (VersionError, BundleError, ValueError) as err:
             _LOGGER.error("projector version refused, serving the bundle's own projector: %s", err)
         return nightly
 
-    def _load(self, name: str) -> tuple[Projector | None, ProjectorInfo | None]:
-        """A version (or `base`: the bundle's projector), checked against the served bundle."""
+    def _load(self, name: str) -> tuple[Projector | None, ProjectorInfo | None, ServedAdapter | None]:
+        """A version (or `base`: the bundle's projector, no decoder adapters), checked against the
+        served bundle."""
         model = self.worker.model
+        adapter = None
         if name == BASE:
             if not self.bundle_cfg.projector:
-                return None, None
+                return None, None, None
             projector, info = load_projector(self.choice.folder / self.bundle_cfg.projector, "cpu")
         else:
             projector, info = self.versions.load(name)
+            adapter = self.versions.adapter(name)
         check_fits(info, self.bundle_cfg, model.encoder.dim, model.llm.config.hidden_size)
-        return projector.to(model.device), info
+        return projector.to(model.device), info, adapter
 
     # --------------------------------------------------------------------------------- serving life
     @property
@@ -297,8 +305,8 @@ class Nightly:
             if name in (self.served_name, self._refused):
                 return self.served_name
             try:
-                projector, info = await asyncio.to_thread(self._load, name)
-                path = await self.worker.swap_projector(projector, info)
+                projector, info, adapter = await asyncio.to_thread(self._load, name)
+                path = await self.worker.swap_projector(projector, info, adapter)
             except (VersionError, BundleError, ValueError, OSError) as err:
                 _LOGGER.error("projector %s refused: %s; still serving %s", name, err, self.served_name)
                 self._refused = name
@@ -308,8 +316,10 @@ class Nightly:
             self._refused = None
             self.served_name = name
             self.version = self.base_version if name == BASE else name
+            self.adapted = adapter is not None
             if self.app is not None:
                 self.app.assistant.projector_version = self.version
+                self.app.assistant.cascade_version = self.version if self.adapted else None
                 self.app.set_info(with_model_version(self.app.info, self.version or ""))
             _LOGGER.info("projector %s now serving (path %s), without a restart", self.version, path)
             return name

@@ -226,8 +226,10 @@ def _load(args: argparse.Namespace) -> tuple[App, AsyncServer, str | None]:
         streaming=not args.no_streaming,
         tts_uri=args.tts_uri,
     )
+    assistant = Assistant(worker, store, household, version, args.min_confidence)
+    assistant.cascade_version = version if nightly.adapted else None
     app = App(
-        assistant=Assistant(worker, store, household, version, args.min_confidence),
+        assistant=assistant,
         settings=settings,
         info=build_info(choice.name, description, version, settings).event(),
         max_connections=args.max_connections,

@@ -4,7 +4,8 @@
     DATA_DIR/projectors/v0001.safetensors    the nights' candidates, numbered in the order they were made;
     DATA_DIR/projectors/v0002.safetensors    each is a full self-describing checkpoint (`save_projector`)
     ...                                      whose `metrics` hold its validation (household, general,
-                                             cascade) and, for one its night did not promote, `rejected`
+                                             cascade) and, for one its night did not promote, `rejected`;
+                                             it may hold Whisper decoder adapters too (the cascade's)
     DATA_DIR/projectors/current              the pointer: `v0002`, or `base` (the bundle's own projector)
 
 A version file is written completely (temporary file, fsync, rename) before the pointer names it, and the
@@ -33,10 +34,12 @@ from .model.bundle import (
     BundleError,
     ProjectorInfo,
     load_bundle_config,
+    load_decoder_adapter,
     load_projector,
     read_projector_info,
     save_projector,
 )
+from .model.decoder_adapter import Adapter, AdapterConfig
 from .model.projector import Projector
 
 _LOGGER = logging.getLogger(__name__)
@@ -54,11 +57,13 @@ class VersionError(ValueError):
 
 @dataclass(frozen=True)
 class Served:
-    """What the data dir serves: the version's name (or `base`), its projector and self-description."""
+    """What the data dir serves: the version's name (or `base`), its projector and self-description,
+    and its Whisper decoder adapters (None: the decoder as built)."""
 
     name: str
     projector: Projector | None
     info: ProjectorInfo | None
+    adapter: tuple[Adapter, AdapterConfig] | None = None
 
 
 class Versions:
@@ -99,6 +104,14 @@ class Versions:
         except BundleError as err:
             raise VersionError(str(err)) from err
 
+    def adapter(self, name: str) -> tuple[Adapter, AdapterConfig] | None:
+        """A version's Whisper decoder adapters with their shape (None: it has none)."""
+        try:
+            adapter = load_decoder_adapter(self.path(name))
+            return None if adapter is None else (adapter, self.info(name).decoder or AdapterConfig())
+        except BundleError as err:
+            raise VersionError(str(err)) from err
+
     def info(self, name: str) -> ProjectorInfo:
         """A version's self-description (its file's header: the weights are not read)."""
         try:
@@ -113,8 +126,9 @@ class Versions:
         except VersionError:
             return True
 
-    def add(self, projector: Projector, info: ProjectorInfo) -> str:
-        """Write the next version (complete before it is visible); the pointer is not touched."""
+    def add(self, projector: Projector, info: ProjectorInfo, adapter: Adapter | None = None) -> str:
+        """Write the next version (with Whisper decoder adapters of `info.decoder`, if any; complete
+        before it is visible); the pointer is not touched."""
         self.folder.mkdir(parents=True, exist_ok=True)
         numbers = [_number(n) for n in self.names()]
         with_pointer = self.current()
@@ -122,7 +136,7 @@ class Versions:
             numbers.append(_number(with_pointer))
         name = f"v{max(numbers, default=0) + 1:04d}"
         info.metrics = {**info.metrics, "version": name}
-        save_projector(self.path(name), projector, info)
+        save_projector(self.path(name), projector, info, adapter)
         _fsync_dir(self.folder)
         return name
 
@@ -179,7 +193,8 @@ class Versions:
         for name in reversed(self.names()):
             entry: dict[str, Any] = {"name": name, "current": name == current}
             try:
-                entry["metrics"] = self.info(name).metrics
+                info = self.info(name)
+                entry["metrics"], entry["decoder"] = info.metrics, info.decoder is not None
             except VersionError as err:
                 entry["error"] = str(err)
             items.append(entry)
@@ -278,7 +293,7 @@ def served(data_dir: Path, bundle: Path, encoder_dim: int, llm_dim: int, device:
         return Served(BASE, None, None)
     projector, info = versions.load(name, device)
     check_fits(info, load_bundle_config(bundle), encoder_dim, llm_dim)
-    return Served(name, projector, info)
+    return Served(name, projector, info, versions.adapter(name))
 
 
 def load_household_model(
@@ -292,4 +307,6 @@ def load_household_model(
     current = served(data_dir, bundle, model.encoder.dim, model.llm.config.hidden_size, device)
     if current.projector is not None:
         model.projector, model.projector_info = current.projector, current.info
+    if current.adapter is not None:
+        model.set_decoder_adapter(*current.adapter)
     return model, current.name

@@ -18,6 +18,7 @@ import numpy as np
 from .audio import pcm_to_float
 from .intents import Intent
 from .model.bundle import ProjectorInfo
+from .model.decoder_adapter import Adapter, AdapterConfig
 from .model.projector import Projector
 from .model.speechllm import PATHS, Result, SpeechLLM
 from .versions import household_validated
@@ -25,6 +26,7 @@ from .versions import household_validated
 _LOGGER = logging.getLogger(__name__)
 
 PATH_CHOICES = ("auto", *PATHS)
+ServedAdapter = tuple[Adapter, AdapterConfig]
 T = TypeVar("T")
 
 
@@ -95,23 +97,34 @@ class InferenceWorker:
         """Text -> intent with the LLM."""
         return await self._submit(self.model.understand_text, text, context)
 
-    def replace_projector(self, projector: Projector | None, info: ProjectorInfo | None) -> str:
-        """Serve another projector (and re-choose an `auto` path); returns the path now served. Call it
-        on the inference thread (`swap_projector`) or before serving starts."""
-        before = self.model.projector, self.model.projector_info
-        self.model.projector = projector.eval() if projector is not None else None
-        self.model.projector_info = info
+    def replace_projector(
+        self, projector: Projector | None, info: ProjectorInfo | None, adapter: ServedAdapter | None = None
+    ) -> str:
+        """Serve another projector and Whisper decoder adapters (None: the decoder as built), and
+        re-choose an `auto` path; returns the path now served. Call it on the inference thread
+        (`swap_projector`) or before serving starts."""
+        model = self.model
+        before = model.projector, model.projector_info
+        model.projector = projector.eval() if projector is not None else None
+        model.projector_info = info
         try:
-            self.path = choose_path(self.requested_path, self.model)
-        except ValueError:  # e.g. --path aligned and no projector: keep serving the old one
-            self.model.projector, self.model.projector_info = before
+            path = choose_path(self.requested_path, model)
+            if adapter is None:
+                model.set_decoder_adapter(None)
+            else:  # checked whole before a weight changes
+                model.set_decoder_adapter(*adapter)
+        except ValueError:  # --path aligned and no projector, adapters that do not fit: keep the old
+            model.projector, model.projector_info = before
             raise
-        return self.path
+        self.path = path
+        return path
 
-    async def swap_projector(self, projector: Projector | None, info: ProjectorInfo | None) -> str:
+    async def swap_projector(
+        self, projector: Projector | None, info: ProjectorInfo | None, adapter: ServedAdapter | None = None
+    ) -> str:
         """Hot-swap between requests: queued like a request, so every request runs wholly on the old
-        projector or wholly on the new one."""
-        return await self._submit(self.replace_projector, projector, info)
+        version or wholly on the new one."""
+        return await self._submit(self.replace_projector, projector, info, adapter)
 
     def close(self) -> None:
         """Finish the queued jobs, then stop the thread (blocking: call it off the event loop)."""

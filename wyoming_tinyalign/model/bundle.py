@@ -3,7 +3,9 @@
     bundle/
       bundle.json            backbone ids (hub ids or folders relative to the bundle), prompt, metadata
       projector.safetensors  the trained projector; its header holds its config, the encoder and LLM ids
-                             it was aligned to, the training data hash and metrics (self-describing)
+                             it was aligned to, the training data hash and metrics (self-describing);
+                             a household version may also hold adapters for Whisper's decoder
+                             (tensors under `decoder.`, their shape in the header: `decoder_adapter.py`)
       whisper/, llm/         only for locally built models (e.g. the offline dev model)
 
 Weights are safetensors only; models are never loaded with `trust_remote_code`.
@@ -20,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from ..files import write_atomic
+from .decoder_adapter import PREFIX, Adapter, AdapterConfig
 from .projector import Projector, ProjectorConfig, build_projector
 
 BUNDLE_FILE = "bundle.json"
@@ -58,6 +61,7 @@ class ProjectorInfo:
     # The loss it was aligned with (`train.OBJECTIVES`): a night fine-tunes it with the same one.
     objective: str = "embedlink"
     embedlink_weight: float = 1.0  # of the EmbedLink term of the combined objective
+    decoder: AdapterConfig | None = None  # the shape of the Whisper decoder adapters the file holds
 
 
 def save_bundle_config(folder: Path, cfg: BundleConfig) -> None:
@@ -79,8 +83,13 @@ def load_bundle_config(folder: Path) -> BundleConfig:
     return cfg
 
 
-def save_projector(path: Path, projector: Projector, info: ProjectorInfo) -> None:
-    """Save weights and self-description in one safetensors file, atomically."""
+def save_projector(
+    path: Path, projector: Projector, info: ProjectorInfo, adapter: Adapter | None = None
+) -> None:
+    """Save weights (and Whisper decoder adapters, of `info.decoder`) and self-description in one
+    safetensors file, atomically."""
+    if (adapter is None) != (info.decoder is None):
+        raise ValueError("decoder adapters are saved with their shape (info.decoder), and only then")
     meta = {
         "config": json.dumps(info.config.to_dict()),
         "encoder": info.encoder,
@@ -92,6 +101,9 @@ def save_projector(path: Path, projector: Projector, info: ProjectorInfo) -> Non
         "embedlink_weight": json.dumps(info.embedlink_weight),
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in projector.state_dict().items()}
+    if adapter is not None and info.decoder is not None:
+        meta["decoder"] = json.dumps(info.decoder.to_dict())
+        tensors |= {PREFIX + k: v.detach().to("cpu").contiguous() for k, v in adapter.items()}
     write_atomic(Path(path), save(tensors, metadata=meta))
 
 
@@ -115,6 +127,7 @@ def read_projector_info(path: Path) -> ProjectorInfo:
             metrics=json.loads(meta.get("metrics", "{}")),
             objective=meta.get("objective", "embedlink"),
             embedlink_weight=float(json.loads(meta.get("embedlink_weight", "1.0"))),
+            decoder=AdapterConfig(**json.loads(meta["decoder"])) if "decoder" in meta else None,
         )
     except (KeyError, TypeError, ValueError) as err:
         raise BundleError(f"projector weights {path} have no valid self-description ({err})") from err
@@ -129,7 +142,22 @@ def load_projector(path: Path, device: str | torch.device = "cpu") -> tuple[Proj
         raise BundleError(f"projector weights {path} are corrupt or truncated ({err})") from err
     projector = build_projector(info.config)
     try:
-        projector.load_state_dict(tensors, strict=True)
+        projector.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(PREFIX)}, strict=True)
     except RuntimeError as err:
         raise BundleError(f"projector weights {path} do not fit their config: {err}") from err
     return projector.to(device).eval(), info
+
+
+def load_decoder_adapter(path: Path) -> Adapter | None:
+    """The Whisper decoder adapters a version file holds (None: it holds none)."""
+    info = read_projector_info(path)
+    if info.decoder is None:
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            adapter = {k[len(PREFIX) :]: f.get_tensor(k) for k in f.keys() if k.startswith(PREFIX)}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as err:
+        raise BundleError(f"decoder adapters in {path} are corrupt or truncated ({err})") from err
+    if not adapter:
+        raise BundleError(f"{path} says it holds decoder adapters, but has none")
+    return adapter

@@ -43,6 +43,7 @@ from transformers import (
 
 from ..intents import Intent, parse_answer, parse_intent
 from .bundle import BundleConfig, BundleError, ProjectorInfo, load_bundle_config, load_projector
+from .decoder_adapter import Adapter, AdapterConfig, install
 from .encoder import AudioEncoder
 from .projector import Projector
 from .prompt import PromptTemplate
@@ -206,6 +207,9 @@ class SpeechLLM:
         self.template = template
         self.projector = projector.eval() if projector is not None else None
         self.projector_info = projector_info
+        # Household adapters served in Whisper's decoder (`set_decoder_adapter`), with their shape.
+        self.decoder_adapter: tuple[Adapter, AdapterConfig] | None = None
+        self._separated = False
         self.cascade_pad_30s = cascade_pad_30s
         self.max_new_tokens = max_new_tokens
         # Token ids of the prompt around the audio slot, per household context (tokenized once), and the
@@ -260,18 +264,31 @@ class SpeechLLM:
         For a job that trains afterwards: the model's own Whisper then only ever reads its encoder, and
         the pages of the checkpoint that the decoder reads (about 200 MB at whisper-base, memory-mapped)
         go with the second load at the end of the block. (Without `whisper_ref` the block uses the
-        model's own Whisper.)"""
+        model's own Whisper.) The second load serves the same decoder adapters; a block inside the
+        block uses the same second load."""
         own = self.whisper
+        if self._separated:
+            yield
+            return
         if self.whisper_ref is not None:
             try:
                 second = load_whisper(self.whisper_ref, own.dtype)
             except OSError as err:
                 raise BundleError(f"cannot load Whisper again from {self.whisper_ref}: {err}") from err
             self.whisper = second.to(own.device).eval().requires_grad_(False)
+            if self.decoder_adapter is not None:
+                install(self.whisper, *self.decoder_adapter)
+        self._separated = True
         try:
             yield
         finally:
-            self.whisper = own
+            self.whisper, self._separated = own, False
+
+    def set_decoder_adapter(self, adapter: Adapter | None, config: AdapterConfig | None = None) -> None:
+        """Serve household adapters in Whisper's decoder (the cascade), or none (`None`)."""
+        config = config or AdapterConfig()
+        install(self.whisper, adapter, config)
+        self.decoder_adapter = None if adapter is None else (adapter, config)
 
     @property
     def device(self) -> torch.device:

@@ -641,9 +641,17 @@ def _run_row(run: dict[str, Any], kept: set[str]) -> str:
     if gpu := report.get("peak_cuda_mb"):  # a night on CUDA
         peaks.append(f"{gpu:.0f} MB on the GPU")
     memory = f'<div class="small">{" &middot; ".join(peaks)}</div>' if peaks else ""
+    ear = ""
+    if decoder := report.get("decoder"):  # Whisper's decoder adapters: the cascade before -> with them
+        figures = [
+            f"{_pct(_figure(report, 'cascade', m))} &rarr; {_pct(_figure(decoder, 'after', m))} {label}"
+            for m, label in (("intent_accuracy", "intents"), ("wer", "WER"))
+        ]
+        kept = "kept" if decoder.get("promoted") else "not kept"
+        ear = f'<div class="small">Whisper\'s decoder ({kept}): {", ".join(figures)}</div>'
     return f"""<tr class="run {escape(run["status"])}">
 <td data-label="Started" class="nowrap">{_when(run["started_at"])}</td>
-<td data-label="Result"><b>{status}</b><div class="small">{escape(run["reason"] or "")}</div></td>
+<td data-label="Result"><b>{status}</b><div class="small">{escape(run["reason"] or "")}</div>{ear}</td>
 <td data-label="Data">{" &middot; ".join(sizes) or "-"}</td>
 <td data-label="Labels">{sources or "-"}</td>
 <td data-label="Intent accuracy" class="nowrap">{before_after[0]}</td>
@@ -667,9 +675,10 @@ def _version_rows(listing: dict[str, Any], served: str) -> str:
             else f'<button type="button" class="rollback" data-to="{escape(name)}"{flag}>{label}</button>'
         )
         what = (
-            "the model's own projector"
+            "the model's own projector and Whisper as built"
             if name == BASE
             else _made(metrics, why=True)
+            + ('<div class="small">and Whisper decoder adapters</div>' if entry.get("decoder") else "")
             if "error" not in entry
             else escape(entry["error"])
         )

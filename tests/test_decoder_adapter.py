@@ -1,0 +1,142 @@
+"""Whisper decoder adapters: trained, stored in a version beside the projector, served and taken back.
+
+All on the micro model's own Whisper, with its real cascade decoding."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wyoming_tinyalign.decoder_train import DecoderTrainConfig, decoder_examples, train_decoder_adapter
+from wyoming_tinyalign.model.bundle import BundleError, load_decoder_adapter, load_projector, save_projector
+from wyoming_tinyalign.model.decoder_adapter import AdapterConfig, AdapterError
+from wyoming_tinyalign.model.speechllm import SpeechLLM
+from wyoming_tinyalign.versions import Versions, load_household_model, record_model
+from wyoming_tinyalign.worker import InferenceWorker, PcmSegment
+
+PHRASE = "turn on the zebra lamp"
+
+
+def _audio(seed: int) -> np.ndarray:
+    """One second of noise, on the 16-bit grid (so that it reaches the worker as PCM unchanged)."""
+    noise = np.random.default_rng(seed).standard_normal(16000) * 0.1
+    return (np.round(noise * 32768) / 32768).astype(np.float32)
+
+
+def _heard(model: SpeechLLM, audio: np.ndarray) -> str:
+    return model.run(audio, "cascade", with_intent=False).transcript
+
+
+@pytest.fixture(scope="module")
+def trained(micro_model: Path) -> tuple[SpeechLLM, dict, str]:
+    """The micro model with adapters trained to hear PHRASE in one noise clip; what it heard before."""
+    torch.manual_seed(0)
+    model = SpeechLLM.load(micro_model)
+    before = _heard(model, _audio(0))
+    examples = decoder_examples(model, [PHRASE] * 8, [_audio(0)] * 8)
+    with model.separate_decoder():
+        result = train_decoder_adapter(model, examples, DecoderTrainConfig(epochs=30, batch=4, max_s=120))
+        assert _heard(model, _audio(0)) == PHRASE  # the second load learnt it ...
+    assert _heard(model, _audio(0)) == before != PHRASE  # ... the model's own Whisper is as it was
+    assert result.steps == 60 and result.epochs == 30 and result.loss_curve[-1] < result.loss_curve[0]
+    return model, result.adapter, before
+
+
+def test_adapters_serve_and_come_off_again(trained: tuple[SpeechLLM, dict, str]) -> None:
+    model, adapter, before = trained
+    model.set_decoder_adapter(adapter)
+    assert _heard(model, _audio(0)) == PHRASE
+    with model.separate_decoder():  # the night's second load of Whisper serves them too
+        assert _heard(model, _audio(0)) == PHRASE
+    model.set_decoder_adapter(None)
+    assert _heard(model, _audio(0)) == before
+    assert model.encode(_audio(1)).shape[0] > 0  # the encoder is never touched
+
+
+def test_adapters_that_do_not_fit_are_refused_whole(trained: tuple[SpeechLLM, dict, str]) -> None:
+    model, adapter, before = trained
+    model.set_decoder_adapter(adapter)
+    broken = dict(adapter)
+    key = next(iter(broken))
+    broken[key] = torch.zeros(3, 3)
+    with pytest.raises(AdapterError, match="needs"):
+        model.set_decoder_adapter(broken)
+    with pytest.raises(AdapterError, match="do not fit"):
+        model.set_decoder_adapter({k: v for k, v in adapter.items() if k != key})
+    with pytest.raises(AdapterError, match="rank=16"):
+        model.set_decoder_adapter(adapter, AdapterConfig(rank=8, alpha=16))
+    assert _heard(model, _audio(0)) == PHRASE  # still serving what it served
+    model.set_decoder_adapter(None)
+
+
+def test_a_version_carries_adapters_beside_its_projector(
+    trained: tuple[SpeechLLM, dict, str], micro_model: Path, tmp_path: Path
+) -> None:
+    model, adapter, before = trained
+    info = replace(model.projector_info, decoder=AdapterConfig(), trained=True)
+    plain = tmp_path / "plain.safetensors"
+    save_projector(plain, model.projector, model.projector_info)
+    assert load_decoder_adapter(plain) is None
+    with pytest.raises(ValueError, match="shape"):
+        save_projector(tmp_path / "x.safetensors", model.projector, model.projector_info, adapter)
+
+    versions = Versions(tmp_path / "data")
+    name = versions.add(model.projector, info, adapter)
+    projector, got_info = versions.load(name)
+    assert got_info.decoder == AdapterConfig()
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            projector.state_dict().values(), load_projector(plain)[0].state_dict().values(), strict=True
+        )
+    )
+    served = versions.adapter(name)
+    assert served is not None and all(torch.equal(served[0][k], adapter[k]) for k in adapter)
+
+    # The served model of a data dir (what `eval --data-dir` reads) hears with them.
+    versions.promote(name)
+    record_model(tmp_path / "data", micro_model, "micro")
+    household, current = load_household_model(tmp_path / "data")
+    assert current == name and _heard(household, _audio(0)) == PHRASE
+
+    # A torn file is refused with a clear error, as a torn projector is.
+    torn = tmp_path / "torn.safetensors"
+    data = versions.path(name).read_bytes()
+    torn.write_bytes(data[: len(data) - 4096])
+    with pytest.raises(BundleError, match="corrupt or truncated"):
+        load_decoder_adapter(torn)
+
+
+async def test_the_worker_swaps_adapters_between_requests(
+    trained: tuple[SpeechLLM, dict, str], micro_model: Path
+) -> None:
+    _, adapter, before = trained
+    worker = InferenceWorker(SpeechLLM.load(micro_model), "cascade")
+    try:
+        segments = [_segment(_audio(0))]
+        heard = await worker.transcribe(segments, "", "en")
+        assert heard[1].transcript == before
+        assert (
+            await worker.swap_projector(
+                worker.model.projector, worker.model.projector_info, (adapter, AdapterConfig())
+            )
+            == "cascade"
+        )
+        assert (await worker.transcribe(segments, "", "en"))[1].transcript == PHRASE
+        broken = {k: v[:1] for k, v in adapter.items()}
+        with pytest.raises(AdapterError):
+            await worker.swap_projector(None, None, (broken, AdapterConfig()))
+        assert worker.model.projector is not None  # the refused swap changed nothing
+        assert (await worker.transcribe(segments, "", "en"))[1].transcript == PHRASE
+        await worker.swap_projector(worker.model.projector, worker.model.projector_info, None)
+        assert (await worker.transcribe(segments, "", "en"))[1].transcript == before
+    finally:
+        worker.close()
+
+
+def _segment(audio: np.ndarray) -> PcmSegment:
+    return PcmSegment(16000, 2, 1, np.round(audio * 32768).astype("<i2").tobytes())

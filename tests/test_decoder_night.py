@@ -1,0 +1,122 @@
+"""A night that adapts Whisper's decoder: promoted on the cascade's answers, stored in the version, served
+by a real server over the `wyoming` client, logged with the version, and taken back by a rollback.
+
+The micro Whisper hears real speech too poorly for its adapters to be judged on it (WER about 0.9, the
+night's own gate rejects them), so the household here says one command the micro Whisper never writes,
+over and over (each clip its own noise): what the adapters must learn is the household's words."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+from adaptation import bootstrap_dir
+from serving import WEB, ServerProcess, client, read_until, send_audio, serve_args
+from wyoming.asr import Transcribe, Transcript
+
+from wyoming_tinyalign.adapt import AdaptOptions, run_job
+from wyoming_tinyalign.intents import Intent
+from wyoming_tinyalign.labels import set_correction, validate_correction
+from wyoming_tinyalign.model.speechllm import SpeechLLM
+from wyoming_tinyalign.store import Interaction, InteractionStore
+from wyoming_tinyalign.versions import Versions, record_model
+
+PHRASE = "turn on the zebra lamp"
+INTENT = Intent("HassTurnOn", {"name": "zebra lamp"})
+
+
+def _clip(seed: int) -> np.ndarray:
+    """A second of noise on the 16-bit grid (it reaches the server as PCM unchanged)."""
+    noise = np.random.default_rng(seed).standard_normal(16000) * 0.1
+    return (np.round(noise * 32768) / 32768).astype(np.float32)
+
+
+def _pcm(audio: np.ndarray) -> bytes:
+    return np.round(audio * 32768).astype("<i2").tobytes()
+
+
+@pytest.fixture(scope="module")
+def night(micro_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A data dir whose log holds 40 corrected utterances of PHRASE, and the report of its night."""
+    data = tmp_path_factory.mktemp("decoder-night") / "data"
+    record_model(data, micro_model, "micro")
+    store = InteractionStore(data / "log")
+    store.open()
+    try:
+        for i in range(40):
+            row = store.add(
+                Interaction(kind="audio", created_at=time.time() - 86400 + 60 * i, client="10.0.0.9:1",
+                            path="cascade", transcript="set the", duration_s=1.0),
+                _clip(i),
+            )  # fmt: skip
+            set_correction(store.conn, row, validate_correction({"text": PHRASE, "intent": INTENT.to_json()}))
+    finally:
+        store.close()
+    opts = AdaptOptions(
+        data_dir=data, now=True, budget_minutes=1.0, replay_n=32, general_n=16, decide_on="loss",
+        bootstrap_dir=bootstrap_dir(tmp_path_factory), teacher_min_confidence=1.0,
+        tolerance=1.0,  # the micro Whisper's other voices are noise (WER about 1): they cannot decide
+    )  # fmt: skip
+    return data, run_job(opts)
+
+
+def test_the_night_promotes_adapters_that_hear_the_household(
+    night: tuple[Path, dict], micro_model: Path
+) -> None:
+    data, report = night
+    decoder = report["decoder"]
+    assert decoder["promoted"] and decoder["steps"] > 0, report["reason"]
+    assert report["status"] == "promoted" and "decoder: better for the household" in report["reason"]
+    before, after = report["cascade"]["household"], decoder["after"]["household"]
+    assert after["wer"] < before["wer"]  # (the micro LLM makes no intent of the words either way)
+    assert decoder["examples"]["household"] > 0 and decoder["examples"]["replay"] > 0
+
+    versions = Versions(data)
+    name = report["version"]
+    assert versions.current() == name
+    adapter = versions.adapter(name)
+    assert adapter is not None
+    # The version's cascade figures are the adapters' (what `--path auto`'s day-0 rule reads).
+    assert versions.info(name).metrics["cascade"]["household"] == after
+    model = SpeechLLM.load(micro_model)
+    model.set_decoder_adapter(*adapter)
+    assert model.run(_clip(1000), "cascade", with_intent=False).transcript == PHRASE
+
+
+async def test_the_server_serves_them_logs_the_version_and_a_rollback_takes_them_back(
+    night: tuple[Path, dict], micro_model: Path, tmp_path: Path
+) -> None:
+    data, report = night
+    name = report["version"]
+    before = SpeechLLM.load(micro_model).run(_clip(2000), "cascade", with_intent=False).transcript
+    assert before != PHRASE
+    extra = ["--uri", "tcp://127.0.0.1:0", "--path", "cascade", "--web-port", "0", "--adapt-at", "off"]
+    process = ServerProcess(serve_args(micro_model, data, *extra), tmp_path / "server.log")
+    try:
+        process.wait_ready()
+        web = process.wait_log(WEB).group(1)
+        token = (data / "web-token").read_text().strip()
+        host, port = process.host_port
+
+        async def say(seed: int) -> str:
+            async with client(host, port) as c:
+                await c.write_event(Transcribe(language="en").event())
+                await send_audio(c, _pcm(_clip(seed)), 16000)
+                return Transcript.from_event((await read_until(c, "transcript"))[-1]).text
+
+        assert await say(2000) == PHRASE
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
+            rows = await (await http.get(f"{web}/api/interactions")).json()
+            newest = rows["items"][0]
+            assert newest["path"] == "cascade" and newest["projector_version"] == name
+            page = await (await http.get(f"{web}/learning")).text()  # the household's page says so
+            assert "Whisper's decoder (kept)" in page and "and Whisper decoder adapters" in page
+            answer = await http.post(f"{web}/api/rollback", json={"to": "base"})
+            assert answer.status == 200, await answer.text()
+        assert await say(2000) == before
+    finally:
+        process.stop()
+    assert "with Whisper decoder adapters" in process.text

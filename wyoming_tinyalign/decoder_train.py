@@ -1,0 +1,138 @@
+"""Training the household's adapters on Whisper's decoder (`model/decoder_adapter.py`): a plain loop.
+
+The examples are encoder features as the cascade computes them (padded to 30 s where the bundle's
+cascade pads) and the corrected transcripts; the loss is the one the demo model's Whisper was trained
+with (`devmodel.decoder_loss`: cross-entropy of the decoder writing the transcript after its start
+tokens). Batches of similar length, AdamW, gradients clipped, `micro_batch` utterances per
+forward/backward (memory), for `epochs` passes or until `max_s` seconds have gone, whichever is first.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .devmodel import decoder_loss
+from .model.decoder_adapter import Adapter, AdapterConfig, adapter_parameters, attach, extract, install
+from .model.speechllm import SpeechLLM, whisper_prompt
+from .train import FeatureCache
+
+
+@dataclass
+class DecoderExample:
+    """One utterance for the decoder: its encoder features `[N, D]` and its transcript's token ids."""
+
+    features: torch.Tensor
+    ids: list[int]
+
+
+@dataclass
+class DecoderTrainConfig:
+    epochs: int = 20
+    lr: float = 1e-3
+    batch: int = 16
+    micro_batch: int = 4
+    max_s: float = 300.0
+    seed: int = 0
+
+
+@dataclass
+class DecoderTrainResult:
+    adapter: Adapter
+    steps: int
+    epochs: float  # passes over the examples (a fraction when the time ran out)
+    seconds: float
+    loss_curve: list[float] = field(default_factory=list)  # mean loss of each epoch
+
+
+def decoder_examples(
+    model: SpeechLLM, texts: list[str], audios: list[np.ndarray], cache: FeatureCache | None = None
+) -> list[DecoderExample]:
+    """Transcripts and their 16 kHz audio as training examples, with the features the cascade reads:
+    from `cache` (the night's feature cache: a bundle whose cascade reads unpadded features), else
+    computed (padded to 30 s where the cascade pads)."""
+    tokenizer = model.whisper_tokenizer
+    prompt, _ = whisper_prompt(model.whisper, tokenizer, "en")
+    if cache is not None:
+        feats = cache.features(audios)  # half precision, as cached: widened batch by batch
+    else:
+        feats = [model.encode(audio, pad_30s=model.cascade_pad_30s).half().cpu() for audio in audios]
+    return [
+        DecoderExample(f, prompt + tokenizer(text, add_special_tokens=False)["input_ids"])
+        for text, f in zip(texts, feats, strict=True)
+    ]
+
+
+def train_decoder_adapter(
+    model: SpeechLLM,
+    examples: list[DecoderExample],
+    cfg: DecoderTrainConfig,
+    start: Adapter | None = None,
+    adapter_config: AdapterConfig | None = None,
+) -> DecoderTrainResult:
+    """Train adapters on `model.whisper`'s decoder from `start` (the served ones) or from nothing; the
+    Whisper is left serving the result."""
+    whisper, tokenizer = model.whisper, model.whisper_tokenizer
+    config = adapter_config or AdapterConfig()
+    attach(whisper, config)
+    if start is not None:
+        install(whisper, start, config)
+    else:  # fresh adapters: peft's own init (B = 0: the decoder as built)
+        install(whisper, extract(whisper), config)
+    params = list(adapter_parameters(whisper).values())
+    for param in params:
+        param.requires_grad_(True)
+    n_prompt = len(whisper_prompt(whisper, tokenizer, "en")[0])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else whisper.config.pad_token_id
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    rng = random.Random(cfg.seed)
+    t0 = time.monotonic()
+    steps, done, curve = 0, 0.0, []
+    whisper.train()
+    try:
+        while done < cfg.epochs:
+            order = sorted(range(len(examples)), key=lambda i: (examples[i].features.shape[0], rng.random()))
+            groups = [order[i : i + cfg.batch] for i in range(0, len(order), cfg.batch)]
+            rng.shuffle(groups)
+            losses = []
+            for group in groups:
+                if time.monotonic() - t0 > cfg.max_s:
+                    break
+                opt.zero_grad()
+                losses.append(_step([examples[j] for j in group], whisper, n_prompt, pad_id, cfg.micro_batch))
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                steps += 1
+            if losses:
+                curve.append(round(float(np.mean(losses)), 4))
+            done += len(losses) / len(groups)
+            if len(losses) < len(groups):  # out of time
+                break
+    finally:
+        whisper.eval()
+        for param in params:
+            param.requires_grad_(False)
+    return DecoderTrainResult(extract(whisper), steps, round(done, 2), time.monotonic() - t0, curve)
+
+
+def _step(
+    batch: list[DecoderExample], whisper: torch.nn.Module, n_prompt: int, pad_id: int, micro: int
+) -> float:
+    """Accumulate the gradients of one batch, `micro` utterances at a time; returns its mean loss."""
+    total, micro = 0.0, max(1, micro)
+    for i in range(0, len(batch), micro):
+        chunk = batch[i : i + micro]
+        feats = torch.zeros(len(chunk), max(x.features.shape[0] for x in chunk), chunk[0].features.shape[1])
+        for k, x in enumerate(chunk):
+            feats[k, : x.features.shape[0]] = x.features
+        feats = feats.to(whisper.device, whisper.dtype)
+        loss = (
+            decoder_loss(whisper, feats, [x.ids for x in chunk], n_prompt, pad_id) * len(chunk) / len(batch)
+        )
+        loss.backward()
+        total += loss.item()
+    return total
