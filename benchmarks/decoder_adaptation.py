@@ -1,24 +1,22 @@
-"""What a night could reach by adapting Whisper's *decoder* (the cascade's ear) instead of the projector.
+"""Ways of adapting Whisper's *decoder* (the cascade's ear) to a household, side by side.
 
     python benchmarks/decoder_adaptation.py --model /tmp/readme/data/models/dev-small --work /tmp/bench-dec \
         [--lr 5e-4] [--epochs 5,10,20] [--lora-rank 0] [--replay-n 100] [--seed 0] [--encoder-layers 0]
     python benchmarks/decoder_adaptation.py --real-size-steps 20 --threads 2 [--lora-rank 16]
 
-The nights of `personalization.py` leave the unseen households' intents where they were: the encoder
-hears them, the projector maps what it hears, and the names it does not catch stay wrong. Whisper's
-decoder is the part that writes the words; it is small and its training is cheap. For each unseen
-household, the same 100 labelled and 50 held-out utterances as `personalization.py` (same seeds): the
-decoder (whole, or LoRA adapters of `--lora-rank` on its attention and MLP layers) is fine-tuned on the
-household's 100 corrected transcripts and `--replay-n` base-household utterances (the night's replay
-speech), batch 16, AdamW, the encoder frozen (`--encoder-layers N`: but its top N layers and final norm);
-after each of `--epochs` the cascade (this decoder's transcript, then the frozen LLM's intent from it,
-with the household's context) is scored on the household's 50 held-out utterances and on the night's 60
-general base-household utterances. An experiment, not a product path: nothing here is served. Prints a
+The nights adapt the decoder with LoRA adapters (`model/decoder_adapter.py`, `adapt --decoder-epochs`);
+this compares that with other choices outside the job. For each unseen household, the same 100 labelled
+and 50 held-out utterances as `personalization.py` (same seeds): the decoder (whole, or the nightly
+job's adapters at `--lora-rank`) is fine-tuned on the household's 100 corrected transcripts and
+`--replay-n` base-household utterances (the night's replay speech), batch 16, AdamW, the encoder frozen
+(`--encoder-layers N`: but its top N layers and final norm); after each of `--epochs` the cascade (this
+decoder's transcript, then the frozen LLM's intent from it, with the household's context) is scored on
+the household's 50 held-out utterances and on the night's 60 general base-household utterances. Prints a
 markdown table and writes WORK/decoder_adaptation.json.
 
 `--real-size-steps N` instead times N such training steps (batch 16, 150 encoder frames, 24 decoder
 tokens each) on whisper-base's decoder (`realsize.whisper_base`, random weights): what a night's decoder
-training would cost at real size.
+training costs at real size.
 """
 
 from __future__ import annotations
@@ -34,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peft import LoraConfig, inject_adapter_in_model
 from realsize import whisper_base
 
 from wyoming_tinyalign.adapt import GENERAL_SEED, REPLAY_SEED, bootstrap_speech
@@ -42,6 +39,7 @@ from wyoming_tinyalign.devmodel import decoder_loss
 from wyoming_tinyalign.evaluate import score
 from wyoming_tinyalign.households import context_text, load_households
 from wyoming_tinyalign.manifest import load_utterances
+from wyoming_tinyalign.model.decoder_adapter import AdapterConfig, adapter_parameters, attach
 from wyoming_tinyalign.model.speechllm import SpeechLLM, whisper_prompt
 from wyoming_tinyalign.synth import render_once
 
@@ -56,18 +54,15 @@ def cascade_score(model: SpeechLLM, items: list, contexts: dict[str, str]) -> di
 
 
 def trainable_decoder(whisper: torch.nn.Module, lora_rank: int) -> None:
-    """Freeze Whisper but its decoder: the whole decoder, or LoRA adapters on its attention and MLP."""
+    """Freeze Whisper but its decoder: the whole decoder, or the nightly job's LoRA adapters
+    (`model/decoder_adapter.py`) at `lora_rank`."""
     whisper.requires_grad_(False)
     if not lora_rank:
         whisper.model.decoder.requires_grad_(True)
         return
-    layers = r".*decoder\.layers\.\d+\."
-    config = LoraConfig(
-        r=lora_rank,
-        lora_alpha=2 * lora_rank,
-        target_modules=rf"{layers}(self_attn|encoder_attn)\.(q_proj|k_proj|v_proj|out_proj)|{layers}(fc1|fc2)",
-    )
-    inject_adapter_in_model(config, whisper)
+    attach(whisper, AdapterConfig(rank=lora_rank, alpha=2 * lora_rank))
+    for param in adapter_parameters(whisper).values():
+        param.requires_grad_(True)
 
 
 def real_size_step_s(args: argparse.Namespace) -> dict:

@@ -8,9 +8,10 @@
    (`--budget-minutes`, `--threads`). Intent accuracy and WER on the household's separate held-out
    utterances (never logged), aligned path with the household's context, before and after; the target
    is the error rate at least halved. Beside them, the frozen LLM's intent accuracy given each
-   reference transcript: the most a night (which changes only the projector) could reach. A candidate
-   the night rejected (kept as a version) is scored on the same held-out utterances: what the gate
-   refused, measured on the truth.
+   reference transcript: the most a perfect ear could reach. A candidate the night rejected (kept as a
+   version) is scored on the same held-out utterances, with its Whisper decoder adapters on the
+   cascade too: what the gate refused, measured on the truth. A second table gives what `--path auto`
+   serves before (day 0: the cascade) and after, and the cascade with the night's decoder adapters.
    `--labels teacher` is the household that corrects nothing: the utterances are logged as a day-0
    server (`--path auto`: the cascade) logs them, with Whisper's transcript and confidence and no
    intent, so the night's labels are the teacher's alone (those at `adapt --teacher-min-confidence`
@@ -217,8 +218,12 @@ def quality(args: argparse.Namespace) -> list[dict]:
             served_path = choose_path("auto", after_model)
             rejected = None  # what the night refused would have done on the held-out truth
             if report["status"] == "rejected" and report.get("version"):
-                after_model.projector, after_model.projector_info = Versions(data).load(report["version"])
-                rejected = _two(evaluate(after_model, heldout, context, ("aligned",))["aligned"])
+                versions, paths = Versions(data), ("aligned",)
+                after_model.projector, after_model.projector_info = versions.load(report["version"])
+                if (adapter := versions.adapter(report["version"])) is not None:  # and its ear
+                    after_model.set_decoder_adapter(*adapter)
+                    paths = ("aligned", "cascade")
+                rejected = {p: _two(r) for p, r in evaluate(after_model, heldout, context, paths).items()}
             del after_model
             nights.append(
                 {
@@ -281,11 +286,12 @@ def quality(args: argparse.Namespace) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------- real size
-def real_size_bundle(dev: Path, out: Path, objective: str, embedlink_weight: float) -> Path:
+def real_size_bundle(dev: Path, out: Path, objective: str, embedlink_weight: float, pad_30s: bool) -> Path:
     """whisper-base + Qwen2.5-0.5B shapes with random weights, saved as a bundle (the dev model's
     tokenizers: their ids fit the big vocabularies; each backbone in the precision its hub checkpoint
     has: float32 Whisper, bfloat16 Qwen), with an untrained BridgeFormer that says it was aligned with
-    `objective`, so the night fine-tunes it with that loss."""
+    `objective`, so the night fine-tunes it with that loss. `pad_30s`: the cascade pads to 30 s, as the
+    real-backbone presets' does."""
     if (out / "bundle.json").is_file():
         return out
     shutil.rmtree(out, ignore_errors=True)
@@ -308,7 +314,10 @@ def real_size_bundle(dev: Path, out: Path, objective: str, embedlink_weight: flo
     info = ProjectorInfo(config, "whisper", "llm", objective=objective, embedlink_weight=embedlink_weight)
     save_projector(out / "projector.safetensors", build_projector(config), info)
     save_bundle_config(
-        out, BundleConfig(encoder="whisper", llm="llm", prompt_template=dev_cfg.prompt_template)
+        out,
+        BundleConfig(
+            encoder="whisper", llm="llm", prompt_template=dev_cfg.prompt_template, cascade_pad_30s=pad_30s
+        ),
     )
     return out
 
@@ -326,8 +335,10 @@ def dev_objective(dev: Path) -> tuple[str, float]:
 def real_size(args: argparse.Namespace, dtype: str) -> dict:
     objective, weight = dev_objective(args.model)
     objective = args.real_size_objective or objective
-    bundle = real_size_bundle(args.model, args.work / f"real-size-bundle-{objective}", objective, weight)
-    work = args.work / f"real-size-{objective}-{dtype}"
+    pad = "-pad30s" if args.real_size_pad_30s else ""
+    folder = args.work / f"real-size-bundle-{objective}{pad}"
+    bundle = real_size_bundle(args.model, folder, objective, weight, args.real_size_pad_30s)
+    work = args.work / f"real-size-{objective}-{dtype}{pad}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     household = next(h for h in load_households() if h.split == "unseen")
@@ -348,7 +359,11 @@ def real_size(args: argparse.Namespace, dtype: str) -> dict:
         "peak_cuda_mb": report.get("peak_cuda_mb"),
         "memory_mb": report.get("memory_mb"),
         "train": {k: v for k, v in (report.get("train") or {}).items() if k not in ("history", "loss_curve")},
+        "decoder": {
+            k: v for k, v in (report.get("decoder") or {}).items() if k not in ("loss_curve", "changes")
+        },
         "data": report.get("data"),
+        "cascade_pad_30s": args.real_size_pad_30s,
     }
 
 
@@ -395,7 +410,8 @@ def report(r: dict) -> str:
         lines.append(
             f"| {row['household']} | {row['status']} "
             f"| {b['intent_accuracy']:.3f} -> {a['intent_accuracy']:.3f} | {cut:+.0%} "
-            f"| {b['wer']:.3f} -> {a['wer']:.3f} | {wcut:+.0%} | {_pair(row['rejected'])} "
+            f"| {b['wer']:.3f} -> {a['wer']:.3f} | {wcut:+.0%} "
+            f"| {_pair((row['rejected'] or {}).get('aligned'))} "
             f"| {c['intent_accuracy']:.3f} / {c['wer']:.3f} | {row['text_ceiling']:.3f} "
             f"| {_fig(hb, 'intent_accuracy')} -> {_fig(ha, 'intent_accuracy')}, "
             f"{_fig(hb, 'wer')} -> {_fig(ha, 'wer')} ({_fig(hb, 'n')} utterances) "
@@ -407,8 +423,9 @@ def report(r: dict) -> str:
         "What `--path auto` serves (day 0: the cascade), and the cascade with the night's decoder adapters:",
         "",
         "| household | served before: path, intent acc / WER | served after | intent error cut "
-        "| cascade before -> after: intent acc / WER | decoder adapters: verdict (steps, epochs, s) |",
-        "|---" * 6 + "|",
+        "| cascade before -> after: intent acc / WER | the rejected adapters' cascade "
+        "| decoder adapters: verdict (steps, epochs, s) |",
+        "|---" * 7 + "|",
     ]
     for row in r["quality"]:
         served_before = row["before"]["cascade"]
@@ -420,6 +437,7 @@ def report(r: dict) -> str:
             f"| {row['household']} | cascade, {_pair(served_before)} | {path}, {_pair(served_after)} "
             f"| {cut:+.0%} "
             f"| {_pair(row['before']['cascade'])} -> {_pair(row['after'].get('cascade'))} "
+            f"| {_pair((row['rejected'] or {}).get('cascade'))} "
             f"| {d.get('reason', '-')} ({d.get('steps')}, {d.get('epochs')}, {d.get('train_s')}) |"
         )
     if r.get("nights", 1) > 1:
@@ -444,7 +462,7 @@ def report(r: dict) -> str:
                 lines.append(
                     f"| {row['household']} | {n['night']} | {n['logged']} "
                     f"| {labels} | {n['status']}: {n['reason']} "
-                    f"| {n['version']} | {_pair(a)} | {_pair(n['rejected'])} "
+                    f"| {n['version']} | {_pair(a)} | {_pair((n['rejected'] or {}).get('aligned'))} "
                     f"| {_fig(gb, 'intent_accuracy')} -> {_fig(ga, 'intent_accuracy')}"
                     f"{f' ({shipped})' if shipped is not None else ''} |"
                 )
@@ -464,16 +482,19 @@ def report(r: dict) -> str:
         lines += [
             "",
             "| real-size job (whisper-base + Qwen2.5-0.5B shapes, random weights) | objective | utterances "
-            "| result | wall s | job s | peak RSS MB | peak CUDA MB | train steps | step ms |",
-            "|---" * 10 + "|",
+            "| result | wall s | job s | peak RSS MB | peak CUDA MB | train steps | step ms "
+            "| decoder adapters: s, steps, epochs |",
+            "|---" * 11 + "|",
         ]
         job_args = f" {r['job_args']}" if r["job_args"] else ""
         for s in r["real_size"]:
+            d = s.get("decoder") or {}
             lines.append(
                 f"| `adapt --now --threads {r['threads']} --dtype {s['dtype']}{job_args}` | {s['objective']} "
                 f"| {s['utterances']} "
                 f"| {s['status']} | {s['wall_s']} | {s['duration_s']} | {s['peak_rss_mb']} "
-                f"| {s['peak_cuda_mb'] or '-'} | {s['train'].get('steps')} | {s['train'].get('step_ms')} |"
+                f"| {s['peak_cuda_mb'] or '-'} | {s['train'].get('steps')} | {s['train'].get('step_ms')} "
+                f"| {d.get('train_s')}, {d.get('steps')}, {d.get('epochs')} |"
             )
     return "\n".join(lines)
 
@@ -513,6 +534,10 @@ def main() -> None:
         "(default: the dev model's projector's)",
     )  # fmt: skip
     parser.add_argument("--job-args", default="", help="more `adapt` flags for every night (one string)")
+    parser.add_argument(
+        "--real-size-pad-30s", action="store_true",
+        help="the real-size bundle's cascade pads to 30 s (as the real-backbone presets' does)",
+    )  # fmt: skip
     parser.add_argument("--skip-real-size", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes and budgets")

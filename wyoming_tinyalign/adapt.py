@@ -182,7 +182,7 @@ class AdaptOptions:
 class DecoderNight:
     """What a night made of Whisper's decoder adapters: them, the cascade with them, and the verdict."""
 
-    adapter: Adapter | None
+    adapter: Adapter
     config: AdapterConfig
     promote: bool
     reason: str
@@ -936,12 +936,11 @@ class Job:
             projector, p_info, aligned = candidate, candidate_info, after
         else:
             projector, p_info, aligned = serving, serving_info, before
-        if night is not None and night.adapter is not None and (decoder_ok or not promote):
+        if night is not None and (decoder_ok or not promote):
             adapter, cascade_figures = (night.adapter, night.config), night.after
         else:
             adapter, cascade_figures = served_adapter, report["cascade"]
-        news = candidate is not None or (night is not None and night.adapter is not None)
-        if projector is not None and p_info is not None and news:
+        if projector is not None and p_info is not None and (candidate is not None or night is not None):
             assert self.bundle_cfg is not None
             decision = (
                 {"promoted_at": time.time()}
@@ -1013,9 +1012,9 @@ class Job:
         served = model.decoder_adapter
         rng = random.Random(f"decoder/{self.report['data_hash']}")
         per_item = 1 if model.cascade_pad_30s else DECODER_REPLAY
-        replay = rng.sample(replay_all, min(len(replay_all), per_item * len(train_pairs)))
-        texts = [lab.text for lab, _ in train_pairs] + [u.text for u in replay]
-        audios = [a for _, a in train_pairs] + [read_wav(u.audio) for u in replay]
+        replay = _readable(rng.sample(replay_all, min(len(replay_all), per_item * len(train_pairs))))
+        texts = [lab.text for lab, _ in train_pairs] + [u.text for u, _ in replay]
+        audios = [a for _, a in train_pairs] + [a for _, a in replay]
         examples = decoder_examples(model, texts, audios, None if model.cascade_pad_30s else cache)
         cfg = DecoderTrainConfig(
             epochs=opts.decoder_epochs, lr=opts.decoder_lr, batch=opts.batch, seed=opts.seed,
