@@ -444,25 +444,29 @@ def report(r: dict) -> str:
         lines += [
             "",
             "| household | night | logged so far | labels | result | served after it "
-            "| served intent acc / WER on the held-out | the rejected candidate's "
+            "| aligned intent acc / WER on the held-out | cascade (with its decoder adapters) "
+            "| `--path auto` serves | the rejected candidate's aligned / cascade "
             "| other voices' intent acc: served -> candidate (shipped) |",
-            "|---" * 9 + "|",
+            "|---" * 11 + "|",
         ]
         for row in r["quality"]:
-            b = row["before"]["aligned"]
+            b, c = row["before"]["aligned"], row["before"]["cascade"]
             lines.append(
                 f"| {row['household']} | 0 | 0 | - | - | shipped "
-                f"| {b['intent_accuracy']:.3f} / {b['wer']:.3f} | - | - |"
+                f"| {_pair(b)} | {_pair(c)} | cascade | - | - |"
             )
             for n in row["nights"]:
                 a, job = n["after"]["aligned"], n["job"]
                 gb, ga = job["general_before"] or {}, job["general_after"] or {}
                 shipped = (job["general_shipped"] or {}).get("intent_accuracy")
                 labels = (job["data"] or {}).get("labelled", "-")
+                rejected = n["rejected"] or {}
                 lines.append(
                     f"| {row['household']} | {n['night']} | {n['logged']} "
                     f"| {labels} | {n['status']}: {n['reason']} "
-                    f"| {n['version']} | {_pair(a)} | {_pair((n['rejected'] or {}).get('aligned'))} "
+                    f"| {n['version']} | {_pair(a)} | {_pair(n['after'].get('cascade'))} "
+                    f"| {n.get('served_path', '-')} "
+                    f"| {_pair(rejected.get('aligned'))} / {_pair(rejected.get('cascade'))} "
                     f"| {_fig(gb, 'intent_accuracy')} -> {_fig(ga, 'intent_accuracy')}"
                     f"{f' ({shipped})' if shipped is not None else ''} |"
                 )

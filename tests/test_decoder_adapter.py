@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from wyoming_tinyalign.adapt import DECODER_PADDED_MB, DECODER_REPLAY, decoder_sizes
 from wyoming_tinyalign.decoder_train import DecoderTrainConfig, decoder_examples, train_decoder_adapter
 from wyoming_tinyalign.model.bundle import BundleError, load_decoder_adapter, load_projector, save_projector
 from wyoming_tinyalign.model.decoder_adapter import AdapterConfig, AdapterError
@@ -140,3 +141,12 @@ async def test_the_worker_swaps_adapters_between_requests(
 
 def _segment(audio: np.ndarray) -> PcmSegment:
     return PcmSegment(16000, 2, 1, np.round(audio * 32768).astype("<i2").tobytes())
+
+
+def test_a_cascade_that_pads_to_30_s_trains_on_what_memory_and_time_allow(micro_model: Path) -> None:
+    model = SpeechLLM.load(micro_model)
+    assert decoder_sizes(model, 50, 60.0) == (50, 50 * DECODER_REPLAY)  # from the feature cache
+    model.cascade_pad_30s = True  # each clip's features: 1500 frames of 64 (the micro Whisper)
+    assert decoder_sizes(model, 50, 0.0) == (1, 1)  # no time to encode: the least there is
+    household, replay = decoder_sizes(model, 50, 1e6)  # time enough: the memory allowance decides
+    assert household == 50 and household + replay == DECODER_PADDED_MB * 2**20 // (1500 * 64 * 2)

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 from .assistant import load_context_file
-from .audio import AudioError, read_wav
+from .audio import TARGET_RATE, AudioError, read_wav
 from .decoder_train import DecoderTrainConfig, decoder_examples, train_decoder_adapter
 from .evaluate import score_answers, word_edits
 from .files import write_atomic
@@ -134,9 +134,11 @@ EARLY_STOP_MAX = 32
 # Whisper's decoder adapters get this share of the training time (the projector the rest).
 DECODER_SHARE = 0.5
 # Replayed base-household utterances per household one for the decoder (benchmarks/decoder_adaptation.py:
-# 400 for 100 held the other voices over 20 epochs, 100 did not); one each where the cascade pads to 30 s
-# (each clip's features are then 1500 frames: memory).
+# 400 for 100 held the other voices over 20 epochs, 100 did not).
 DECODER_REPLAY = 4
+# Where the cascade pads to 30 s, the decoder's training features in memory: at most this many MB (at
+# whisper-base, 330 clips' 500 MB took a real-size night to 3288 MiB; benchmarks/RESULTS.md).
+DECODER_PADDED_MB = 160
 
 
 @dataclass
@@ -1011,18 +1013,21 @@ class Job:
         opts, t0 = self.opts, time.monotonic()
         served = model.decoder_adapter
         rng = random.Random(f"decoder/{self.report['data_hash']}")
-        per_item = 1 if model.cascade_pad_30s else DECODER_REPLAY
-        replay = _readable(rng.sample(replay_all, min(len(replay_all), per_item * len(train_pairs))))
-        texts = [lab.text for lab, _ in train_pairs] + [u.text for u, _ in replay]
-        audios = [a for _, a in train_pairs] + [a for _, a in replay]
+        n_household, n_replay = decoder_sizes(model, len(train_pairs), max_s)
+        household = train_pairs[:n_household]  # the newest
+        replay = _readable(rng.sample(replay_all, min(len(replay_all), n_replay)))
+        texts = [lab.text for lab, _ in household] + [u.text for u, _ in replay]
+        audios = [a for _, a in household] + [a for _, a in replay]
         examples = decoder_examples(model, texts, audios, None if model.cascade_pad_30s else cache)
         cfg = DecoderTrainConfig(
             epochs=opts.decoder_epochs, lr=opts.decoder_lr, batch=opts.batch, seed=opts.seed,
             max_s=max(0.0, max_s - (time.monotonic() - t0)),
         )  # fmt: skip
+        if model.cascade_pad_30s:  # keys and values of 1500 frames per utterance: one at a time (memory)
+            cfg.micro_batch = 1
         _LOGGER.info(
             "training Whisper's decoder adapters for up to %.0f s on %d household and %d replay transcripts",
-            cfg.max_s, len(train_pairs), len(replay),
+            cfg.max_s, len(household), len(replay),
         )  # fmt: skip
         with model.separate_decoder():
             result = train_decoder_adapter(model, examples, cfg, *(served or (None, None)))
@@ -1051,7 +1056,7 @@ class Job:
             "seconds": round(time.monotonic() - t0, 1),
             "train_s": round(result.seconds, 1),
             "budget_s": round(max_s, 1),
-            "examples": {"household": len(train_pairs), "replay": len(replay)},
+            "examples": {"household": len(household), "replay": len(replay)},
             "steps": result.steps,
             "epochs": result.epochs,
             "loss_curve": result.loss_curve,
@@ -1182,6 +1187,23 @@ class Job:
         write_manifest(paths["train"], household[n_val:] + replay[n_replay:])
         write_manifest(paths["val"], household[:n_val] + replay[:n_replay])
         return paths
+
+
+def decoder_sizes(model: SpeechLLM, n_train: int, max_s: float) -> tuple[int, int]:
+    """How many household and replayed utterances the decoder adapters train on: all of the
+    household's with `DECODER_REPLAY` replayed for each, from the feature cache. A cascade that pads
+    to 30 s reads 30 s of features per clip (1500 frames at whisper-base: 1.5 MB each in half
+    precision), computed tonight: as many as `DECODER_PADDED_MB` holds and a third of `max_s` can
+    encode (timed on one clip), half of them the household's."""
+    if not model.cascade_pad_30s:
+        return n_train, DECODER_REPLAY * n_train
+    t0 = time.monotonic()
+    model.encode(np.zeros(TARGET_RATE, np.float32), pad_30s=True)
+    each_s = max(1e-3, time.monotonic() - t0)
+    size = model.whisper.config.max_source_positions * model.encoder.dim * 2
+    n = max(2, min(int(DECODER_PADDED_MB * 2**20 / size), int(max_s / 3 / each_s)))
+    household = min(n_train, -(-n // 2))
+    return household, n - household
 
 
 def bootstrap_speech(root: Path, name: str, n: int, seed: int, households: list[Household]) -> Path:
