@@ -38,7 +38,7 @@ def trained(micro_model: Path) -> tuple[SpeechLLM, dict, str]:
     torch.manual_seed(0)
     model = SpeechLLM.load(micro_model)
     before = _heard(model, _audio(0))
-    examples = decoder_examples(model, [PHRASE] * 8, [_audio(0)] * 8)
+    examples = decoder_examples(model, [PHRASE] * 8, [_audio(0)] * 8, ["en"] * 8)
     with model.separate_decoder():
         result = train_decoder_adapter(model, examples, DecoderTrainConfig(epochs=30, batch=4, max_s=120))
         assert _heard(model, _audio(0)) == PHRASE  # the second load learnt it ...

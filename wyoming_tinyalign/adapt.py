@@ -1018,7 +1018,8 @@ class Job:
         replay = _readable(rng.sample(replay_all, min(len(replay_all), n_replay)))
         texts = [lab.text for lab, _ in household] + [u.text for u, _ in replay]
         audios = [a for _, a in household] + [a for _, a in replay]
-        examples = decoder_examples(model, texts, audios, None if model.cascade_pad_30s else cache)
+        languages = [lab.language for lab, _ in household] + ["en"] * len(replay)  # replay: English
+        examples = decoder_examples(model, texts, audios, languages, None if model.cascade_pad_30s else cache)
         cfg = DecoderTrainConfig(
             epochs=opts.decoder_epochs, lr=opts.decoder_lr, batch=opts.batch, seed=opts.seed,
             max_s=max(0.0, max_s - (time.monotonic() - t0)),

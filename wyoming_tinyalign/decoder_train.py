@@ -24,10 +24,12 @@ from .train import FeatureCache
 
 @dataclass
 class DecoderExample:
-    """One utterance for the decoder: its encoder features `[N, D]` and its transcript's token ids."""
+    """One utterance for the decoder: its encoder features `[N, D]`, and Whisper's start tokens (of its
+    language) followed by its transcript's token ids."""
 
     features: torch.Tensor
     ids: list[int]
+    n_prompt: int  # how many of `ids` are start tokens
 
 
 @dataclass
@@ -50,21 +52,26 @@ class DecoderTrainResult:
 
 
 def decoder_examples(
-    model: SpeechLLM, texts: list[str], audios: list[np.ndarray], cache: FeatureCache | None = None
+    model: SpeechLLM,
+    texts: list[str],
+    audios: list[np.ndarray],
+    languages: list[str | None],
+    cache: FeatureCache | None = None,
 ) -> list[DecoderExample]:
-    """Transcripts and their 16 kHz audio as training examples, with the features the cascade reads:
-    from `cache` (the night's feature cache: a bundle whose cascade reads unpadded features), else
-    computed (padded to 30 s where the cascade pads)."""
+    """Transcripts and their 16 kHz audio as training examples, with the start tokens of their language
+    and the features the cascade reads: from `cache` (the night's feature cache: a bundle whose cascade
+    reads unpadded features), else computed (padded to 30 s where the cascade pads)."""
     tokenizer = model.whisper_tokenizer
-    prompt, _ = whisper_prompt(model.whisper, tokenizer, "en")
     if cache is not None:
         feats = cache.features(audios)  # half precision, as cached: widened batch by batch
     else:
         feats = [model.encode(audio, pad_30s=model.cascade_pad_30s).half().cpu() for audio in audios]
-    return [
-        DecoderExample(f, prompt + tokenizer(text, add_special_tokens=False)["input_ids"])
-        for text, f in zip(texts, feats, strict=True)
-    ]
+    examples = []
+    for text, f, language in zip(texts, feats, languages, strict=True):
+        prompt, _ = whisper_prompt(model.whisper, tokenizer, language)
+        ids = prompt + tokenizer(text, add_special_tokens=False)["input_ids"]
+        examples.append(DecoderExample(f, ids, len(prompt)))
+    return examples
 
 
 def train_decoder_adapter(
@@ -86,7 +93,6 @@ def train_decoder_adapter(
     params = list(adapter_parameters(whisper).values())
     for param in params:
         param.requires_grad_(True)
-    n_prompt = len(whisper_prompt(whisper, tokenizer, "en")[0])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else whisper.config.pad_token_id
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     rng = random.Random(cfg.seed)
@@ -103,7 +109,7 @@ def train_decoder_adapter(
                 if time.monotonic() - t0 > cfg.max_s:
                     break
                 opt.zero_grad()
-                losses.append(_step([examples[j] for j in group], whisper, n_prompt, pad_id, cfg.micro_batch))
+                losses.append(_step([examples[j] for j in group], whisper, pad_id, cfg.micro_batch))
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 steps += 1
@@ -119,9 +125,7 @@ def train_decoder_adapter(
     return DecoderTrainResult(extract(whisper), steps, round(done, 2), time.monotonic() - t0, curve)
 
 
-def _step(
-    batch: list[DecoderExample], whisper: torch.nn.Module, n_prompt: int, pad_id: int, micro: int
-) -> float:
+def _step(batch: list[DecoderExample], whisper: torch.nn.Module, pad_id: int, micro: int) -> float:
     """Accumulate the gradients of one batch, `micro` utterances at a time; returns its mean loss."""
     total, micro = 0.0, max(1, micro)
     for i in range(0, len(batch), micro):
@@ -131,7 +135,9 @@ def _step(
             feats[k, : x.features.shape[0]] = x.features
         feats = feats.to(whisper.device, whisper.dtype)
         loss = (
-            decoder_loss(whisper, feats, [x.ids for x in chunk], n_prompt, pad_id) * len(chunk) / len(batch)
+            decoder_loss(whisper, feats, [x.ids for x in chunk], [x.n_prompt for x in chunk], pad_id)
+            * len(chunk)
+            / len(batch)
         )
         loss.backward()
         total += loss.item()

@@ -376,20 +376,21 @@ def decoder_loss(
     whisper: WhisperForConditionalGeneration,
     feats: torch.Tensor,
     sequences: list[list[int]],
-    n_prompt: int,
+    n_prompt: int | list[int],
     pad_id: int,
 ) -> torch.Tensor:
-    """Cross-entropy of Whisper's decoder writing each sequence after its `n_prompt` start tokens, then
-    the end token, from encoder features `feats` `[B, N, D]` (zero past each clip: the cross-attention has
-    no padding mask)."""
+    """Cross-entropy of Whisper's decoder writing each sequence after its `n_prompt` start tokens (one
+    number for all, or one per sequence), then the end token, from encoder features `feats` `[B, N, D]`
+    (zero past each clip: the cross-attention has no padding mask)."""
+    starts = n_prompt if isinstance(n_prompt, list) else [n_prompt] * len(sequences)
     eos = whisper.generation_config.eos_token_id
     width = max(len(ids) for ids in sequences) + 1
     dec = torch.full((len(sequences), width), pad_id, device=feats.device)
     labels = torch.full((len(sequences), width), -100, device=feats.device)
-    for i, ids in enumerate(sequences):
+    for i, (ids, start) in enumerate(zip(sequences, starts, strict=True)):
         target = [*ids, eos]
         dec[i, : len(ids)] = torch.tensor(ids)
-        labels[i, n_prompt - 1 : len(target) - 1] = torch.tensor(target[n_prompt:])
+        labels[i, start - 1 : len(target) - 1] = torch.tensor(target[start:])
     hidden = whisper.model.decoder(
         input_ids=dec, attention_mask=(dec != pad_id).long(), encoder_hidden_states=feats
     ).last_hidden_state

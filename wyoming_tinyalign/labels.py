@@ -50,6 +50,7 @@ class Label:
     source: str  # the strongest source used: correction / teacher / outcome
     text_source: str
     intent_source: str | None
+    language: str | None = None  # what the request said it was (Whisper's start tokens)
 
 
 # ------------------------------------------------------------------------------------------ corrections
@@ -205,7 +206,7 @@ def compute_labels(
     rows = _rows(
         conn,
         "SELECT id, created_at, kind, client, satellite_id, device_id, audio_path, transcript, intent, "
-        "correction, teacher_transcript, teacher_confidence, ha_outcome FROM interactions "
+        "correction, teacher_transcript, teacher_confidence, ha_outcome, language FROM interactions "
         "ORDER BY created_at, id",
     )
     by_group: dict[str, list[int]] = {}
@@ -264,6 +265,7 @@ def _label(row: sqlite3.Row, served: Intent | None, confirmed: bool, settings: L
         source=strongest,
         text_source=text_source,
         intent_source=intent_source,
+        language=row["language"],
     )
 
 
