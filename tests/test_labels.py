@@ -46,7 +46,7 @@ def labels_by_id(store: InteractionStore) -> dict[int, object]:
 
 
 def test_each_field_takes_its_strongest_source(store: InteractionStore) -> None:
-    corrected = add(store, T0)
+    corrected = add(store, T0, language="de")  # asked in German: its label keeps it (Whisper's start)
     set_teacher(store.conn, corrected, "turn on the porch lamp", -0.1)
     set_correction(
         store.conn,
@@ -66,11 +66,12 @@ def test_each_field_takes_its_strongest_source(store: InteractionStore) -> None:
 
     got = labels_by_id(store)
     a = got[corrected]
-    assert (a.text, a.intent, a.source, a.text_source) == (
+    assert (a.text, a.intent, a.source, a.text_source, a.language) == (
         "turn on the porch light",
         ON,
         "correction",
         "correction",
+        "de",
     )
     b = got[teacher_and_outcome]
     assert (b.text, b.intent, b.source) == ("turn on the porch lights", ON, "teacher")
