@@ -39,11 +39,12 @@ from .adapt import ADAPT_DIR, CONTEXT_FILE, clean_up_killed_run
 from .discovery import advertised_address
 from .files import naming, write_atomic
 from .model.bundle import BundleConfig, BundleError, ProjectorInfo, load_bundle_config, load_projector
+from .model.decoder_adapter import ShapedAdapter
 from .model.projector import Projector
 from .models import ModelChoice
 from .versions import BASE, VersionError, Versions, check_fits, record_model
 from .web import Metrics, WebContext, build_app, load_token
-from .worker import InferenceWorker, ServedAdapter
+from .worker import InferenceWorker
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ class Nightly:
             _LOGGER.error("projector version refused, serving the bundle's own projector: %s", err)
         return nightly
 
-    def _load(self, name: str) -> tuple[Projector | None, ProjectorInfo | None, ServedAdapter | None]:
+    def _load(self, name: str) -> tuple[Projector | None, ProjectorInfo | None, ShapedAdapter | None]:
         """A version (or `base`: the bundle's projector, no decoder adapters), checked against the
         served bundle."""
         model = self.worker.model

@@ -39,7 +39,7 @@ from .model.bundle import (
     read_projector_info,
     save_projector,
 )
-from .model.decoder_adapter import Adapter, AdapterConfig
+from .model.decoder_adapter import Adapter, AdapterConfig, ShapedAdapter
 from .model.projector import Projector
 
 _LOGGER = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class Served:
     name: str
     projector: Projector | None
     info: ProjectorInfo | None
-    adapter: tuple[Adapter, AdapterConfig] | None = None
+    adapter: ShapedAdapter | None = None
 
 
 class Versions:
@@ -104,7 +104,7 @@ class Versions:
         except BundleError as err:
             raise VersionError(str(err)) from err
 
-    def adapter(self, name: str) -> tuple[Adapter, AdapterConfig] | None:
+    def adapter(self, name: str) -> ShapedAdapter | None:
         """A version's Whisper decoder adapters with their shape (None: it has none)."""
         try:
             adapter = load_decoder_adapter(self.path(name))

@@ -18,7 +18,7 @@ import numpy as np
 from .audio import pcm_to_float
 from .intents import Intent
 from .model.bundle import ProjectorInfo
-from .model.decoder_adapter import Adapter, AdapterConfig
+from .model.decoder_adapter import ShapedAdapter
 from .model.projector import Projector
 from .model.speechllm import PATHS, Result, SpeechLLM
 from .versions import household_validated
@@ -26,7 +26,6 @@ from .versions import household_validated
 _LOGGER = logging.getLogger(__name__)
 
 PATH_CHOICES = ("auto", *PATHS)
-ServedAdapter = tuple[Adapter, AdapterConfig]
 T = TypeVar("T")
 
 
@@ -98,7 +97,7 @@ class InferenceWorker:
         return await self._submit(self.model.understand_text, text, context)
 
     def replace_projector(
-        self, projector: Projector | None, info: ProjectorInfo | None, adapter: ServedAdapter | None = None
+        self, projector: Projector | None, info: ProjectorInfo | None, adapter: ShapedAdapter | None = None
     ) -> str:
         """Serve another projector and Whisper decoder adapters (None: the decoder as built), and
         re-choose an `auto` path; returns the path now served. Call it on the inference thread
@@ -120,7 +119,7 @@ class InferenceWorker:
         return path
 
     async def swap_projector(
-        self, projector: Projector | None, info: ProjectorInfo | None, adapter: ServedAdapter | None = None
+        self, projector: Projector | None, info: ProjectorInfo | None, adapter: ShapedAdapter | None = None
     ) -> str:
         """Hot-swap between requests: queued like a request, so every request runs wholly on the old
         version or wholly on the new one."""

@@ -42,6 +42,9 @@ class AdapterConfig:
         return asdict(self)
 
 
+ShapedAdapter = tuple[Adapter, AdapterConfig]  # adapters with their shape, as a version holds them
+
+
 class AdapterError(ValueError):
     """Adapters that do not fit this Whisper (another shape, or tensors missing)."""
 

@@ -43,7 +43,7 @@ from transformers import (
 
 from ..intents import Intent, parse_answer, parse_intent
 from .bundle import BundleConfig, BundleError, ProjectorInfo, load_bundle_config, load_projector
-from .decoder_adapter import Adapter, AdapterConfig, install
+from .decoder_adapter import Adapter, AdapterConfig, ShapedAdapter, install
 from .encoder import AudioEncoder
 from .projector import Projector
 from .prompt import PromptTemplate
@@ -208,7 +208,7 @@ class SpeechLLM:
         self.projector = projector.eval() if projector is not None else None
         self.projector_info = projector_info
         # Household adapters served in Whisper's decoder (`set_decoder_adapter`), with their shape.
-        self.decoder_adapter: tuple[Adapter, AdapterConfig] | None = None
+        self.decoder_adapter: ShapedAdapter | None = None
         self._separated = False
         self.cascade_pad_30s = cascade_pad_30s
         self.max_new_tokens = max_new_tokens
