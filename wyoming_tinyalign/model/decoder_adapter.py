@@ -60,7 +60,7 @@ def attach(whisper: nn.Module, config: AdapterConfig) -> None:
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=config.targets)
     inject_adapter_in_model(lora, whisper, adapter_name=_NAME)
     whisper.tinyalign_adapter = config
-    for param in whisper.parameters():  # serving: nothing trains (`trainable` turns the adapters on)
+    for param in whisper.parameters():  # serving trains nothing (`train_decoder_adapter` turns them on)
         param.requires_grad_(False)
 
 
