@@ -1,10 +1,12 @@
 """Training the household's adapters on Whisper's decoder (`model/decoder_adapter.py`): a plain loop.
 
 The examples are encoder features as the cascade computes them (padded to 30 s where the bundle's
-cascade pads) and the corrected transcripts; the loss is the one the demo model's Whisper was trained
-with (`devmodel.decoder_loss`: cross-entropy of the decoder writing the transcript after its start
-tokens). Batches of similar length, AdamW, gradients clipped, `micro_batch` utterances per
-forward/backward (memory), for `epochs` passes or until `max_s` seconds have gone, whichever is first.
+cascade pads; otherwise the night's feature cache's files, read batch by batch: at whisper-base a
+700-utterance night's 961 clips would hold about 150 MB in memory) and the corrected transcripts; the
+loss is the one the demo model's Whisper was trained with (`devmodel.decoder_loss`: cross-entropy of
+the decoder writing the transcript after its start tokens). Batches of similar length, AdamW, gradients
+clipped, `micro_batch` utterances per forward/backward (memory), for `epochs` passes or until `max_s`
+seconds have gone, whichever is first.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from .devmodel import decoder_loss
 from .model.decoder_adapter import Adapter, AdapterConfig, adapter_parameters, attach, extract, install
@@ -24,12 +28,18 @@ from .train import FeatureCache
 
 @dataclass
 class DecoderExample:
-    """One utterance for the decoder: its encoder features `[N, D]`, and Whisper's start tokens (of its
-    language) followed by its transcript's token ids."""
+    """One utterance for the decoder: its encoder features `[N, D]` (or the feature cache's file of them),
+    and Whisper's start tokens (of its language) followed by its transcript's token ids."""
 
-    features: torch.Tensor
+    features: torch.Tensor | Path
+    frames: int  # N
     ids: list[int]
     n_prompt: int  # how many of `ids` are start tokens
+
+    def load(self) -> torch.Tensor:
+        if isinstance(self.features, torch.Tensor):
+            return self.features
+        return load_file(str(self.features))["features"]
 
 
 @dataclass
@@ -62,15 +72,22 @@ def decoder_examples(
     and the features the cascade reads: from `cache` (the night's feature cache: a bundle whose cascade
     reads unpadded features), else computed (padded to 30 s where the cascade pads)."""
     tokenizer = model.whisper_tokenizer
-    if cache is not None:
-        feats = cache.features(audios)  # half precision, as cached: widened batch by batch
-    else:
-        feats = [model.encode(audio, pad_30s=model.cascade_pad_30s).half().cpu() for audio in audios]
+    feats: list[torch.Tensor | Path] = []
+    frames: list[int] = []
+    for start in range(0, len(audios), 64):  # (a cache's files: 64 clips' features in memory at most)
+        chunk = audios[start : start + 64]
+        if cache is not None:
+            got = cache.features(chunk)
+            feats += [cache.path(audio) for audio in chunk]
+        else:
+            got = [model.encode(audio, pad_30s=model.cascade_pad_30s).half().cpu() for audio in chunk]
+            feats += got
+        frames += [f.shape[0] for f in got]
     examples = []
-    for text, f, language in zip(texts, feats, languages, strict=True):
+    for text, f, n, language in zip(texts, feats, frames, languages, strict=True):
         prompt, _ = whisper_prompt(model.whisper, tokenizer, language)
         ids = prompt + tokenizer(text, add_special_tokens=False)["input_ids"]
-        examples.append(DecoderExample(f, ids, len(prompt)))
+        examples.append(DecoderExample(f, n, ids, len(prompt)))
     return examples
 
 
@@ -101,7 +118,7 @@ def train_decoder_adapter(
     whisper.train()
     try:
         while done < cfg.epochs:
-            order = sorted(range(len(examples)), key=lambda i: (examples[i].features.shape[0], rng.random()))
+            order = sorted(range(len(examples)), key=lambda i: (examples[i].frames, rng.random()))
             groups = [order[i : i + cfg.batch] for i in range(0, len(order), cfg.batch)]
             rng.shuffle(groups)
             losses = []
@@ -130,9 +147,10 @@ def _step(batch: list[DecoderExample], whisper: torch.nn.Module, pad_id: int, mi
     total, micro = 0.0, max(1, micro)
     for i in range(0, len(batch), micro):
         chunk = batch[i : i + micro]
-        feats = torch.zeros(len(chunk), max(x.features.shape[0] for x in chunk), chunk[0].features.shape[1])
-        for k, x in enumerate(chunk):
-            feats[k, : x.features.shape[0]] = x.features
+        loaded = [x.load() for x in chunk]
+        feats = torch.zeros(len(chunk), max(x.frames for x in chunk), loaded[0].shape[1])
+        for k, (x, f) in enumerate(zip(chunk, loaded, strict=True)):
+            feats[k, : x.frames] = f
         feats = feats.to(whisper.device, whisper.dtype)
         loss = (
             decoder_loss(whisper, feats, [x.ids for x in chunk], [x.n_prompt for x in chunk], pad_id)

@@ -106,7 +106,8 @@ class FeatureCache:
         """A clip's key: the digest of its float32 samples."""
         return hashlib.sha256(np.ascontiguousarray(audio, dtype=np.float32).tobytes()).hexdigest()
 
-    def _path(self, audio: np.ndarray) -> Path:
+    def path(self, audio: np.ndarray) -> Path:
+        """The file a clip's features are kept in."""
         key = self.key(audio)
         return self.folder / key[:2] / f"{key}.safetensors"
 
@@ -115,7 +116,7 @@ class FeatureCache:
 
         They are half precision, as stored: a night holds hundreds of clips' features in memory, and a
         clip computed now gives what the cache will give later (`collate` and the projector widen them)."""
-        paths = [self._path(a) for a in audios]
+        paths = [self.path(a) for a in audios]
         out: list[torch.Tensor | None] = [None] * len(audios)
         misses = []
         for i, path in enumerate(paths):
