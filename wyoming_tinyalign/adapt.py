@@ -923,6 +923,8 @@ class Job:
             # What the household deleted is not learnt from: a candidate goes, promoted or not, and the
             # labels are not recorded as learnt, so the next night counts them as new again.
             promote, candidate, night = False, None, None
+            if "decoder" in report:  # its adapters go too (the page must not say they were kept)
+                report["decoder"]["promoted"] = False
             reason = (
                 f"{len(deleted)} recording(s) it learnt from or was judged on were deleted while it ran: "
                 "nothing it trained is kept (the next night learns without them)"
