@@ -78,10 +78,8 @@ from .manifest import Utterance, read_manifest, write_manifest
 from .memory import return_freed_memory
 from .model.bundle import (
     BundleConfig,
-    BundleError,
     ProjectorInfo,
     load_bundle_config,
-    load_decoder_adapter,
     load_projector,
 )
 from .model.decoder_adapter import Adapter, AdapterConfig, AdapterError, adapter_key
@@ -98,7 +96,6 @@ from .train import (
     TrainConfig,
     add_micro_batch_arg,
     embedlink_loss,
-    encoder_fingerprint,
     objective_loss,
     train,
     val_loss,
@@ -137,7 +134,7 @@ DECODER_SHARE = 0.5
 # 400 for 100 held the other voices over 20 epochs, 100 did not).
 DECODER_REPLAY = 4
 # Where the cascade pads to 30 s, the decoder's training features in memory: at most this many MB (at
-# whisper-base, 330 clips' 500 MB took a real-size night to 3288 MiB; benchmarks/RESULTS.md).
+# whisper-base, 330 clips' features (500 MB, computed) took a real-size night to 3288 MiB; RESULTS.md).
 DECODER_PADDED_MB = 160
 
 
@@ -600,10 +597,9 @@ class Job:
         if name == BASE:
             return
         try:
-            adapter = load_decoder_adapter(self.versions.path(name))
-            if adapter is not None:
-                model.set_decoder_adapter(adapter, self.versions.info(name).decoder)
-        except (BundleError, VersionError, AdapterError) as err:
+            if (adapter := self.versions.adapter(name)) is not None:
+                model.set_decoder_adapter(*adapter)
+        except (VersionError, AdapterError) as err:
             _LOGGER.error(
                 "the decoder adapters of %s cannot be used (%s); the cascade runs without", name, err
             )
@@ -797,7 +793,7 @@ class Job:
         # Before: the served projector (and the cascade) on the held-out sets, sized to the budget.
         predictions = opts.work / PREDICTIONS_DIR
         served_adapter = model.decoder_adapter
-        cascade_cache = self._cascade_cache(model, served_adapter[0] if served_adapter else None)
+        cascade_cache = self._cascade_cache(cache, served_adapter[0] if served_adapter else None)
         serving_cache = Predictions(predictions, weights_key(serving)) if serving is not None else None
         shipped_cache = Predictions(predictions, weights_key(shipped[0])) if shipped else None
         per_item = self._time_one(model, serving, held_items[0])
@@ -976,12 +972,12 @@ class Job:
         if not deleted:
             self._save_state(data_hash, digests)
         keep = {cascade_cache.path, *(c.path for c in (serving_cache, shipped_cache) if c is not None)}
-        keep.add(self._cascade_cache(model, None).path)
+        keep.add(self._cascade_cache(cache, None).path)
         for name in self.versions.names():
-            with suppress(VersionError, BundleError):
+            with suppress(VersionError):
                 keep.add(Predictions(predictions, weights_key(self.versions.load(name)[0])).path)
-                if (kept_adapter := load_decoder_adapter(self.versions.path(name))) is not None:
-                    keep.add(self._cascade_cache(model, kept_adapter).path)
+                if (kept_adapter := self.versions.adapter(name)) is not None:
+                    keep.add(self._cascade_cache(cache, kept_adapter[0]).path)
         for path in predictions.glob("*.json"):
             if path not in keep:
                 path.unlink(missing_ok=True)
@@ -991,9 +987,10 @@ class Job:
             audios += [a for _, a in _readable(replay_all) + _readable(general_utts)]
             data["features_pruned"] = prune_features(cache.folder.parent, audios)
 
-    def _cascade_cache(self, model: SpeechLLM, adapter: Adapter | None) -> Predictions:
-        """The cascade's kept answers, with these decoder adapters (None: Whisper's decoder as built)."""
-        key = "cascade-" + encoder_fingerprint(model.encoder)
+    def _cascade_cache(self, cache: FeatureCache, adapter: Adapter | None) -> Predictions:
+        """The cascade's kept answers, with these decoder adapters (None: Whisper's decoder as built);
+        keyed by the encoder's fingerprint the feature cache already computed."""
+        key = "cascade-" + cache.fingerprint
         return Predictions(
             self.opts.work / PREDICTIONS_DIR, key + (f"-{adapter_key(adapter)}" if adapter else "")
         )
@@ -1034,7 +1031,7 @@ class Job:
         )  # fmt: skip
         with model.separate_decoder():
             result = train_decoder_adapter(model, examples, cfg, *(served or (None, None)))
-            mine = self._cascade_cache(model, result.adapter)
+            mine = self._cascade_cache(cache, result.adapter)
             got = {name: answers(model, items, "cascade", mine) for name, items in sets.items()}
         mine.save()
         config = served[1] if served else AdapterConfig()
@@ -1047,7 +1044,7 @@ class Job:
         built = None
         if served is not None:  # the other voices as Whisper's decoder as built hears them
             model.set_decoder_adapter(None)
-            plain = self._cascade_cache(model, None)
+            plain = self._cascade_cache(cache, None)
             plain_answers = answers(model, sets["general"], "cascade", plain)
             plain.save()
             model.set_decoder_adapter(*served)

@@ -2,7 +2,7 @@
 
 The examples are encoder features as the cascade computes them (padded to 30 s where the bundle's
 cascade pads; otherwise the night's feature cache's files, read batch by batch: at whisper-base a
-700-utterance night's 961 clips would hold about 150 MB in memory) and the corrected transcripts; the
+700-utterance night's 961 clips would hold about 150 MB, computed) and the corrected transcripts; the
 loss is the one the demo model's Whisper was trained with (`devmodel.decoder_loss`: cross-entropy of
 the decoder writing the transcript after its start tokens). Batches of similar length, AdamW, gradients
 clipped, `micro_batch` utterances per forward/backward (memory), for `epochs` passes or until `max_s`

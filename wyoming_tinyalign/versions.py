@@ -39,7 +39,7 @@ from .model.bundle import (
     read_projector_info,
     save_projector,
 )
-from .model.decoder_adapter import Adapter, AdapterConfig, ShapedAdapter
+from .model.decoder_adapter import Adapter, ShapedAdapter
 from .model.projector import Projector
 
 _LOGGER = logging.getLogger(__name__)
@@ -107,8 +107,7 @@ class Versions:
     def adapter(self, name: str) -> ShapedAdapter | None:
         """A version's Whisper decoder adapters with their shape (None: it has none)."""
         try:
-            adapter = load_decoder_adapter(self.path(name))
-            return None if adapter is None else (adapter, self.info(name).decoder or AdapterConfig())
+            return load_decoder_adapter(self.path(name))
         except BundleError as err:
             raise VersionError(str(err)) from err
 

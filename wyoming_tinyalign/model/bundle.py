@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from ..files import write_atomic
-from .decoder_adapter import PREFIX, Adapter, AdapterConfig
+from .decoder_adapter import PREFIX, Adapter, AdapterConfig, ShapedAdapter
 from .projector import Projector, ProjectorConfig, build_projector
 
 BUNDLE_FILE = "bundle.json"
@@ -148,8 +148,8 @@ def load_projector(path: Path, device: str | torch.device = "cpu") -> tuple[Proj
     return projector.to(device).eval(), info
 
 
-def load_decoder_adapter(path: Path) -> Adapter | None:
-    """The Whisper decoder adapters a version file holds (None: it holds none)."""
+def load_decoder_adapter(path: Path) -> ShapedAdapter | None:
+    """The Whisper decoder adapters a version file holds, with their shape (None: it holds none)."""
     info = read_projector_info(path)
     if info.decoder is None:
         return None
@@ -160,4 +160,4 @@ def load_decoder_adapter(path: Path) -> Adapter | None:
         raise BundleError(f"decoder adapters in {path} are corrupt or truncated ({err})") from err
     if not adapter:
         raise BundleError(f"{path} says it holds decoder adapters, but has none")
-    return adapter
+    return adapter, info.decoder
