@@ -40,7 +40,8 @@ def _pcm(audio: np.ndarray) -> bytes:
 
 @pytest.fixture(scope="module")
 def night(micro_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """A data dir whose log holds 40 corrected utterances of PHRASE, and the report of its night."""
+    """A data dir whose log holds 40 corrected utterances of PHRASE (and one long one), and the report of
+    its night."""
     data = tmp_path_factory.mktemp("decoder-night") / "data"
     record_model(data, micro_model, "micro")
     store = InteractionStore(data / "log")
@@ -53,6 +54,14 @@ def night(micro_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
                 _clip(i),
             )  # fmt: skip
             set_correction(store.conn, row, validate_correction({"text": PHRASE, "intent": INTENT.to_json()}))
+        # and one correction longer than the micro Whisper's decoder writes (48 tokens): learnt by the
+        # projector, left out of the adapters' training (row 41: a training row)
+        row = store.add(
+            Interaction(kind="audio", created_at=time.time() - 3600, client="10.0.0.9:1", path="cascade",
+                        transcript="set the", duration_s=1.0),
+            _clip(40),
+        )  # fmt: skip
+        set_correction(store.conn, row, validate_correction({"text": " ".join([PHRASE] * 20)}))
     finally:
         store.close()
     opts = AdaptOptions(
@@ -73,6 +82,7 @@ def test_the_night_promotes_adapters_that_hear_the_household(
     before, after = report["cascade"]["household"], decoder["after"]["household"]
     assert after["wer"] < before["wer"]  # (the micro LLM makes no intent of the words either way)
     assert decoder["examples"]["household"] > 0 and decoder["examples"]["replay"] > 0
+    assert decoder["examples"]["too_long"] == 1
 
     versions = Versions(data)
     name = report["version"]
@@ -114,6 +124,7 @@ async def test_the_server_serves_them_logs_the_version_and_a_rollback_takes_them
             assert newest["path"] == "cascade" and newest["projector_version"] == name
             page = await (await http.get(f"{web}/learning")).text()  # the household's page says so
             assert "Whisper's decoder (kept)" in page and "and Whisper decoder adapters" in page
+            assert "1 transcript(s) longer than it writes left out" in page
             answer = await http.post(f"{web}/api/rollback", json={"to": "base"})
             assert answer.status == 200, await answer.text()
         assert await say(2000) == before

@@ -87,6 +87,11 @@ async def test_ingress_needs_no_token_but_changes_need_the_header(
         "duration_s": 95.0,
         "peak_rss_mb": 812.0,
         "peak_cuda_mb": 1370.6,  # a night on CUDA
+        # its decoder adapters' phase failed (the projector's verdict stands)
+        "decoder": {
+            "error": "ValueError: no transcripts to train Whisper's decoder adapters on",
+            "promoted": False,
+        },
     }
     store.conn.execute(
         "INSERT INTO adaptations (started_at, finished_at, status, reason, version, report) "
@@ -108,6 +113,7 @@ async def test_ingress_needs_no_token_but_changes_need_the_header(
         assert "93% &rarr; 90%" in learning  # other voices
         assert "812 MB peak &middot; 1371 MB on the GPU" in learning
         assert "promoted v0001 (no longer kept)" in learning  # pruned: not in this data dir
+        assert "Whisper's decoder (failed): ValueError: no transcripts" in learning.replace("&#x27;", "'")
         # The header alone, from any other address, is no way in.
         answer = await http.get("/", headers={"X-Ingress-Path": PREFIX})
         assert answer.status == 401 and 'name="token"' in await answer.text()

@@ -1019,6 +1019,7 @@ class Job:
         audios = [a for _, a in household] + [a for _, a in replay]
         languages = [lab.language for lab, _ in household] + ["en"] * len(replay)  # replay: English
         examples = decoder_examples(model, texts, audios, languages, None if model.cascade_pad_30s else cache)
+        too_long = len(texts) - len(examples)  # more words than the decoder writes: not learnt from
         cfg = DecoderTrainConfig(
             epochs=opts.decoder_epochs, lr=opts.decoder_lr, batch=opts.batch, seed=opts.seed,
             max_s=max(0.0, max_s - (time.monotonic() - t0)),
@@ -1026,8 +1027,9 @@ class Job:
         if model.cascade_pad_30s:  # keys and values of 1500 frames per utterance: one at a time (memory)
             cfg.micro_batch = 1
         _LOGGER.info(
-            "training Whisper's decoder adapters for up to %.0f s on %d household and %d replay transcripts",
-            cfg.max_s, len(household), len(replay),
+            "training Whisper's decoder adapters for up to %.0f s on %d household and %d replay transcripts"
+            " (%d too long for the decoder left out)",
+            cfg.max_s, len(household), len(replay), too_long,
         )  # fmt: skip
         with model.separate_decoder():
             result = train_decoder_adapter(model, examples, cfg, *(served or (None, None)))
@@ -1056,7 +1058,7 @@ class Job:
             "seconds": round(time.monotonic() - t0, 1),
             "train_s": round(result.seconds, 1),
             "budget_s": round(max_s, 1),
-            "examples": {"household": len(household), "replay": len(replay)},
+            "examples": {"household": len(household), "replay": len(replay), "too_long": too_long},
             "steps": result.steps,
             "epochs": result.epochs,
             "loss_curve": result.loss_curve,

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from .devmodel import decoder_loss
-from .model.decoder_adapter import Adapter, AdapterConfig, adapter_parameters, attach, extract, install
+from .model.decoder_adapter import Adapter, AdapterConfig, adapter_parameters, extract, fresh, install
 from .model.speechllm import SpeechLLM, whisper_prompt
 from .train import FeatureCache
 
@@ -70,24 +70,28 @@ def decoder_examples(
 ) -> list[DecoderExample]:
     """Transcripts and their 16 kHz audio as training examples, with the start tokens of their language
     and the features the cascade reads: from `cache` (the night's feature cache: a bundle whose cascade
-    reads unpadded features), else computed (padded to 30 s where the cascade pads)."""
-    tokenizer = model.whisper_tokenizer
-    feats: list[torch.Tensor | Path] = []
-    frames: list[int] = []
-    for start in range(0, len(audios), 64):  # (a cache's files: 64 clips' features in memory at most)
-        chunk = audios[start : start + 64]
-        if cache is not None:
-            got = cache.features(chunk)
-            feats += [cache.path(audio) for audio in chunk]
-        else:
-            got = [model.encode(audio, pad_30s=model.cascade_pad_30s).half().cpu() for audio in chunk]
-            feats += got
-        frames += [f.shape[0] for f in got]
-    examples = []
-    for text, f, n, language in zip(texts, feats, frames, languages, strict=True):
+    reads unpadded features), else computed (padded to 30 s where the cascade pads). A transcript longer
+    than the decoder can write (`max_target_positions`, its start and end tokens counted) is left out."""
+    tokenizer, limit = model.whisper_tokenizer, model.whisper.config.max_target_positions
+    fitting = []  # (audio, ids, how many of them are start tokens)
+    for text, audio, language in zip(texts, audios, languages, strict=True):
         prompt, _ = whisper_prompt(model.whisper, tokenizer, language)
         ids = prompt + tokenizer(text, add_special_tokens=False)["input_ids"]
-        examples.append(DecoderExample(f, n, ids, len(prompt)))
+        if len(ids) < limit:  # (and the end token)
+            fitting.append((audio, ids, len(prompt)))
+    examples = []
+    for start in range(0, len(fitting), 64):  # (a cache's files: 64 clips' features in memory at most)
+        chunk = fitting[start : start + 64]
+        clips = [audio for audio, _, _ in chunk]
+        if cache is not None:
+            got = cache.features(clips)
+            feats: list[torch.Tensor | Path] = [cache.path(audio) for audio in clips]
+        else:
+            got = feats = [model.encode(audio, pad_30s=model.cascade_pad_30s).half().cpu() for audio in clips]
+        examples += [
+            DecoderExample(f, g.shape[0], ids, n_prompt)
+            for f, g, (_, ids, n_prompt) in zip(feats, got, chunk, strict=True)
+        ]
     return examples
 
 
@@ -100,13 +104,11 @@ def train_decoder_adapter(
 ) -> DecoderTrainResult:
     """Train adapters on `model.whisper`'s decoder from `start` (the served ones) or from nothing; the
     Whisper is left serving the result."""
+    if not examples:
+        raise ValueError("no transcripts to train Whisper's decoder adapters on")
     whisper, tokenizer = model.whisper, model.whisper_tokenizer
     config = adapter_config or AdapterConfig()
-    attach(whisper, config)
-    if start is not None:
-        install(whisper, start, config)
-    else:  # fresh adapters: peft's own init (B = 0: the decoder as built)
-        install(whisper, extract(whisper), config)
+    install(whisper, start if start is not None else fresh(whisper, config, cfg.seed), config)
     params = list(adapter_parameters(whisper).values())
     for param in params:
         param.requires_grad_(True)

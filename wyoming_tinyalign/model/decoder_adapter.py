@@ -15,6 +15,7 @@ named `decoder.<module>.lora_A.weight`); the server puts them into its Whisper b
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -80,6 +81,20 @@ def adapter_parameters(whisper: nn.Module) -> dict[str, nn.Parameter]:
 def extract(whisper: nn.Module) -> Adapter:
     """A copy of the adapters' weights (on the CPU, float32), to store."""
     return {k: p.detach().to("cpu", torch.float32).clone() for k, p in adapter_parameters(whisper).items()}
+
+
+def fresh(whisper: nn.Module, config: AdapterConfig, seed: int) -> Adapter:
+    """New adapters of `config` for `whisper`, initialised as peft does (A Kaiming-uniform, B zero: the
+    decoder as built) but drawn from `seed`, so that a night trains the same adapters every time."""
+    attach(whisper, config)
+    generator = torch.Generator().manual_seed(seed)
+    adapter = {}
+    for name, param in sorted(adapter_parameters(whisper).items()):
+        weights = torch.zeros(param.shape)
+        if ".lora_A." in name:
+            nn.init.kaiming_uniform_(weights, a=math.sqrt(5), generator=generator)
+        adapter[name] = weights
+    return adapter
 
 
 def install(whisper: nn.Module, adapter: Adapter | None, config: AdapterConfig | None = None) -> None:

@@ -643,12 +643,17 @@ def _run_row(run: dict[str, Any], kept: set[str]) -> str:
     memory = f'<div class="small">{" &middot; ".join(peaks)}</div>' if peaks else ""
     ear = ""
     if decoder := report.get("decoder"):  # Whisper's decoder adapters: the cascade before -> with them
-        figures = [
-            f"{_pct(_figure(report, 'cascade', m))} &rarr; {_pct(_figure(decoder, 'after', m))} {label}"
-            for m, label in (("intent_accuracy", "intents"), ("wer", "WER"))
-        ]
-        kept = "kept" if decoder.get("promoted") else "not kept"
-        ear = f'<div class="small">Whisper\'s decoder ({kept}): {", ".join(figures)}</div>'
+        if "error" in decoder:
+            said = f"(failed): {escape(decoder['error'])}"
+        else:
+            figures = [
+                f"{_pct(_figure(report, 'cascade', m))} &rarr; {_pct(_figure(decoder, 'after', m))} {label}"
+                for m, label in (("intent_accuracy", "intents"), ("wer", "WER"))
+            ]
+            if too_long := (decoder.get("examples") or {}).get("too_long"):
+                figures.append(f"{too_long} transcript(s) longer than it writes left out")
+            said = f"({'kept' if decoder.get('promoted') else 'not kept'}): {', '.join(figures)}"
+        ear = f'<div class="small">Whisper\'s decoder {said}</div>'
     return f"""<tr class="run {escape(run["status"])}">
 <td data-label="Started" class="nowrap">{_when(run["started_at"])}</td>
 <td data-label="Result"><b>{status}</b><div class="small">{escape(run["reason"] or "")}</div>{ear}</td>
