@@ -7,6 +7,7 @@ over and over (each clip its own noise): what the adapters must learn is the hou
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from adaptation import bootstrap_dir
 from serving import WEB, ServerProcess, client, read_until, send_audio, serve_args
 from wyoming.asr import Transcribe, Transcript
 
-from wyoming_tinyalign.adapt import AdaptOptions, run_job
+from wyoming_tinyalign.adapt import AdaptOptions, NightData, run_job
 from wyoming_tinyalign.intents import Intent
 from wyoming_tinyalign.labels import set_correction, validate_correction
 from wyoming_tinyalign.model.speechllm import SpeechLLM
@@ -38,38 +39,40 @@ def _pcm(audio: np.ndarray) -> bytes:
     return np.round(audio * 32768).astype("<i2").tobytes()
 
 
-@pytest.fixture(scope="module")
-def night(micro_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """A data dir whose log holds 40 corrected utterances of PHRASE (and one long one), and the report of
-    its night."""
-    data = tmp_path_factory.mktemp("decoder-night") / "data"
+def _logged(data: Path, micro_model: Path) -> None:
+    """A data dir whose log holds 40 utterances corrected to PHRASE (each its own noise clip) and one
+    correction longer than the micro Whisper's decoder writes (48 tokens): learnt by the projector, left
+    out of the adapters' training (row 41: a training row)."""
     record_model(data, micro_model, "micro")
     store = InteractionStore(data / "log")
     store.open()
     try:
-        for i in range(40):
+        for i in range(41):
             row = store.add(
                 Interaction(kind="audio", created_at=time.time() - 86400 + 60 * i, client="10.0.0.9:1",
                             path="cascade", transcript="set the", duration_s=1.0),
                 _clip(i),
             )  # fmt: skip
-            set_correction(store.conn, row, validate_correction({"text": PHRASE, "intent": INTENT.to_json()}))
-        # and one correction longer than the micro Whisper's decoder writes (48 tokens): learnt by the
-        # projector, left out of the adapters' training (row 41: a training row)
-        row = store.add(
-            Interaction(kind="audio", created_at=time.time() - 3600, client="10.0.0.9:1", path="cascade",
-                        transcript="set the", duration_s=1.0),
-            _clip(40),
-        )  # fmt: skip
-        set_correction(store.conn, row, validate_correction({"text": " ".join([PHRASE] * 20)}))
+            text = PHRASE if i < 40 else " ".join([PHRASE] * 20)
+            set_correction(store.conn, row, validate_correction({"text": text, "intent": INTENT.to_json()}))
     finally:
         store.close()
-    opts = AdaptOptions(
+
+
+def _options(data: Path, tmp_path_factory: pytest.TempPathFactory) -> AdaptOptions:
+    return AdaptOptions(
         data_dir=data, now=True, budget_minutes=1.0, replay_n=32, general_n=16, decide_on="loss",
         bootstrap_dir=bootstrap_dir(tmp_path_factory), teacher_min_confidence=1.0,
         tolerance=1.0,  # the micro Whisper's other voices are noise (WER about 1): they cannot decide
     )  # fmt: skip
-    return data, run_job(opts)
+
+
+@pytest.fixture(scope="module")
+def night(micro_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A data dir as `_logged` makes it, and the report of its night."""
+    data = tmp_path_factory.mktemp("decoder-night") / "data"
+    _logged(data, micro_model)
+    return data, run_job(_options(data, tmp_path_factory))
 
 
 def test_the_night_promotes_adapters_that_hear_the_household(
@@ -131,3 +134,53 @@ async def test_the_server_serves_them_logs_the_version_and_a_rollback_takes_them
     finally:
         process.stop()
     assert "with Whisper decoder adapters" in process.text
+
+
+class _DeleteAll(logging.Handler):
+    """Deletes every logged utterance (as `DELETE /api/interactions` does: rows, audio, what nights
+    derived) the moment the night logs a line that starts with `when`."""
+
+    def __init__(self, data: Path, when: str) -> None:
+        super().__init__()
+        self.data, self.when, self.deleted = data, when, 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.deleted or not record.getMessage().startswith(self.when):
+            return
+        store = InteractionStore(self.data / "log", derived=NightData(self.data))
+        store.open()
+        try:
+            self.deleted = store.delete([row for (row,) in store.conn.execute("SELECT id FROM interactions")])
+        finally:
+            store.close()
+
+
+@pytest.mark.parametrize(
+    "when", ["training Whisper's decoder adapters", "Whisper's decoder adapters:"], ids=["training", "judged"]
+)
+def test_adapters_that_learnt_from_recordings_deleted_meanwhile_are_not_kept(
+    when: str, micro_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Deleted while the adapters train (their features go too: they stop), or once they are judged
+    (promotable): the night keeps nothing, and its report does not say the adapters were kept."""
+    data = tmp_path_factory.mktemp("decoder-night-deleted") / "data"
+    _logged(data, micro_model)
+    handler = _DeleteAll(data, when)
+    logger = logging.getLogger("wyoming_tinyalign.adapt")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        report = run_job(_options(data, tmp_path_factory))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert handler.deleted == 41
+    assert report["status"] == "rejected" and "were deleted while it ran" in report["reason"], report
+    decoder = report["decoder"]
+    if when.endswith(":"):  # trained and judged better: what 41a88d8 mended
+        assert decoder["steps"] > 0 and "better for the household" in decoder["reason"]
+        assert decoder["promoted"] is False
+    else:
+        assert decoder == {"error": "stopped: recordings they read were deleted meanwhile", "promoted": False}
+    assert "version" not in report and Versions(data).names() == []

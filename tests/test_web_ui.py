@@ -113,7 +113,7 @@ async def test_ingress_needs_no_token_but_changes_need_the_header(
         assert "93% &rarr; 90%" in learning  # other voices
         assert "812 MB peak &middot; 1371 MB on the GPU" in learning
         assert "promoted v0001 (no longer kept)" in learning  # pruned: not in this data dir
-        assert "Whisper's decoder (failed): ValueError: no transcripts" in learning.replace("&#x27;", "'")
+        assert "Whisper's decoder (not kept): ValueError: no transcripts" in learning.replace("&#x27;", "'")
         # The header alone, from any other address, is no way in.
         answer = await http.get("/", headers={"X-Ingress-Path": PREFIX})
         assert answer.status == 401 and 'name="token"' in await answer.text()

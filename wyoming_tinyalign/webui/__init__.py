@@ -644,7 +644,7 @@ def _run_row(run: dict[str, Any], kept: set[str]) -> str:
     ear = ""
     if decoder := report.get("decoder"):  # Whisper's decoder adapters: the cascade before -> with them
         if "error" in decoder:
-            said = f"(failed): {escape(decoder['error'])}"
+            said = f"(not kept): {escape(decoder['error'])}"
         else:
             figures = [
                 f"{_pct(_figure(report, 'cascade', m))} &rarr; {_pct(_figure(decoder, 'after', m))} {label}"
