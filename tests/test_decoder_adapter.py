@@ -15,7 +15,7 @@ from wyoming_tinyalign.adapt import DECODER_PADDED_MB, DECODER_REPLAY, decoder_s
 from wyoming_tinyalign.decoder_train import DecoderTrainConfig, decoder_examples, train_decoder_adapter
 from wyoming_tinyalign.model.bundle import BundleError, load_decoder_adapter, load_projector, save_projector
 from wyoming_tinyalign.model.decoder_adapter import AdapterConfig, AdapterError
-from wyoming_tinyalign.model.speechllm import SpeechLLM
+from wyoming_tinyalign.model.speechllm import SpeechLLM, whisper_transcript
 from wyoming_tinyalign.versions import Versions, load_household_model, record_model
 from wyoming_tinyalign.worker import InferenceWorker, PcmSegment
 
@@ -51,6 +51,22 @@ def trained(micro_model: Path) -> tuple[SpeechLLM, dict, str]:
             again = train_decoder_adapter(model, examples, replace(cfg, seed=seed)).adapter
         assert all(torch.equal(again[k], v) for k, v in result.adapter.items()) == same
     return model, result.adapter, before
+
+
+def test_whispers_decoding_loop_is_cut_where_it_began(micro_model: Path) -> None:
+    """Adapters taught to loop ("... the the the" up to the decoder's last position, as a household's
+    adapters once wrote for "turn off the lights in the den"): the transcript stops at the loop."""
+    model = SpeechLLM.load(micro_model)
+    looping = " ".join(["turn off", *["the"] * 40])
+    examples = decoder_examples(model, [looping] * 8, [_audio(0)] * 8, ["en"] * 8)
+    assert len(examples) == 8  # (it fits the micro decoder's 48 positions)
+    trained = train_decoder_adapter(model, examples, DecoderTrainConfig(epochs=30, batch=4))
+    model.set_decoder_adapter(trained.adapter)
+    tokenizer, feats = model.whisper_tokenizer, model.encode(_audio(0))
+    short = "turn off the the the"  # (the loop is found at the fourth "the")
+    n = len(tokenizer(short, add_special_tokens=False)["input_ids"])
+    assert whisper_transcript(model.whisper, tokenizer, feats, "en", n)[0] == short  # it loops ...
+    assert _heard(model, _audio(0)) == "turn off"  # ... and the loop is cut (was: 40 "the"s)
 
 
 def test_a_transcript_longer_than_the_decoder_writes_is_left_out(micro_model: Path) -> None:

@@ -52,13 +52,14 @@ from .slots import IntentGrammar, TokenTexts
 PATHS = ("aligned", "readout", "cascade")
 
 
-DECODING_VERSION = 9  # bump when a change to decoding changes what a model answers (stored answers expire)
+DECODING_VERSION = 10  # bump when a change to decoding changes what a model answers (stored answers expire)
 LOOP_REPEATS = {1: 4, 2: 3, 3: 3}  # a unit of this many tokens, repeated this often, is a loop
 
 
 def loop_start(ids: list[int]) -> int | None:
     """Where a greedy decoder's degenerate loop at the end of `ids` begins ("porch porch porch porch",
-    "to 2 to 2 to 2"), or None. No answer of the intent format repeats a unit that often."""
+    "to 2 to 2 to 2"), or None. No answer of the intent format, nor a spoken command, repeats a unit
+    that often."""
     for period, repeats in LOOP_REPEATS.items():
         unit = ids[-period:]
         if len(ids) < period * repeats or ids[-period * repeats :] != unit * repeats:
@@ -121,7 +122,8 @@ def whisper_transcript(
     language: str | None = None,
     max_new_tokens: int | None = None,
 ) -> tuple[str, float]:
-    """Whisper's own greedy transcript of encoder features `[N, Da]`, and its mean token log-prob."""
+    """Whisper's own greedy transcript of encoder features `[N, Da]`, and its mean token log-prob. A
+    degenerate loop ends it, cut off where the loop began (as the LLM's answers are)."""
     ids, banned = whisper_prompt(whisper, tokenizer, language)
     eos = whisper.generation_config.eos_token_id
     encoder_outputs = (feats.unsqueeze(0).to(whisper.device),)
@@ -142,6 +144,9 @@ def whisper_transcript(
             break
         ids.append(token)
         new = [token]
+        if (loop := loop_start(ids[start:])) is not None:
+            del ids[start + loop :]
+            break
     text = tokenizer.decode(ids[start:], skip_special_tokens=True)
     return " ".join(text.strip().lower().split()), float(np.mean(logprobs)) if logprobs else 0.0
 
