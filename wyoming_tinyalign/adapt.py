@@ -913,15 +913,8 @@ class Job:
                 )
                 report["decoder"] = night.report
             except Exception as err:  # whatever stops the adapters must not cost the night its projector
-                if isinstance(err, FileNotFoundError) and self._gone(set(self.clips)):
-                    # The household deleted recordings they train on, and so their features: the night
-                    # keeps nothing it learnt from them anyway (below).
-                    _LOGGER.info("Whisper's decoder adapters stopped: recordings were deleted (%s)", err)
-                    error = "stopped: recordings they read were deleted meanwhile"
-                else:
-                    _LOGGER.exception("training Whisper's decoder adapters failed")
-                    error = f"{type(err).__name__}: {err}"
-                report["decoder"] = {"error": error, "promoted": False}
+                _LOGGER.exception("training Whisper's decoder adapters failed")
+                report["decoder"] = {"error": f"{type(err).__name__}: {err}", "promoted": False}
         if deleted := self._gone(set(self.clips)):
             # What the household deleted is not learnt from: a candidate goes, promoted or not, and the
             # labels are not recorded as learnt, so the next night counts them as new again.

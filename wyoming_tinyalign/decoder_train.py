@@ -14,11 +14,9 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from .devmodel import decoder_loss
 from .model.decoder_adapter import Adapter, AdapterConfig, adapter_parameters, extract, fresh, install
@@ -28,18 +26,23 @@ from .train import FeatureCache
 
 @dataclass
 class DecoderExample:
-    """One utterance for the decoder: its encoder features `[N, D]` (or the feature cache's file of them),
-    and Whisper's start tokens (of its language) followed by its transcript's token ids."""
+    """One utterance for the decoder: Whisper's start tokens (of its language) followed by its
+    transcript's token ids, and its encoder features `[N, D]`: held, or those the night's feature `cache`
+    keeps for `clip`, read when a batch needs them (through the cache, so a file gone meanwhile, a clip
+    the household deleted, is computed again; the night forgets it again as it ends)."""
 
-    features: torch.Tensor | Path
-    frames: int  # N
     ids: list[int]
     n_prompt: int  # how many of `ids` are start tokens
+    frames: int  # N
+    features: torch.Tensor | None = None
+    clip: np.ndarray | None = None
+    cache: FeatureCache | None = None
 
     def load(self) -> torch.Tensor:
-        if isinstance(self.features, torch.Tensor):
+        if self.features is not None:
             return self.features
-        return load_file(str(self.features))["features"]
+        assert self.cache is not None and self.clip is not None
+        return self.cache.features([self.clip])[0]
 
 
 @dataclass
@@ -83,15 +86,17 @@ def decoder_examples(
     for start in range(0, len(fitting), 64):  # (a cache's files: 64 clips' features in memory at most)
         chunk = fitting[start : start + 64]
         clips = [audio for audio, _, _ in chunk]
-        if cache is not None:
-            got = cache.features(clips)
-            feats: list[torch.Tensor | Path] = [cache.path(audio) for audio in clips]
+        if cache is not None:  # (computed where missing; read again batch by batch in training)
+            examples += [
+                DecoderExample(ids, n_prompt, f.shape[0], clip=audio, cache=cache)
+                for f, (audio, ids, n_prompt) in zip(cache.features(clips), chunk, strict=True)
+            ]
         else:
-            got = feats = [model.encode(audio, pad_30s=model.cascade_pad_30s).half().cpu() for audio in clips]
-        examples += [
-            DecoderExample(f, g.shape[0], ids, n_prompt)
-            for f, g, (_, ids, n_prompt) in zip(feats, got, chunk, strict=True)
-        ]
+            feats = [model.encode(audio, pad_30s=model.cascade_pad_30s).half().cpu() for audio in clips]
+            examples += [
+                DecoderExample(ids, n_prompt, f.shape[0], features=f)
+                for f, (_, ids, n_prompt) in zip(feats, chunk, strict=True)
+            ]
     return examples
 
 

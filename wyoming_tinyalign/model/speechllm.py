@@ -127,7 +127,8 @@ def whisper_transcript(
     ids, banned = whisper_prompt(whisper, tokenizer, language)
     eos = whisper.generation_config.eos_token_id
     encoder_outputs = (feats.unsqueeze(0).to(whisper.device),)
-    start, logprobs, cache, new = len(ids), [], None, list(ids)
+    written: list[int] = []
+    logprobs, cache, new = [], None, list(ids)
     steps = whisper.config.max_target_positions - len(ids)
     for _ in range(min(steps, max_new_tokens or steps)):
         # Self- and cross-attention keys and values are cached: each step runs the decoder on one token.
@@ -142,12 +143,12 @@ def whisper_transcript(
         logprobs.append(float(logp[token]))
         if token == eos:
             break
-        ids.append(token)
+        written.append(token)
         new = [token]
-        if (loop := loop_start(ids[start:])) is not None:
-            del ids[start + loop :]
+        if (loop := loop_start(written)) is not None:
+            del written[loop:]
             break
-    text = tokenizer.decode(ids[start:], skip_special_tokens=True)
+    text = tokenizer.decode(written, skip_special_tokens=True)
     return " ".join(text.strip().lower().split()), float(np.mean(logprobs)) if logprobs else 0.0
 
 
