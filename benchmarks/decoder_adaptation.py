@@ -1,7 +1,8 @@
 """Ways of adapting Whisper's *decoder* (the cascade's ear) to a household, side by side.
 
     python benchmarks/decoder_adaptation.py --model /tmp/readme/data/models/dev-small --work /tmp/bench-dec \
-        [--lr 5e-4] [--epochs 5,10,20] [--lora-rank 0] [--replay-n 100] [--seed 0] [--encoder-layers 0]
+        [--lr 5e-4] [--epochs 5,10,20] [--lora-rank 0] [--replay-n 100] [--seed 0] [--encoder-layers 0] \
+        [--labelled 100] [--speed-perturb 0.9,1.1]
     python benchmarks/decoder_adaptation.py --real-size-steps 20 --threads 2 [--lora-rank 16]
 
 The nights adapt the decoder with LoRA adapters (`model/decoder_adapter.py`, `adapt --decoder-epochs`);
@@ -124,6 +125,12 @@ def train_epoch(
     whisper.eval()
 
 
+def speed_perturb(audio: np.ndarray, factor: float) -> np.ndarray:
+    """The clip played `factor` times as fast (shorter and higher above 1), by linear interpolation."""
+    n = int(len(audio) / factor)
+    return np.interp(np.arange(n) * factor, np.arange(len(audio)), audio).astype(np.float32)
+
+
 def adapt_household(args: argparse.Namespace, index: int, name: str, replay: list, general: list) -> dict:
     """Decoder fine-tuning for one household, scored after each of `args.epochs`."""
     household = next(h for h in load_households() if h.name == name)
@@ -149,9 +156,11 @@ def adapt_household(args: argparse.Namespace, index: int, name: str, replay: lis
         """What a training example keeps: log-mel when the encoder trains, else its (fixed) features."""
         return model.encoder.features([audio])[0][0] if args.encoder_layers else model.encode(audio)
 
+    # `--speed-perturb`: each corrected utterance again at these speeds (tempo and pitch, as resampled)
+    perturbed = [(u, speed_perturb(audio, f)) for f in args.speed_perturb for u, audio in labelled]
     examples = [
         (source(audio), prompt + tokenizer(u.text, add_special_tokens=False)["input_ids"])
-        for u, audio in labelled + replay
+        for u, audio in labelled + perturbed + replay
     ]
     opt = torch.optim.AdamW(
         [p for p in model.whisper.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01
@@ -188,6 +197,12 @@ def main() -> None:
     parser.add_argument("--encoder-layers", type=int, default=0, help="the encoder's top layers train too")
     parser.add_argument("--replay-n", type=int, default=100, help="base-household utterances trained on")
     parser.add_argument("--labelled", type=int, default=100)
+    parser.add_argument(
+        "--speed-perturb",
+        type=lambda s: [float(x) for x in s.split(",")] if s else [],
+        default=[],
+        help="train on each corrected utterance at these speeds too (e.g. 0.9,1.1)",
+    )
     parser.add_argument("--heldout", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="of the adapters' init and the batches' order")
@@ -212,6 +227,7 @@ def main() -> None:
     ]
     what = f"LoRA rank {args.lora_rank}" if args.lora_rank else "whole decoder"
     what += f" and the encoder's top {args.encoder_layers} layer(s)" if args.encoder_layers else ""
+    what += f", corrected utterances also at speeds {args.speed_perturb}" if args.speed_perturb else ""
     print(
         f"\nDate {date.today()}; machine: {platform.machine()} {torch.get_num_threads()} thread(s); "
         f"{what}, lr {args.lr}, {args.labelled} corrected + {args.replay_n} replayed utterances, "

@@ -357,7 +357,7 @@ def real_size(args: argparse.Namespace, dtype: str) -> dict:
         "duration_s": report.get("duration_s"),
         "peak_rss_mb": report.get("peak_rss_mb"),
         "peak_cuda_mb": report.get("peak_cuda_mb"),
-        "memory_mb": report.get("memory_mb"),
+        "stages": report.get("stages"),
         "train": {k: v for k, v in (report.get("train") or {}).items() if k not in ("history", "loss_curve")},
         "decoder": {
             k: v for k, v in (report.get("decoder") or {}).items() if k not in ("loss_curve", "changes")

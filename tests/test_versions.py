@@ -282,6 +282,25 @@ def test_a_gain_for_the_household_must_be_more_than_chance() -> None:
     assert promote and "WER 0.4 -> 0.3" in reason and "intent accuracy" not in reason
 
 
+def test_words_are_judged_per_utterance() -> None:
+    """One answer gone badly wrong (a long insertion) raises the set's WER over twelve utterances heard
+    better; a set's WER that fell through one utterance fixed does not hide more of them heard worse
+    (harbour's night-2 adapters, refused in all three seeds for the first: RESULTS)."""
+    serving = {"household": HOUSE, "general": GENERAL}
+    candidate = {"household": HOUSE | {"wer": 0.42}, "general": GENERAL}
+    changes = {"intent_accuracy": [1, 2], "wer": [3, 12]}
+    promote, reason = decide(candidate, serving, 0.02, {"household": changes})
+    assert promote, reason
+    assert "WER 0.4 -> 0.42 over all, but better for 12 of the 15 utterances that changed" in reason
+    candidate["household"] = HOUSE | {"wer": 0.35, "intent_accuracy": 0.7}
+    changes = {"intent_accuracy": [0, 4], "wer": [5, 4]}
+    promote, reason = decide(candidate, serving, 0.02, {"household": changes})
+    assert not promote
+    assert reason == (
+        "worse for the household: WER 0.35 vs 0.4 served, worse for 5 of the 9 utterances that changed"
+    )
+
+
 def test_tiny_models_can_be_judged_on_the_loss_alone() -> None:
     serving = {"household": HOUSE, "general": GENERAL}
     noisy = {"household": HOUSE | {"wer": 0.9, "loss": 0.8}, "general": GENERAL | {"loss": 1.01}}

@@ -305,9 +305,12 @@ def decide(
     Household: neither intent accuracy nor WER may get worse, and one must get better by more than
     chance: a one-sided sign test over the held-out utterances that changed (`paired["household"]`:
     [worse, better] counts per metric) must be below `SIGNIFICANCE`, so one utterance flipping on a
-    small set cannot promote a projector. Only when both are unchanged does the held-out loss decide
-    (lower by 0.5 %). A loss more than `LOSS_GUARD` above the served one's always rejects: it marks a
-    broken projector whose answers happened to suit a small held-out set.
+    small set cannot promote a projector. With those counts, better and worse are read per utterance
+    (more utterances better than worse), for WER too: one answer gone badly wrong (a long insertion)
+    raises the set's WER over many utterances heard better, and must not outweigh them. Only when both
+    are unchanged does the held-out loss decide (lower by 0.5 %). A loss more than `LOSS_GUARD` above
+    the served one's always rejects: it marks a broken projector whose answers happened to suit a small
+    held-out set.
 
     General: a drop of intent accuracy or a rise of WER beyond `tolerance` (absolute) rejects, unless
     the household's answers got better and the sign test over `paired["general"]` finds the drop could
@@ -336,13 +339,26 @@ def decide(
     gains, chance = [], []
     for key, label, better in ANSWER_METRICS:
         c, s = mine.get(key), theirs.get(key)
-        if c is None or s is None or abs(c - s) <= 1e-9:
+        if c is None or s is None:
             continue
-        if better * (c - s) < 0:
-            return False, f"worse for the household: {label} {c} vs {s} served"
         change = f"{label} {s} -> {c}"
         counts = (paired or {}).get("household", {}).get(key)
-        if counts is not None and (p := sign_test(counts[1], counts[0])) >= SIGNIFICANCE:
+        if counts is None:  # nothing served before to compare answers with: the figures alone
+            if abs(c - s) <= 1e-9:
+                continue
+            if better * (c - s) < 0:
+                return False, f"worse for the household: {label} {c} vs {s} served"
+            gains.append(change)
+            continue
+        worse, gained = counts
+        if worse == gained:
+            continue
+        if worse > gained:
+            why = f"worse for {worse} of the {worse + gained} utterances that changed"
+            return False, f"worse for the household: {label} {c} vs {s} served, {why}"
+        if better * (c - s) <= 1e-9:  # better per utterance, not over all: say why it counts as better
+            change += f" over all, but better for {gained} of the {worse + gained} utterances that changed"
+        if (p := sign_test(gained, worse)) >= SIGNIFICANCE:
             chance.append(f"{change} on {mine.get('n')} utterances could be chance (p={p:.2f})")
         else:
             gains.append(change)
@@ -751,7 +767,7 @@ class Job:
         }
 
         model = self._load_model()
-        self._memory("model loaded")
+        self._stage("model loaded")
         serving_name, serving, serving_info, init_path = self._serving_projector(model)
         # A household version is served: the candidate is held to the shipped projector too (decide()).
         shipped = self._shipped_projector() if serving_name != BASE else None
@@ -816,7 +832,7 @@ class Job:
         }
         cascade_cache.save()
         report["before"] = before
-        self._memory("validated the served projector")
+        self._stage("validated the served projector")
         report["cascade"] = {
             name: score_answers([it.utterance for it in items], cascade_answers[name])
             for name, items in cascade_sets.items()
@@ -846,7 +862,7 @@ class Job:
             max_minutes=train_s / 60, max_epochs=None, patience=10, val_every_s=0.0, seed=opts.seed,
             val_answers=False,  # the candidate is scored on this job's own sets below
         )  # fmt: skip
-        self._memory("features and manifests ready")
+        self._stage("features and manifests ready")
         t_train = time.monotonic()
         _LOGGER.info(
             "training for up to %.0f s on %d household and %d replay utterances (from %s)",
@@ -856,6 +872,7 @@ class Job:
             self.bundle, manifests["train"], manifests["val"], out, cfg,
             cache_dir=cache.folder.parent, init_projector=init_path, model=model,
         )  # fmt: skip
+        self._stage("trained the projector")
         report["train"] = {
             "budget_s": round(train_s, 1),
             "seconds": round(time.monotonic() - t_train, 1),
@@ -891,7 +908,7 @@ class Job:
                 model, candidate, Predictions(predictions, weights_key(candidate)), held_items, general_items
             )
             report["after"] = after
-            self._memory("validated the candidate")
+            self._stage("validated the candidate")
             paired = None
             if before_answers is not None and after_answers is not None:
                 paired = {
@@ -1020,6 +1037,7 @@ class Job:
         languages = [lab.language for lab, _ in household] + ["en"] * len(replay)  # replay: English
         examples = decoder_examples(model, texts, audios, languages, None if model.cascade_pad_30s else cache)
         too_long = len(texts) - len(examples)  # more words than the decoder writes: not learnt from
+        self._stage("built the decoder adapters' examples")
         cfg = DecoderTrainConfig(
             epochs=opts.decoder_epochs, lr=opts.decoder_lr, batch=opts.batch, seed=opts.seed,
             max_s=max(0.0, max_s - (time.monotonic() - t0)),
@@ -1033,6 +1051,7 @@ class Job:
         )  # fmt: skip
         with model.separate_decoder():
             result = train_decoder_adapter(model, examples, cfg, *(served or (None, None)))
+            self._stage("trained the decoder adapters")
             mine = self._cascade_cache(cache, result.adapter)
             got = {name: answers(model, items, "cascade", mine) for name, items in sets.items()}
         mine.save()
@@ -1054,7 +1073,7 @@ class Job:
             paired["shipped"] = paired_changes(sets["general"], plain_answers, got["general"])
         promote, reason = decide(figures, self.report["cascade"], opts.tolerance, paired, "answers", built)
         _LOGGER.info("Whisper's decoder adapters: %s", reason)
-        self._memory("trained and validated the decoder adapters")
+        self._stage("validated the decoder adapters")
         report = {
             "seconds": round(time.monotonic() - t0, 1),
             "train_s": round(result.seconds, 1),
@@ -1073,8 +1092,10 @@ class Job:
         }
         return DecoderNight(result.adapter, config, promote, reason, figures, report)
 
-    def _memory(self, stage: str) -> None:
-        """Resident memory at a stage of the run (Linux), for the report."""
+    def _stage(self, stage: str) -> None:
+        """When the run reached a stage (seconds into its budget) and its resident memory then (Linux),
+        for the report: where a night's time and memory go."""
+        entry: dict[str, float] = {"at_s": round(self.elapsed(), 1)}
         with suppress(OSError, ValueError, IndexError):
             status = Path("/proc/self/status").read_text().splitlines()
             kb = {
@@ -1082,10 +1103,8 @@ class Job:
                 for line in status
                 if line.startswith(("VmRSS", "VmHWM"))
             }
-            self.report.setdefault("memory_mb", {})[stage] = {
-                "rss": round(kb["VmRSS"] / 1024),
-                "peak": round(kb["VmHWM"] / 1024),
-            }
+            entry.update(rss_mb=round(kb["VmRSS"] / 1024), peak_mb=round(kb["VmHWM"] / 1024))
+        self.report.setdefault("stages", {})[stage] = entry
 
     def _context(self) -> str:
         """The household context the server gives the LLM (as it was when it started this job)."""
