@@ -19,6 +19,7 @@
    `label_source` in the log) and their WER against the true text. `--nights N` is N days in a row:
    each logs `--labelled` new utterances, then its night runs on all labels so far, from the version
    then served, and the served model is scored on the held-out utterances after each night.
+   `--households harbour,alpine` runs only those (each with the seeds it has in a full run).
 2. Cost at real size: the same job on 200 corrected utterances with whisper-base + Qwen2.5-0.5B shapes
    (random weights; the compute is real, the words are not): its wall time and peak RSS (the job
    process's `ru_maxrss`); targets <= 10 minutes and <= 3 GB on 2 cores. `--real-size-dtype float32
@@ -179,8 +180,10 @@ def evaluate(model: SpeechLLM, manifest: Path, context: str, paths: tuple[str, .
 
 def quality(args: argparse.Namespace) -> list[dict]:
     rows = []
-    unseen = [h for h in load_households() if h.split == "unseen"][: args.households]
+    unseen = [h for h in load_households() if h.split == "unseen"]
     for i, household in enumerate(unseen):
+        if household.name not in args.households:
+            continue
         work = args.work / "quality" / household.name
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
@@ -523,7 +526,12 @@ def main() -> None:
         help="every logged utterance corrected (default), or none: the night's teacher labels alone",
     )  # fmt: skip
     parser.add_argument("--heldout", type=int, default=50, help="held-out utterances per household")
-    parser.add_argument("--households", type=int, default=3)
+    parser.add_argument(
+        "--households",
+        type=lambda s: s.split(","),
+        default=[h.name for h in load_households() if h.split == "unseen"],
+        help="which unseen households, comma-separated (each keeps its seeds)",
+    )
     parser.add_argument("--real-size-n", type=int, default=200, help="utterances of the real-size run")
     parser.add_argument("--replay-n", type=int, default=400)
     parser.add_argument("--general-n", type=int, default=60)
@@ -547,7 +555,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes and budgets")
     args = parser.parse_args()
     if args.quick:
-        args.labelled, args.heldout, args.households, args.real_size_n = 12, 6, 1, 16
+        args.labelled, args.heldout, args.households, args.real_size_n = 12, 6, args.households[:1], 16
         args.budget_minutes, args.replay_n, args.general_n = 1.0, 24, 12
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)

@@ -8,6 +8,7 @@ over and over (each clip its own noise): what the adapters must learn is the hou
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from pathlib import Path
 
@@ -18,9 +19,10 @@ from adaptation import bootstrap_dir
 from serving import WEB, ServerProcess, client, read_until, send_audio, serve_args
 from wyoming.asr import Transcribe, Transcript
 
-from wyoming_tinyalign.adapt import AdaptOptions, NightData, run_job
+from wyoming_tinyalign.adapt import AdaptOptions, Item, Job, NightData, Predictions, answer_key, run_job
 from wyoming_tinyalign.intents import Intent
 from wyoming_tinyalign.labels import set_correction, validate_correction
+from wyoming_tinyalign.manifest import Utterance
 from wyoming_tinyalign.model.speechllm import SpeechLLM
 from wyoming_tinyalign.store import Interaction, InteractionStore
 from wyoming_tinyalign.train import FeatureCache
@@ -187,3 +189,27 @@ def test_adapters_that_learnt_from_recordings_deleted_meanwhile_are_not_kept(
     keys = {FeatureCache.key(_clip(i)) for i in range(41)}
     cached = {path.stem for path in (data / "cache" / "features").rglob("*.safetensors")}
     assert cached and not keys & cached  # (the other voices' features stay)
+
+
+def test_the_adapters_are_judged_on_what_the_budget_leaves(micro_model: Path, tmp_path: Path) -> None:
+    """What judging the adapters costs is what they make Whisper write, unknown until they are trained
+    (at real size, random weights' adapters took 4 s an answer, the served cascade a tenth of that, and
+    the night ran past its budget). The night times their first answer and cuts the sets it judges them
+    on (general first, neither below 8) so that their answers end within its budget."""
+    model = SpeechLLM.load(micro_model)
+    utterance = Utterance(tmp_path / "x.wav", PHRASE, INTENT, "s", "zebra")
+    clips = [_clip(3000 + i) for i in range(28)]
+    items = [Item(f"c{i}", a, model.encode(a), utterance, "") for i, a in enumerate(clips)]
+    sets = {"household": items[:12], "general": items[12:]}
+    cache = Predictions(tmp_path, "cascade-adapters")
+    with sqlite3.connect(":memory:") as conn:
+        job = Job(AdaptOptions(data_dir=tmp_path, budget_minutes=1.0), conn)
+        assert job._fit_decoder_validation(model, sets, cache, built=True) == sets  # time enough
+        assert len(cache.data) == 1  # (the answer timed is kept: it is not computed again)
+        job.start = time.monotonic() - 60  # the budget is spent
+        cut = job._fit_decoder_validation(model, sets, cache, built=True)
+    assert cut == {"household": items[:8], "general": items[12:20]}
+    assert len(cache.data) == 2
+    # Answers already known cost nothing: nothing is timed, nothing cut.
+    cache.data = {answer_key(it): ["", None] for it in items}
+    assert job._fit_decoder_validation(model, sets, cache, built=True) == sets

@@ -49,7 +49,7 @@ import resource
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -119,6 +119,7 @@ SCRATCH_DIRS = ("manifests", "candidate")
 HOUSEHOLD = "household"
 REPLAY_SEED, GENERAL_SEED = 1000, 1001
 MIN_EVAL_ITEMS = 8
+FINISH_S = 5.0  # what a night needs after its last validation (the version written, caches pruned)
 SIGNIFICANCE = 0.1  # a household gain or a drop elsewhere counts when a one-sided sign test is below this
 LOSS_GUARD = 0.1  # a candidate whose household held-out loss rose more than this share is broken
 # The answers' metrics a night is judged by: report key, how a reason names it, +1 if higher is better.
@@ -1053,12 +1054,15 @@ class Job:
             result = train_decoder_adapter(model, examples, cfg, *(served or (None, None)))
             self._stage("trained the decoder adapters")
             mine = self._cascade_cache(cache, result.adapter)
+            sets = self._fit_decoder_validation(model, sets, mine, served is not None)
             got = {name: answers(model, items, "cascade", mine) for name, items in sets.items()}
         mine.save()
         config = served[1] if served else AdapterConfig()
-        figures = {
-            name: score_answers([it.utterance for it in items], got[name]) for name, items in sets.items()
-        }
+        served_answers = {name: served_answers[name][: len(items)] for name, items in sets.items()}
+        figures, served_figures = (
+            {name: score_answers([it.utterance for it in items], by[name]) for name, items in sets.items()}
+            for by in (got, served_answers)
+        )
         paired = {
             name: paired_changes(items, served_answers[name], got[name]) for name, items in sets.items()
         }
@@ -1071,7 +1075,7 @@ class Job:
             model.set_decoder_adapter(*served)
             built = score_answers([it.utterance for it in sets["general"]], plain_answers)
             paired["shipped"] = paired_changes(sets["general"], plain_answers, got["general"])
-        promote, reason = decide(figures, self.report["cascade"], opts.tolerance, paired, "answers", built)
+        promote, reason = decide(figures, served_figures, opts.tolerance, paired, "answers", built)
         _LOGGER.info("Whisper's decoder adapters: %s", reason)
         self._stage("validated the decoder adapters")
         report = {
@@ -1155,15 +1159,39 @@ class Job:
             cascade = nh + decoder * (nh + (2 + adapter_served) * ng)  # served (+ night's, + built)
             return per_item * (aligned + 1.5 * cascade)
 
-        nh, ng = len(held), len(general)
-        while cost(nh, ng) > allowance and ng > MIN_EVAL_ITEMS:
-            ng = max(MIN_EVAL_ITEMS, int(ng * 0.8))
-        while cost(nh, ng) > allowance and nh > MIN_EVAL_ITEMS:
-            nh = max(MIN_EVAL_ITEMS, int(nh * 0.8))
+        nh, ng = trim_to_fit(cost, allowance, len(held), len(general))
         if (nh, ng) != (len(held), len(general)):
             _LOGGER.info("validating on %d of %d household and %d of %d general utterances (budget)",
                          nh, len(held), ng, len(general))  # fmt: skip
         return held[:nh], general[:ng]
+
+    def _fit_decoder_validation(
+        self, model: SpeechLLM, sets: dict[str, list[Item]], cache: Predictions, built: bool
+    ) -> dict[str, list[Item]]:
+        """Trim the sets the night's decoder adapters are judged on (as `_fit_validation` does) so that
+        their cascade answers (and, with `built`, Whisper's decoder as built on the general set) end
+        within the budget, at the time their first new answer took. Their answers cost what the
+        adapters make Whisper write, unknown until they are trained: at real size, random weights'
+        adapters wrote to the answer cap, 4 s an answer where the served cascade took a tenth of that."""
+        held, general = sets["household"], sets["general"]
+        new = [it for it in held + general if answer_key(it) not in cache.data][:1]
+        if not new:
+            return sets
+        t0 = time.monotonic()
+        answers(model, new, "cascade", cache)
+        per_answer = time.monotonic() - t0
+        allowance = self.budget_s - self.elapsed() - FINISH_S
+
+        def cost(nh: int, ng: int) -> float:
+            return per_answer * (nh + ng * (1 + built))
+
+        nh, ng = trim_to_fit(cost, allowance, len(held), len(general))
+        if (nh, ng) != (len(held), len(general)):
+            _LOGGER.info(
+                "judging the decoder adapters on %d of %d household and %d of %d general utterances "
+                "(budget: %.1f s an answer)", nh, len(held), ng, len(general), per_answer,
+            )  # fmt: skip
+        return {"household": held[:nh], "general": general[:ng]}
 
     def _evaluate(
         self,
@@ -1209,6 +1237,17 @@ class Job:
         write_manifest(paths["train"], household[n_val:] + replay[n_replay:])
         write_manifest(paths["val"], household[:n_val] + replay[:n_replay])
         return paths
+
+
+def trim_to_fit(cost: Callable[[int, int], float], allowance: float, nh: int, ng: int) -> tuple[int, int]:
+    """How many household and general held-out utterances to validate on so that `cost(nh, ng)` seconds
+    fit in `allowance`: the general set is cut first, neither below `MIN_EVAL_ITEMS` (the budget is a
+    target, not a wall: a night that cannot fit even those still judges on them)."""
+    while cost(nh, ng) > allowance and ng > MIN_EVAL_ITEMS:
+        ng = max(MIN_EVAL_ITEMS, int(ng * 0.8))
+    while cost(nh, ng) > allowance and nh > MIN_EVAL_ITEMS:
+        nh = max(MIN_EVAL_ITEMS, int(nh * 0.8))
+    return nh, ng
 
 
 def decoder_sizes(model: SpeechLLM, n_train: int, max_s: float) -> tuple[int, int]:
