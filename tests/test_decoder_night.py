@@ -193,7 +193,7 @@ def test_adapters_that_learnt_from_recordings_deleted_meanwhile_are_not_kept(
 
 def test_the_adapters_are_judged_on_what_the_budget_leaves(micro_model: Path, tmp_path: Path) -> None:
     """What judging the adapters costs is what they make Whisper write, unknown until they are trained
-    (at real size, random weights' adapters took 4 s an answer, the served cascade a tenth of that, and
+    (at real size, random weights' adapters took about 4 s an answer, the served cascade 0.1-0.15 s, and
     the night ran past its budget). The night times their first answer and cuts the sets it judges them
     on (general first, neither below 8) so that their answers end within its budget."""
     model = SpeechLLM.load(micro_model)
