@@ -308,7 +308,8 @@ def decide(
     [worse, better] counts per metric) must be below `SIGNIFICANCE`, so one utterance flipping on a
     small set cannot promote a projector. With those counts, better and worse are read per utterance
     (more utterances better than worse), for WER too: one answer gone badly wrong (a long insertion)
-    raises the set's WER over many utterances heard better, and must not outweigh them. Only when both
+    raises the set's WER over many utterances heard better, and must not outweigh them, unless it takes
+    the set's figure past `tolerance` (absolute), as on the general set. Only when both
     are unchanged does the held-out loss decide (lower by 0.5 %). A loss more than `LOSS_GUARD` above
     the served one's always rejects: it marks a broken projector whose answers happened to suit a small
     held-out set.
@@ -352,11 +353,13 @@ def decide(
             gains.append(change)
             continue
         worse, gained = counts
-        if worse == gained:
-            continue
         if worse > gained:
             why = f"worse for {worse} of the {worse + gained} utterances that changed"
             return False, f"worse for the household: {label} {c} vs {s} served, {why}"
+        if better * (s - c) > tolerance + 1e-9:  # more heard better, but the set's figure fell too far
+            return False, f"worse for the household: {label} {c} vs {s} served (tolerance {tolerance})"
+        if worse == gained:
+            continue
         if better * (c - s) <= 1e-9:  # better per utterance, not over all: say why it counts as better
             change += f" over all, but better for {gained} of the {worse + gained} utterances that changed"
         if (p := sign_test(gained, worse)) >= SIGNIFICANCE:
