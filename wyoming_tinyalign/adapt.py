@@ -954,13 +954,20 @@ class Job:
         # The version: each part the night's own where its gate passed, the served one where the other
         # part's passed, and when neither passed, the night's candidates (kept on record, rejected).
         if candidate is not None and (promote or not decoder_ok):
-            projector, p_info, aligned = candidate, candidate_info, after
+            projector, p_info, aligned, aligned_answers = candidate, candidate_info, after, after_answers
         else:
-            projector, p_info, aligned = serving, serving_info, before
+            projector, p_info, aligned, aligned_answers = serving, serving_info, before, before_answers
         if night is not None and (decoder_ok or not promote):
             adapter, cascade_figures = (night.adapter, night.config), night.after
         else:
             adapter, cascade_figures = served_adapter, report["cascade"]
+        # `--path auto` compares the two paths on the same utterances: the adapters may have been judged
+        # on fewer of them than the projector (_fit_decoder_validation cut the set to the budget).
+        same_set: dict[str, dict] = {}
+        if aligned_answers is not None and (judged := cascade_figures["household"]["n"]) < len(held_items):
+            same_set["household_for_auto"] = score_answers(
+                [it.utterance for it in held_items[:judged]], aligned_answers["household"][:judged]
+            )
         if projector is not None and p_info is not None and (candidate is not None or night is not None):
             assert self.bundle_cfg is not None
             decision = (
@@ -979,6 +986,7 @@ class Job:
                     "household": aligned["household"],
                     "general": aligned["general"],
                     "cascade": cascade_figures,
+                    **same_set,
                     "before": {"version": serving_name, **before},
                     "run": report["run"],
                     **decision,

@@ -239,11 +239,13 @@ def check_fits(info: ProjectorInfo, cfg: BundleConfig, encoder_dim: int, llm_dim
 def household_validated(info: ProjectorInfo | None) -> bool:
     """Day-0 rule of `--path auto`: a promoted household version whose held-out intent accuracy is at or
     above the cascade's on the same household held-out set (measured by the same adaptation run). When
-    the held-out set has no intent labels, WER decides (at or below the cascade's)."""
+    the held-out set has no intent labels, WER decides (at or below the cascade's). When the cascade was
+    judged on fewer of the held-out utterances (the budget's cut), the aligned path's figures on those
+    (`household_for_auto`) are what it is compared with."""
     if info is None or not info.trained:
         return False
     metrics = info.metrics or {}
-    household = metrics.get("household") or {}
+    household = metrics.get("household_for_auto") or metrics.get("household") or {}
     cascade = (metrics.get("cascade") or {}).get("household") or {}
     if not household or not cascade:
         return False
