@@ -1,16 +1,12 @@
 """Harness for the server tests: the real server as a subprocess, the real `wyoming` client, espeak-ng speech.
 
-Also runnable:
-    python tests/serving.py tts                     a tiny Wyoming TTS server (prints its port)
-    python tests/serving.py bench --model DIR       describe latency under load and end-of-speech ->
-        [--path cascade] [--n 20] [--seconds 3]     transcript latency of a model, served for real
+Also runnable: `python tests/serving.py tts`, a tiny Wyoming TTS server (prints its port).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import re
@@ -20,7 +16,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 import wave
 from collections.abc import Callable
@@ -227,10 +222,6 @@ async def describe_rtt(host: str, port: int) -> tuple[Info, float]:
     return Info.from_event(event), time.perf_counter() - t0
 
 
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
-
-
 async def describe_under_load(
     host: str, port: int, long_pcm: bytes, rate: int, loaders: int = 4
 ) -> tuple[list[float], int]:
@@ -292,72 +283,12 @@ def start_tts() -> tuple[subprocess.Popen, int]:
     return proc, int(proc.stdout.readline())
 
 
-# --------------------------------------------------------------------------- bench
-async def _bench(model: Path, path: str, n: int, seconds: float, loaders: int, threads: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        server = ServerProcess(
-            serve_args(
-                model, work / "data", "--uri", "tcp://127.0.0.1:0", "--path", path, "--threads", str(threads)
-            ),
-            work / "server.log",
-        )
-        try:
-            server.wait_ready()
-            host, port = server.host_port
-            texts = [
-                "turn on the porch light",
-                "set the temperature to 21 degrees",
-                "start a timer for 5 minutes",
-            ]
-            eos = []
-            for i in range(n):
-                speech, rate = espeak_pcm(texts[i % len(texts)], work)
-                pcm = speech + b"\0" * max(0, int(seconds * rate) * 2 - len(speech))
-                _, latency = await transcribe(host, port, pcm, rate)
-                eos.append(latency)
-            speech, rate = espeak_pcm(texts[0], work)
-            rtts, total = await describe_under_load(
-                host, port, fit_seconds(speech, rate, 30.0), rate, loaders
-            )
-        finally:
-            server.stop()
-    return {
-        "model": str(model),
-        "path": path,
-        "utterance_s": seconds,
-        "n": n,
-        "eos_to_transcript_ms_p50": round(percentile(eos, 50) * 1000, 1),
-        "eos_to_transcript_ms_p95": round(percentile(eos, 95) * 1000, 1),
-        "describe_under_load_n": len(rtts),
-        "describe_under_load_ms_p50": round(percentile(rtts, 50) * 1000, 1),
-        "describe_under_load_ms_p95": round(percentile(rtts, 95) * 1000, 1),
-        "describe_under_load_ms_max": round(max(rtts, default=float("nan")) * 1000, 1),
-        "describes_measured_in_all": total,
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("tts")
-    bench = sub.add_parser("bench")
-    bench.add_argument("--model", type=Path, required=True)
-    bench.add_argument("--path", default="cascade", help="the server's --path")
-    bench.add_argument("--n", type=int, default=20)
-    bench.add_argument("--seconds", type=float, default=3.0)
-    bench.add_argument("--loaders", type=int, default=4)
-    bench.add_argument("--threads", type=int, default=1, help="the server's torch threads (0: all cores)")
-    args = parser.parse_args()
-    if args.command == "tts":
-        asyncio.run(_run_tts())
-    else:
-        print(
-            json.dumps(
-                asyncio.run(_bench(args.model, args.path, args.n, args.seconds, args.loaders, args.threads)),
-                indent=2,
-            )
-        )
+    parser.parse_args()
+    asyncio.run(_run_tts())
 
 
 if __name__ == "__main__":

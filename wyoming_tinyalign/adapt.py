@@ -847,7 +847,7 @@ class Job:
         candidate_eval_s = (
             per_item * (len(held_items) + len(general_items)) * (2.5 if opts.decoder_epochs else 1)
         )
-        candidate_eval_s += loss_s + 5  # (the adapters' cascade: 1.5x an aligned answer)
+        candidate_eval_s += loss_s + FINISH_S  # (the adapters' cascade: 1.5x an aligned answer)
         # At least a quarter of the budget: a first night that spent it rendering replay speech and
         # computing features should still learn something (the budget is a target, not a wall).
         train_s = max(0.25 * self.budget_s, self.budget_s - self.elapsed() - candidate_eval_s)
