@@ -16,7 +16,8 @@ from types import SimpleNamespace
 import pytest
 from wyoming.info import Describe
 
-from wyoming_tinyalign.adapt import decide, sign_test
+from wyoming_tinyalign.adapt import decide
+from wyoming_tinyalign.evaluate import sign_test
 from wyoming_tinyalign.handler import ServerSettings, build_info
 from wyoming_tinyalign.model.bundle import BundleConfig, ProjectorInfo
 from wyoming_tinyalign.model.projector import ProjectorConfig, build_projector
@@ -178,13 +179,20 @@ def test_auto_serves_cascade_until_a_household_version_beats_it() -> None:
         info(household=no_intents, cascade={"household": {"intent_accuracy": None, "wer": 0.4}})
     )
     assert not household_validated(None) and not household_validated(info())
-    # The cascade judged on the first 8 of the held-out utterances (the budget's cut): the aligned path's
-    # figures on those 8 are what it is compared with, not its figures on all of them.
-    cut = {"household": {"intent_accuracy": 0.5, "wer": 0.3, "n": 8}}
-    on_all = {"intent_accuracy": 0.6, "wer": 0.3, "n": 35}
-    assert household_validated(info(household=on_all, cascade=cut))
-    on_8 = {"intent_accuracy": 0.375, "wer": 0.35, "n": 8}
-    assert not household_validated(info(household=on_all, cascade=cut, household_for_auto=on_8))
+    # A night's versions carry the per-utterance counts, aligned path against cascade: the aligned path
+    # must be better by more than chance, as a night's candidate must (highland, one night: 0.375
+    # against 0.25 on 16 utterances, and then 0.26 against 0.36 on 50).
+    cascade = {"intent_accuracy": 0.25, "wer": 0.36}
+    figures = {"household": {"intent_accuracy": 0.375, "wer": 0.41}, "cascade": {"household": cascade}}
+    chance = {"intent_accuracy": [1, 3], "wer": [6, 8]}
+    assert household_validated(info(**figures)) and not household_validated(
+        info(**figures, aligned_vs_cascade=chance)
+    )
+    proven = {"intent_accuracy": [0, 4], "wer": [3, 3]}
+    assert household_validated(info(**figures, aligned_vs_cascade=proven))
+    words_worse = {"intent_accuracy": [0, 4], "wer": [7, 3]}
+    assert not household_validated(info(**figures, aligned_vs_cascade=words_worse))
+    assert household_validated(info(aligned_vs_cascade={"intent_accuracy": [0, 0], "wer": [1, 7]}))
 
 
 HOUSE = {"intent_accuracy": 0.5, "wer": 0.4, "loss": 1.0, "n": 10}

@@ -61,7 +61,7 @@ import torch
 from .assistant import load_context_file
 from .audio import TARGET_RATE, AudioError, read_wav
 from .decoder_train import DecoderTrainConfig, decoder_examples, train_decoder_adapter
-from .evaluate import score_answers, word_edits
+from .evaluate import SIGNIFICANCE, score_answers, sign_test, word_edits
 from .files import write_atomic
 from .hass import HOUSEHOLD_FILE
 from .households import Household, context_text, load_households
@@ -120,7 +120,6 @@ HOUSEHOLD = "household"
 REPLAY_SEED, GENERAL_SEED = 1000, 1001
 MIN_EVAL_ITEMS = 8
 FINISH_S = 5.0  # what a night needs after its last validation (the version written, caches pruned)
-SIGNIFICANCE = 0.1  # a household gain or a drop elsewhere counts when a one-sided sign test is below this
 LOSS_GUARD = 0.1  # a candidate whose household held-out loss rose more than this share is broken
 # The answers' metrics a night is judged by: report key, how a reason names it, +1 if higher is better.
 ANSWER_METRICS = (("intent_accuracy", "intent accuracy", 1), ("wer", "WER", -1))
@@ -187,6 +186,7 @@ class DecoderNight:
     promote: bool
     reason: str
     after: dict[str, dict]  # the cascade's figures with them, per set
+    answers: list[tuple[str, Intent | None]]  # the cascade's with them, on the household set judged
     report: dict[str, Any]
 
 
@@ -284,13 +284,6 @@ def paired_changes(
         wer[0] += now_edits > was_edits
         wer[1] += now_edits < was_edits
     return {"intent_accuracy": intent, "wer": wer}
-
-
-def sign_test(worse: int, better: int) -> float:
-    """One-sided p-value of at least `worse` of the `worse + better` changed utterances getting worse if
-    each change were a coin flip."""
-    n = worse + better
-    return sum(math.comb(n, k) for k in range(worse, n + 1)) / 2**n if n else 1.0
 
 
 def decide(
@@ -958,15 +951,15 @@ class Job:
         else:
             projector, p_info, aligned, aligned_answers = serving, serving_info, before, before_answers
         if night is not None and (decoder_ok or not promote):
-            adapter, cascade_figures = (night.adapter, night.config), night.after
+            adapter, cascade_figures, heard = (night.adapter, night.config), night.after, night.answers
         else:
-            adapter, cascade_figures = served_adapter, report["cascade"]
-        # `--path auto` compares the two paths on the same utterances: the adapters may have been judged
-        # on fewer of them than the projector (_fit_decoder_validation cut the set to the budget).
-        same_set: dict[str, dict] = {}
-        if aligned_answers is not None and (judged := cascade_figures["household"]["n"]) < len(held_items):
-            same_set["household_for_auto"] = score_answers(
-                [it.utterance for it in held_items[:judged]], aligned_answers["household"][:judged]
+            adapter, cascade_figures, heard = served_adapter, report["cascade"], cascade_answers["household"]
+        # For `--path auto`: the aligned path against the cascade, utterance by utterance, on the
+        # household utterances both were judged on (the adapters' may have been cut to the budget).
+        paths: dict[str, dict] = {}
+        if aligned_answers is not None:
+            paths["aligned_vs_cascade"] = paired_changes(
+                held_items[: len(heard)], heard, aligned_answers["household"][: len(heard)]
             )
         if projector is not None and p_info is not None and (candidate is not None or night is not None):
             assert self.bundle_cfg is not None
@@ -986,7 +979,7 @@ class Job:
                     "household": aligned["household"],
                     "general": aligned["general"],
                     "cascade": cascade_figures,
-                    **same_set,
+                    **paths,
                     "before": {"version": serving_name, **before},
                     "run": report["run"],
                     **decision,
@@ -1105,7 +1098,7 @@ class Job:
             "reason": reason,
             "promoted": promote,
         }
-        return DecoderNight(result.adapter, config, promote, reason, figures, report)
+        return DecoderNight(result.adapter, config, promote, reason, figures, got["household"], report)
 
     def _stage(self, stage: str) -> None:
         """When the run reached a stage (seconds into its budget) and its resident memory then (Linux),

@@ -40,8 +40,8 @@ class PcmSegment:
 
 
 def choose_path(requested: str, model: SpeechLLM) -> str:
-    """`auto` is `aligned` once a household projector version has been promoted whose held-out intent
-    accuracy is at or above the cascade's (`versions.household_validated`), `cascade` before (day 0)."""
+    """`auto` is `aligned` once a household version has been promoted whose aligned path beats the
+    cascade on the household's held-out utterances (`versions.household_validated`), `cascade` before."""
     if requested == "auto":
         return "aligned" if household_validated(model.projector_info) else "cascade"
     if requested not in PATHS:
