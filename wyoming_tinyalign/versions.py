@@ -243,8 +243,8 @@ def household_validated(info: ProjectorInfo | None) -> bool:
     (`aligned_vs_cascade`: per utterance, [worse, better] for the aligned path): neither intents nor
     words worse for more utterances than better, and one of them better by more than chance. A night's
     16 held-out utterances once showed the aligned path two commands ahead where, of 50 others, it
-    understood five fewer than the cascade. Versions from before those counts: held-out intent accuracy at or above
-    the cascade's (WER at or below, without intent labels)."""
+    understood five fewer than the cascade. Versions from before those counts: held-out intent
+    accuracy at or above the cascade's (WER at or below, without intent labels)."""
     if info is None or not info.trained:
         return False
     metrics = info.metrics or {}
