@@ -100,6 +100,7 @@ def test_the_night_promotes_adapters_that_hear_the_household(
     metrics = versions.info(name).metrics
     assert metrics["cascade"]["household"] == after
     assert 0 < sum(metrics["aligned_vs_cascade"]["wer"]) <= after["n"]
+    assert metrics["aligned_beats_cascade"] is (report["path_auto"] == "aligned")
     model = SpeechLLM.load(micro_model)
     model.set_decoder_adapter(*adapter)
     assert model.run(_clip(1000), "cascade", with_intent=False).transcript == PHRASE

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import re
 from pathlib import Path
 
@@ -19,19 +18,11 @@ from .model.speechllm import PATHS, Result, SpeechLLM
 from .models import add_dtype_arg, inference_dtype
 
 _LOGGER = logging.getLogger(__name__)
-SIGNIFICANCE = 0.1  # a change counts when a one-sided sign test over the utterances that changed is below
 
 
 def normalize_words(text: str) -> list[str]:
     """Lowercase words without punctuation (apostrophes kept): what WER compares."""
     return re.sub(r"[^\w\s']", " ", text.lower()).split()
-
-
-def sign_test(worse: int, better: int) -> float:
-    """One-sided p-value of at least `worse` of the `worse + better` changed utterances getting worse if
-    each change were a coin flip."""
-    n = worse + better
-    return sum(math.comb(n, k) for k in range(worse, n + 1)) / 2**n if n else 1.0
 
 
 def word_edits(ref: str, hyp: str) -> int:

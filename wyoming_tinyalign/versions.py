@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-from .evaluate import SIGNIFICANCE, sign_test
 from .files import write_atomic
 from .model.bundle import (
     BundleConfig,
@@ -238,21 +237,15 @@ def check_fits(info: ProjectorInfo, cfg: BundleConfig, encoder_dim: int, llm_dim
 
 
 def household_validated(info: ProjectorInfo | None) -> bool:
-    """Day-0 rule of `--path auto`: a household version whose aligned path is better than the cascade it
-    would serve, on the household's held-out utterances both were judged on, by the nightly gate's rule
-    (`aligned_vs_cascade`: per utterance, [worse, better] for the aligned path): neither intents nor
-    words worse for more utterances than better, and one of them better by more than chance. A night's
-    16 held-out utterances once showed the aligned path two commands ahead where, of 50 others, it
-    understood five fewer than the cascade. Versions from before those counts: held-out intent
-    accuracy at or above the cascade's (WER at or below, without intent labels)."""
+    """Day-0 rule of `--path auto`: a household version whose aligned path beat the cascade it would
+    serve by the nightly gate's rule, as the night that made it judged (`adapt.path_auto`). Versions
+    from before that verdict was kept: held-out intent accuracy at or above the cascade's (WER at or
+    below, without intent labels)."""
     if info is None or not info.trained:
         return False
     metrics = info.metrics or {}
-    if (changes := metrics.get("aligned_vs_cascade")) is not None:
-        counts = [changes.get(key) or [0, 0] for key in ("intent_accuracy", "wer")]
-        if any(worse > better for worse, better in counts):
-            return False
-        return any(sign_test(better, worse) < SIGNIFICANCE for worse, better in counts)
+    if (beats := metrics.get("aligned_beats_cascade")) is not None:
+        return bool(beats)
     household = metrics.get("household") or {}
     cascade = (metrics.get("cascade") or {}).get("household") or {}
     if not household or not cascade:
