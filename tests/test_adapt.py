@@ -5,6 +5,7 @@ other (module order)."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -17,12 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from adaptation import cli, job_flags, last_json, log_household, unseen_speech
+from safetensors.torch import load_file
 from serving import file_size_limit
 
 from wyoming_tinyalign.__main__ import main
 from wyoming_tinyalign.adapt import (
     EARLY_STOP_MAX,
+    PROJECTOR_EPOCHS,
     AdaptOptions,
     Item,
     Job,
@@ -99,6 +103,7 @@ def test_a_night_with_corrections_promotes_a_better_projector(
     assert report["train"]["steps"] > 0 and report["train"]["loss_curve"]
     assert report["duration_s"] > 0 and report["peak_rss_mb"] > 0 and "cascade" in report
     assert "shipped" not in report  # the shipped projector is the served one
+    assert "decoder" not in report  # `--decoder-epochs 0` (job_flags): the projector alone
     # The version is on disk with its validation, served through the pointer.
     versions = Versions(household)
     assert versions.current() == "v0001"
@@ -112,6 +117,27 @@ def test_a_night_with_corrections_promotes_a_better_projector(
     )
     with closing(sqlite3.connect(household / "log" / "interactions.sqlite3")) as conn:
         assert conn.execute("SELECT DISTINCT label_source FROM interactions").fetchall() == [("correction",)]
+
+
+def test_the_same_night_on_the_same_log_makes_the_same_projector(
+    micro_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The projector's learning rate decays over its epochs, not over the clock: a night the budget
+    does not cut, run again on the same log, trains the same candidate to the bit (its rate read the
+    clock, and two such nights parted in the fifth digit of a loss and then in their verdicts)."""
+    first = tmp_path_factory.mktemp("same") / "data"
+    log_household(first, micro_model, unseen_speech(tmp_path_factory, 30, seed=21))
+    second = first.parent.parent / f"{first.parent.name}-again" / "data"
+    shutil.copytree(first, second)
+    reports = [run_job(options(d, tmp_path_factory, now=True, budget_minutes=2.0)) for d in (first, second)]
+    trained = [r["train"] for r in reports]
+    assert all(t["seconds"] < 0.5 * t["budget_s"] for t in trained)  # the budget cut neither
+    assert trained[0]["steps"] == trained[1]["steps"] and len(trained[0]["history"]) <= PROJECTOR_EPOCHS + 1
+    losses = [[(h["step"], h["train_loss"], h["val_loss"]) for h in t["history"]] for t in trained]
+    assert losses[0] == losses[1]
+    assert reports[0]["status"] == reports[1]["status"] == "promoted"
+    one, two = (load_file(d / "projectors" / "v0001.safetensors") for d in (first, second))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
 
 
 def test_unchanged_labels_are_skipped(household: Path, tmp_path_factory: pytest.TempPathFactory) -> None:

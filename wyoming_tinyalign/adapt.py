@@ -125,6 +125,9 @@ LOSS_GUARD = 0.1  # a candidate whose household held-out loss rose more than thi
 # The answers' metrics a night is judged by: report key, how a reason names it, +1 if higher is better.
 ANSWER_METRICS = (("intent_accuracy", "intent accuracy", 1), ("wer", "WER", -1))
 CAP_MARGIN = 8  # validation answers may run this many tokens past the reference answer
+# The most epochs a night trains the projector (patience ends most nights sooner): its learning rate
+# decays over them, not over the clock, so that a night the budget does not cut is the same every time.
+PROJECTOR_EPOCHS = 40
 EARLY_STOP_EVERY = 6  # 1 in this many training utterances (and as many replayed ones) stops training early
 # ... but at most this many: each of the training's validations runs the LLM over them (about 0.5 s
 # apiece at real size, 2 cores), and at 561 household utterances two took about 190 s of a 387 s training.
@@ -885,8 +888,8 @@ class Job:
         # no epoch beats it) and stops after `patience` epochs without progress.
         cfg = TrainConfig(
             objective=objective, embedlink_weight=weight, batch=opts.batch, micro_batch=opts.micro_batch,
-            lr=opts.lr, warmup=10,
-            max_minutes=train_s / 60, max_epochs=None, patience=10, val_every_s=0.0, seed=opts.seed,
+            lr=opts.lr, warmup=10, max_minutes=train_s / 60, max_epochs=PROJECTOR_EPOCHS,
+            patience=10, val_every_s=0.0, seed=opts.seed,
             val_answers=False,  # the candidate is scored on this job's own sets below
         )  # fmt: skip
         self._stage("features and manifests ready")
@@ -1492,8 +1495,8 @@ def run_adapt(args: argparse.Namespace) -> int:
         min_new=args.min_new, keep=args.keep, heldout_every=args.heldout_every, decide_on=args.decide_on,
         heldout_max=args.heldout_max, train_max=args.train_max, tolerance=args.tolerance,
         teacher_min_confidence=args.teacher_min_confidence, outcome_window_s=args.outcome_window,
-        replay_n=args.replay_n, general_n=args.general_n, lr=args.lr, batch=args.batch,
-        micro_batch=args.micro_batch, seed=args.seed,
+        replay_n=args.replay_n, general_n=args.general_n, lr=args.lr, decoder_epochs=args.decoder_epochs,
+        decoder_lr=args.decoder_lr, batch=args.batch, micro_batch=args.micro_batch, seed=args.seed,
         device=args.device, dtype=args.dtype, context_file=args.context_file,
         bootstrap_dir=args.bootstrap_dir, cache_dir=args.cache_dir,
     )  # fmt: skip

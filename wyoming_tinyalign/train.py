@@ -557,11 +557,22 @@ def train(
     t_loop = t_start - state["wall_s"]  # the budget counts this run's set-up too (loading, features)
 
     def spent() -> float:
-        """The share of the budget used: time or epochs, whichever ends first."""
+        """The share of the budget used (the progress line): time or epochs, whichever ends first."""
         return max(
             (time.monotonic() - t_loop) / max(budget_s, 1e-9),
             state["step"] / (max_epochs * steps_per_epoch),
         )
+
+    # The steps the learning rate decays over: the epoch cap, cut after each epoch to what the time
+    # budget is expected to hold. Read from steps, not from the clock, so that a run the time budget
+    # does not cut is the same run every time (the same data and seed give the same projector).
+    horizon = max_epochs * steps_per_epoch
+
+    def plan(steps_now: int) -> float:
+        """`horizon`, cut to the epochs that still fit in the time budget at this run's pace so far."""
+        per_epoch_s = (time.monotonic() - t_epochs) / max(1, epochs_run)
+        fit = math.floor((budget_s - (time.monotonic() - t_loop)) / max(per_epoch_s, 1e-9))
+        return min(horizon, steps_now + max(1, fit) * steps_per_epoch)
 
     name, unit = f"train {cfg.objective}/{proj_cfg.kind}", "% of the budget"
     progress = Progress(name, 100, every_s=10, unit=unit, before=100 * spent())  # > 0 when resumed
@@ -595,8 +606,8 @@ def train(
     if init_projector is not None and not state["history"]:
         # The starting point is a candidate too: a fine-tune that only makes things worse keeps it.
         checkpoint(None)
-    last_validation = time.monotonic()
-    loss_value = float("nan")
+    last_validation = t_epochs = time.monotonic()
+    epochs_run, loss_value = 0, float("nan")
     while state["epoch"] < max_epochs and state["bad_epochs"] < cfg.patience:
         rng = random.Random(cfg.seed * 1000 + state["epoch"])
         order = list(range(len(train_set)))
@@ -604,8 +615,9 @@ def train(
         out_of_time = False
         for b in range(steps_per_epoch):
             t0 = time.perf_counter()
-            for g in opt.param_groups:  # decays along the budget that ends first
-                g["lr"] = cfg.lr * lr_factor(state["step"], cfg.warmup, spent(), cfg.lr_floor)
+            decayed = state["step"] / horizon if math.isfinite(horizon) else 0.0
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * lr_factor(state["step"], cfg.warmup, decayed, cfg.lr_floor)
             batch = [train_set[i] for i in order[b * cfg.batch : (b + 1) * cfg.batch]]
             loss_value = train_step(model, projector, opt, params, loss_fn, batch, cfg.micro_batch)
             state["step"] += 1
@@ -623,6 +635,7 @@ def train(
                 out_of_time = True
                 break
         state["epoch"] += 1
+        epochs_run += 1
         finished = out_of_time or state["epoch"] >= max_epochs
         if finished or time.monotonic() - last_validation >= cfg.val_every_s:
             last_validation = time.monotonic()
@@ -631,6 +644,8 @@ def train(
         saves.save(state)
         if out_of_time:
             break
+        if math.isfinite(budget_s):
+            horizon = plan(state["step"])
     return TrainResult(
         out=out,
         best=state["best"] or {},
