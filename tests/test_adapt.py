@@ -127,7 +127,7 @@ def test_the_same_night_on_the_same_log_makes_the_same_projector(
     clock, and two such nights parted in the fifth digit of a loss and then in their verdicts)."""
     first = tmp_path_factory.mktemp("same") / "data"
     log_household(first, micro_model, unseen_speech(tmp_path_factory, 30, seed=21))
-    second = first.parent.parent / f"{first.parent.name}-again" / "data"
+    second = tmp_path_factory.mktemp("same-again") / "data"
     shutil.copytree(first, second)
     reports = [run_job(options(d, tmp_path_factory, now=True, budget_minutes=2.0)) for d in (first, second)]
     trained = [r["train"] for r in reports]

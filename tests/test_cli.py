@@ -6,11 +6,13 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 from wyoming_tinyalign.__main__ import build_parser
+from wyoming_tinyalign.adapt import AdaptOptions, options_from_args
 
 EVAL_KEYS = {"n", "wer", "intent_accuracy", "intent_name_accuracy", "latency_ms_p50", "latency_ms_p95"}
 
@@ -62,3 +64,17 @@ def test_min_confidence_is_a_log_probability_or_off(capsys: pytest.CaptureFixtur
         with pytest.raises(SystemExit):
             parsed("--min-confidence", bad)
         assert "--min-confidence" in capsys.readouterr().err
+
+
+def test_every_adapt_flag_reaches_the_nights_options() -> None:
+    """`adapt --decoder-epochs` and `--decoder-lr` were read and then dropped (the job's options were
+    copied from the flags one by one): every option but `teacher_max` comes from a flag of its name."""
+    args = build_parser().parse_args(
+        ["adapt", "--data-dir", "/tmp/x", "--decoder-epochs", "7", "--decoder-lr", "0.5",
+         "--outcome-window", "90", "--device", "cuda", "--tolerance", "0.3"]
+    )  # fmt: skip
+    opts = options_from_args(args)
+    assert (opts.decoder_epochs, opts.decoder_lr, opts.outcome_window_s) == (7, 0.5, 90.0)
+    assert (opts.device, opts.tolerance, str(opts.data_dir)) == ("cuda", 0.3, "/tmp/x")
+    flagged = set(vars(args)) | {"outcome_window_s"}
+    assert {f.name for f in fields(AdaptOptions)} - flagged == {"teacher_max"}

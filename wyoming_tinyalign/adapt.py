@@ -51,7 +51,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext, suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -1478,6 +1478,13 @@ def process_age_s() -> float:
     return max(0.0, uptime_s - start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
+def options_from_args(args: argparse.Namespace) -> AdaptOptions:
+    """The job's options from `adapt`'s flags, each option from the flag of its name (a list written out
+    by hand once dropped `--decoder-epochs` and `--decoder-lr`)."""
+    given = vars(args) | {"outcome_window_s": args.outcome_window}
+    return AdaptOptions(**{f.name: given[f.name] for f in fields(AdaptOptions) if f.name in given})
+
+
 def run_adapt(args: argparse.Namespace) -> int:
     started = time.monotonic() - process_age_s()  # the budget is the process's: imports take seconds
     return_freed_memory()  # before the model is loaded: the budget is the process's peak
@@ -1490,17 +1497,7 @@ def run_adapt(args: argparse.Namespace) -> int:
         torch.set_num_threads(1)
     with suppress(RuntimeError):
         torch.set_num_interop_threads(1)
-    opts = AdaptOptions(
-        data_dir=args.data_dir, model=args.model, now=args.now, budget_minutes=args.budget_minutes,
-        min_new=args.min_new, keep=args.keep, heldout_every=args.heldout_every, decide_on=args.decide_on,
-        heldout_max=args.heldout_max, train_max=args.train_max, tolerance=args.tolerance,
-        teacher_min_confidence=args.teacher_min_confidence, outcome_window_s=args.outcome_window,
-        replay_n=args.replay_n, general_n=args.general_n, lr=args.lr, decoder_epochs=args.decoder_epochs,
-        decoder_lr=args.decoder_lr, batch=args.batch, micro_batch=args.micro_batch, seed=args.seed,
-        device=args.device, dtype=args.dtype, context_file=args.context_file,
-        bootstrap_dir=args.bootstrap_dir, cache_dir=args.cache_dir,
-    )  # fmt: skip
-    report = run_job(opts, started)
+    report = run_job(options_from_args(args), started)
     print(json.dumps(report))
     return 1 if report["status"] == "failed" else 0
 

@@ -568,11 +568,11 @@ def train(
     # does not cut is the same run every time (the same data and seed give the same projector).
     horizon = max_epochs * steps_per_epoch
 
-    def plan(steps_now: int) -> float:
+    def plan() -> float:
         """`horizon`, cut to the epochs that still fit in the time budget at this run's pace so far."""
-        per_epoch_s = (time.monotonic() - t_epochs) / max(1, epochs_run)
+        per_epoch_s = (time.monotonic() - t_epochs) / max(1, state["epoch"] - first_epoch)
         fit = math.floor((budget_s - (time.monotonic() - t_loop)) / max(per_epoch_s, 1e-9))
-        return min(horizon, steps_now + max(1, fit) * steps_per_epoch)
+        return min(horizon, state["step"] + max(1, fit) * steps_per_epoch)
 
     name, unit = f"train {cfg.objective}/{proj_cfg.kind}", "% of the budget"
     progress = Progress(name, 100, every_s=10, unit=unit, before=100 * spent())  # > 0 when resumed
@@ -607,7 +607,7 @@ def train(
         # The starting point is a candidate too: a fine-tune that only makes things worse keeps it.
         checkpoint(None)
     last_validation = t_epochs = time.monotonic()
-    epochs_run, loss_value = 0, float("nan")
+    first_epoch, loss_value = state["epoch"], float("nan")  # (a resumed run's pace counts from here)
     while state["epoch"] < max_epochs and state["bad_epochs"] < cfg.patience:
         rng = random.Random(cfg.seed * 1000 + state["epoch"])
         order = list(range(len(train_set)))
@@ -635,7 +635,6 @@ def train(
                 out_of_time = True
                 break
         state["epoch"] += 1
-        epochs_run += 1
         finished = out_of_time or state["epoch"] >= max_epochs
         if finished or time.monotonic() - last_validation >= cfg.val_every_s:
             last_validation = time.monotonic()
@@ -645,7 +644,7 @@ def train(
         if out_of_time:
             break
         if math.isfinite(budget_s):
-            horizon = plan(state["step"])
+            horizon = plan()
     return TrainResult(
         out=out,
         best=state["best"] or {},
