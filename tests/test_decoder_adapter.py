@@ -15,7 +15,7 @@ from wyoming_tinyalign.adapt import DECODER_PADDED_MB, DECODER_REPLAY, decoder_s
 from wyoming_tinyalign.decoder_train import DecoderTrainConfig, decoder_examples, train_decoder_adapter
 from wyoming_tinyalign.model.bundle import BundleError, load_decoder_adapter, load_projector, save_projector
 from wyoming_tinyalign.model.decoder_adapter import AdapterConfig, AdapterError
-from wyoming_tinyalign.model.speechllm import SpeechLLM, whisper_transcript
+from wyoming_tinyalign.model.speechllm import SpeechLLM
 from wyoming_tinyalign.versions import Versions, load_household_model, record_model
 from wyoming_tinyalign.worker import InferenceWorker, PcmSegment
 
@@ -38,12 +38,16 @@ def trained(micro_model: Path) -> tuple[SpeechLLM, dict, str]:
     model = SpeechLLM.load(micro_model)
     before = _heard(model, _audio(0))
     examples = decoder_examples(model, [PHRASE] * 8, [_audio(0)] * 8, ["en"] * 8)
-    cfg = DecoderTrainConfig(epochs=30, batch=4, max_s=120)
+    cfg = DecoderTrainConfig(epochs=30, batch=4, lr=2e-3, max_s=120)
     with model.separate_decoder():
         result = train_decoder_adapter(model, examples, cfg)
         assert _heard(model, _audio(0)) == PHRASE  # the second load learnt it ...
     assert _heard(model, _audio(0)) == before != PHRASE  # ... the model's own Whisper is as it was
     assert result.steps == 60 and result.epochs == 30 and result.loss_curve[-1] < result.loss_curve[0]
+    # The learning rate decays along a cosine over the 60 steps, to almost nothing at the last.
+    rates = result.lr_curve
+    assert len(rates) == 30 and rates == sorted(rates, reverse=True)
+    assert rates[0] == cfg.lr and 0.5 * cfg.lr < rates[14] < 0.6 * cfg.lr and rates[-1] < 0.001 * cfg.lr
     # The same night trains the same adapters (whatever the process drew before); another seed, others.
     torch.rand(7)
     for seed, same in ((cfg.seed, True), (cfg.seed + 1, False)):
@@ -53,20 +57,16 @@ def trained(micro_model: Path) -> tuple[SpeechLLM, dict, str]:
     return model, result.adapter, before
 
 
-def test_whispers_decoding_loop_is_cut_where_it_began(micro_model: Path) -> None:
-    """Adapters taught to loop ("... the the the" up to the decoder's last position, as a household's
-    adapters once wrote for "turn off the lights in the den"): the transcript stops at the loop."""
+def test_adapters_cut_short_by_the_clock_have_decayed_their_learning_rate(micro_model: Path) -> None:
+    """A night whose time holds a few of the epochs asked for decays the rate over those it holds (at
+    real size the adapters stop on the clock after about 4 of 20)."""
     model = SpeechLLM.load(micro_model)
-    looping = " ".join(["turn off", *["the"] * 40])
-    examples = decoder_examples(model, [looping] * 8, [_audio(0)] * 8, ["en"] * 8)
-    assert len(examples) == 8  # (it fits the micro decoder's 48 positions)
-    trained = train_decoder_adapter(model, examples, DecoderTrainConfig(epochs=30, batch=4))
-    model.set_decoder_adapter(trained.adapter)
-    tokenizer, feats = model.whisper_tokenizer, model.encode(_audio(0))
-    short = "turn off the the the"  # (the loop is found at the fourth "the")
-    n = len(tokenizer(short, add_special_tokens=False)["input_ids"])
-    assert whisper_transcript(model.whisper, tokenizer, feats, "en", n)[0] == short  # it loops ...
-    assert _heard(model, _audio(0)) == "turn off"  # ... and the loop is cut (was: 40 "the"s)
+    examples = decoder_examples(model, [PHRASE] * 8, [_audio(0)] * 8, ["en"] * 8)
+    cfg = DecoderTrainConfig(epochs=10_000, batch=4, max_s=3.0)
+    with model.separate_decoder():
+        result = train_decoder_adapter(model, examples, cfg)
+    assert 2 <= result.epochs < 10_000, result.epochs
+    assert result.lr_curve[-1] < 0.5 * cfg.lr, result.lr_curve  # (constant over 10,000 epochs: 1.0)
 
 
 def test_a_transcript_longer_than_the_decoder_writes_is_left_out(micro_model: Path) -> None:

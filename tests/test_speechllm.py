@@ -21,6 +21,7 @@ from wyoming_tinyalign.devmodel import ALIGN_EMBEDLINK_WEIGHT
 from wyoming_tinyalign.households import context_text, load_households
 from wyoming_tinyalign.intents import NOT_RECOGNIZED, SEP, parse_intent
 from wyoming_tinyalign.manifest import load_utterances
+from wyoming_tinyalign.model.biasing import NAME_BONUS, NameBias
 from wyoming_tinyalign.model.bundle import (
     BundleError,
     load_bundle_config,
@@ -207,6 +208,47 @@ def test_cascade_decoding_steps_one_token_at_a_time_and_gives_the_full_decoding(
     assert steps > 10 and len(ids) - start > 10, "a short answer proves little"
     full = " ".join(model.whisper_tokenizer.decode(ids[start:], skip_special_tokens=True).lower().split())
     assert whisper_transcript(whisper, model.whisper_tokenizer, feats)[0] == full
+
+
+def test_the_name_bias_starts_and_continues_the_households_names(model: SpeechLLM) -> None:
+    """Every spelling of every name may start; a name begun at the end of the transcript is continued."""
+    tokenize = functools.partial(model.whisper_tokenizer, add_special_tokens=False)
+    bias = NameBias.from_context(model.whisper_tokenizer, "areas: sitting room; devices: porch light")
+    assert bias is not None
+    spellings = [" sitting room", "sitting room", " Sitting room", " porch light", "Porch light"]
+    room, light = (tokenize(s)["input_ids"] for s in (" sitting room", " porch light"))
+    assert len(room) > 1 and len(light) > 1, "one-token names prove nothing about continuing one"
+    starts = {tokenize(s)["input_ids"][0] for s in spellings}
+    assert starts <= bias.next_tokens([])
+    assert room[1] not in bias.next_tokens([]) - starts
+    assert room[1] in bias.next_tokens([5, *room[:1]])  # a name begun after other words
+    logprobs = torch.zeros(model.whisper.config.vocab_size)
+    biased = bias.apply(logprobs, room[:1])
+    assert biased[room[1]] == NAME_BONUS and int((biased != 0).sum()) == len(bias.next_tokens(room[:1]))
+    assert NameBias.from_context(model.whisper_tokenizer, "") is None
+    assert model.name_bias("areas: sitting room; devices: porch light").following == bias.following
+
+
+def test_the_cascade_writes_a_household_name_its_bias_favours(model: SpeechLLM, audio: np.ndarray) -> None:
+    """With a bonus large enough, Whisper writes the household's name where it would not (as many tokens
+    as the name takes: it would go on writing it); its confidence stays Whisper's own score of what it
+    wrote (so a forced name scores low)."""
+    feats = model.encode(audio)
+    name = "aquarium pump"
+    plain, plain_confidence = whisper_transcript(model.whisper, model.whisper_tokenizer, feats)
+    assert name not in plain
+    forced = NameBias.from_context(model.whisper_tokenizer, f"areas: ; devices: {name}", bonus=100.0)
+    assert forced is not None
+    text, confidence = whisper_transcript(
+        model.whisper, model.whisper_tokenizer, feats, None, forced.longest, forced
+    )
+    assert text.startswith(name)
+    assert confidence < plain_confidence
+    context = f"areas: ; devices: {name}"
+    assert (
+        model.run(audio, "cascade", context, with_intent=False).transcript
+        == model.transcribe_cascade(feats, context=context)[0]
+    )
 
 
 CONTEXT = "areas: sitting room, study; devices: aquarium pump, wall sconce"

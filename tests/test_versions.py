@@ -303,6 +303,18 @@ def test_a_gain_for_the_household_must_be_more_than_chance() -> None:
     assert not promote and "no better for the household" in reason and "could be chance (p=0.50)" in reason
     promote, reason = decide(candidate, serving, 0.02, {"household": {"intent_accuracy": [0, 4]}})
     assert promote and "intent accuracy 0.5 -> 0.6" in reason
+    # As many utterances heard better as worse, and no loss to read (the decoder adapters' cascade):
+    # the reason gives the figures (it once read "loss: None vs None served").
+    candidate["household"] = HOUSE | {"wer": 0.35, "loss": None}
+    changes = {"intent_accuracy": [0, 0], "wer": [3, 3]}
+    promote, reason = decide(
+        candidate, serving | {"household": HOUSE | {"loss": None}}, 0.02, {"household": changes}
+    )
+    assert not promote and "None" not in reason, reason
+    assert reason == (
+        "no better for the household: no more of its utterances better than worse "
+        "(intent accuracy 0.5 -> 0.5, WER 0.4 -> 0.35)"
+    )
     # A chance gain in one metric does not hide a real gain in the other.
     candidate["household"] |= {"wer": 0.3}
     changes = {"intent_accuracy": [1, 2], "wer": [1, 7]}

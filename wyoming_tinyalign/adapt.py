@@ -398,7 +398,15 @@ def decide(
     if not gains:
         c, s = mine.get("loss"), theirs.get("loss")
         if c is None or s is None or not c < s * (1 - 0.005):
-            return False, f"no better for the household (intent accuracy, WER and loss: {c} vs {s} served)"
+            figures = [(label, theirs.get(key), mine.get(key)) for key, label, _ in ANSWER_METRICS]
+            figures.append(("held-out loss", s, c))
+            changes = ", ".join(
+                f"{label} {a} -> {b}" for label, a, b in figures if a is not None and b is not None
+            )
+            return (
+                False,
+                f"no better for the household: no more of its utterances better than worse ({changes})",
+            )
         gains.append(f"equal intent accuracy and WER, held-out loss {s} -> {c}")
     verdict = ", ".join(gains)
     notes = []
@@ -689,7 +697,7 @@ class Job:
             return 0
         done = 0
         deadline = self.start + 0.3 * self.budget_s
-        model = self._load_model()
+        model, context = self._load_model(), self._context()
         with model.separate_decoder():
             for row in rows:
                 if time.monotonic() > deadline and done:
@@ -700,7 +708,7 @@ class Job:
                 except AudioError as err:
                     _LOGGER.warning("teacher: skipping interaction %s: %s", row["id"], err)
                     continue
-                result = model.run(audio, "cascade", language=row["language"], with_intent=False)
+                result = model.run(audio, "cascade", context, row["language"], with_intent=False)
                 confidence = -99.0 if result.confidence is None else result.confidence  # silence
                 set_teacher(self.conn, row["id"], result.transcript, confidence)
                 done += 1
@@ -1125,6 +1133,7 @@ class Job:
             "epochs": result.epochs,
             "loss_curve": result.loss_curve,
             "lr": opts.decoder_lr,
+            "lr_curve": result.lr_curve,
             "init": "served" if served else None,
             "after": figures,
             "changes": paired,

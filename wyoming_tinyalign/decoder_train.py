@@ -6,11 +6,15 @@ cascade pads; otherwise the night's feature cache's files, read batch by batch: 
 loss is the one the demo model's Whisper was trained with (`devmodel.decoder_loss`: cross-entropy of
 the decoder writing the transcript after its start tokens). Batches of similar length, AdamW, gradients
 clipped, `micro_batch` utterances per forward/backward (memory), for `epochs` passes or until `max_s`
-seconds have gone, whichever is first.
+seconds have gone, whichever is first. The learning rate decays along a cosine to zero over the epochs,
+cut after each to those the time left holds (as the projector's, `train.train`): with a constant rate
+the last steps kept moving the adapters, and they cost other voices more of their commands
+(`benchmarks/RESULTS.md`, "The decoder adapters' learning rate decays").
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -21,7 +25,7 @@ import torch
 from .devmodel import decoder_loss
 from .model.decoder_adapter import Adapter, AdapterConfig, adapter_parameters, extract, fresh, install
 from .model.speechllm import SpeechLLM, whisper_prompt
-from .train import FeatureCache
+from .train import FeatureCache, lr_factor
 
 
 @dataclass
@@ -62,6 +66,7 @@ class DecoderTrainResult:
     epochs: float  # passes over the examples (a fraction when the time ran out)
     seconds: float
     loss_curve: list[float] = field(default_factory=list)  # mean loss of each epoch
+    lr_curve: list[float] = field(default_factory=list)  # the learning rate at the end of each epoch
 
 
 def decoder_examples(
@@ -121,7 +126,9 @@ def train_decoder_adapter(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     rng = random.Random(cfg.seed)
     t0 = time.monotonic()
-    steps, done, curve = 0, 0.0, []
+    steps, done, curve, lrs = 0, 0.0, [], []
+    per_epoch = math.ceil(len(examples) / cfg.batch)
+    horizon = cfg.epochs * per_epoch  # the steps the learning rate decays over
     whisper.train()
     try:
         while done < cfg.epochs:
@@ -132,6 +139,8 @@ def train_decoder_adapter(
             for group in groups:
                 if time.monotonic() - t0 > cfg.max_s:
                     break
+                for g in opt.param_groups:
+                    g["lr"] = cfg.lr * lr_factor(steps, 0, steps / horizon)
                 opt.zero_grad()
                 losses.append(_step([examples[j] for j in group], whisper, pad_id, cfg.micro_batch))
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -139,14 +148,19 @@ def train_decoder_adapter(
                 steps += 1
             if losses:
                 curve.append(round(float(np.mean(losses)), 4))
+                lrs.append(float(f"{opt.param_groups[0]['lr']:.3g}"))
             done += len(losses) / len(groups)
             if len(losses) < len(groups):  # out of time
                 break
+            if math.isfinite(cfg.max_s):  # the epochs the time left holds, at this run's pace
+                elapsed = time.monotonic() - t0
+                fit = math.floor((cfg.max_s - elapsed) / max(elapsed / done, 1e-9))
+                horizon = min(horizon, steps + max(1, fit) * per_epoch)
     finally:
         whisper.eval()
         for param in params:
             param.requires_grad_(False)
-    return DecoderTrainResult(extract(whisper), steps, round(done, 2), time.monotonic() - t0, curve)
+    return DecoderTrainResult(extract(whisper), steps, round(done, 2), time.monotonic() - t0, curve, lrs)
 
 
 def _step(batch: list[DecoderExample], whisper: torch.nn.Module, pad_id: int, micro: int) -> float:

@@ -6,8 +6,8 @@ Three ways from audio to (transcript, intent):
   the transcript and the intent.
 - `readout`: the transcript is read straight off the projector outputs (nearest LLM token embedding of
   each position, no LLM run); the LLM then only maps that text to an intent.
-- `cascade`: Whisper's own decoder transcribes; the LLM maps the text to an intent. Works on day 0
-  (no projector needed) and is the nightly teacher.
+- `cascade`: Whisper's own decoder transcribes (leaning toward the household's names, `biasing.py`); the
+  LLM maps the text to an intent. Works on day 0 (no projector needed) and is the nightly teacher.
 
 For text, the token embeddings of the text go in the `{audio}` slot and the transcript line of the answer
 is given, so the LLM only writes the intent line.
@@ -42,6 +42,7 @@ from transformers import (
 )
 
 from ..intents import Intent, parse_answer, parse_intent
+from .biasing import NameBias
 from .bundle import BundleConfig, BundleError, ProjectorInfo, load_bundle_config, load_projector
 from .decoder_adapter import Adapter, AdapterConfig, ShapedAdapter, install
 from .encoder import AudioEncoder
@@ -52,7 +53,7 @@ from .slots import IntentGrammar, TokenTexts
 PATHS = ("aligned", "readout", "cascade")
 
 
-DECODING_VERSION = 10  # bump when a change to decoding changes what a model answers (stored answers expire)
+DECODING_VERSION = 11  # bump when a change to decoding changes what a model answers (stored answers expire)
 LOOP_REPEATS = {1: 4, 2: 3, 3: 3}  # a unit of this many tokens, repeated this often, is a loop
 
 
@@ -121,9 +122,11 @@ def whisper_transcript(
     feats: torch.Tensor,
     language: str | None = None,
     max_new_tokens: int | None = None,
+    bias: NameBias | None = None,
 ) -> tuple[str, float]:
-    """Whisper's own greedy transcript of encoder features `[N, Da]`, and its mean token log-prob. A
-    degenerate loop ends it, cut off where the loop began (as the LLM's answers are)."""
+    """Whisper's own greedy transcript of encoder features `[N, Da]`, and its mean token log-prob (by
+    Whisper's own scores, before any `bias` toward the household's names). A degenerate loop ends it,
+    cut off where the loop began (as the LLM's answers are)."""
     ids, banned = whisper_prompt(whisper, tokenizer, language)
     eos = whisper.generation_config.eos_token_id
     encoder_outputs = (feats.unsqueeze(0).to(whisper.device),)
@@ -139,7 +142,7 @@ def whisper_transcript(
         cache, logits = out.cache, out.logits[0, -1].float()
         logits[banned] = -float("inf")
         logp = torch.log_softmax(logits, -1)
-        token = int(logp.argmax())
+        token = int((bias.apply(logp, written) if bias else logp).argmax())
         logprobs.append(float(logp[token]))
         if token == eos:
             break
@@ -222,6 +225,10 @@ class SpeechLLM:
         # LLM's KV cache of the prompt before the slot (computed once; each answer starts from a copy).
         self.prompt_ids = functools.lru_cache(maxsize=16)(self._prompt_ids)
         self.prefix_cache = functools.lru_cache(maxsize=4)(self._prefix_cache)
+        # The cascade's bias toward each household context's names (tokenized once).
+        self.name_bias = functools.lru_cache(maxsize=16)(
+            functools.partial(NameBias.from_context, whisper_tokenizer)
+        )
         # What `IntentGrammar` reads answers with (at load, not on a request).
         self.token_texts = TokenTexts.of(tokenizer)
 
@@ -432,10 +439,16 @@ class SpeechLLM:
 
     @torch.no_grad()
     def transcribe_cascade(
-        self, feats: torch.Tensor, language: str | None = None, max_new_tokens: int | None = None
+        self,
+        feats: torch.Tensor,
+        language: str | None = None,
+        max_new_tokens: int | None = None,
+        context: str = "",
     ) -> tuple[str, float]:
-        """`whisper_transcript` with this model's Whisper."""
-        return whisper_transcript(self.whisper, self.whisper_tokenizer, feats, language, max_new_tokens)
+        """`whisper_transcript` with this model's Whisper, biased toward `context`'s names."""
+        return whisper_transcript(
+            self.whisper, self.whisper_tokenizer, feats, language, max_new_tokens, self.name_bias(context)
+        )
 
     @torch.no_grad()
     def encode(self, audio: np.ndarray, pad_30s: bool = False) -> torch.Tensor:
@@ -489,7 +502,7 @@ class SpeechLLM:
         t0 = time.perf_counter()
         confidence = None
         if path == "cascade":
-            transcript, confidence = self.transcribe_cascade(feats, language, max_new_tokens)
+            transcript, confidence = self.transcribe_cascade(feats, language, max_new_tokens, context)
             intent = self.understand_text(transcript, context, max_new_tokens) if with_intent else None
         else:
             content = self.project_features(feats)
