@@ -44,7 +44,7 @@ def main() -> None:
         sets.append(
             (
                 f"{household.name} labelled",
-                render_corpus(args.work / household.name, [household], 100, 101 + i),
+                render_corpus(args.work / household.name, [household], 100, 100 + i),
             )
         )
         sets.append(

@@ -211,17 +211,21 @@ def test_cascade_decoding_steps_one_token_at_a_time_and_gives_the_full_decoding(
 
 
 def test_the_name_bias_starts_and_continues_the_households_names(model: SpeechLLM) -> None:
-    """Every spelling of every name may start; a name begun at the end of the transcript is continued."""
+    """Every spelling of every name may start a transcript; after a word, a name starts with a space; a
+    name begun at the end of the transcript is continued."""
     tokenize = functools.partial(model.whisper_tokenizer, add_special_tokens=False)
     bias = NameBias.from_context(model.whisper_tokenizer, "areas: sitting room; devices: porch light")
     assert bias is not None
-    spellings = [" sitting room", "sitting room", " Sitting room", " porch light", "Porch light"]
+    first = ["sitting room", "Sitting room", " sitting room", " Sitting room", "porch light", " Porch light"]
+    later = [" sitting room", " Sitting room", " porch light", " Porch light"]
     room, light = (tokenize(s)["input_ids"] for s in (" sitting room", " porch light"))
     assert len(room) > 1 and len(light) > 1, "one-token names prove nothing about continuing one"
-    starts = {tokenize(s)["input_ids"][0] for s in spellings}
-    assert starts <= bias.next_tokens([])
-    assert room[1] not in bias.next_tokens([]) - starts
-    assert room[1] in bias.next_tokens([5, *room[:1]])  # a name begun after other words
+    starts_first, starts_later = ({tokenize(s)["input_ids"][0] for s in group} for group in (first, later))
+    assert starts_first <= bias.next_tokens([]) and starts_later <= bias.next_tokens([5])
+    unspaced = tokenize("porch light")["input_ids"][0]
+    assert unspaced not in starts_later and unspaced not in bias.next_tokens([5])  # not "theporch"
+    assert room[1] not in bias.next_tokens([5])
+    assert bias.next_tokens([5, *room[:1]]) == {room[1]}  # a name begun after other words goes on
     logprobs = torch.zeros(model.whisper.config.vocab_size)
     biased = bias.apply(logprobs, room[:1])
     assert biased[room[1]] == NAME_BONUS and int((biased != 0).sum()) == len(bias.next_tokens(room[:1]))

@@ -7,9 +7,10 @@ loss is the one the demo model's Whisper was trained with (`devmodel.decoder_los
 the decoder writing the transcript after its start tokens). Batches of similar length, AdamW, gradients
 clipped, `micro_batch` utterances per forward/backward (memory), for `epochs` passes or until `max_s`
 seconds have gone, whichever is first. The learning rate decays along a cosine to zero over the epochs,
-cut after each to those the time left holds (as the projector's, `train.train`): with a constant rate
-the last steps kept moving the adapters, and they cost other voices more of their commands
-(`benchmarks/RESULTS.md`, "The decoder adapters' learning rate decays").
+cut after each to those the time left holds (as the projector's, `train.train`); training ends where
+it reaches zero. At a constant rate the last steps kept moving the adapters, and they cost the other
+voices more of their commands (`benchmarks/RESULTS.md`, "The cascade leans toward the household's
+names; the decoder adapters' rate decays").
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def train_decoder_adapter(
             rng.shuffle(groups)
             losses = []
             for group in groups:
-                if time.monotonic() - t0 > cfg.max_s:
+                if steps >= horizon or time.monotonic() - t0 > cfg.max_s:  # (decayed to zero, or out of time)
                     break
                 for g in opt.param_groups:
                     g["lr"] = cfg.lr * lr_factor(steps, 0, steps / horizon)
@@ -150,7 +151,7 @@ def train_decoder_adapter(
                 curve.append(round(float(np.mean(losses)), 4))
                 lrs.append(float(f"{opt.param_groups[0]['lr']:.3g}"))
             done += len(losses) / len(groups)
-            if len(losses) < len(groups):  # out of time
+            if len(losses) < len(groups):
                 break
             if math.isfinite(cfg.max_s):  # the epochs the time left holds, at this run's pace
                 elapsed = time.monotonic() - t0

@@ -23,40 +23,43 @@ NAME_BONUS = 2.0
 class NameBias:
     """The beginnings of a household's names (as token ids), and the bonus for going on with one."""
 
-    def __init__(self, sequences: list[list[int]], bonus: float = NAME_BONUS) -> None:
+    def __init__(self, first: list[list[int]], later: list[list[int]], bonus: float = NAME_BONUS) -> None:
+        """`first`: the names' token ids as a transcript may start with them (with or without a leading
+        space); `later`: as they follow a word (after a space: a name run into the word before it, as in
+        "theporch", is not one)."""
         self.bonus = bonus
-        self.starts = {seq[0] for seq in sequences if seq}
+        self.starts_first = {seq[0] for seq in first if seq}
+        self.starts_later = {seq[0] for seq in later if seq}
         # Each proper beginning of a name (its first k tokens, k >= 1) -> the tokens that may follow it.
         self.following: dict[tuple[int, ...], set[int]] = {}
-        for seq in sequences:
+        for seq in [*first, *later]:
             for k in range(1, len(seq)):
                 self.following.setdefault(tuple(seq[:k]), set()).add(seq[k])
-        self.longest = max((len(seq) for seq in sequences), default=0)
+        self.longest = max((len(seq) for seq in [*first, *later]), default=0)
 
     @classmethod
     def from_context(
         cls, tokenizer: PreTrainedTokenizerBase, context: str, bonus: float = NAME_BONUS
     ) -> NameBias | None:
-        """The bias for `context`'s names (each as it starts a transcript or follows a word, in lower case
-        and capitalised); None when the context names nothing."""
+        """The bias for `context`'s names (in lower case and capitalised); None when it names nothing."""
         names = {name for values in context_names(context).values() for name in values}
-        spellings = {
-            prefix + spelling
-            for name in names
-            for spelling in (name, name[:1].upper() + name[1:])
-            for prefix in ("", " ")
-        }
+        spellings = sorted({s for name in names for s in (name, name[:1].upper() + name[1:])})
         if not spellings:
             return None
-        return cls([tokenizer(s, add_special_tokens=False)["input_ids"] for s in sorted(spellings)], bonus)
+
+        def ids(texts: list[str]) -> list[list[int]]:
+            return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+
+        later = ids([" " + s for s in spellings])
+        return cls(ids(spellings) + later, later, bonus)
 
     def next_tokens(self, written: list[int]) -> set[int]:
         """The tokens that continue a name `written` ends partway through; where it ends in none, the
-        tokens that start one."""
+        tokens that start one (there: at the start of a transcript, or after a word)."""
         going_on: set[int] = set()
         for k in range(1, min(self.longest - 1, len(written)) + 1):
             going_on |= self.following.get(tuple(written[-k:]), set())
-        return going_on or self.starts
+        return going_on or (self.starts_later if written else self.starts_first)
 
     def apply(self, logprobs: torch.Tensor, written: list[int]) -> torch.Tensor:
         """`logprobs` (one step's, over the vocabulary) with the bonus on `next_tokens(written)`."""
