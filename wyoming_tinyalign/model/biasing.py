@@ -4,8 +4,9 @@ Whisper writes the names it has heard most ("garden", "living room") where a hou
 ("den", "sitting room"). The household's context (area and device names, as the prompt carries it)
 comes with every request, so the cascade's greedy decoder adds a fixed bonus to the log-probability of
 each token that continues a name it has begun or, outside one, starts one (shallow fusion over the names'
-tokens, as "hotwords" in other ASR decoders). The bonus only tips near-ties: a name the audio does not
-support stays unwritten. Figures on the demo model: `benchmarks/RESULTS.md`, "Contextual biasing".
+tokens, as "hotwords" in other ASR decoders). The bonus only tips close calls (within `NAME_BONUS` in
+log-probability); the transcript's confidence stays Whisper's own score of what it wrote. Figures on
+the demo model: `benchmarks/RESULTS.md`, "The cascade leans toward the household's names".
 """
 
 from __future__ import annotations
