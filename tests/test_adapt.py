@@ -406,24 +406,31 @@ def test_cascade_answers_load_whisper_again_only_for_answers_not_cached(
 
 
 def test_the_teacher_reads_whispers_decoder_on_a_load_it_lets_go(
-    micro_model: Path, tmp_path_factory: pytest.TempPathFactory
+    micro_model: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The teacher (and the cascade) decode with a second load of Whisper, let go afterwards: the
     model's own Whisper only ever encodes, so the decoder's checkpoint pages are not resident while the
-    night trains. The second load decodes as the model's own would."""
+    night trains. The second load decodes as the model's own would, leaning toward the household's
+    names as the server does."""
     data = tmp_path_factory.mktemp("teacher") / "data"
     utterances = unseen_speech(tmp_path_factory, 4, seed=24)
     log_household(data, micro_model, utterances, correct=False)
     model = SpeechLLM.load(micro_model)
+    context_file = data / "household.txt"
+    context_file.write_text("areas: den; devices: zebra lamp\n")
+    biased_for: list[str] = []
+    name_bias = model.name_bias
+    monkeypatch.setattr(model, "name_bias", lambda context: biased_for.append(context) or name_bias(context))
     own = model.whisper
     decoded: list[int] = []
     own.get_decoder().register_forward_hook(lambda *_: decoded.append(1))
     store = InteractionStore(data / "log")
     store.open()
     try:
-        job = Job(AdaptOptions(data_dir=data), store.conn)
+        job = Job(AdaptOptions(data_dir=data, context_file=context_file), store.conn)
         job.model = model
         assert job._teacher() == len(utterances)
+        assert biased_for == ["areas: den; devices: zebra lamp"] * len(utterances)
         rows = store.conn.execute("SELECT audio_path, teacher_transcript FROM interactions").fetchall()
     finally:
         store.close()

@@ -233,7 +233,9 @@ def test_the_name_bias_starts_and_continues_the_households_names(model: SpeechLL
     assert model.name_bias("areas: sitting room; devices: porch light").following == bias.following
 
 
-def test_the_cascade_writes_a_household_name_its_bias_favours(model: SpeechLLM, audio: np.ndarray) -> None:
+def test_the_cascade_writes_a_household_name_its_bias_favours(
+    model: SpeechLLM, audio: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With a bonus large enough, Whisper writes the household's name where it would not (as many tokens
     as the name takes: it would go on writing it); its confidence stays Whisper's own score of what it
     wrote (so a forced name scores low)."""
@@ -248,11 +250,11 @@ def test_the_cascade_writes_a_household_name_its_bias_favours(model: SpeechLLM, 
     )
     assert text.startswith(name)
     assert confidence < plain_confidence
+    # A request's context reaches the bias: the served path writes the name its context's bias favours.
     context = f"areas: ; devices: {name}"
-    assert (
-        model.run(audio, "cascade", context, with_intent=False).transcript
-        == model.transcribe_cascade(feats, context=context)[0]
-    )
+    monkeypatch.setattr(model, "name_bias", {context: forced}.get)
+    served = model.run(audio, "cascade", context, with_intent=False, max_new_tokens=forced.longest)
+    assert served.transcript == text and model.run(audio, "cascade", with_intent=False).transcript == plain
 
 
 CONTEXT = "areas: sitting room, study; devices: aquarium pump, wall sconce"

@@ -29,6 +29,7 @@ from wyoming_tinyalign.train import (
     Progress,
     TrainConfig,
     embedlink_loss,
+    fitting_horizon,
     generative_loss,
     lr_factor,
     made_progress,
@@ -101,6 +102,11 @@ def test_the_learning_rate_warms_up_then_decays_to_its_floor_by_the_end(
     assert [lr_factor(s, 4, 0.0) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert lr_factor(10, 4, 0.5, floor=0.1) == pytest.approx(0.55)
     assert lr_factor(10, 4, 1.0, floor=0.1) == lr_factor(10, 4, 3.0, floor=0.1) == pytest.approx(0.1)
+    # The horizon (both the projector's and the decoder adapters') holds while the time left holds the
+    # epochs to it; else it is cut to the epochs that fit, one at least.
+    assert fitting_horizon(400, 100, 10, left_s=60.0, epoch_s=2.0) == 400
+    assert fitting_horizon(400, 100, 10, left_s=7.0, epoch_s=2.0) == 130
+    assert fitting_horizon(400, 100, 10, left_s=-1.0, epoch_s=2.0) == 110
     # An epoch budget, no time limit: 4 epochs, and the rate falls at each validation, close to the floor.
     cfg = TrainConfig(max_minutes=None, max_epochs=4, val_answers=False, **{**FAST, "lr_floor": 0.2})
     result = train(micro_model, tiny_manifest, tiny_manifest, tmp_path / "o", cfg, cache_dir=tmp_path / "c")

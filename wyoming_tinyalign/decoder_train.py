@@ -26,7 +26,7 @@ import torch
 from .devmodel import decoder_loss
 from .model.decoder_adapter import Adapter, AdapterConfig, adapter_parameters, extract, fresh, install
 from .model.speechllm import SpeechLLM, whisper_prompt
-from .train import FeatureCache, lr_factor
+from .train import FeatureCache, fitting_horizon, lr_factor
 
 
 @dataclass
@@ -153,10 +153,9 @@ def train_decoder_adapter(
             done += len(losses) / len(groups)
             if len(losses) < len(groups):
                 break
-            if math.isfinite(cfg.max_s):  # the epochs the time left holds, at this run's pace
+            if math.isfinite(cfg.max_s):  # (at this run's pace so far)
                 elapsed = time.monotonic() - t0
-                fit = math.floor((cfg.max_s - elapsed) / max(elapsed / done, 1e-9))
-                horizon = min(horizon, steps + max(1, fit) * per_epoch)
+                horizon = fitting_horizon(horizon, steps, per_epoch, cfg.max_s - elapsed, elapsed / done)
     finally:
         whisper.eval()
         for param in params:

@@ -365,6 +365,14 @@ def lr_factor(step: int, warmup: int, progress: float, floor: float = 0.0) -> fl
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def fitting_horizon(horizon: float, step: int, steps_per_epoch: int, left_s: float, epoch_s: float) -> float:
+    """`horizon` (the step a learning rate decays to its floor at), cut to the epochs that `left_s`
+    seconds still hold at `epoch_s` an epoch (one at least): read after each epoch, so that a run the
+    time does not cut decays over its steps alone, the same every time."""
+    fit = math.floor(left_s / max(epoch_s, 1e-9))
+    return min(horizon, step + max(1, fit) * steps_per_epoch)
+
+
 def better(m: dict, best: dict | None) -> bool:
     """Whether validation `m` beats the kept checkpoint: intent accuracy first, then the loss."""
     return best is None or (m.get("intent_accuracy") or 0, -m["val_loss"]) > (
@@ -568,12 +576,6 @@ def train(
     # does not cut is the same run every time (the same data and seed give the same projector).
     horizon = max_epochs * steps_per_epoch
 
-    def plan() -> float:
-        """`horizon`, cut to the epochs that still fit in the time budget at this run's pace so far."""
-        per_epoch_s = (time.monotonic() - t_epochs) / max(1, state["epoch"] - first_epoch)
-        fit = math.floor((budget_s - (time.monotonic() - t_loop)) / max(per_epoch_s, 1e-9))
-        return min(horizon, state["step"] + max(1, fit) * steps_per_epoch)
-
     name, unit = f"train {cfg.objective}/{proj_cfg.kind}", "% of the budget"
     progress = Progress(name, 100, every_s=10, unit=unit, before=100 * spent())  # > 0 when resumed
 
@@ -643,8 +645,10 @@ def train(
         saves.save(state)
         if out_of_time:
             break
-        if math.isfinite(budget_s):
-            horizon = plan()
+        if math.isfinite(budget_s):  # (at this run's pace so far)
+            epoch_s = (time.monotonic() - t_epochs) / max(1, state["epoch"] - first_epoch)
+            left_s = budget_s - (time.monotonic() - t_loop)
+            horizon = fitting_horizon(horizon, state["step"], steps_per_epoch, left_s, epoch_s)
     return TrainResult(
         out=out,
         best=state["best"] or {},
