@@ -226,9 +226,13 @@ def test_the_name_bias_starts_and_continues_the_households_names(model: SpeechLL
     assert unspaced not in starts_later and unspaced not in bias.next_tokens([5])  # not "theporch"
     assert room[1] not in bias.next_tokens([5])
     assert bias.next_tokens([5, *room[:1]]) == {room[1]}  # a name begun after other words goes on
-    logprobs = torch.zeros(model.whisper.config.vocab_size)
-    biased = bias.apply(logprobs, room[:1])
-    assert biased[room[1]] == NAME_BONUS and int((biased != 0).sum()) == len(bias.next_tokens(room[:1]))
+    # The name goes on where its token is within the bonus of the likeliest, not where it is further.
+    logprobs = torch.full((model.whisper.config.vocab_size,), -20.0)
+    other = next(t for t in range(logprobs.numel()) if t not in bias.next_tokens(room[:1]))
+    logprobs[other], logprobs[room[1]] = -1.0, -1.0 - 0.9 * NAME_BONUS
+    assert bias.pick(logprobs, room[:1]) == room[1]
+    logprobs[room[1]] = -1.0 - 1.1 * NAME_BONUS
+    assert bias.pick(logprobs, room[:1]) == other
     assert NameBias.from_context(model.whisper_tokenizer, "") is None
     assert model.name_bias("areas: sitting room; devices: porch light").following == bias.following
 

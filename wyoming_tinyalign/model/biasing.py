@@ -62,8 +62,12 @@ class NameBias:
             going_on |= self.following.get(tuple(written[-k:]), set())
         return going_on or (self.starts_later if written else self.starts_first)
 
-    def apply(self, logprobs: torch.Tensor, written: list[int]) -> torch.Tensor:
-        """`logprobs` (one step's, over the vocabulary) with the bonus on `next_tokens(written)`."""
-        biased = logprobs.clone()
-        biased[list(self.next_tokens(written))] += self.bonus
-        return biased
+    def pick(self, logprobs: torch.Tensor, written: list[int]) -> int:
+        """The token a greedy decoder writes after `written` with the bonus on `next_tokens(written)`:
+        the likeliest of `logprobs` (one step's, over the vocabulary), unless one of those is within
+        the bonus of it (without a biased copy of the vocabulary's log-probabilities)."""
+        best = int(logprobs.argmax())
+        names = torch.tensor(sorted(self.next_tokens(written)), device=logprobs.device)
+        scores = logprobs[names]
+        top = int(scores.argmax())
+        return int(names[top]) if float(scores[top]) + self.bonus > float(logprobs[best]) else best

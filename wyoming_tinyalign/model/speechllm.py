@@ -142,7 +142,7 @@ def whisper_transcript(
         cache, logits = out.cache, out.logits[0, -1].float()
         logits[banned] = -float("inf")
         logp = torch.log_softmax(logits, -1)
-        token = int((bias.apply(logp, written) if bias else logp).argmax())
+        token = bias.pick(logp, written) if bias else int(logp.argmax())
         logprobs.append(float(logp[token]))
         if token == eos:
             break
