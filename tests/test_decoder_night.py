@@ -19,17 +19,28 @@ from adaptation import bootstrap_dir
 from serving import WEB, ServerProcess, client, read_until, send_audio, serve_args
 from wyoming.asr import Transcribe, Transcript
 
-from wyoming_tinyalign.adapt import AdaptOptions, Item, Job, NightData, Predictions, answer_key, run_job
+from wyoming_tinyalign.adapt import (
+    AdaptOptions,
+    Item,
+    Job,
+    NightData,
+    Predictions,
+    answer_key,
+    held_out,
+    run_job,
+)
 from wyoming_tinyalign.intents import Intent
-from wyoming_tinyalign.labels import set_correction, validate_correction
+from wyoming_tinyalign.labels import set_correction, set_teacher, validate_correction
 from wyoming_tinyalign.manifest import Utterance
 from wyoming_tinyalign.model.speechllm import SpeechLLM
 from wyoming_tinyalign.store import Interaction, InteractionStore
 from wyoming_tinyalign.train import FeatureCache
 from wyoming_tinyalign.versions import Versions, record_model
+from wyoming_tinyalign.webui import _run_row
 
 PHRASE = "turn on the zebra lamp"
 INTENT = Intent("HassTurnOn", {"name": "zebra lamp"})
+TAUGHT = (1, 2, 5)  # rows the teacher alone labels: two training rows and a held-out one
 
 
 def _clip(seed: int) -> np.ndarray:
@@ -42,10 +53,12 @@ def _pcm(audio: np.ndarray) -> bytes:
     return np.round(audio * 32768).astype("<i2").tobytes()
 
 
-def _logged(data: Path, micro_model: Path) -> None:
+def _logged(data: Path, micro_model: Path, typed: bool = True) -> None:
     """A data dir whose log holds 40 utterances corrected to PHRASE (each its own noise clip) and one
     correction longer than the micro Whisper's decoder writes (48 tokens): learnt by the projector, left
-    out of the adapters' training (row 41: a training row)."""
+    out of the adapters' training (row 41: a training row). The `TAUGHT` rows are not corrected: their
+    label is the teacher's PHRASE (the projector learns from and is judged on them, the adapters are
+    not). Not `typed`: no row is corrected, every label is the teacher's."""
     record_model(data, micro_model, "micro")
     store = InteractionStore(data / "log")
     store.open()
@@ -57,7 +70,12 @@ def _logged(data: Path, micro_model: Path) -> None:
                 _clip(i),
             )  # fmt: skip
             text = PHRASE if i < 40 else " ".join([PHRASE] * 20)
-            set_correction(store.conn, row, validate_correction({"text": text, "intent": INTENT.to_json()}))
+            if not typed or row in TAUGHT:
+                set_teacher(store.conn, row, text, -0.1)
+            else:
+                set_correction(
+                    store.conn, row, validate_correction({"text": text, "intent": INTENT.to_json()})
+                )
     finally:
         store.close()
 
@@ -66,7 +84,7 @@ def _options(data: Path, tmp_path_factory: pytest.TempPathFactory) -> AdaptOptio
     return AdaptOptions(
         data_dir=data, now=True, budget_minutes=1.0, replay_n=32, general_n=16, decide_on="loss",
         decoder_lr=3e-3,  # (at 1e-3, decayed, the micro Whisper's adapters did not learn the phrase in time)
-        bootstrap_dir=bootstrap_dir(tmp_path_factory), teacher_min_confidence=1.0,
+        bootstrap_dir=bootstrap_dir(tmp_path_factory), teacher_min_confidence=-0.5,
         tolerance=1.0,  # the micro Whisper's other voices are noise (WER about 1): they cannot decide
     )  # fmt: skip
 
@@ -88,7 +106,13 @@ def test_the_night_promotes_adapters_that_hear_the_household(
     assert report["status"] == "promoted" and "decoder: better for the household" in report["reason"]
     before, after = report["cascade"]["household"], decoder["after"]["household"]
     assert after["wer"] < before["wer"]  # (the micro LLM makes no intent of the words either way)
-    assert decoder["examples"]["household"] > 0 and decoder["examples"]["replay"] > 0
+    # The teacher's labels teach the projector, not the adapters (the words are Whisper's own), nor
+    # judge them.
+    assert [held_out(row, AdaptOptions.heldout_every) for row in TAUGHT] == [False, False, True]
+    assert report["data"]["sources"] == {"correction": 38, "teacher": 3, "outcome": 0}
+    assert decoder["examples"]["household"] == report["data"]["train"] - 2
+    assert decoder["after"]["household"]["n"] == report["data"]["heldout_evaluated"] - 1
+    assert decoder["examples"]["replay"] > 0
     assert decoder["examples"]["too_long"] == 1
 
     versions = Versions(data)
@@ -105,6 +129,26 @@ def test_the_night_promotes_adapters_that_hear_the_household(
     model = SpeechLLM.load(micro_model)
     model.set_decoder_adapter(*adapter)
     assert model.run(_clip(1000), "cascade", with_intent=False).transcript == PHRASE
+
+
+def test_a_night_on_the_teachers_labels_alone_trains_no_decoder_adapters(
+    night: tuple[Path, dict], micro_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The teacher's words are the served cascade's own: adapters judged against them can only come out
+    worse, so a night without a corrected transcript trains none, says why, and gives the projector
+    the time they would have had."""
+    data = tmp_path_factory.mktemp("teacher-night") / "data"
+    _logged(data, micro_model, typed=False)
+    report = run_job(_options(data, tmp_path_factory))
+    assert report["data"]["sources"] == {"correction": 0, "teacher": 41, "outcome": 0}
+    skipped = "not trained: it learns from transcripts the household corrected, and there are 0 to learn"
+    assert report["decoder"]["promoted"] is False and report["decoder"]["skipped"].startswith(skipped)
+    assert "steps" not in report["decoder"] and f"decoder: {skipped}" in report["reason"]
+    assert report["train"]["budget_s"] > 1.5 * night[1]["train"]["budget_s"]  # (half went to the adapters)
+    assert Versions(data).adapter(report["version"]) is None  # (the night's projector is kept)
+    run = {"report": report, "status": report["status"], "reason": report["reason"], "started_at": 0.0}
+    page_row = _run_row({**run, "finished_at": 1.0}, set())  # (as the household's page lists the night)
+    assert "Whisper's decoder (not trained): it learns from transcripts the household corrected" in page_row
 
 
 async def test_the_server_serves_them_logs_the_version_and_a_rollback_takes_them_back(

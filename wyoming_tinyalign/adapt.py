@@ -134,6 +134,8 @@ EARLY_STOP_EVERY = 6  # 1 in this many training utterances (and as many replayed
 EARLY_STOP_MAX = 32
 # Whisper's decoder adapters get this share of the training time (the projector the rest).
 DECODER_SHARE = 0.5
+# The fewest held-out utterances a gain can be shown on: all of them better is chance below SIGNIFICANCE.
+MIN_JUDGED = math.ceil(math.log2(1 / SIGNIFICANCE))
 # Replayed base-household utterances per household one for the decoder (benchmarks/decoder_adaptation.py:
 # 400 for 100 held the other voices over 20 epochs, 100 did not).
 DECODER_REPLAY = 4
@@ -190,7 +192,8 @@ class DecoderNight:
     promote: bool
     reason: str
     after: dict[str, dict]  # the cascade's figures with them, per set
-    answers: list[tuple[str, Intent | None]]  # the cascade's with them, on the household set judged
+    items: list[Item]  # the household's utterances they were judged on
+    answers: list[tuple[str, Intent | None]]  # the cascade's with them, on those
     report: dict[str, Any]
 
 
@@ -843,6 +846,20 @@ class Job:
         data.update(
             train=len(train_pairs), heldout=len(held_items), replay=len(replay), general=len(general_items)
         )
+        # Whisper's decoder learns only words the household typed: the teacher's are Whisper's own (the
+        # served cascade's, as are most confirmed outcomes'), and adapters judged against the words of
+        # the decoder that wrote them only come out worse (every household's teacher night did).
+        typed_train = [(lab, a) for lab, a in train_pairs if lab.text_source == "correction"]
+        typed = {self.clips[lab.id] for lab, _ in held_pairs if lab.text_source == "correction"}
+        n_typed = sum(it.key in typed for it in held_items)
+        decoder_skip = None
+        if opts.decoder_epochs and (not typed_train or n_typed < MIN_JUDGED):
+            decoder_skip = (
+                f"not trained: it learns from transcripts the household corrected, and there are "
+                f"{len(typed_train)} to learn from and {n_typed} held out to judge by (it needs at least 1 "
+                f"and {MIN_JUDGED})"
+            )
+        train_decoder = bool(opts.decoder_epochs) and decoder_skip is None
 
         # Before: the served projector (and the cascade) on the held-out sets, sized to the budget.
         predictions = opts.work / PREDICTIONS_DIR
@@ -852,7 +869,7 @@ class Job:
         shipped_cache = Predictions(predictions, weights_key(shipped[0])) if shipped else None
         per_item = self._time_one(model, serving, held_items[0])
         held_items, general_items = self._fit_validation(
-            per_item, held_items, general_items, shipped_cache, served_adapter is not None
+            per_item, held_items, general_items, shipped_cache, train_decoder, served_adapter is not None
         )
         data.update(heldout_evaluated=len(held_items), general_evaluated=len(general_items))
         before, before_answers = self._evaluate(model, serving, serving_cache, held_items, general_items)
@@ -863,7 +880,7 @@ class Job:
             )
             report["shipped"] = {"general": figures["general"]}
         cascade_sets = {"household": held_items}
-        if opts.decoder_epochs:  # the adapters' gate reads the other voices too
+        if train_decoder:  # the adapters' gate reads the other voices too
             cascade_sets["general"] = general_items
         cascade_answers = {
             name: answers(model, items, "cascade", cascade_cache) for name, items in cascade_sets.items()
@@ -879,13 +896,13 @@ class Job:
         # Train within what is left of the budget (keeping time for validating the candidate).
         loss_s = sum(before[name].get("loss_s", 0.0) for name in ("household", "general"))  # never cached
         candidate_eval_s = (  # (the adapters' cascade: 1.5x an aligned answer)
-            per_item * (len(held_items) + len(general_items)) * (2.5 if opts.decoder_epochs else 1)
+            per_item * (len(held_items) + len(general_items)) * (2.5 if train_decoder else 1)
         )
         candidate_eval_s += loss_s + FINISH_S
         # At least a quarter of the budget: a first night that spent it rendering replay speech and
         # computing features should still learn something (the budget is a target, not a wall).
         train_s = max(0.25 * self.budget_s, self.budget_s - self.elapsed() - candidate_eval_s)
-        decoder_s = DECODER_SHARE * train_s if opts.decoder_epochs else 0.0
+        decoder_s = DECODER_SHARE * train_s if train_decoder else 0.0
         train_s -= decoder_s
         out = opts.work / "candidate"
         manifests = self._manifests(train_pairs, replay)
@@ -961,10 +978,19 @@ class Job:
             shipped_general = report["shipped"]["general"] if shipped else None
             promote, reason = decide(after, before, opts.tolerance, paired, opts.decide_on, shipped_general)
         night = None
-        if opts.decoder_epochs:
+        if decoder_skip is not None:
+            report["decoder"] = {"skipped": decoder_skip, "promoted": False}
+            reason = f"projector: {reason}; decoder: {decoder_skip}"
+        if train_decoder:
+            judged = [i for i, it in enumerate(held_items) if it.key in typed]
+            sets = {"household": [held_items[i] for i in judged], "general": general_items}
+            served_answers = {
+                "household": [cascade_answers["household"][i] for i in judged],
+                "general": cascade_answers["general"],
+            }
             try:
                 night = self._decoder_night(
-                    model, train_pairs, replay_all, cascade_sets, cascade_answers, decoder_s, cache
+                    model, typed_train, replay_all, sets, served_answers, decoder_s, cache
                 )
                 report["decoder"] = night.report
             except Exception as err:  # whatever stops the adapters must not cost the night its projector
@@ -992,17 +1018,19 @@ class Job:
         else:
             projector, p_info, aligned, aligned_answers = serving, serving_info, before, before_answers
         if night is not None and (decoder_ok or not promote):
-            adapter, cascade_figures, heard = (night.adapter, night.config), night.after, night.answers
+            adapter, cascade_figures = (night.adapter, night.config), night.after
+            heard_items, heard = night.items, night.answers
         else:
-            adapter, cascade_figures, heard = served_adapter, report["cascade"], cascade_answers["household"]
-        # (The adapters' cascade may have been judged on fewer household utterances: cut to the budget.)
-        paths = (
-            path_auto(
-                held_items[: len(heard)], heard, aligned_answers["household"][: len(heard)], opts.tolerance
+            adapter, cascade_figures = served_adapter, report["cascade"]
+            heard_items, heard = held_items, cascade_answers["household"]
+        # (The adapters' cascade was judged on the household's typed utterances, maybe cut to the budget.)
+        paths = {}
+        if aligned_answers is not None:
+            aligned_by_key = dict(
+                zip((it.key for it in held_items), aligned_answers["household"], strict=True)
             )
-            if aligned_answers is not None
-            else {}
-        )
+            aligned_heard = [aligned_by_key[it.key] for it in heard_items]
+            paths = path_auto(heard_items, heard, aligned_heard, opts.tolerance)
         if projector is not None and p_info is not None and (candidate is not None or night is not None):
             assert self.bundle_cfg is not None
             decision = (
@@ -1141,7 +1169,9 @@ class Job:
             "reason": reason,
             "promoted": promote,
         }
-        return DecoderNight(result.adapter, config, promote, reason, figures, got["household"], report)
+        return DecoderNight(
+            result.adapter, config, promote, reason, figures, sets["household"], got["household"], report
+        )
 
     def _stage(self, stage: str) -> None:
         """When the run reached a stage (seconds into its budget) and its resident memory then (Linux),
@@ -1189,17 +1219,17 @@ class Job:
         held: list[Item],
         general: list[Item],
         shipped: Predictions | None,
+        decoder: bool,
         adapter_served: bool,
     ) -> tuple[list[Item], list[Item]]:
         """Trim the held-out sets (general first, never below a minimum) so that validating the served
         projector, the cascade and the candidate (and the `shipped` projector on the general set, when
-        its answers are not cached), and the cascade with the night's decoder adapters on both sets
-        (and with the served ones and none on the general set) takes at most half of what is left of the
-        budget. (Answers of the served projector and the cascade are cached across nights, so this is
-        the first night's worst case.)"""
+        its answers are not cached), and, where the night trains them (`decoder`), the cascade with its
+        decoder adapters on both sets (and with the served ones and none on the general set) takes at
+        most half of what is left of the budget. (Answers of the served projector and the cascade are
+        cached across nights, so this is the first night's worst case.)"""
         allowance = 0.5 * max(0.0, self.budget_s - self.elapsed())
         anchor = shipped is not None and any(answer_key(it) not in shipped.data for it in general)
-        decoder = bool(self.opts.decoder_epochs)
 
         def cost(nh: int, ng: int) -> float:  # a cascade answer costs 1.5 aligned ones
             aligned = 2 * nh + (2 + anchor) * ng  # served and candidate projector (+ shipped: general)

@@ -645,6 +645,8 @@ def _run_row(run: dict[str, Any], kept: set[str]) -> str:
     if decoder := report.get("decoder"):  # Whisper's decoder adapters: the cascade before -> with them
         if "error" in decoder:
             said = f"(not kept): {escape(decoder['error'])}"
+        elif "skipped" in decoder:
+            said = f"(not trained): {escape(decoder['skipped'].removeprefix('not trained: '))}"
         else:
             figures = [
                 f"{_pct(_figure(report, 'cascade', m))} &rarr; {_pct(_figure(decoder, 'after', m))} {label}"
