@@ -16,7 +16,9 @@
    server (`--path auto`: the cascade) logs them, with Whisper's transcript and confidence and no
    intent, so the night's labels are the teacher's alone (those at `adapt --teacher-min-confidence`
    or above: set it with `--job-args`). The report gives how many the night labelled so (their
-   `label_source` in the log) and their WER against the true text. `--nights N` is N days in a row:
+   `label_source` in the log) and their WER against the true text. `--labels some` is the household
+   that corrects `--corrected` of each day's utterances (spread over the day) and leaves the rest to
+   the teacher. `--nights N` is N days in a row:
    each logs `--labelled` new utterances, then its night runs on all labels so far, from the version
    then served, and the served model is scored on the held-out utterances after each night.
    `--households harbour,alpine` runs only those (each with the seeds it has in a full run).
@@ -74,7 +76,13 @@ from wyoming_tinyalign.versions import Versions, load_household_model, record_mo
 from wyoming_tinyalign.worker import choose_path
 
 _LOGGER = logging.getLogger("personalization")
-LABEL_MODES = {"corrections": "corrections", "teacher": "the teacher alone (nothing corrected)"}
+# What the tables give of a night's decoder adapters (report["decoder"]).
+DECODER_KEYS = ("promoted", "reason", "skipped", "steps", "epochs", "train_s", "after", "examples")
+LABEL_MODES = {
+    "corrections": "corrections",
+    "teacher": "the teacher alone (nothing corrected)",
+    "some": "corrections of {corrected} a day, the teacher for the rest",
+}
 
 
 def log_corrected(data: Path, bundle: Path, manifest: Path, days_ago: int = 2) -> int:
@@ -101,11 +109,11 @@ def log_corrected(data: Path, bundle: Path, manifest: Path, days_ago: int = 2) -
 
 
 def log_heard(
-    data: Path, bundle: Path, model: SpeechLLM, manifest: Path, days_ago: int = 2
+    data: Path, bundle: Path, model: SpeechLLM, manifest: Path, context: str, days_ago: int = 2
 ) -> dict[int, str]:
-    """A data dir as a day-0 server leaves it (the cascade's transcript and confidence, no intent, no
-    correction; logged over the day `days_ago`): the night's labels can only be the teacher's. Returns
-    the true text by row id."""
+    """A data dir as a day-0 server leaves it (the cascade's transcript and confidence with the
+    household's `context`, no intent, no correction; logged over the day `days_ago`): the night's labels
+    can only be the teacher's. Returns the true text by row id."""
     record_model(data, bundle, bundle.name)
     store = InteractionStore(data / "log")
     store.open()
@@ -113,7 +121,7 @@ def log_heard(
     truth = {}
     try:
         for i, (utt, audio) in enumerate(load_utterances(manifest)):
-            heard = model.run(audio, "cascade", with_intent=False)
+            heard = model.run(audio, "cascade", context, with_intent=False)
             row = store.add(
                 Interaction(
                     kind="audio", created_at=start + 300 * i, client="192.168.1.20:40000", path="cascade",
@@ -126,6 +134,22 @@ def log_heard(
         return truth
     finally:
         store.close()
+
+
+def correct_some(data: Path, manifest: Path, rows: list[int], n: int) -> set[int]:
+    """Correct `n` of the logged `rows` (one per utterance of `manifest`, in order), spread evenly over
+    the day, to their true text and intent; returns their row ids."""
+    picked = {rows[k * len(rows) // n] for k in range(min(n, len(rows)))}
+    store = InteractionStore(data / "log")
+    store.open()
+    try:
+        for row, utt in zip(rows, read_manifest(manifest), strict=True):
+            if row in picked:
+                body = {"text": utt.text, "intent": utt.intent.to_json() if utt.intent else None}
+                set_correction(store.conn, row, validate_correction(body))
+    finally:
+        store.close()
+    return picked
 
 
 def teacher_label_quality(data: Path, truth: dict[int, str]) -> dict:
@@ -203,14 +227,18 @@ def quality(args: argparse.Namespace) -> list[dict]:
         ceiling = evaluate_text(
             before_model, [(u, context) for u in read_manifest(heldout) if u.intent is not None]
         )
-        truth: dict[int, str] | None = {} if args.labels == "teacher" else None
+        truth: dict[int, str] | None = {} if args.labels in ("teacher", "some") else None
         nights = []
         for day, labelled in enumerate(days, 1):
             # Each day is logged before its night; a teacher day as the cascade heard it (what a day-0
             # server logs: the teacher's labels do not depend on what was served).
             days_ago = args.nights - day + 2
             if truth is not None:
-                truth |= log_heard(data, args.model, before_model, labelled, days_ago)
+                heard = log_heard(data, args.model, before_model, labelled, context, days_ago)
+                if args.labels == "some":  # (the corrected rows' labels are not the teacher's)
+                    for row in correct_some(data, labelled, list(heard), args.corrected):
+                        del heard[row]
+                truth |= heard
             else:
                 log_corrected(data, args.model, labelled, days_ago)
             t0 = time.monotonic()
@@ -237,11 +265,7 @@ def quality(args: argparse.Namespace) -> list[dict]:
                     "version": version,
                     "after": {p: _two(r) for p, r in after.items()},
                     "served_path": served_path,
-                    "decoder": {
-                        k: v
-                        for k, v in (report.get("decoder") or {}).items()
-                        if k in ("promoted", "reason", "steps", "epochs", "train_s", "after", "examples")
-                    },
+                    "decoder": {k: v for k, v in (report.get("decoder") or {}).items() if k in DECODER_KEYS},
                     "rejected": rejected,
                     "teacher_labels": teacher_label_quality(data, truth) if truth is not None else None,
                     "job": {
@@ -391,10 +415,11 @@ def _pair(figures: dict | None) -> str:
 
 
 def report(r: dict) -> str:
+    labels = LABEL_MODES[r["labels"]].format(corrected=r.get("corrected"))
     lines = [
         f"Date {r['date']}; machine: {r['machine']}; job: `--threads {r['threads']}`, "
         f"`--budget-minutes {r['budget_minutes']}`; {r['labelled']} logged utterances per household, "
-        f"labelled by {LABEL_MODES[r['labels']]}; {r['heldout']} held-out; `--job-args '{r['job_args']}'`.",
+        f"labelled by {labels}; {r['heldout']} held-out; `--job-args '{r['job_args']}'`.",
         "",
         "| household | result | intent acc before -> after | intent error cut | WER before -> after "
         "| WER cut | the rejected candidate's intent acc / WER | cascade intent acc / WER "
@@ -441,7 +466,8 @@ def report(r: dict) -> str:
             f"| {cut:+.0%} "
             f"| {_pair(row['before']['cascade'])} -> {_pair(row['after'].get('cascade'))} "
             f"| {_pair((row['rejected'] or {}).get('cascade'))} "
-            f"| {d.get('reason', '-')} ({d.get('steps')}, {d.get('epochs')}, {d.get('train_s')}) |"
+            f"| {d.get('reason') or d.get('skipped') or '-'} "
+            f"({d.get('steps')}, {d.get('epochs')}, {d.get('train_s')}) |"
         )
     if r.get("nights", 1) > 1:
         lines += [
@@ -523,8 +549,12 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--labels", choices=tuple(LABEL_MODES), default="corrections",
-        help="every logged utterance corrected (default), or none: the night's teacher labels alone",
+        help="every logged utterance corrected (default), none (the night's teacher labels alone), or "
+        "`some`: --corrected of each day's, the teacher's for the rest",
     )  # fmt: skip
+    parser.add_argument(
+        "--corrected", type=int, default=25, help="with --labels some: corrected utterances per day"
+    )
     parser.add_argument("--heldout", type=int, default=50, help="held-out utterances per household")
     parser.add_argument(
         "--households",
@@ -575,6 +605,7 @@ def main() -> None:
         "labelled": args.labelled,
         "nights": args.nights,
         "labels": args.labels,
+        "corrected": args.corrected if args.labels == "some" else None,
         "job_args": args.job_args,
         "heldout": args.heldout,
         "quick": args.quick,
