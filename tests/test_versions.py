@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 from wyoming.info import Describe
 
-from wyoming_tinyalign.adapt import Item, decide, path_auto, sign_test
+from wyoming_tinyalign.adapt import MIN_JUDGED, SIGNIFICANCE, Item, decide, path_auto, sign_test
 from wyoming_tinyalign.handler import ServerSettings, build_info
 from wyoming_tinyalign.intents import Intent
 from wyoming_tinyalign.manifest import Utterance
@@ -263,6 +263,9 @@ def test_a_drop_on_other_voices_must_be_more_than_chance() -> None:
     )
     assert not promote and "worse on other voices: intent accuracy 0.8 -> 0.6" in reason, reason
     assert sign_test(0, 0) == 1.0 and sign_test(4, 0) == 1 / 16
+    # The fewest judged utterances a night's decoder adapters need: with fewer, all of them better is
+    # still chance.
+    assert sign_test(MIN_JUDGED, 0) < SIGNIFICANCE <= sign_test(MIN_JUDGED - 1, 0)
 
 
 def test_small_drops_on_other_voices_do_not_add_up_over_nights() -> None:

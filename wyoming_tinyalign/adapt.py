@@ -134,8 +134,9 @@ EARLY_STOP_EVERY = 6  # 1 in this many training utterances (and as many replayed
 EARLY_STOP_MAX = 32
 # Whisper's decoder adapters get this share of the training time (the projector the rest).
 DECODER_SHARE = 0.5
-# The fewest held-out utterances a gain can be shown on: all of them better is chance below SIGNIFICANCE.
-MIN_JUDGED = math.ceil(math.log2(1 / SIGNIFICANCE))
+# The fewest held-out utterances a gain can show on: with fewer, even all of them better is no less
+# likely by chance than SIGNIFICANCE (sign test: 0.5 ** n).
+MIN_JUDGED = math.floor(math.log2(1 / SIGNIFICANCE)) + 1
 # Replayed base-household utterances per household one for the decoder (benchmarks/decoder_adaptation.py:
 # 400 for 100 held the other voices over 20 epochs, 100 did not).
 DECODER_REPLAY = 4
