@@ -58,7 +58,7 @@ from transformers import GenerationConfig, WhisperFeatureExtractor
 from wyoming_tinyalign.evaluate import evaluate_items, evaluate_text, word_edits, word_error_rate
 from wyoming_tinyalign.households import Household, context_text, load_households
 from wyoming_tinyalign.labels import set_correction, validate_correction
-from wyoming_tinyalign.manifest import load_utterances, read_manifest
+from wyoming_tinyalign.manifest import Utterance, load_utterances, read_manifest
 from wyoming_tinyalign.model.bundle import (
     BundleConfig,
     ProjectorInfo,
@@ -85,6 +85,12 @@ LABEL_MODES = {
 }
 
 
+def correct(conn: sqlite3.Connection, row: int, utterance: Utterance) -> None:
+    """Correct logged `row` to the utterance's true text and intent, as the review API does."""
+    body = {"text": utterance.text, "intent": utterance.intent.to_json() if utterance.intent else None}
+    set_correction(conn, row, validate_correction(body))
+
+
 def log_corrected(data: Path, bundle: Path, manifest: Path, days_ago: int = 2) -> int:
     """A data dir as the server leaves it, every utterance corrected to its true text and intent (logged
     over the day `days_ago`)."""
@@ -101,8 +107,7 @@ def log_corrected(data: Path, bundle: Path, manifest: Path, days_ago: int = 2) -
                 ),
                 audio,
             )  # fmt: skip
-            body = {"text": utt.text, "intent": utt.intent.to_json() if utt.intent else None}
-            set_correction(store.conn, row, validate_correction(body))
+            correct(store.conn, row, utt)
         return i + 1
     finally:
         store.close()
@@ -145,8 +150,7 @@ def correct_some(data: Path, manifest: Path, rows: list[int], n: int) -> set[int
     try:
         for row, utt in zip(rows, read_manifest(manifest), strict=True):
             if row in picked:
-                body = {"text": utt.text, "intent": utt.intent.to_json() if utt.intent else None}
-                set_correction(store.conn, row, validate_correction(body))
+                correct(store.conn, row, utt)
     finally:
         store.close()
     return picked
@@ -466,7 +470,7 @@ def report(r: dict) -> str:
             f"| {cut:+.0%} "
             f"| {_pair(row['before']['cascade'])} -> {_pair(row['after'].get('cascade'))} "
             f"| {_pair((row['rejected'] or {}).get('cascade'))} "
-            f"| {d.get('reason') or d.get('skipped') or '-'} "
+            f"| {d.get('reason') or ('not trained: ' + d['skipped'] if 'skipped' in d else '-')} "
             f"({d.get('steps')}, {d.get('epochs')}, {d.get('train_s')}) |"
         )
     if r.get("nights", 1) > 1:

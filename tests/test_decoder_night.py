@@ -141,9 +141,9 @@ def test_a_night_on_the_teachers_labels_alone_trains_no_decoder_adapters(
     _logged(data, micro_model, typed=False)
     report = run_job(_options(data, tmp_path_factory))
     assert report["data"]["sources"] == {"correction": 0, "teacher": 41, "outcome": 0}
-    skipped = "not trained: it learns from transcripts the household corrected, and there are 0 to learn"
+    skipped = "it learns from transcripts the household corrected, and there are 0 to learn"
     assert report["decoder"]["promoted"] is False and report["decoder"]["skipped"].startswith(skipped)
-    assert "steps" not in report["decoder"] and f"decoder: {skipped}" in report["reason"]
+    assert "steps" not in report["decoder"] and f"decoder: not trained: {skipped}" in report["reason"]
     assert report["train"]["budget_s"] > 1.5 * night[1]["train"]["budget_s"]  # (half went to the adapters)
     assert Versions(data).adapter(report["version"]) is None  # (the night's projector is kept)
     run = {"report": report, "status": report["status"], "reason": report["reason"], "started_at": 0.0}

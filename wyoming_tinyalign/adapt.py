@@ -855,10 +855,9 @@ class Job:
         n_typed = sum(it.key in typed for it in held_items)
         decoder_skip = None
         if opts.decoder_epochs and (not typed_train or n_typed < MIN_JUDGED):
-            decoder_skip = (
-                f"not trained: it learns from transcripts the household corrected, and there are "
-                f"{len(typed_train)} to learn from and {n_typed} held out to judge by (it needs at least 1 "
-                f"and {MIN_JUDGED})"
+            decoder_skip = (  # (why the adapters were not trained)
+                f"it learns from transcripts the household corrected, and there are {len(typed_train)} "
+                f"to learn from and {n_typed} held out to judge by (it needs at least 1 and {MIN_JUDGED})"
             )
         train_decoder = bool(opts.decoder_epochs) and decoder_skip is None
 
@@ -981,7 +980,6 @@ class Job:
         night = None
         if decoder_skip is not None:
             report["decoder"] = {"skipped": decoder_skip, "promoted": False}
-            reason = f"projector: {reason}; decoder: {decoder_skip}"
         if train_decoder:
             judged = [i for i, it in enumerate(held_items) if it.key in typed]
             sets = {"household": [held_items[i] for i in judged], "general": general_items}
@@ -1009,6 +1007,8 @@ class Job:
             )
         elif night is not None:
             reason = f"projector: {reason}; decoder: {night.reason}"
+        elif decoder_skip is not None:
+            reason = f"projector: {reason}; decoder: not trained: {decoder_skip}"
         decoder_ok = night is not None and night.promote
         promoted = promote or decoder_ok
         report.update(reason=reason, status="promoted" if promoted else "rejected")

@@ -646,7 +646,7 @@ def _run_row(run: dict[str, Any], kept: set[str]) -> str:
         if "error" in decoder:
             said = f"(not kept): {escape(decoder['error'])}"
         elif "skipped" in decoder:
-            said = f"(not trained): {escape(decoder['skipped'].removeprefix('not trained: '))}"
+            said = f"(not trained): {escape(decoder['skipped'])}"
         else:
             figures = [
                 f"{_pct(_figure(report, 'cascade', m))} &rarr; {_pct(_figure(decoder, 'after', m))} {label}"
