@@ -34,8 +34,10 @@ from wyoming_tinyalign.adapt import (
     _utterance,
     answers,
     bootstrap_speech,
+    held_out,
     job_lock,
     run_job,
+    split_labels,
 )
 from wyoming_tinyalign.audio import read_wav
 from wyoming_tinyalign.households import load_households
@@ -457,6 +459,44 @@ def test_a_label_without_an_intent_is_trained_on_its_words_alone(tmp_path: Path)
     read = {name: u for name, u in zip(labels, read_manifest(path), strict=True)}
     assert [u.transcript_only for u in read.values()] == [True, False, False]
     assert read["teacher"].intent is None and read["corrected"].intent == labels["corrected"].intent
+
+
+def test_the_held_out_transcripts_the_household_typed_are_kept_first(tmp_path: Path) -> None:
+    """Whisper's decoder adapters are judged on the held-out transcripts the household corrected alone:
+    a held-out set cut to `--heldout-max` (or to the budget) keeps those before newer teacher labels.
+    Which side a row falls on does not change."""
+    teacher = Label(0, "0.wav", 0.0, "turn on the fan", None, "teacher", "teacher", None)
+    labels = [
+        replace(teacher, id=i, created_at=float(i), source="correction", text_source="correction")
+        if i % 7 == 0 else replace(teacher, id=i, created_at=float(i))
+        for i in range(200)
+    ]  # fmt: skip
+    held, train = split_labels(labels, 5, 12, 50)
+    everyone = [lab for lab in labels if held_out(lab.id, 5)]
+    typed = [lab for lab in everyone if lab.text_source == "correction"]
+    assert 0 < len(typed) < 12 < len(everyone)  # (the hash's own split of these rows)
+    assert held[: len(typed)] == sorted(typed, key=lambda lab: -lab.created_at)
+    newest_taught = sorted(set(everyone) - set(typed), key=lambda lab: -lab.created_at)
+    assert held[len(typed) :] == newest_taught[: 12 - len(typed)]
+    assert train == sorted(set(labels) - set(everyone), key=lambda lab: -lab.created_at)[:50]
+    again, _ = split_labels(list(reversed(labels)), 5, 200, 200)
+    assert {lab.id for lab in again} == {lab.id for lab in everyone}
+
+
+def test_the_budget_counts_the_adapters_answers_on_the_typed_utterances_alone(tmp_path: Path) -> None:
+    """The night's adapters answer only the held-out utterances the household typed (they come first):
+    what validating costs, and so how far the held-out sets are cut to the budget, counts those alone."""
+    items = [Item(f"c{i}", np.zeros(1), torch.zeros(1), None, "") for i in range(60)]  # type: ignore[arg-type]
+    held, general = items[:40], items[40:]
+    with sqlite3.connect(":memory:") as conn:
+        job = Job(AdaptOptions(data_dir=tmp_path, budget_minutes=1.0), conn)
+        # Half of a minute's budget: served, candidate and the cascade on both sets (1.5x an answer)...
+        fit = job._fit_validation(0.11, held, general, None, 0, adapter_served=False)
+        assert fit == (held, general)  # 0.11 * (80 + 40 + 1.5 * 40) = 19.8 s of 30
+        # ...and the adapters on 40 typed and the general set: 0.11 * (180 + 1.5 * 80) = 33 s: cut.
+        assert job._fit_validation(0.11, held, general, None, 40, adapter_served=False) != (held, general)
+        # On 10 typed: 0.11 * (180 + 1.5 * 50) = 28.05 s: all of both sets.
+        assert job._fit_validation(0.11, held, general, None, 10, adapter_served=False) == (held, general)
 
 
 @pytest.mark.parametrize(("household", "held"), [(60, 10), (600, EARLY_STOP_MAX)])

@@ -795,10 +795,7 @@ class Job:
                 raise Skip("the labelled data has not changed since the last run")
             if new < opts.min_new:
                 raise Skip(f"only {new} new label(s); at least {opts.min_new} are needed (--min-new)")
-        held = [lab for lab in labels if held_out(lab.id, opts.heldout_every)]
-        trainable = [lab for lab in labels if not held_out(lab.id, opts.heldout_every)]
-        held = sorted(held, key=lambda lab: -lab.created_at)[: opts.heldout_max]
-        trainable = sorted(trainable, key=lambda lab: -lab.created_at)[: opts.train_max]
+        held, trainable = split_labels(labels, opts.heldout_every, opts.heldout_max, opts.train_max)
         if not trainable or not held:
             raise Skip(
                 f"not enough labelled utterances: {len(trainable)} to train on and {len(held)} held out "
@@ -869,8 +866,10 @@ class Job:
         shipped_cache = Predictions(predictions, weights_key(shipped[0])) if shipped else None
         per_item = self._time_one(model, serving, held_items[0])
         held_items, general_items = self._fit_validation(
-            per_item, held_items, general_items, shipped_cache, train_decoder, served_adapter is not None
-        )
+            per_item, held_items, general_items, shipped_cache, n_typed * train_decoder,
+            served_adapter is not None,
+        )  # fmt: skip
+        n_typed = sum(it.key in typed for it in held_items)  # (the typed come first: never below 4)
         data.update(heldout_evaluated=len(held_items), general_evaluated=len(general_items))
         before, before_answers = self._evaluate(model, serving, serving_cache, held_items, general_items)
         shipped_answers = None
@@ -895,8 +894,8 @@ class Job:
 
         # Train within what is left of the budget (keeping time for validating the candidate).
         loss_s = sum(before[name].get("loss_s", 0.0) for name in ("household", "general"))  # never cached
-        candidate_eval_s = (  # (the adapters' cascade: 1.5x an aligned answer)
-            per_item * (len(held_items) + len(general_items)) * (2.5 if train_decoder else 1)
+        candidate_eval_s = per_item * (  # (the adapters' cascade: 1.5x an aligned answer)
+            len(held_items) + len(general_items) + 1.5 * train_decoder * (n_typed + len(general_items))
         )
         candidate_eval_s += loss_s + FINISH_S
         # At least a quarter of the budget: a first night that spent it rendering replay speech and
@@ -1220,22 +1219,23 @@ class Job:
         held: list[Item],
         general: list[Item],
         shipped: Predictions | None,
-        decoder: bool,
+        judged: int,
         adapter_served: bool,
     ) -> tuple[list[Item], list[Item]]:
         """Trim the held-out sets (general first, never below a minimum) so that validating the served
         projector, the cascade and the candidate (and the `shipped` projector on the general set, when
-        its answers are not cached), and, where the night trains them (`decoder`), the cascade with its
-        decoder adapters on both sets (and with the served ones and none on the general set) takes at
-        most half of what is left of the budget. (Answers of the served projector and the cascade are
-        cached across nights, so this is the first night's worst case.)"""
+        its answers are not cached), and, where the night trains them, the cascade with its decoder
+        adapters on the first `judged` household utterances (the typed ones: `split_labels`) and the
+        general set (and with the served ones and none on the general set) takes at most half of what
+        is left of the budget. (Answers of the served projector and the cascade are cached across
+        nights, so this is the first night's worst case.)"""
         allowance = 0.5 * max(0.0, self.budget_s - self.elapsed())
         anchor = shipped is not None and any(answer_key(it) not in shipped.data for it in general)
 
         def cost(nh: int, ng: int) -> float:  # a cascade answer costs 1.5 aligned ones
             aligned = 2 * nh + (2 + anchor) * ng  # served and candidate projector (+ shipped: general)
-            cascade = nh + decoder * (nh + (2 + adapter_served) * ng)  # served (+ night's, + built)
-            return per_item * (aligned + 1.5 * cascade)
+            adapters = min(nh, judged) + (2 + adapter_served) * ng if judged else 0  # night's (+ built)
+            return per_item * (aligned + 1.5 * (nh + adapters))  # (+ the served cascade)
 
         nh, ng = trim_to_fit(cost, allowance, len(held), len(general))
         if (nh, ng) != (len(held), len(general)):
@@ -1356,6 +1356,20 @@ def bootstrap_speech(root: Path, name: str, n: int, seed: int, households: list[
 def held_out(row_id: int, every: int) -> bool:
     """1 in `every` interactions is held out, by a hash of its id: the same side every night."""
     return every > 1 and int(hashlib.sha256(f"heldout/{row_id}".encode()).hexdigest(), 16) % every == 0
+
+
+def split_labels(
+    labels: list[Label], every: int, most_held: int, most_train: int
+) -> tuple[list[Label], list[Label]]:
+    """The night's held-out and training labels (`held_out`), at most `most_held` and `most_train` of
+    them. Held out, the transcripts the household corrected come first, then the newest: they alone
+    judge Whisper's decoder adapters, and a set cut to the budget or to `most_held` keeps them. Training
+    labels, the newest first."""
+    held = [lab for lab in labels if held_out(lab.id, every)]
+    trainable = [lab for lab in labels if not held_out(lab.id, every)]
+    held.sort(key=lambda lab: (lab.text_source != "correction", -lab.created_at))
+    trainable.sort(key=lambda lab: -lab.created_at)
+    return held[:most_held], trainable[:most_train]
 
 
 def _utterance(label: Label, absolute: Path | None = None) -> Utterance:
