@@ -869,7 +869,7 @@ class Job:
             per_item, held_items, general_items, shipped_cache, n_typed * train_decoder,
             served_adapter is not None,
         )  # fmt: skip
-        n_typed = sum(it.key in typed for it in held_items)  # (the typed come first: never below 4)
+        n_typed = sum(it.key in typed for it in held_items)  # (first: never cut below MIN_JUDGED)
         data.update(heldout_evaluated=len(held_items), general_evaluated=len(general_items))
         before, before_answers = self._evaluate(model, serving, serving_cache, held_items, general_items)
         shipped_answers = None
