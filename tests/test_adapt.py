@@ -490,7 +490,7 @@ def test_the_budget_counts_the_adapters_answers_on_the_typed_utterances_alone(tm
     held, general = items[:40], items[40:]
     with sqlite3.connect(":memory:") as conn:
         job = Job(AdaptOptions(data_dir=tmp_path, budget_minutes=1.0), conn)
-        # Half of a minute's budget: served, candidate and the cascade on both sets (1.5x an answer)...
+        # Half of a minute's budget: served and candidate on both sets, the cascade (1.5x) on the first...
         fit = job._fit_validation(0.11, held, general, None, 0, adapter_served=False)
         assert fit == (held, general)  # 0.11 * (80 + 40 + 1.5 * 40) = 19.8 s of 30
         # ...and the adapters on 40 typed and the general set: 0.11 * (180 + 1.5 * 80) = 33 s: cut.
