@@ -473,7 +473,7 @@ def test_the_held_out_transcripts_the_household_typed_are_kept_first(tmp_path: P
     ]  # fmt: skip
     held, train = split_labels(labels, 5, 12, 50)
     everyone = [lab for lab in labels if held_out(lab.id, 5)]
-    typed = [lab for lab in everyone if lab.text_source == "correction"]
+    typed = [lab for lab in everyone if lab.typed]
     assert 0 < len(typed) < 12 < len(everyone)  # (the hash's own split of these rows)
     assert held[: len(typed)] == sorted(typed, key=lambda lab: -lab.created_at)
     newest_taught = sorted(set(everyone) - set(typed), key=lambda lab: -lab.created_at)

@@ -847,9 +847,8 @@ class Job:
         # Whisper's decoder learns only words the household typed: the teacher's are Whisper's own (the
         # served cascade's, as are most confirmed outcomes'), and adapters judged against the words of
         # the decoder that wrote them only come out worse (every household's teacher night did).
-        typed_train = [(lab, a) for lab, a in train_pairs if lab.text_source == "correction"]
-        typed = {self.clips[lab.id] for lab, _ in held_pairs if lab.text_source == "correction"}
-        n_typed = sum(it.key in typed for it in held_items)
+        typed_train = [(lab, a) for lab, a in train_pairs if lab.typed]
+        n_typed = sum(lab.typed for lab, _ in held_pairs)  # (the first held out: `split_labels`)
         decoder_skip = None
         if opts.decoder_epochs and (not typed_train or n_typed < MIN_JUDGED):
             decoder_skip = (  # (why the adapters were not trained)
@@ -869,7 +868,7 @@ class Job:
             per_item, held_items, general_items, shipped_cache, n_typed * train_decoder,
             served_adapter is not None,
         )  # fmt: skip
-        n_typed = sum(it.key in typed for it in held_items)  # (first: never cut below MIN_JUDGED)
+        n_typed = min(n_typed, len(held_items))  # (never cut below MIN_JUDGED: at least 8 are kept)
         data.update(heldout_evaluated=len(held_items), general_evaluated=len(general_items))
         before, before_answers = self._evaluate(model, serving, serving_cache, held_items, general_items)
         shipped_answers = None
@@ -980,10 +979,9 @@ class Job:
         if decoder_skip is not None:
             report["decoder"] = {"skipped": decoder_skip, "promoted": False}
         if train_decoder:
-            judged = [i for i, it in enumerate(held_items) if it.key in typed]
-            sets = {"household": [held_items[i] for i in judged], "general": general_items}
+            sets = {"household": held_items[:n_typed], "general": general_items}
             served_answers = {
-                "household": [cascade_answers["household"][i] for i in judged],
+                "household": cascade_answers["household"][:n_typed],
                 "general": cascade_answers["general"],
             }
             try:
@@ -1023,13 +1021,10 @@ class Job:
         else:
             adapter, cascade_figures = served_adapter, report["cascade"]
             heard_items, heard = held_items, cascade_answers["household"]
-        # (The adapters' cascade was judged on the household's typed utterances, maybe cut to the budget.)
+        # (The adapters' cascade was judged on the first of them, the typed ones, maybe cut to the budget.)
         paths = {}
         if aligned_answers is not None:
-            aligned_by_key = dict(
-                zip((it.key for it in held_items), aligned_answers["household"], strict=True)
-            )
-            aligned_heard = [aligned_by_key[it.key] for it in heard_items]
+            aligned_heard = aligned_answers["household"][: len(heard_items)]
             paths = path_auto(heard_items, heard, aligned_heard, opts.tolerance)
         if projector is not None and p_info is not None and (candidate is not None or night is not None):
             assert self.bundle_cfg is not None
@@ -1367,7 +1362,7 @@ def split_labels(
     labels, the newest first."""
     held = [lab for lab in labels if held_out(lab.id, every)]
     trainable = [lab for lab in labels if not held_out(lab.id, every)]
-    held.sort(key=lambda lab: (lab.text_source != "correction", -lab.created_at))
+    held.sort(key=lambda lab: (not lab.typed, -lab.created_at))
     trainable.sort(key=lambda lab: -lab.created_at)
     return held[:most_held], trainable[:most_train]
 

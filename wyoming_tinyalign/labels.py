@@ -52,6 +52,11 @@ class Label:
     intent_source: str | None
     language: str | None = None  # what the request said it was (Whisper's start tokens)
 
+    @property
+    def typed(self) -> bool:
+        """The words are the household's own correction (not Whisper's, as the teacher's are)."""
+        return self.text_source == "correction"
+
 
 # ------------------------------------------------------------------------------------------ corrections
 def validate_correction(body: Any) -> dict[str, Any]:
