@@ -5,7 +5,7 @@ Served by the same aiohttp app as the JSON API (`web.py`) as server-rendered HTM
 this package; charts are inline SVG drawn here (`charts.py`). Every URL in the page is relative, so it
 works at the server's root and under Home Assistant ingress (`/api/hassio_ingress/<token>/`) alike.
 
-    GET  /                  dashboard: model and projector, path, today's requests and latency, the next
+    GET  /                  dashboard: model and served version, path, today's requests and latency, the next
                             nightly run, health (model, log, disk, logging)
     GET  /interactions      the log, newest first, paged; filter=unlabelled|corrected|failed; audio,
                             inline corrections (intent names and slots from `intents.INTENT_SLOTS`), deletes
@@ -41,6 +41,7 @@ import numpy as np
 from aiohttp import web
 
 from ..intents import INTENT_SLOTS, Intent
+from ..model.bundle import ProjectorInfo
 from ..store import MIN_FREE_BYTES, NO_LOG, InteractionStore
 from ..versions import BASE, VersionError, Versions
 from ..web import (
@@ -314,13 +315,14 @@ def _made(metrics: dict[str, Any], why: bool = False) -> str:
     return f"rejected {_when(rejected.get('at'))}{reason}"
 
 
-def _served_metrics(versions: Versions, name: str) -> dict[str, Any]:
+def _served_info(versions: Versions, name: str) -> ProjectorInfo | None:
+    """The served version's self-description (None: the bundle's own, or one that does not read)."""
     if name == BASE:
-        return {}
+        return None
     try:
-        return versions.info(name).metrics
+        return versions.info(name)
     except VersionError:
-        return {}
+        return None
 
 
 def _why_log_off(log_off: str) -> str:
@@ -331,7 +333,7 @@ def _why_log_off(log_off: str) -> str:
 
 
 async def dashboard(request: web.Request) -> str:
-    """Model and projector, path, today's requests and latency, the next run, health."""
+    """Model and version, path, today's requests and latency, the next run, health."""
     ctx = web_context(request)
     control, store = ctx.control, ctx.store
     overview: dict[str, Any] | None = None
@@ -342,14 +344,16 @@ async def dashboard(request: web.Request) -> str:
             store_state = "ok"
         except sqlite3.Error as err:
             store_state = f"error: {err}"
-    served = await asyncio.to_thread(_served_metrics, Versions(control.data_dir), control.served_name)
+    served = await asyncio.to_thread(_served_info, Versions(control.data_dir), control.served_name)
     disk = await asyncio.to_thread(shutil.disk_usage, control.data_dir)
 
     if control.served_name == BASE:
-        projector = f"the model's own ({escape(control.version or 'none')}), not adapted yet"
+        version = f"the model's own projector ({escape(control.version or 'none')}), not adapted yet"
     else:
-        anyway = ", served anyway" if served.get("rejected") else ""
-        projector = f"{escape(control.served_name)}, {_made(served)}{anyway}"
+        metrics = served.metrics if served is not None else {}
+        anyway = ", served anyway" if metrics.get("rejected") else ""
+        adapters = ", with Whisper decoder adapters" if served is not None and served.decoder else ""
+        version = f"{escape(control.served_name)}{adapters}, {_made(metrics)}{anyway}"
     path = escape(control.path) + (" (auto)" if control.requested_path == "auto" else "")
     nxt = control.next_run_at
     if control.job_running:
@@ -408,7 +412,7 @@ async def dashboard(request: web.Request) -> str:
 <div class="cards">
 <section class="card"><h2>Model</h2><dl>
 <dt>Model</dt><dd>{escape(control.model_name)}</dd>
-<dt>Projector</dt><dd>{projector}</dd>
+<dt>Version</dt><dd>{version}</dd>
 <dt>Path in use</dt><dd>{path}</dd></dl></section>
 <section class="card"><h2>Today</h2><dl>{today}{review}</dl></section>
 <section class="card"><h2>Learning</h2><dl>
