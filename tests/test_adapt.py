@@ -38,6 +38,7 @@ from wyoming_tinyalign.adapt import (
     job_lock,
     run_job,
     split_labels,
+    validation_seconds,
 )
 from wyoming_tinyalign.audio import read_wav
 from wyoming_tinyalign.households import load_households
@@ -497,6 +498,19 @@ def test_the_budget_counts_the_adapters_answers_on_the_typed_utterances_alone(tm
         assert job._fit_validation(0.11, held, general, None, 40, adapter_served=False) != (held, general)
         # On 10 typed: 0.11 * (180 + 1.5 * 50) = 28.05 s: all of both sets.
         assert job._fit_validation(0.11, held, general, None, 10, adapter_served=False) == (held, general)
+
+
+def test_the_time_kept_for_after_training_counts_every_answer_the_night_then_computes() -> None:
+    """What the night keeps of its budget for after training (`candidate_eval_s`) and what it plans for
+    validation as a whole come from one count: after training, the candidate on both sets and the
+    night's adapters on the typed household utterances and the general set, and Whisper as built on the
+    general set too where adapters are served (the gate compares the night's with both)."""
+    before, after = validation_seconds(1.0, 40, 20, judged=10, adapter_served=True)
+    assert after == 40 + 20 + 1.5 * (10 + 2 * 20)
+    assert before == 40 + 20 + 1.5 * (40 + 20)  # the served projector, the served cascade
+    assert validation_seconds(1.0, 40, 20, judged=10, adapter_served=False)[1] == 60 + 1.5 * 30
+    assert validation_seconds(1.0, 40, 20, judged=0, adapter_served=True) == (60 + 1.5 * 40, 60)
+    assert validation_seconds(1.0, 40, 20, judged=0, adapter_served=False, anchor=True)[0] == 80 + 60
 
 
 @pytest.mark.parametrize(("household", "held"), [(60, 10), (600, EARLY_STOP_MAX)])

@@ -893,8 +893,8 @@ class Job:
 
         # Train within what is left of the budget (keeping time for validating the candidate).
         loss_s = sum(before[name].get("loss_s", 0.0) for name in ("household", "general"))  # never cached
-        candidate_eval_s = per_item * (  # (the adapters' cascade: 1.5x an aligned answer)
-            len(held_items) + len(general_items) + 1.5 * train_decoder * (n_typed + len(general_items))
+        _, candidate_eval_s = validation_seconds(
+            per_item, len(held_items), len(general_items), n_typed * train_decoder, served_adapter is not None
         )
         candidate_eval_s += loss_s + FINISH_S
         # At least a quarter of the budget: a first night that spent it rendering replay speech and
@@ -1217,20 +1217,14 @@ class Job:
         judged: int,
         adapter_served: bool,
     ) -> tuple[list[Item], list[Item]]:
-        """Trim the held-out sets (general first, never below a minimum) so that validating the served
-        projector, the cascade and the candidate (and the `shipped` projector on the general set, when
-        its answers are not cached), and, where the night trains them, the cascade with its decoder
-        adapters on the first `judged` household utterances (the typed ones: `split_labels`) and the
-        general set (and with the served ones and none on the general set) takes at most half of what
-        is left of the budget. (Answers of the served projector and the cascade are cached across
-        nights, so this is the first night's worst case.)"""
+        """Trim the held-out sets (general first, never below a minimum) so that the night's validation
+        before and after training (`validation_seconds`; the `shipped` projector on the general set where
+        its answers are not cached) takes at most half of what is left of the budget."""
         allowance = 0.5 * max(0.0, self.budget_s - self.elapsed())
         anchor = shipped is not None and any(answer_key(it) not in shipped.data for it in general)
 
-        def cost(nh: int, ng: int) -> float:  # a cascade answer costs 1.5 aligned ones
-            aligned = 2 * nh + (2 + anchor) * ng  # served and candidate projector (+ shipped: general)
-            adapters = min(nh, judged) + (2 + adapter_served) * ng if judged else 0  # night's (+ built)
-            return per_item * (aligned + 1.5 * (nh + adapters))  # (+ the served cascade)
+        def cost(nh: int, ng: int) -> float:
+            return sum(validation_seconds(per_item, nh, ng, judged, adapter_served, anchor))
 
         nh, ng = trim_to_fit(cost, allowance, len(held), len(general))
         if (nh, ng) != (len(held), len(general)):
@@ -1310,6 +1304,22 @@ class Job:
         write_manifest(paths["train"], household[n_val:] + replay[n_replay:])
         write_manifest(paths["val"], household[:n_val] + replay[:n_replay])
         return paths
+
+
+def validation_seconds(
+    per_item: float, nh: int, ng: int, judged: int, adapter_served: bool, anchor: bool = False
+) -> tuple[float, float]:
+    """Seconds a night's validation takes on `nh` household and `ng` general held-out utterances, before
+    training and after it, at `per_item` seconds an aligned answer (a cascade answer costs 1.5 of them).
+    Before: the served projector and the served cascade (on the general set too where the night trains
+    decoder adapters: `judged` > 0), and the `anchor` (the shipped projector) on the general set. After:
+    the candidate projector, and the night's decoder adapters on the first `judged` household utterances
+    (the typed ones: `split_labels`) and the general set, with Whisper as built there where adapters are
+    served (`adapter_served`). Answers cached from earlier nights are not subtracted: the worst case."""
+    adapters = judged > 0
+    before = nh + (1 + anchor) * ng + 1.5 * (nh + adapters * ng)
+    after = nh + ng + 1.5 * adapters * (min(nh, judged) + (1 + adapter_served) * ng)
+    return per_item * before, per_item * after
 
 
 def trim_to_fit(cost: Callable[[int, int], float], allowance: float, nh: int, ng: int) -> tuple[int, int]:

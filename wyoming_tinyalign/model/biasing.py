@@ -33,10 +33,11 @@ class NameBias:
         self.starts_later = {seq[0] for seq in later if seq}
         # Each proper beginning of a name (its first k tokens, k >= 1) -> the tokens that may follow it.
         self.following: dict[tuple[int, ...], set[int]] = {}
-        for seq in [*first, *later]:
+        names = {tuple(seq) for seq in [*first, *later]}  # (`from_context`'s `first` holds `later` too)
+        for seq in names:
             for k in range(1, len(seq)):
-                self.following.setdefault(tuple(seq[:k]), set()).add(seq[k])
-        self.longest = max((len(seq) for seq in [*first, *later]), default=0)
+                self.following.setdefault(seq[:k], set()).add(seq[k])
+        self.longest = max(map(len, names), default=0)
 
     @classmethod
     def from_context(
