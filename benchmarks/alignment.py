@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 from realsize import speech_llm
 
-from wyoming_tinyalign.adapt import bootstrap_speech, sign_test
+from wyoming_tinyalign.adapt import bootstrap_speech
 from wyoming_tinyalign.devmodel import build_dev_model
 from wyoming_tinyalign.evaluate import score
+from wyoming_tinyalign.gate import sign_test
 from wyoming_tinyalign.households import context_text, load_households
 from wyoming_tinyalign.manifest import load_utterances, read_manifest
 from wyoming_tinyalign.model.speechllm import SpeechLLM

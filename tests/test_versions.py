@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 from wyoming.info import Describe
 
-from wyoming_tinyalign.adapt import MIN_JUDGED, SIGNIFICANCE, Item, decide, path_auto, sign_test
+from wyoming_tinyalign.gate import MIN_JUDGED, SIGNIFICANCE, decide, path_auto, sign_test
 from wyoming_tinyalign.handler import ServerSettings, build_info
 from wyoming_tinyalign.intents import Intent
 from wyoming_tinyalign.manifest import Utterance
@@ -190,21 +190,18 @@ def test_the_aligned_path_must_beat_the_cascade_by_more_than_chance() -> None:
     utterances (6 against 4), and then five behind on 50 others. At or above is not enough: the aligned
     path is served only when it is better by the nightly gate's rule."""
     lamp = Intent("HassTurnOn", {"name": "lamp"})
-    items = [
-        Item(f"h{i}", None, None, Utterance(Path("x.wav"), "turn on the lamp", lamp, "s", "h"), "")
-        for i in range(16)
-    ]
+    refs = [Utterance(Path("x.wav"), "turn on the lamp", lamp, "s", "h")] * 16
     right, wrong = ("turn on the lamp", lamp), ("turn on the lump", None)
     cascade = [right] * 4 + [wrong] * 12
     aligned = [wrong] + [right] * 3 + [right] * 3 + [wrong] * 9  # 1 lost, 3 gained: 0.375 against 0.25
-    verdict = path_auto(items, cascade, aligned, 0.02)
+    verdict = path_auto(refs, cascade, aligned, 0.02)
     assert verdict == {
         "aligned_vs_cascade": {"intent_accuracy": [1, 3], "wer": [1, 3]},
         "aligned_beats_cascade": False,  # p = 0.31
     }
     assert household_validated(info(**verdict)) is False
     aligned = cascade[:4] + [right] * 5 + [wrong] * 7  # 5 gained, none lost: p = 0.03
-    verdict = path_auto(items, cascade, aligned, 0.02)
+    verdict = path_auto(refs, cascade, aligned, 0.02)
     assert verdict["aligned_beats_cascade"] and household_validated(info(**verdict))
 
 

@@ -21,14 +21,15 @@ One run, in its own low-priority process (`nice` 10, one torch thread unless `--
    version is served, the bundle's own projector on the general set; the cascade with the new decoder
    adapters against the served cascade on both sets (and, when adapters are served, Whisper's decoder as
    built on the general set);
-7. promotes the candidate only when it is better for the household by more than chance (a sign test
-   over the held-out utterances that changed) and not worse elsewhere beyond `--tolerance`, than the
-   served projector and than the bundle's own (so small losses do not add up night after night); the
-   decoder adapters by the same rule on the cascade's answers. The version holds each part the night
-   made where its gate passed, the served part where not (when neither passed: the night's candidates).
-   It becomes a new numbered version file either way (`versions.py`); a promoted one then gets the
-   pointer, a rejected one is kept on record with the reason (the household may serve it anyway).
-   Unless recordings it was trained or judged on were deleted while it ran: then it goes, unkept.
+7. promotes the candidate only when it is better for the household by more than chance (`gate.py`: a
+   sign test over the held-out utterances that changed) and not worse elsewhere beyond `--tolerance`,
+   than the served projector and than the bundle's own (so small losses do not add up night after
+   night); the decoder adapters by the same rule on the cascade's answers. The version holds each part
+   the night made where its gate passed, the served part where not (when neither passed: the night's
+   candidates). It becomes a new numbered version file either way (`versions.py`); a promoted one then
+   gets the pointer, a rejected one is kept on record with the reason (the household may serve it
+   anyway). Unless recordings it was trained or judged on were deleted while it ran: then it goes,
+   unkept.
 
 Nothing the server reads is written before step 7, so a kill at any moment leaves it serving a complete
 version. The report (data sizes, label sources, before/after metrics, loss curve, duration, peak memory)
@@ -61,8 +62,9 @@ import torch
 from .assistant import load_context_file
 from .audio import TARGET_RATE, AudioError, read_wav
 from .decoder_train import DecoderTrainConfig, decoder_examples, train_decoder_adapter
-from .evaluate import score_answers, word_edits
+from .evaluate import score_answers
 from .files import write_atomic
+from .gate import MIN_JUDGED, decide, paired_changes, path_auto
 from .hass import HOUSEHOLD_FILE
 from .households import Household, context_text, load_households
 from .intents import Intent
@@ -120,10 +122,6 @@ HOUSEHOLD = "household"
 REPLAY_SEED, GENERAL_SEED = 1000, 1001
 MIN_EVAL_ITEMS = 8
 FINISH_S = 5.0  # what a night needs after its last validation (the version written, caches pruned)
-SIGNIFICANCE = 0.1  # a household gain or a drop elsewhere counts when a one-sided sign test is below this
-LOSS_GUARD = 0.1  # a candidate whose household held-out loss rose more than this share is broken
-# The answers' metrics a night is judged by: report key, how a reason names it, +1 if higher is better.
-ANSWER_METRICS = (("intent_accuracy", "intent accuracy", 1), ("wer", "WER", -1))
 CAP_MARGIN = 8  # validation answers may run this many tokens past the reference answer
 # The most epochs a night trains the projector (patience ends most nights sooner): its learning rate
 # decays over them, not over the clock, so that a night the budget does not cut is the same every time.
@@ -134,9 +132,6 @@ EARLY_STOP_EVERY = 6  # 1 in this many training utterances (and as many replayed
 EARLY_STOP_MAX = 32
 # Whisper's decoder adapters get this share of the training time (the projector the rest).
 DECODER_SHARE = 0.5
-# The fewest held-out utterances a gain can show on: with fewer, even all of them better is no less
-# likely by chance than SIGNIFICANCE (sign test: 0.5 ** n).
-MIN_JUDGED = math.floor(math.log2(1 / SIGNIFICANCE)) + 1
 # Replayed base-household utterances per household one for the decoder (benchmarks/decoder_adaptation.py:
 # 400 for 100 held the other voices over 20 epochs, 100 did not).
 DECODER_REPLAY = 4
@@ -251,6 +246,10 @@ def answer_cap(model: SpeechLLM, utterance: Utterance) -> int:
     return len(answer_ids(model.tokenizer, utterance.text, utterance.intent)) + CAP_MARGIN
 
 
+def _refs(items: list[Item]) -> list[Utterance]:
+    return [item.utterance for item in items]
+
+
 def answer_key(item: Item) -> str:
     """An answer's key in `Predictions`: the utterance, its reference and its household context."""
     return f"{item.key}/{_digest(item.context, item.utterance.text, _intent_text(item.utterance.intent))}"
@@ -275,177 +274,6 @@ def answers(
                 got[i] = (result.transcript, result.intent)
                 cache.put(keys[i], *got[i])
     return got  # type: ignore[return-value]  # every None was filled
-
-
-def paired_changes(
-    items: list[Item], before: list[tuple[str, Intent | None]], after: list[tuple[str, Intent | None]]
-) -> dict[str, list[int]]:
-    """Per utterance, how many got worse and how many better: intent right/wrong, and word edits."""
-    intent, wer = [0, 0], [0, 0]
-    for item, old, new in zip(items, before, after, strict=True):
-        ref = item.utterance.intent
-        if ref is not None:
-            was, now = ref.matches(old[1]), ref.matches(new[1])
-            intent[0] += was and not now
-            intent[1] += now and not was
-        was_edits, now_edits = (word_edits(item.utterance.text, hyp[0]) for hyp in (old, new))
-        wer[0] += now_edits > was_edits
-        wer[1] += now_edits < was_edits
-    return {"intent_accuracy": intent, "wer": wer}
-
-
-def sign_test(worse: int, better: int) -> float:
-    """One-sided p-value of at least `worse` of the `worse + better` changed utterances getting worse if
-    each change were a coin flip."""
-    n = worse + better
-    return sum(math.comb(n, k) for k in range(worse, n + 1)) / 2**n if n else 1.0
-
-
-def path_auto(
-    items: list[Item],
-    cascade: list[tuple[str, Intent | None]],
-    aligned: list[tuple[str, Intent | None]],
-    tolerance: float,
-) -> dict[str, Any]:
-    """For `--path auto` (`versions.household_validated`): the aligned path against the cascade a
-    version serves, on the household's held-out `items` both answered, judged by `decide` as a night's
-    candidate is (per utterance, better by more than chance, the set's figures within `tolerance`). A
-    night's 16 held-out utterances once showed an aligned path two commands ahead that, on 50 others,
-    understood five fewer than the cascade."""
-    refs = [item.utterance for item in items]
-    changes = paired_changes(items, cascade, aligned)
-    beats, _ = decide(
-        {"household": score_answers(refs, aligned)},
-        {"household": score_answers(refs, cascade)},
-        tolerance,
-        {"household": changes},
-    )
-    return {"aligned_vs_cascade": changes, "aligned_beats_cascade": beats}
-
-
-def decide(
-    candidate: dict,
-    serving: dict,
-    tolerance: float,
-    paired: dict[str, dict[str, list[int]]] | None = None,
-    on: str = "answers",
-    shipped: dict | None = None,
-) -> tuple[bool, str]:
-    """Promote only if better for the household and not worse on the general held-out set.
-
-    Household: neither intent accuracy nor WER may get worse, and one must get better by more than
-    chance: a one-sided sign test over the held-out utterances that changed (`paired["household"]`:
-    [worse, better] counts per metric) must be below `SIGNIFICANCE`, so one utterance flipping on a
-    small set cannot promote a projector. With those counts, better and worse are read per utterance
-    (more utterances better than worse), for WER too: one answer gone badly wrong (a long insertion)
-    raises the set's WER over many utterances heard better, and must not outweigh them, unless it takes
-    the set's figure past `tolerance` (absolute), as on the general set. Only when both
-    are unchanged does the held-out loss decide (lower by 0.5 %). A loss more than `LOSS_GUARD` above
-    the served one's always rejects: it marks a broken projector whose answers happened to suit a small
-    held-out set.
-
-    General: a drop of intent accuracy or a rise of WER beyond `tolerance` (absolute) rejects, unless
-    the household's answers got better and the sign test over `paired["general"]` finds the drop could
-    be chance (p >= `SIGNIFICANCE`): one or two utterances flipping must not block the household's
-    progress, but a lower loss alone is no progress to set against them. Without `paired` (nothing was
-    served before) the figures alone decide. Returns (promote, reason).
-
-    `shipped`: the bundle's own projector's figures on the general set, when a household version is
-    served. The candidate is held to them as well, by the same rule (`paired["shipped"]`: candidate
-    against shipped, per utterance), so that drops each small enough to pass as chance do not add up
-    over many promoted nights.
-
-    `on="loss"` decides on the held-out loss alone (household: lower by 0.5 %; general: not higher by
-    more than `tolerance`, relative, than the served and the shipped projector's): for development
-    models too small for their answers to mean anything."""
-    mine, theirs = candidate["household"], serving["household"]
-    general = candidate.get("general") or {}
-    anchors = [("", serving.get("general") or {}, "general")]
-    if shipped:
-        anchors.append((" than the shipped projector", shipped, "shipped"))
-    if on == "loss":
-        return _decide_on_loss(mine, theirs, general, anchors, tolerance)
-    c, s = mine.get("loss"), theirs.get("loss")
-    if c is not None and s is not None and c > s * (1 + LOSS_GUARD):
-        return False, f"worse for the household: held-out loss {s} -> {c} (up more than {LOSS_GUARD:.0%})"
-    gains, chance = [], []
-    for key, label, better in ANSWER_METRICS:
-        c, s = mine.get(key), theirs.get(key)
-        if c is None or s is None:
-            continue
-        change = f"{label} {s} -> {c}"
-        counts = (paired or {}).get("household", {}).get(key)
-        if counts is None:  # nothing served before to compare answers with: the figures alone
-            if abs(c - s) <= 1e-9:
-                continue
-            if better * (c - s) < 0:
-                return False, f"worse for the household: {label} {c} vs {s} served"
-            gains.append(change)
-            continue
-        worse, gained = counts
-        if worse > gained:
-            why = f"worse for {worse} of the {worse + gained} utterances that changed"
-            return False, f"worse for the household: {label} {c} vs {s} served, {why}"
-        if better * (s - c) > tolerance + 1e-9:  # more heard better, but the set's figure fell too far
-            return False, f"worse for the household: {label} {c} vs {s} served (tolerance {tolerance})"
-        if worse == gained:
-            continue
-        if better * (c - s) <= 1e-9:  # better per utterance, not over all: say why it counts as better
-            change += f" over all, but better for {gained} of the {worse + gained} utterances that changed"
-        if (p := sign_test(gained, worse)) >= SIGNIFICANCE:
-            chance.append(f"{change} on {mine.get('n')} utterances could be chance (p={p:.2f})")
-        else:
-            gains.append(change)
-    if chance and not gains:
-        return False, f"no better for the household: {'; '.join(chance)}"
-    answers_better = bool(gains)
-    if not gains:
-        c, s = mine.get("loss"), theirs.get("loss")
-        if c is None or s is None or not c < s * (1 - 0.005):
-            figures = [(label, theirs.get(key), mine.get(key)) for key, label, _ in ANSWER_METRICS]
-            figures.append(("held-out loss", s, c))
-            changes = ", ".join(
-                f"{label} {a} -> {b}" for label, a, b in figures if a is not None and b is not None
-            )
-            return (
-                False,
-                f"no better for the household: no more of its utterances better than worse ({changes})",
-            )
-        gains.append(f"equal intent accuracy and WER, held-out loss {s} -> {c}")
-    verdict = ", ".join(gains)
-    notes = []
-    for than, before, pairs in anchors:
-        if not (general.get("n") and before.get("n")):
-            continue
-        for key, label, better in ANSWER_METRICS:
-            c, s = general.get(key), before.get(key)
-            if c is None or s is None or better * (s - c) <= tolerance + 1e-9:
-                continue
-            change = f"{label} {s} -> {c}"
-            counts = (paired or {}).get(pairs, {}).get(key)
-            if answers_better and counts is not None and (p := sign_test(*counts)) >= SIGNIFICANCE:
-                notes.append(f"{change}{than} on {general['n']} utterances could be chance (p={p:.2f})")
-                continue
-            why = f"worse on other voices{than}: {change} (tolerance {tolerance})"
-            return False, f"better for the household ({verdict}) but {why}"
-    tail = f"; {'; '.join(notes)}" if notes else ""
-    return True, f"better for the household ({verdict}), not worse on other voices{tail}"
-
-
-def _decide_on_loss(
-    mine: dict, theirs: dict, general: dict, anchors: list[tuple[str, dict, str]], tolerance: float
-) -> tuple[bool, str]:
-    c, s = mine.get("loss"), theirs.get("loss")
-    if c is None or s is None or not c < s * (1 - 0.005):
-        return False, f"no better for the household: held-out loss {s} -> {c}"
-    verdict = f"better for the household (held-out loss {s} -> {c})"
-    gc = general.get("loss")
-    for than, before, _ in anchors:
-        gs = before.get("loss")
-        if gc is not None and gs is not None and gc > gs * (1 + tolerance):
-            return False, f"{verdict} but worse on other voices{than} ({gs} -> {gc})"
-    gs = anchors[0][1].get("loss")
-    return True, f"{verdict}, not worse on other voices ({gs} -> {gc})"
 
 
 # ------------------------------------------------------------------------------------------------ job
@@ -887,8 +715,7 @@ class Job:
         report["before"] = before
         self._stage("validated the served projector")
         report["cascade"] = {
-            name: score_answers([it.utterance for it in items], cascade_answers[name])
-            for name, items in cascade_sets.items()
+            name: score_answers(_refs(items), cascade_answers[name]) for name, items in cascade_sets.items()
         }
 
         # Train within what is left of the budget (keeping time for validating the candidate).
@@ -965,12 +792,12 @@ class Job:
             paired = None
             if before_answers is not None and after_answers is not None:
                 paired = {
-                    name: paired_changes(items, before_answers[name], after_answers[name])
+                    name: paired_changes(_refs(items), before_answers[name], after_answers[name])
                     for name, items in (("household", held_items), ("general", general_items))
                 }
                 if shipped_answers is not None:
                     paired["shipped"] = paired_changes(
-                        general_items, shipped_answers["general"], after_answers["general"]
+                        _refs(general_items), shipped_answers["general"], after_answers["general"]
                     )
                 report["changes"] = paired  # per set and metric, the utterances that got [worse, better]
             shipped_general = report["shipped"]["general"] if shipped else None
@@ -1025,7 +852,7 @@ class Job:
         paths = {}
         if aligned_answers is not None:
             aligned_heard = aligned_answers["household"][: len(heard_items)]
-            paths = path_auto(heard_items, heard, aligned_heard, opts.tolerance)
+            paths = path_auto(_refs(heard_items), heard, aligned_heard, opts.tolerance)
         if projector is not None and p_info is not None and (candidate is not None or night is not None):
             assert self.bundle_cfg is not None
             decision = (
@@ -1129,11 +956,12 @@ class Job:
         config = served[1] if served else AdapterConfig()
         served_answers = {name: served_answers[name][: len(items)] for name, items in sets.items()}
         figures, served_figures = (
-            {name: score_answers([it.utterance for it in items], by[name]) for name, items in sets.items()}
+            {name: score_answers(_refs(items), by[name]) for name, items in sets.items()}
             for by in (got, served_answers)
         )
         paired = {
-            name: paired_changes(items, served_answers[name], got[name]) for name, items in sets.items()
+            name: paired_changes(_refs(items), served_answers[name], got[name])
+            for name, items in sets.items()
         }
         built = None
         if served is not None:  # the other voices as Whisper's decoder as built hears them
@@ -1142,8 +970,8 @@ class Job:
             plain_answers = answers(model, sets["general"], "cascade", plain)
             plain.save()
             model.set_decoder_adapter(*served)
-            built = score_answers([it.utterance for it in sets["general"]], plain_answers)
-            paired["shipped"] = paired_changes(sets["general"], plain_answers, got["general"])
+            built = score_answers(_refs(sets["general"]), plain_answers)
+            paired["shipped"] = paired_changes(_refs(sets["general"]), plain_answers, got["general"])
         promote, reason = decide(figures, served_figures, opts.tolerance, paired, "answers", built)
         _LOGGER.info("Whisper's decoder adapters: %s", reason)
         self._stage("validated the decoder adapters")
@@ -1278,7 +1106,7 @@ class Job:
         out, all_answers = {}, {}
         for name, items in (("household", held), ("general", general)):
             got = answers(model, items, "aligned", cache)
-            scores = score_answers([it.utterance for it in items], got)
+            scores = score_answers(_refs(items), got)
             examples = [Example(it.features, it.utterance, it.context) for it in items]
             t0 = time.monotonic()
             scores["loss"] = (

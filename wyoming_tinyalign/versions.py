@@ -238,7 +238,7 @@ def check_fits(info: ProjectorInfo, cfg: BundleConfig, encoder_dim: int, llm_dim
 
 def household_validated(info: ProjectorInfo | None) -> bool:
     """Day-0 rule of `--path auto`: a household version whose aligned path beat the cascade it would
-    serve by the nightly gate's rule, as the night that made it judged (`adapt.path_auto`). Versions
+    serve by the nightly gate's rule, as the night that made it judged (`gate.path_auto`). Versions
     from before that verdict was kept: held-out intent accuracy at or above the cascade's (WER at or
     below, without intent labels)."""
     if info is None or not info.trained:
