@@ -127,12 +127,19 @@ def test_the_same_night_on_the_same_log_makes_the_same_projector(
 ) -> None:
     """The projector's learning rate decays over its epochs, not over the clock: a night the budget
     does not cut, run again on the same log, trains the same candidate to the bit (its rate read the
-    clock, and two such nights parted in the fifth digit of a loss and then in their verdicts)."""
+    clock, and two such nights parted in the fifth digit of a loss and then in their verdicts). The
+    same holds with the model in another folder: the replay samples are drawn from the labels, not
+    from the data hash, which holds the model's folder (and so tests' outcomes varied with theirs)."""
     first = tmp_path_factory.mktemp("same") / "data"
     log_household(first, micro_model, unseen_speech(tmp_path_factory, 30, seed=21))
     second = tmp_path_factory.mktemp("same-again") / "data"
     shutil.copytree(first, second)
-    reports = [run_job(options(d, tmp_path_factory, now=True, budget_minutes=2.0)) for d in (first, second)]
+    moved = shutil.copytree(micro_model, tmp_path_factory.mktemp("moved") / "model")
+    reports = [
+        run_job(options(d, tmp_path_factory, now=True, budget_minutes=2.0, model=str(m)))
+        for d, m in ((first, micro_model), (second, moved))
+    ]
+    assert reports[0]["data_hash"] != reports[1]["data_hash"]  # (the model's folder is in it)
     trained = [r["train"] for r in reports]
     assert all(t["seconds"] < 0.5 * t["budget_s"] for t in trained)  # the budget cut neither
     assert trained[0]["steps"] == trained[1]["steps"] and len(trained[0]["history"]) <= PROJECTOR_EPOCHS + 1

@@ -53,6 +53,7 @@ class FakeControl:
 
     data_dir: Path
     served_name: str = "base"
+    adapted: bool = False
     version: str | None = "f2305ef185a8"
     model_name: str = "micro"
     path: str = "cascade"

@@ -410,6 +410,7 @@ class Job:
         self.report: dict[str, Any] = {"status": "running", "started_at": time.time()}
         self.loss_fn: LossFn = embedlink_loss  # the held-out loss: the served projector's objective
         self.clips: dict[int, str] = {}  # the labelled interactions read, by id: their clip's key
+        self.sample_key = ""  # seeds the night's replay samples: the labels alone (set in `_run`)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
@@ -610,11 +611,13 @@ class Job:
         self._resolve_bundle()
         assert self.bundle is not None
         digests = {str(lab.id): _digest(lab.text, _intent_text(lab.intent)) for lab in labels}
-        data_hash = _digest(
-            str(self.bundle.resolve()), projector_version(self.bundle) or "", str(opts.heldout_every),
-            *sorted(f"{k}:{v}" for k, v in digests.items()),
-        )  # fmt: skip
+        labelled = sorted(f"{k}:{v}" for k, v in digests.items())
+        model_id = (str(self.bundle.resolve()), projector_version(self.bundle) or "")
+        data_hash = _digest(*model_id, str(opts.heldout_every), *labelled)
         report["data_hash"] = data_hash
+        # The replay samples are drawn from the labels alone: the same log draws the same ones wherever the
+        # model lies (the data hash holds its folder, so that a model moved or changed runs again).
+        self.sample_key = _digest(*labelled)
         state = self._state()
         new = sum(state.get("labels", {}).get(k) != v for k, v in digests.items())
         data["new"] = new
@@ -655,7 +658,7 @@ class Job:
         replay_manifest = self._bootstrap("replay", opts.replay_n, REPLAY_SEED, self._replay_households(base))
         general_manifest = self._bootstrap("general", opts.general_n, GENERAL_SEED, base)
         contexts = {h.name: context_text(h) for h in load_households()}
-        rng = random.Random(data_hash)
+        rng = random.Random(self.sample_key)
         replay_all = read_manifest(replay_manifest)
         replay = rng.sample(replay_all, min(len(replay_all), max(len(train_pairs), 16)))
         general_utts = read_manifest(general_manifest)
@@ -925,7 +928,7 @@ class Job:
         projector is held to the shipped one); decide by the same rule as the projector."""
         opts, t0 = self.opts, time.monotonic()
         served = model.decoder_adapter
-        rng = random.Random(f"decoder/{self.report['data_hash']}")
+        rng = random.Random(f"decoder/{self.sample_key}")
         n_household, n_replay = decoder_sizes(model, len(train_pairs), max_s)
         household = train_pairs[:n_household]  # the newest
         replay = _readable(rng.sample(replay_all, min(len(replay_all), n_replay)))

@@ -71,6 +71,7 @@ class Control(Protocol):
     data_dir: Path
     served_name: str
     version: str | None
+    adapted: bool  # the served version has Whisper decoder adapters
     model_name: str
 
     @property

@@ -41,7 +41,6 @@ import numpy as np
 from aiohttp import web
 
 from ..intents import INTENT_SLOTS, Intent
-from ..model.bundle import ProjectorInfo
 from ..store import MIN_FREE_BYTES, NO_LOG, InteractionStore
 from ..versions import BASE, VersionError, Versions
 from ..web import (
@@ -315,14 +314,13 @@ def _made(metrics: dict[str, Any], why: bool = False) -> str:
     return f"rejected {_when(rejected.get('at'))}{reason}"
 
 
-def _served_info(versions: Versions, name: str) -> ProjectorInfo | None:
-    """The served version's self-description (None: the bundle's own, or one that does not read)."""
+def _served_metrics(versions: Versions, name: str) -> dict[str, Any]:
     if name == BASE:
-        return None
+        return {}
     try:
-        return versions.info(name)
+        return versions.info(name).metrics
     except VersionError:
-        return None
+        return {}
 
 
 def _why_log_off(log_off: str) -> str:
@@ -344,16 +342,15 @@ async def dashboard(request: web.Request) -> str:
             store_state = "ok"
         except sqlite3.Error as err:
             store_state = f"error: {err}"
-    served = await asyncio.to_thread(_served_info, Versions(control.data_dir), control.served_name)
+    served = await asyncio.to_thread(_served_metrics, Versions(control.data_dir), control.served_name)
     disk = await asyncio.to_thread(shutil.disk_usage, control.data_dir)
 
     if control.served_name == BASE:
         version = f"the model's own projector ({escape(control.version or 'none')}), not adapted yet"
     else:
-        metrics = served.metrics if served is not None else {}
-        anyway = ", served anyway" if metrics.get("rejected") else ""
-        adapters = ", with Whisper decoder adapters" if served is not None and served.decoder else ""
-        version = f"{escape(control.served_name)}{adapters}, {_made(metrics)}{anyway}"
+        anyway = ", served anyway" if served.get("rejected") else ""
+        adapters = ", with Whisper decoder adapters" if control.adapted else ""
+        version = f"{escape(control.served_name)}{adapters}, {_made(served)}{anyway}"
     path = escape(control.path) + (" (auto)" if control.requested_path == "auto" else "")
     nxt = control.next_run_at
     if control.job_running:
