@@ -2,17 +2,19 @@
 real-size shapes, in one run.
 
     python benchmarks/night_latency.py --model DEV_BUILD [--work /tmp/bench-night-latency] [--pause 5]
+        [--adapt-threads N]
 
 One `serve` of the real-size bundle (whisper-base + Qwen2.5-0.5B shapes, random weights, built as
 `personalization.py` builds it) with the server's defaults: answers on all cores, the nightly job in its
-own process at `nice` 10 with one torch thread and a 10-minute budget; `--path aligned`. Its log holds
-200 corrected utterances of an unseen household, and the base households' replay and general speech is
-rendered beforehand (a night after the first). Utterances of that household go to the server as a
-satellite sends them (run-pipeline asr -> intent), one every `--pause` seconds, after one to warm up:
-`--n` utterances before the night, then `POST /api/adapt` and the same ones over and over until the
-night ends, then the `--n` again. Prints the latency of each phase, each answer during the night against
-the same utterance's alone (the mean of its two), what the night did, and the memory of the server and
-the job together. The data dir is made anew each run (a first night).
+own process at `nice` 10 with its default torch threads (or `--adapt-threads`) and a 10-minute budget;
+`--path aligned`. Its log holds 200 corrected utterances of an unseen household, and the base
+households' replay and general speech is rendered beforehand (a night after the first). Utterances of
+that household go to the server as a satellite sends them (run-pipeline asr -> intent), one every
+`--pause` seconds, after one to warm up: `--n` utterances before the night, then `POST /api/adapt` and
+the same ones over and over until the night ends, then the `--n` again. Prints the latency of each
+phase, each answer during the night against the same utterance's before it (the model served until the
+night ends: after it, a promoted version may answer at another length), what the night did, and the
+memory of the server and the job together. The data dir is made anew each run (a first night).
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ async def run(args: argparse.Namespace) -> None:
         "--adapt-at", "off", "--context-file", str(household_file(household, work / "household.json")),
         "--adapt-args", f"--bootstrap-dir {bootstrap} --replay-n {REPLAY_N} --general-n {GENERAL_N}",
     ]  # fmt: skip
+    if args.adapt_threads:
+        flags += ["--adapt-threads", str(args.adapt_threads)]
     server = ServerProcess(serve_args(bundle, data, *flags), work / "server.log")
     phases: dict[str, list[tuple[int, float]]] = {
         "alone, before": [], "while the night runs": [], "alone, after": []
@@ -122,22 +126,24 @@ async def run(args: argparse.Namespace) -> None:
 
     print(
         f"{date.today()}, {platform.machine()}, one utterance every {args.pause:g} s; the server on all "
-        "cores, the job at nice 10 with 1 thread\n"
+        f"cores, the job at nice 10 with {report.get('threads')} torch threads\n"
     )
     print("| phase | answers | p50 ms | p95 ms | max ms |\n|---|---|---|---|---|")
     for phase, timed in phases.items():
         print(f"| {phase} | {summary([s for _, s in timed])} |")
-    before, after = phases["alone, before"], phases["alone, after"]
-    alone = {i: (a + b) / 2 for (i, a), (_, b) in zip(before, after, strict=True)}
+    # Against the answers before the night: its model serves until the night ends (a promoted one after).
+    alone = dict(phases["alone, before"])
     ratios = [s / alone[i] for i, s in phases["while the night runs"]]
     train = report.get("train") or {}
+    decoder = report.get("decoder") or {}
     print(
-        f"\nan answer while the night runs / the same utterance's alone: median "
+        f"\nan answer while the night runs / the same utterance's alone before it: median "
         f"{statistics.median(ratios):.2f}, slower in {sum(r > 1 for r in ratios) / len(ratios):.0%} "
         f"of {len(ratios)}\n"
         f"night: {report['status']} ({report.get('reason')}), {report.get('duration_s')} s "
-        f"({night_wall:.0f} s seen by the client), {train.get('steps')} training steps in "
-        f"{train.get('seconds')} s, job peak RSS {report.get('peak_rss_mb')} MiB\n"
+        f"({night_wall:.0f} s seen by the client), projector {train.get('steps')} steps in "
+        f"{train.get('seconds')} s, decoder adapters {decoder.get('steps')} steps ({decoder.get('epochs')} "
+        f"epochs) in {decoder.get('train_s')} s, job peak RSS {report.get('peak_rss_mb')} MiB\n"
         f"server peak RSS {server_peak:.0f} MiB; server and job together, sampled after each answer: "
         f"{peak_mib:.0f} MiB at most"
     )
@@ -149,6 +155,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-night-latency"))
     parser.add_argument("--n", type=int, default=20, help="utterances before and after the night")
     parser.add_argument("--pause", type=float, default=5.0, help="seconds between utterances")
+    parser.add_argument(
+        "--adapt-threads", type=int, help="torch threads of the night (default: the server's)"
+    )
     asyncio.run(run(parser.parse_args()))
 
 

@@ -317,7 +317,9 @@ def quality(args: argparse.Namespace) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------- real size
-def real_size_bundle(dev: Path, out: Path, objective: str, embedlink_weight: float, pad_30s: bool) -> Path:
+def real_size_bundle(
+    dev: Path, out: Path, objective: str, embedlink_weight: float, *, pad_30s: bool = False
+) -> Path:
     """whisper-base + Qwen2.5-0.5B shapes with random weights, saved as a bundle (the dev model's
     tokenizers: their ids fit the big vocabularies; each backbone in the precision its hub checkpoint
     has: float32 Whisper, bfloat16 Qwen), with an untrained BridgeFormer that says it was aligned with
@@ -368,7 +370,7 @@ def real_size(args: argparse.Namespace, dtype: str) -> dict:
     objective = args.real_size_objective or objective
     pad = "-pad30s" if args.real_size_pad_30s else ""
     folder = args.work / f"real-size-bundle-{objective}{pad}"
-    bundle = real_size_bundle(args.model, folder, objective, weight, args.real_size_pad_30s)
+    bundle = real_size_bundle(args.model, folder, objective, weight, pad_30s=args.real_size_pad_30s)
     work = args.work / f"real-size-{objective}-{dtype}{pad}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

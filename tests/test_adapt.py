@@ -363,6 +363,27 @@ def test_the_nights_time_budget_counts_from_the_start_of_its_process(
     assert 0.5 * wall <= report["duration_s"] <= wall, (report["duration_s"], wall)
 
 
+@pytest.mark.parametrize("threads", [None, 1])
+def test_a_night_uses_every_core_unless_told_otherwise(
+    tmp_path: Path, micro_model: Path, threads: int | None
+) -> None:
+    """The job runs at `nice` 10, so the server beside it answers first (`benchmarks/night_latency.py`).
+    It kept to one thread: a real-size night on 2 cores judged its projector on 17 held-out utterances
+    where both cores judged 28. Its report says how many threads it had."""
+    store = InteractionStore(tmp_path / "log")
+    store.open()
+    store.close()
+    flags = [] if threads is None else ["--threads", str(threads)]
+    proc = cli("adapt", "--data-dir", str(tmp_path), "--model", str(micro_model), *flags)
+    report = last_json(proc.stdout)
+    assert report["status"] == "skipped", report
+    every_core = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert report["threads"] == (threads or int(every_core)), report
+
+
 def test_replay_speech_rehearses_the_homes_own_names(tmp_path: Path) -> None:
     """Names fetched from Home Assistant (`DATA/household.json`) are spoken by the base voices in the
     replay speech; without the file the replay is the base households alone."""

@@ -1,6 +1,7 @@
 """`wyoming-tinyalign adapt`: the nightly per-household adaptation job; `wyoming-tinyalign rollback`.
 
-One run, in its own low-priority process (`nice` 10, one torch thread unless `--threads` says otherwise):
+One run, in its own low-priority process (`nice` 10, so the server beside it answers first; torch threads
+on every core unless `--threads` says otherwise):
 
 1. takes a lock (one run at a time) and records itself in the log's `adaptations` table;
 2. runs the teacher (Whisper's own decoder) on logged utterances that have none yet, then labels every
@@ -441,6 +442,7 @@ class Job:
         self.report["finished_at"] = time.time()
         self.report["duration_s"] = round(self.elapsed(), 1)
         self.report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        self.report["threads"] = torch.get_num_threads()
         if self.opts.device.startswith("cuda") and torch.cuda.is_initialized():
             self.report["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(self.opts.device) / 2**20, 1)
         finish_row(self.conn, row, self.report)
@@ -1383,8 +1385,6 @@ def run_adapt(args: argparse.Namespace) -> int:
             os.nice(args.nice)
     with suppress(OSError):  # short of memory, the kernel kills the night, not the server beside it
         Path("/proc/self/oom_score_adj").write_text("1000")
-    if not args.threads:  # the job shares the machine with the server: one thread unless told otherwise
-        torch.set_num_threads(1)
     with suppress(RuntimeError):
         torch.set_num_interop_threads(1)
     report = run_job(options_from_args(args), started)

@@ -4,8 +4,8 @@
   see `versions.py`: a promoted one, or a rejected one the household chose to serve anyway) when it fits
   the bundle, and records its bundle in `DATA_DIR/model.json`.
 - `--adapt-at HH:MM` (local time; `off` to disable) starts `wyoming-tinyalign adapt` as a child process
-  (its own session, `nice` 10, one torch thread, output appended to `DATA_DIR/adapt/job.log`); the
-  server keeps serving while it runs. `POST /api/adapt` starts it at once (with `--now`).
+  (its own session, `nice` 10, torch threads on every core, output appended to `DATA_DIR/adapt/job.log`);
+  the server keeps serving while it runs. `POST /api/adapt` starts it at once (with `--now`).
 - The pointer file is polled every `POLL_S` seconds (and checked as soon as a child job exits). A new
   version is loaded off the event loop, checked against the bundle (encoder and LLM ids, sizes; a
   mismatch is refused with a logged error), then swapped in on the inference thread between requests.
@@ -88,7 +88,7 @@ def add_adaptation_args(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--adapt-budget-minutes", type=float, default=10.0, help="time budget of a run")
     parser.add_argument("--adapt-min-new", type=int, default=20, help="new labels needed for a nightly run")
-    parser.add_argument("--adapt-threads", type=int, default=1, help="torch threads of the adaptation job")
+    parser.add_argument("--adapt-threads", type=int, default=0, help="torch threads of the job (0: all)")
     parser.add_argument("--adapt-args", default="", help="more `adapt` flags for the job (one string)")
     parser.add_argument(
         "--web-port", type=parse_port, default=DEFAULT_WEB_PORT, metavar="PORT|off",
