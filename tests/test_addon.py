@@ -303,8 +303,8 @@ def test_the_run_script_starts_the_server_with_the_options(
     for option in ("retention_mb", "min_free_mb"):  # the add-on's defaults are the server's
         flag = "--" + option.replace("_", "-")
         assert args[option] == config["options"][option] == _serve_action(flag).default
-    assert args["adapt_budget_minutes"] == config["options"]["adaptation_minutes"]
-    assert config["options"]["adaptation_minutes"] == _serve_action("--adapt-budget-minutes").default
+    minutes = config["options"]["adaptation_minutes"]  # the add-on's default is the server's
+    assert args["adapt_budget_minutes"] == minutes == _serve_action("--adapt-budget-minutes").default
     assert args["hass_url"] == "ws://supervisor/core/websocket"
     assert args["hass_token"] == SUPERVISOR_TOKEN and env["WYOMING_TINYALIGN_HASS_TOKEN"] == SUPERVISOR_TOKEN
     assert env["HF_HOME"] == "/data/huggingface" and env["XDG_CACHE_HOME"] == "/data/cache"
