@@ -136,13 +136,18 @@ async def run(args: argparse.Namespace) -> None:
     ratios = [s / alone[i] for i, s in phases["while the night runs"]]
     train = report.get("train") or {}
     decoder = report.get("decoder") or {}
+    projector = (
+        "projector not trained"  # (its share gone to the adapters: the reason says why)
+        if "skipped" in train
+        else f"projector {train.get('steps')} steps in {train.get('seconds')} s"
+    )
     print(
         f"\nan answer while the night runs / the same utterance's alone before it: median "
         f"{statistics.median(ratios):.2f}, slower in {sum(r > 1 for r in ratios) / len(ratios):.0%} "
         f"of {len(ratios)}\n"
         f"night: {report['status']} ({report.get('reason')}), {report.get('duration_s')} s "
-        f"({night_wall:.0f} s seen by the client), projector {train.get('steps')} steps in "
-        f"{train.get('seconds')} s, decoder adapters {decoder.get('steps')} steps ({decoder.get('epochs')} "
+        f"({night_wall:.0f} s seen by the client), {projector}, "
+        f"decoder adapters {decoder.get('steps')} steps ({decoder.get('epochs')} "
         f"epochs) in {decoder.get('train_s')} s, job peak RSS {report.get('peak_rss_mb')} MiB\n"
         f"server peak RSS {server_peak:.0f} MiB; server and job together, sampled after each answer: "
         f"{peak_mib:.0f} MiB at most"

@@ -36,6 +36,7 @@ from wyoming_tinyalign.adapt import (
     bootstrap_speech,
     held_out,
     job_lock,
+    projector_skip,
     run_job,
     split_labels,
     validation_seconds,
@@ -539,6 +540,18 @@ def test_the_time_kept_for_after_training_counts_every_answer_the_night_then_com
     assert validation_seconds(1.0, 40, 20, judged=10, adapter_served=False)[1] == 60 + 1.5 * 30
     assert validation_seconds(1.0, 40, 20, judged=0, adapter_served=True) == (60 + 1.5 * 40, 60)
     assert validation_seconds(1.0, 40, 20, judged=0, adapter_served=False, anchor=True)[0] == 80 + 60
+
+
+def test_a_projector_that_cannot_pass_once_over_its_utterances_gives_the_adapters_its_time() -> None:
+    """At real size on 2 cores the projector's half of a 10-minute night held half a pass over its 330
+    utterances (5 steps, inside the learning rate's warm-up), while Whisper's decoder adapters stopped on
+    the clock after 4 epochs: a night that trains adapters leaves such a projector as it is."""
+    assert projector_skip(0.01, 100, 1.0) is None  # one pass fits exactly
+    why = projector_skip(0.87, 330, 145.0)
+    assert why == (
+        "its share of the night (145 s) holds 0.51 of a pass over its 330 utterances at 0.87 s each; "
+        "Whisper's decoder adapters had its time"
+    )
 
 
 @pytest.mark.parametrize(("household", "held"), [(60, 10), (600, EARLY_STOP_MAX)])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -32,6 +33,8 @@ from wyoming_tinyalign.adapt import (
 from wyoming_tinyalign.intents import Intent
 from wyoming_tinyalign.labels import set_correction, set_teacher, validate_correction
 from wyoming_tinyalign.manifest import Utterance
+from wyoming_tinyalign.model.bundle import load_bundle_config, load_projector
+from wyoming_tinyalign.model.projector import weights_key
 from wyoming_tinyalign.model.speechllm import SpeechLLM
 from wyoming_tinyalign.store import Interaction, InteractionStore
 from wyoming_tinyalign.train import FeatureCache
@@ -153,6 +156,27 @@ def test_a_night_on_the_teachers_labels_alone_trains_no_decoder_adapters(
     run = {"report": report, "status": report["status"], "reason": report["reason"], "started_at": 0.0}
     page_row = _run_row({**run, "finished_at": 1.0}, set())  # (as the household's page lists the night)
     assert "Whisper's decoder (not trained): it learns from transcripts the household corrected" in page_row
+
+
+def test_a_projector_its_share_cannot_train_once_gives_the_adapters_its_time(
+    micro_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Held to a few seconds, the night times a training step on the served projector, finds that its
+    share cannot pass once over its utterances, and gives that share and its validation's to the
+    adapters; whatever version it keeps carries the served projector unchanged."""
+    data = tmp_path_factory.mktemp("decoder-night-alone") / "data"
+    _logged(data, micro_model)
+    report = run_job(replace(_options(data, tmp_path_factory), budget_minutes=0.01))
+    skipped = report["train"]["skipped"]
+    assert skipped.startswith("its share of the night (0 s) holds 0.")
+    assert set(report["train"]) == {"skipped", "budget_s"}  # (nothing trained, nothing validated)
+    assert f"projector: not trained: {skipped}; decoder: " in report["reason"]
+    assert report["decoder"]["budget_s"] > 2 * report["train"]["budget_s"]  # (its half, the other, more)
+    assert report["decoder"]["steps"] > 0 and report["after"] == report["before"], report
+    if kept := report.get("version"):
+        projector, _ = Versions(data).load(kept)
+        shipped, _ = load_projector(micro_model / load_bundle_config(micro_model).projector)
+        assert weights_key(projector) == weights_key(shipped)
 
 
 async def test_the_server_serves_them_logs_the_version_and_a_rollback_takes_them_back(

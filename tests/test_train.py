@@ -38,6 +38,7 @@ from wyoming_tinyalign.train import (
     setup_projector,
     train,
     train_step,
+    utterance_seconds,
     val_loss,
 )
 
@@ -283,6 +284,19 @@ def test_the_combined_objective_weighs_its_embedlink_term(micro_model: Path, tin
         combined = objective_loss("combined", weight)(model, out, out_lengths, examples)
         torch.testing.assert_close(combined, gen + weight * link)
     assert objective_loss("embedlink") is embedlink_loss and objective_loss("generative") is generative_loss
+
+
+def test_timing_an_utterances_step_changes_nothing(micro_model: Path, tiny_manifest: Path) -> None:
+    """The night times what a training step costs an utterance on the served projector before it
+    decides whether to train it (`adapt.projector_skip`): forward and backward through the LLM, and
+    the projector as it was, without gradients, in eval mode as the answers need it."""
+    model, examples, _ = _projected(micro_model, tiny_manifest)
+    projector = model.projector.eval()
+    start = copy.deepcopy(projector.state_dict())
+    for objective in ("embedlink", "combined"):
+        assert utterance_seconds(model, projector, objective_loss(objective, 0.1), examples[:3]) > 0
+    assert all(torch.equal(start[k], v) for k, v in projector.state_dict().items())
+    assert all(p.grad is None for p in projector.parameters()) and not projector.training
 
 
 def test_lora_adapters_round_trip(micro_model: Path, tiny_manifest: Path, tmp_path: Path) -> None:

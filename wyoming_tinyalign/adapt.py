@@ -101,6 +101,7 @@ from .train import (
     embedlink_loss,
     objective_loss,
     train,
+    utterance_seconds,
     val_loss,
 )
 from .versions import BASE, VersionError, Versions, check_fits, household_validated, recorded_model
@@ -136,6 +137,9 @@ DECODER_SHARE = 0.5
 # Replayed base-household utterances per household one for the decoder (benchmarks/decoder_adaptation.py:
 # 400 for 100 held the other voices over 20 epochs, 100 did not).
 DECODER_REPLAY = 4
+# Where the decoder adapters train, the projector trains only if its share of the training time holds at
+# least this many passes over its utterances; otherwise the adapters get its time (`projector_skip`).
+PROJECTOR_MIN_PASSES = 1.0
 # Where the cascade pads to 30 s, the decoder's training features in memory: at most this many MB (at
 # whisper-base, 330 clips' features (500 MB, computed) took a real-size night to 3288 MiB; RESULTS.md).
 DECODER_PADDED_MB = 160
@@ -734,79 +738,99 @@ class Job:
         train_s = max(0.25 * self.budget_s, self.budget_s - self.elapsed() - candidate_eval_s)
         decoder_s = DECODER_SHARE * train_s if train_decoder else 0.0
         train_s -= decoder_s
-        out = opts.work / "candidate"
-        manifests = self._manifests(train_pairs, replay)
-        # A few hundred utterances are learnt by heart long before the budget ends (a validation every
-        # 15 s came too late: the loss was at its lowest before the first one). train() validates
-        # its loss on utterances kept out of training (household and replay) after every epoch, which
-        # costs a projector pass over cached features, keeps the best projector (the served one, if
-        # no epoch beats it) and stops after `patience` epochs without progress.
-        cfg = TrainConfig(
-            objective=objective, embedlink_weight=weight, batch=opts.batch, micro_batch=opts.micro_batch,
-            lr=opts.lr, warmup=10, max_minutes=train_s / 60, max_epochs=PROJECTOR_EPOCHS,
-            patience=10, val_every_s=0.0, seed=opts.seed,
-            val_answers=False,  # the candidate is scored on this job's own sets below
-        )  # fmt: skip
-        self._stage("features and manifests ready")
-        t_train = time.monotonic()
-        _LOGGER.info(
-            "training for up to %.0f s on %d household and %d replay utterances (from %s)",
-            train_s, len(train_pairs), len(replay), serving_name,
-        )  # fmt: skip
-        result = train(
-            self.bundle, manifests["train"], manifests["val"], out, cfg,
-            cache_dir=cache.folder.parent, init_projector=init_path, model=model,
-        )  # fmt: skip
-        self._stage("trained the projector")
-        report["train"] = {
-            "budget_s": round(train_s, 1),
-            "seconds": round(time.monotonic() - t_train, 1),
-            "steps": result.steps,
-            "step_ms": round(result.step_ms, 1) if not math.isnan(result.step_ms) else None,
-            "loss_curve": result.loss_curve,
-            "history": [  # train()'s own validation, on the loss only
-                {k: h[k] for k in ("epoch", "step", "train_loss", "val_loss", "train_s") if k in h}
-                for h in result.history
-            ],
-            "init": serving_name if init_path is not None else None,
-            "objective": objective,
-            "embedlink_weight": weight,
-            "lr": opts.lr,
-        }
-
+        # Where the adapters train, a projector whose share cannot pass once over its utterances gives
+        # them its time, and its candidate's validation's (`projector_skip`).
+        skipped = None
+        if train_decoder and serving is not None:
+            examples = [Example(it.features, it.utterance, it.context) for it in held_items[:3]]
+            pace = utterance_seconds(model, serving, self.loss_fn, examples)
+            skipped = projector_skip(pace, len(train_pairs) + len(replay), train_s)
         candidate = None
-        if init_path is not None and result.best.get("step") == 0:
-            # train() kept its starting point: the candidate is the served projector, already validated.
-            start, *later = [h["val_loss"] for h in result.history]
-            promote, reason = (
-                False,
-                (
-                    "no better for the household: no epoch of training beat the served projector "
-                    f"(held-aside loss {start} at the start, {min(later, default=start)} at best after)"
-                ),
-            )
+        if skipped is not None:
+            report["train"] = {"skipped": skipped, "budget_s": round(train_s, 1)}
+            decoder_s += train_s + per_item * (len(held_items) + len(general_items)) + loss_s
+            promote, reason = False, f"not trained: {skipped}"
             report["after"] = before
         else:
-            # After: the candidate on the same sets; promote only if it is better.
-            candidate, candidate_info = load_projector(out / "projector.safetensors", opts.device)
-            after, after_answers = self._evaluate(
-                model, candidate, Predictions(predictions, weights_key(candidate)), held_items, general_items
-            )
-            report["after"] = after
-            self._stage("validated the candidate")
-            paired = None
-            if before_answers is not None and after_answers is not None:
-                paired = {
-                    name: paired_changes(_refs(items), before_answers[name], after_answers[name])
-                    for name, items in (("household", held_items), ("general", general_items))
-                }
-                if shipped_answers is not None:
-                    paired["shipped"] = paired_changes(
-                        _refs(general_items), shipped_answers["general"], after_answers["general"]
-                    )
-                report["changes"] = paired  # per set and metric, the utterances that got [worse, better]
-            shipped_general = report["shipped"]["general"] if shipped else None
-            promote, reason = decide(after, before, opts.tolerance, paired, opts.decide_on, shipped_general)
+            out = opts.work / "candidate"
+            manifests = self._manifests(train_pairs, replay)
+            # A few hundred utterances are learnt by heart long before the budget ends (a validation
+            # every 15 s came too late: the loss was at its lowest before the first one). train()
+            # validates its loss on utterances kept out of training (household and replay) after every
+            # epoch, which costs a projector pass over cached features, keeps the best projector (the
+            # served one, if no epoch beats it) and stops after `patience` epochs without progress.
+            cfg = TrainConfig(
+                objective=objective, embedlink_weight=weight, batch=opts.batch, micro_batch=opts.micro_batch,
+                lr=opts.lr, warmup=10, max_minutes=train_s / 60, max_epochs=PROJECTOR_EPOCHS,
+                patience=10, val_every_s=0.0, seed=opts.seed,
+                val_answers=False,  # the candidate is scored on this job's own sets below
+            )  # fmt: skip
+            self._stage("features and manifests ready")
+            t_train = time.monotonic()
+            _LOGGER.info(
+                "training for up to %.0f s on %d household and %d replay utterances (from %s)",
+                train_s, len(train_pairs), len(replay), serving_name,
+            )  # fmt: skip
+            result = train(
+                self.bundle, manifests["train"], manifests["val"], out, cfg,
+                cache_dir=cache.folder.parent, init_projector=init_path, model=model,
+            )  # fmt: skip
+            self._stage("trained the projector")
+            report["train"] = {
+                "budget_s": round(train_s, 1),
+                "seconds": round(time.monotonic() - t_train, 1),
+                "steps": result.steps,
+                "step_ms": round(result.step_ms, 1) if not math.isnan(result.step_ms) else None,
+                "loss_curve": result.loss_curve,
+                "history": [  # train()'s own validation, on the loss only
+                    {k: h[k] for k in ("epoch", "step", "train_loss", "val_loss", "train_s") if k in h}
+                    for h in result.history
+                ],
+                "init": serving_name if init_path is not None else None,
+                "objective": objective,
+                "embedlink_weight": weight,
+                "lr": opts.lr,
+            }
+
+            if init_path is not None and result.best.get("step") == 0:
+                # train() kept its starting point: the candidate is the served projector, validated.
+                start, *later = [h["val_loss"] for h in result.history]
+                promote, reason = (
+                    False,
+                    (
+                        "no better for the household: no epoch of training beat the served projector "
+                        f"(held-aside loss {start} at the start, "
+                        f"{min(later, default=start)} at best after)"
+                    ),
+                )
+                report["after"] = before
+            else:
+                # After: the candidate on the same sets; promote only if it is better.
+                candidate, candidate_info = load_projector(out / "projector.safetensors", opts.device)
+                after, after_answers = self._evaluate(
+                    model,
+                    candidate,
+                    Predictions(predictions, weights_key(candidate)),
+                    held_items,
+                    general_items,
+                )
+                report["after"] = after
+                self._stage("validated the candidate")
+                paired = None
+                if before_answers is not None and after_answers is not None:
+                    paired = {
+                        name: paired_changes(_refs(items), before_answers[name], after_answers[name])
+                        for name, items in (("household", held_items), ("general", general_items))
+                    }
+                    if shipped_answers is not None:
+                        paired["shipped"] = paired_changes(
+                            _refs(general_items), shipped_answers["general"], after_answers["general"]
+                        )
+                    report["changes"] = paired  # per set and metric, the utterances [worse, better]
+                shipped_general = report["shipped"]["general"] if shipped else None
+                promote, reason = decide(
+                    after, before, opts.tolerance, paired, opts.decide_on, shipped_general
+                )
         night = None
         if decoder_skip is not None:
             report["decoder"] = {"skipped": decoder_skip, "promoted": False}
@@ -1164,6 +1188,21 @@ def trim_to_fit(cost: Callable[[int, int], float], allowance: float, nh: int, ng
     while cost(nh, ng) > allowance and nh > MIN_EVAL_ITEMS:
         nh = max(MIN_EVAL_ITEMS, int(nh * 0.8))
     return nh, ng
+
+
+def projector_skip(utterance_s: float, n: int, share_s: float) -> str | None:
+    """Why the night leaves the projector as it is and gives its time to Whisper's decoder adapters, or
+    None: its share of the training, `share_s`, holds fewer than `PROJECTOR_MIN_PASSES` passes over its
+    `n` utterances at `utterance_s` each. At real size on 2 cores a 10-minute night's held half of one:
+    5 steps, all inside the learning rate's warm-up of 10, while the adapters stopped on the clock after
+    4 epochs; given the projector's time they trained 12 (benchmarks/RESULTS.md)."""
+    passes = share_s / max(utterance_s * n, 1e-9)
+    if passes >= PROJECTOR_MIN_PASSES:
+        return None
+    return (
+        f"its share of the night ({share_s:.0f} s) holds {passes:.2f} of a pass over its {n} utterances "
+        f"at {utterance_s:.2g} s each; Whisper's decoder adapters had its time"
+    )
 
 
 def decoder_sizes(model: SpeechLLM, n_train: int, max_s: float) -> tuple[int, int]:

@@ -299,6 +299,26 @@ def train_step(
     return total
 
 
+def utterance_seconds(
+    model: SpeechLLM, projector: Projector, loss_fn: LossFn, examples: list[Example]
+) -> float:
+    """Seconds one utterance takes forward and backward through the LLM into `projector`, one at a time
+    (the median over `examples`; the weights do not change): what a training step costs an utterance."""
+    times = []
+    projector.train()
+    try:
+        for example in examples:
+            t0 = time.perf_counter()
+            feats, lengths = collate([example])
+            out, out_lengths = projector(feats.to(model.device), lengths.to(model.device))
+            loss_fn(model, out, out_lengths, [example]).backward()
+            times.append(time.perf_counter() - t0)
+    finally:
+        projector.zero_grad(set_to_none=True)
+        projector.eval()
+    return float(np.median(times))
+
+
 @torch.no_grad()
 def val_loss(
     model: SpeechLLM, projector: Projector, examples: list[Example], loss_fn: LossFn, batch: int
