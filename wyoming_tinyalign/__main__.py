@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from transformers.utils import logging as hf_logging
 from . import __version__
 from .adapt import add_adapt_args, add_rollback_args, run_adapt, run_rollback
 from .audio import AudioError
+from .cpus import cpu_quota
 from .evaluate import add_eval_args, run_eval
 from .model.bundle import BundleError
 from .serve import add_serve_args, run_serve
@@ -43,7 +45,12 @@ def _env_defaults(parser: argparse.ArgumentParser) -> None:
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0: all cores, as many as a CPU quota allows)",
+    )
     parser.add_argument("--debug", action="store_true", help="log DEBUG messages")
 
 
@@ -96,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
+    elif (quota := cpu_quota()) is not None and math.floor(quota) < torch.get_num_threads():
+        threads = max(1, math.floor(quota))
+        _LOGGER.info(
+            "a CPU quota of %.3g CPUs (cgroup): %d torch thread(s), not %d",
+            quota, threads, torch.get_num_threads(),
+        )  # fmt: skip
+        torch.set_num_threads(threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda was asked for, but CUDA is not available here", file=sys.stderr)
         return 2
