@@ -71,3 +71,6 @@ def test_the_quota_is_the_smallest_from_the_process_cgroup_up(tmp_path: Path) ->
     (root / "cpu,cpuacct" / "cpu.cfs_quota_us").write_text("50000\n")  # the container's, at the root
     assert cpu_quota(root, membership) == 0.5
     assert cpu_quota(root, tmp_path / "no-such-file") is None
+    membership.write_text("garbage\n0::/odd\n")  # (what cannot be read is no quota, not an error)
+    cgroup(root / "odd", cpu_max="100000 0\n")
+    assert cpu_quota(root, membership) is None
