@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -89,10 +90,13 @@ def log_household(
     return ids
 
 
-def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def cli(
+    *args: str, timeout: float = 600, preexec_fn: Callable[[], object] | None = None
+) -> subprocess.CompletedProcess:
+    """`wyoming-tinyalign ARGS` in a child process (`preexec_fn`: run in the child before it starts)."""
     return subprocess.run(
         [sys.executable, "-m", "wyoming_tinyalign", *args],
-        capture_output=True, text=True, timeout=timeout, env={**os.environ},
+        capture_output=True, text=True, timeout=timeout, env={**os.environ}, preexec_fn=preexec_fn,
     )  # fmt: skip
 
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from adaptation import cli
 
 from wyoming_tinyalign.cpus import cpu_quota
 
@@ -33,9 +32,8 @@ def half_a_cpu() -> Iterator[Path]:
 
 def _cli_log(cgroup: Path, tmp_path: Path, *flags: str) -> str:
     """What a command run inside `cgroup` logs (`rollback` on an empty data dir: it fails at once)."""
-    command = [sys.executable, "-m", "wyoming_tinyalign", "rollback", "--data-dir", str(tmp_path), *flags]
     join = lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid()))  # noqa: E731
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, preexec_fn=join)
+    done = cli("rollback", "--data-dir", str(tmp_path), *flags, timeout=120, preexec_fn=join)
     assert "nothing to roll back" in done.stderr, done.stderr
     return done.stderr
 

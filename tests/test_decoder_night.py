@@ -163,7 +163,7 @@ def test_a_projector_its_share_cannot_train_once_gives_the_adapters_its_time(
 ) -> None:
     """Held to a few seconds, the night times a training step on the served projector, finds that its
     share cannot pass once over its utterances, and gives that share and its validation's to the
-    adapters; whatever version it keeps carries the served projector unchanged."""
+    adapters; the version it writes carries the served projector unchanged."""
     data = tmp_path_factory.mktemp("decoder-night-alone") / "data"
     _logged(data, micro_model)
     report = run_job(replace(_options(data, tmp_path_factory), budget_minutes=0.01))
@@ -173,10 +173,10 @@ def test_a_projector_its_share_cannot_train_once_gives_the_adapters_its_time(
     assert f"projector: not trained: {skipped}; decoder: " in report["reason"]
     assert report["decoder"]["budget_s"] > 2 * report["train"]["budget_s"]  # (its half, the other, more)
     assert report["decoder"]["steps"] > 0 and report["after"] == report["before"], report
-    if kept := report.get("version"):
-        projector, _ = Versions(data).load(kept)
-        shipped, _ = load_projector(micro_model / load_bundle_config(micro_model).projector)
-        assert weights_key(projector) == weights_key(shipped)
+    # The night's version (kept or on record) pairs its adapters with the projector it served.
+    projector, _ = Versions(data).load(report["version"])
+    shipped, _ = load_projector(micro_model / load_bundle_config(micro_model).projector)
+    assert weights_key(projector) == weights_key(shipped)
 
 
 async def test_the_server_serves_them_logs_the_version_and_a_rollback_takes_them_back(

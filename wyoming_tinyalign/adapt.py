@@ -97,6 +97,7 @@ from .train import (
     FeatureCache,
     LossFn,
     TrainConfig,
+    TrainResult,
     add_micro_batch_arg,
     embedlink_loss,
     objective_loss,
@@ -746,91 +747,49 @@ class Job:
             pace = utterance_seconds(model, serving, self.loss_fn, examples)
             skipped = projector_skip(pace, len(train_pairs) + len(replay), train_s)
         candidate = None
-        if skipped is not None:
+        result = None
+        if skipped is None:
+            result = self._train_projector(
+                model, cache, train_pairs, replay, train_s,
+                serving_name=serving_name, init_path=init_path, objective=objective, weight=weight,
+            )  # fmt: skip
+        if result is None:
             report["train"] = {"skipped": skipped, "budget_s": round(train_s, 1)}
             decoder_s += train_s + per_item * (len(held_items) + len(general_items)) + loss_s
             promote, reason = False, f"not trained: {skipped}"
             report["after"] = before
+        elif init_path is not None and result.best.get("step") == 0:
+            # train() kept its starting point: the candidate is the served projector, already validated.
+            start, *later = [h["val_loss"] for h in result.history]
+            promote, reason = (
+                False,
+                (
+                    "no better for the household: no epoch of training beat the served projector "
+                    f"(held-aside loss {start} at the start, {min(later, default=start)} at best after)"
+                ),
+            )
+            report["after"] = before
         else:
-            out = opts.work / "candidate"
-            manifests = self._manifests(train_pairs, replay)
-            # A few hundred utterances are learnt by heart long before the budget ends (a validation
-            # every 15 s came too late: the loss was at its lowest before the first one). train()
-            # validates its loss on utterances kept out of training (household and replay) after every
-            # epoch, which costs a projector pass over cached features, keeps the best projector (the
-            # served one, if no epoch beats it) and stops after `patience` epochs without progress.
-            cfg = TrainConfig(
-                objective=objective, embedlink_weight=weight, batch=opts.batch, micro_batch=opts.micro_batch,
-                lr=opts.lr, warmup=10, max_minutes=train_s / 60, max_epochs=PROJECTOR_EPOCHS,
-                patience=10, val_every_s=0.0, seed=opts.seed,
-                val_answers=False,  # the candidate is scored on this job's own sets below
-            )  # fmt: skip
-            self._stage("features and manifests ready")
-            t_train = time.monotonic()
-            _LOGGER.info(
-                "training for up to %.0f s on %d household and %d replay utterances (from %s)",
-                train_s, len(train_pairs), len(replay), serving_name,
-            )  # fmt: skip
-            result = train(
-                self.bundle, manifests["train"], manifests["val"], out, cfg,
-                cache_dir=cache.folder.parent, init_projector=init_path, model=model,
-            )  # fmt: skip
-            self._stage("trained the projector")
-            report["train"] = {
-                "budget_s": round(train_s, 1),
-                "seconds": round(time.monotonic() - t_train, 1),
-                "steps": result.steps,
-                "step_ms": round(result.step_ms, 1) if not math.isnan(result.step_ms) else None,
-                "loss_curve": result.loss_curve,
-                "history": [  # train()'s own validation, on the loss only
-                    {k: h[k] for k in ("epoch", "step", "train_loss", "val_loss", "train_s") if k in h}
-                    for h in result.history
-                ],
-                "init": serving_name if init_path is not None else None,
-                "objective": objective,
-                "embedlink_weight": weight,
-                "lr": opts.lr,
-            }
-
-            if init_path is not None and result.best.get("step") == 0:
-                # train() kept its starting point: the candidate is the served projector, validated.
-                start, *later = [h["val_loss"] for h in result.history]
-                promote, reason = (
-                    False,
-                    (
-                        "no better for the household: no epoch of training beat the served projector "
-                        f"(held-aside loss {start} at the start, "
-                        f"{min(later, default=start)} at best after)"
-                    ),
-                )
-                report["after"] = before
-            else:
-                # After: the candidate on the same sets; promote only if it is better.
-                candidate, candidate_info = load_projector(out / "projector.safetensors", opts.device)
-                after, after_answers = self._evaluate(
-                    model,
-                    candidate,
-                    Predictions(predictions, weights_key(candidate)),
-                    held_items,
-                    general_items,
-                )
-                report["after"] = after
-                self._stage("validated the candidate")
-                paired = None
-                if before_answers is not None and after_answers is not None:
-                    paired = {
-                        name: paired_changes(_refs(items), before_answers[name], after_answers[name])
-                        for name, items in (("household", held_items), ("general", general_items))
-                    }
-                    if shipped_answers is not None:
-                        paired["shipped"] = paired_changes(
-                            _refs(general_items), shipped_answers["general"], after_answers["general"]
-                        )
-                    report["changes"] = paired  # per set and metric, the utterances [worse, better]
-                shipped_general = report["shipped"]["general"] if shipped else None
-                promote, reason = decide(
-                    after, before, opts.tolerance, paired, opts.decide_on, shipped_general
-                )
+            # After: the candidate on the same sets; promote only if it is better.
+            candidate, candidate_info = load_projector(result.out / "projector.safetensors", opts.device)
+            after, after_answers = self._evaluate(
+                model, candidate, Predictions(predictions, weights_key(candidate)), held_items, general_items
+            )
+            report["after"] = after
+            self._stage("validated the candidate")
+            paired = None
+            if before_answers is not None and after_answers is not None:
+                paired = {
+                    name: paired_changes(_refs(items), before_answers[name], after_answers[name])
+                    for name, items in (("household", held_items), ("general", general_items))
+                }
+                if shipped_answers is not None:
+                    paired["shipped"] = paired_changes(
+                        _refs(general_items), shipped_answers["general"], after_answers["general"]
+                    )
+                report["changes"] = paired  # per set and metric, the utterances that got [worse, better]
+            shipped_general = report["shipped"]["general"] if shipped else None
+            promote, reason = decide(after, before, opts.tolerance, paired, opts.decide_on, shipped_general)
         night = None
         if decoder_skip is not None:
             report["decoder"] = {"skipped": decoder_skip, "promoted": False}
@@ -929,6 +888,63 @@ class Job:
             audios = [a for _, a in train_pairs + held_pairs]
             audios += [a for _, a in _readable(replay_all) + _readable(general_utts)]
             data["features_pruned"] = prune_features(cache.folder.parent, audios)
+
+    def _train_projector(
+        self,
+        model: SpeechLLM,
+        cache: FeatureCache,
+        train_pairs: list[tuple[Label, np.ndarray]],
+        replay: list[Utterance],
+        train_s: float,
+        *,
+        serving_name: str,
+        init_path: Path | None,
+        objective: str,
+        weight: float,
+    ) -> TrainResult:
+        """Fine-tune the served projector (`init_path`; None: a new one) with the loss it was aligned with
+        for up to `train_s` into the work folder's candidate bundle; the report's `train` says how."""
+        opts = self.opts
+        assert self.bundle is not None
+        manifests = self._manifests(train_pairs, replay)
+        # A few hundred utterances are learnt by heart long before the budget ends (a validation every
+        # 15 s came too late: the loss was at its lowest before the first one). train() validates
+        # its loss on utterances kept out of training (household and replay) after every epoch, which
+        # costs a projector pass over cached features, keeps the best projector (the served one, if
+        # no epoch beats it) and stops after `patience` epochs without progress.
+        cfg = TrainConfig(
+            objective=objective, embedlink_weight=weight, batch=opts.batch, micro_batch=opts.micro_batch,
+            lr=opts.lr, warmup=10, max_minutes=train_s / 60, max_epochs=PROJECTOR_EPOCHS,
+            patience=10, val_every_s=0.0, seed=opts.seed,
+            val_answers=False,  # the candidate is scored on this job's own sets below
+        )  # fmt: skip
+        self._stage("features and manifests ready")
+        t_train = time.monotonic()
+        _LOGGER.info(
+            "training for up to %.0f s on %d household and %d replay utterances (from %s)",
+            train_s, len(train_pairs), len(replay), serving_name,
+        )  # fmt: skip
+        result = train(
+            self.bundle, manifests["train"], manifests["val"], opts.work / "candidate", cfg,
+            cache_dir=cache.folder.parent, init_projector=init_path, model=model,
+        )  # fmt: skip
+        self._stage("trained the projector")
+        self.report["train"] = {
+            "budget_s": round(train_s, 1),
+            "seconds": round(time.monotonic() - t_train, 1),
+            "steps": result.steps,
+            "step_ms": round(result.step_ms, 1) if not math.isnan(result.step_ms) else None,
+            "loss_curve": result.loss_curve,
+            "history": [  # train()'s own validation, on the loss only
+                {k: h[k] for k in ("epoch", "step", "train_loss", "val_loss", "train_s") if k in h}
+                for h in result.history
+            ],
+            "init": serving_name if init_path is not None else None,
+            "objective": objective,
+            "embedlink_weight": weight,
+            "lr": opts.lr,
+        }
+        return result
 
     def _cascade_cache(self, cache: FeatureCache, adapter: Adapter | None) -> Predictions:
         """The cascade's kept answers, with these decoder adapters (None: Whisper's decoder as built);

@@ -34,7 +34,7 @@ def cpu_quota(root: Path = CGROUP_ROOT, membership: Path = MEMBERSHIP) -> float 
             mounts, read = [root / controllers, root / "cpu"], _v1_quota
         else:
             continue
-        for mount in mounts:
+        for mount in dict.fromkeys(mounts):  # (`cpu` and the line's controllers may be one folder)
             # A container sees its own cgroup at the mount's root, whatever path the host gave it.
             level = mount / path.lstrip("/")
             while True:

@@ -289,14 +289,21 @@ def train_step(
     opt.zero_grad()
     total = 0.0
     for chunk, share in micro_batches(model, batch, micro_batch):
-        feats, lengths = collate(chunk)
-        out, out_lengths = projector(feats.to(model.device), lengths.to(model.device))
-        loss = loss_fn(model, out, out_lengths, chunk) * share
-        loss.backward()
-        total += float(loss.detach())
+        total += _backward(model, projector, loss_fn, chunk, share)
     nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     return total
+
+
+def _backward(
+    model: SpeechLLM, projector: Projector, loss_fn: LossFn, chunk: list[Example], share: float
+) -> float:
+    """Forward and backward of `chunk`, its loss weighed by `share`; returns that loss."""
+    feats, lengths = collate(chunk)
+    out, out_lengths = projector(feats.to(model.device), lengths.to(model.device))
+    loss = loss_fn(model, out, out_lengths, chunk) * share
+    loss.backward()
+    return float(loss.detach())
 
 
 def utterance_seconds(
@@ -309,9 +316,7 @@ def utterance_seconds(
     try:
         for example in examples:
             t0 = time.perf_counter()
-            feats, lengths = collate([example])
-            out, out_lengths = projector(feats.to(model.device), lengths.to(model.device))
-            loss_fn(model, out, out_lengths, [example]).backward()
+            _backward(model, projector, loss_fn, [example], 1.0)
             times.append(time.perf_counter() - t0)
     finally:
         projector.zero_grad(set_to_none=True)
