@@ -17,7 +17,7 @@ markdown table and writes WORK/decoder_adaptation.json.
 
 `--real-size-steps N` instead times N such training steps (batch 16, 150 encoder frames, 24 decoder
 tokens each) on whisper-base's decoder (`realsize.whisper_base`, random weights): what a night's decoder
-training costs at real size.
+training costs at real size, learning the replayed transcripts' true words and distilled, by turns.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import torch
 from realsize import whisper_base
 
 from wyoming_tinyalign.adapt import GENERAL_SEED, REPLAY_SEED, bootstrap_speech
+from wyoming_tinyalign.decoder_train import DecoderExample, teach, train_step
 from wyoming_tinyalign.devmodel import decoder_loss
 from wyoming_tinyalign.evaluate import score
 from wyoming_tinyalign.households import context_text, load_households
@@ -67,24 +68,41 @@ def trainable_decoder(whisper: torch.nn.Module, lora_rank: int) -> None:
 
 
 def real_size_step_s(args: argparse.Namespace) -> dict:
-    """Seconds per decoder training step at whisper-base's shapes, and the process's peak RSS."""
+    """Seconds per decoder training step at whisper-base's shapes (the night's own step: 16 utterances,
+    4 of 5 replayed, `micro_batch` 4), learning the replayed transcripts' true words and distilled
+    (`decoder_train.train_step`), steps taken by turns; the teacher's answers; the process's peak RSS."""
     whisper = whisper_base()
     trainable_decoder(whisper, args.lora_rank)
     params = [p for p in whisper.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr)
-    feats = torch.randn(16, 150, whisper.config.d_model)
-    sequences = torch.randint(0, whisper.config.vocab_size, (16, 24)).tolist()  # 4 prompt + 20 words' ids
-    times = []
-    for _ in range(args.real_size_steps + 2):  # the first two warm up
-        t0 = time.perf_counter()
-        loss = decoder_loss(whisper, feats, sequences, 4, whisper.config.pad_token_id)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t0)
+    pad_id = whisper.config.pad_token_id
+    batch = [  # 150 frames; 4 prompt + 20 words' ids
+        DecoderExample(
+            torch.randint(0, whisper.config.vocab_size, (24,)).tolist(), 4, 150,
+            features=torch.randn(150, whisper.config.d_model).half(), replayed=i % 5 != 0,
+        )
+        for i in range(16)
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    teach([x for x in batch if x.replayed], whisper, pad_id, 4)
+    teach_s = time.perf_counter() - t0
+    whisper.train()
+    times: dict[float, list[float]] = {0.0: [], 1.0: []}
+    for _ in range(args.real_size_steps + 2):  # the first two of each warm up
+        for distill, taken in times.items():
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            train_step(batch, whisper, pad_id, 4, distill)
+            opt.step()
+            taken.append(time.perf_counter() - t0)
+    step_s = {distill: sum(taken[2:]) / args.real_size_steps for distill, taken in times.items()}
     return {
         "trained_parameters": sum(p.numel() for p in params),
-        "step_s": round(sum(times[2:]) / args.real_size_steps, 3),
+        "step_s": round(step_s[0.0], 3),
+        "distilled_step_s": round(step_s[1.0], 3),
+        "distilled_ratio": round(step_s[1.0] / step_s[0.0], 3),
+        "teach_s": round(teach_s, 3),
+        "teach_utterances": sum(x.replayed for x in batch),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
 

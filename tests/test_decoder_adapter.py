@@ -69,6 +69,26 @@ def test_adapters_cut_short_by_the_clock_have_decayed_their_learning_rate(micro_
     assert result.lr_curve[-1] < 0.5 * cfg.lr, result.lr_curve  # (constant over 10,000 epochs: 1.0)
 
 
+@pytest.mark.parametrize("distill", [0.0, 1.0])
+def test_distilled_replay_is_held_to_what_the_start_heard(micro_model: Path, distill: float) -> None:
+    """A replayed clip (a tone) labelled with the household's phrase: learnt as labelled without
+    distillation, not with it (held to what the adapters' start wrote on it); the household's clip is
+    learnt either way."""
+    model = SpeechLLM.load(micro_model)
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)).astype(np.float32)
+    before = _heard(model, tone)
+    assert before != PHRASE
+    texts, audios = [PHRASE] * 8, [_audio(0)] * 4 + [tone] * 4
+    examples = decoder_examples(model, texts, audios, ["en"] * 8, replayed=[False] * 4 + [True] * 4)
+    cfg = DecoderTrainConfig(epochs=30, batch=4, lr=2e-3, max_s=120, distill=distill)
+    with model.separate_decoder():
+        train_decoder_adapter(model, examples, cfg)
+        assert _heard(model, _audio(0)) == PHRASE
+        heard = _heard(model, tone)
+        assert heard != PHRASE if distill else heard == PHRASE, (before, heard)
+    assert all(x.teacher is not None for x in examples[4:]) == bool(distill)
+
+
 def test_a_transcript_longer_than_the_decoder_writes_is_left_out(micro_model: Path) -> None:
     model = SpeechLLM.load(micro_model)
     limit = model.whisper.config.max_target_positions

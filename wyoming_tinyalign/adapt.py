@@ -15,7 +15,7 @@ on every core unless `--threads` says otherwise):
    the household's train split plus a replay sample of the base households' speech (rendered once into
    `DATA/bootstrap`, so it does not forget them), within the time budget; and, in half of that time,
    Whisper's decoder adapters (`model/decoder_adapter.py`, `decoder_train.py`; from the served ones) on
-   the same utterances' transcripts and a larger replay sample;
+   the same utterances' transcripts and a larger replay sample (learnt as the served decoder heard it);
 6. validates the candidate and the served projector on the household's held-out set and on a general
    held-out set of base-household speech (intent accuracy, WER, and that objective's loss), and the
    cascade on the household's held-out set (for the day-0 rule of `--path auto`), and, when a household
@@ -169,6 +169,7 @@ class AdaptOptions:
     lr: float = 3e-4
     decoder_epochs: int = 20  # of Whisper's decoder adapters (0: the night trains the projector alone)
     decoder_lr: float = 1e-3
+    decoder_distill: float = 1.0  # of the served adapters, against the true words, on replayed speech
     batch: int = 16
     # Utterances per forward/backward pass: at Qwen2.5-0.5B's size a step peaks ~0.36 GB over the model one
     # at a time, ~0.63 GB two at a time (benchmarks/RESULTS.md); the 3 GB budget takes one.
@@ -977,11 +978,15 @@ class Job:
         texts = [lab.text for lab, _ in household] + [u.text for u, _ in replay]
         audios = [a for _, a in household] + [a for _, a in replay]
         languages = [lab.language for lab, _ in household] + ["en"] * len(replay)  # replay: English
-        examples = decoder_examples(model, texts, audios, languages, None if model.cascade_pad_30s else cache)
+        replayed = [False] * len(household) + [True] * len(replay)
+        examples = decoder_examples(
+            model, texts, audios, languages, None if model.cascade_pad_30s else cache, replayed
+        )
         too_long = len(texts) - len(examples)  # more words than the decoder writes: not learnt from
         self._stage("built the decoder adapters' examples")
         cfg = DecoderTrainConfig(
             epochs=opts.decoder_epochs, lr=opts.decoder_lr, batch=opts.batch, seed=opts.seed,
+            distill=opts.decoder_distill,
             max_s=max(0.0, max_s - (time.monotonic() - t0)),
         )  # fmt: skip
         if model.cascade_pad_30s:  # keys and values of 1500 frames per utterance: one at a time (memory)
@@ -1023,12 +1028,14 @@ class Job:
         report = {
             "seconds": round(time.monotonic() - t0, 1),
             "train_s": round(result.seconds, 1),
+            "teach_s": round(result.teach_s, 1),
             "budget_s": round(max_s, 1),
             "examples": {"household": len(household), "replay": len(replay), "too_long": too_long},
             "steps": result.steps,
             "epochs": result.epochs,
             "loss_curve": result.loss_curve,
             "lr": opts.decoder_lr,
+            "distill": opts.decoder_distill,
             "lr_curve": result.lr_curve,
             "init": "served" if served else None,
             "after": figures,
@@ -1403,6 +1410,10 @@ def add_adapt_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--decoder-lr", type=float, default=d.decoder_lr, help="learning rate of the adapters"
     )
+    parser.add_argument(
+        "--decoder-distill", type=float, default=d.decoder_distill,
+        help="weight, on replayed transcripts, of what the served adapters wrote against the true words",
+    )  # fmt: skip
     parser.add_argument("--batch", type=int, default=d.batch)
     add_micro_batch_arg(parser, d.micro_batch)
     parser.add_argument("--seed", type=int, default=d.seed)

@@ -382,6 +382,19 @@ def decoder_loss(
     """Cross-entropy of Whisper's decoder writing each sequence after its `n_prompt` start tokens (one
     number for all, or one per sequence), then the end token, from encoder features `feats` `[B, N, D]`
     (zero past each clip: the cross-attention has no padding mask)."""
+    logits, labels = decoder_logits(whisper, feats, sequences, n_prompt, pad_id)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def decoder_logits(
+    whisper: WhisperForConditionalGeneration,
+    feats: torch.Tensor,
+    sequences: list[list[int]],
+    n_prompt: int | list[int],
+    pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `decoder_loss` scores: the decoder's logits `[B, T, V]` and the token each position should
+    write (`-100` where none: the start tokens but the last, and the padding)."""
     starts = n_prompt if isinstance(n_prompt, list) else [n_prompt] * len(sequences)
     eos = whisper.generation_config.eos_token_id
     width = max(len(ids) for ids in sequences) + 1
@@ -394,8 +407,7 @@ def decoder_loss(
     hidden = whisper.model.decoder(
         input_ids=dec, attention_mask=(dec != pad_id).long(), encoder_hidden_states=feats
     ).last_hidden_state
-    logits = whisper.proj_out(hidden)
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    return whisper.proj_out(hidden), labels
 
 
 def train_whisper(
