@@ -167,9 +167,11 @@ class AdaptOptions:
     replay_n: int = 400
     general_n: int = 60
     lr: float = 3e-4
-    decoder_epochs: int = 20  # of Whisper's decoder adapters (0: the night trains the projector alone)
-    decoder_lr: float = 1e-3
-    decoder_distill: float = 1.0  # of the served adapters, against the true words, on replayed speech
+    # Whisper's decoder adapters (`decoder_train.DecoderTrainConfig`; epochs 0: the night trains the
+    # projector alone)
+    decoder_epochs: int = DecoderTrainConfig.epochs
+    decoder_lr: float = DecoderTrainConfig.lr
+    decoder_distill: float = DecoderTrainConfig.distill
     batch: int = 16
     # Utterances per forward/backward pass: at Qwen2.5-0.5B's size a step peaks ~0.36 GB over the model one
     # at a time, ~0.63 GB two at a time (benchmarks/RESULTS.md); the 3 GB budget takes one.
