@@ -136,18 +136,18 @@ def train_decoder_adapter(
     for param in params:
         param.requires_grad_(True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else whisper.config.pad_token_id
-    start_s = time.monotonic()
-    if cfg.distill:
-        teach([x for x in examples if x.replayed], whisper, pad_id, cfg.micro_batch)
-    t0 = time.monotonic()
-    max_s = cfg.max_s - (t0 - start_s)  # what the teacher's answers left for training
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     rng = random.Random(cfg.seed)
     steps, done, curve, lrs = 0, 0.0, [], []
     per_epoch = math.ceil(len(examples) / cfg.batch)
     horizon = cfg.epochs * per_epoch  # the steps the learning rate decays over
-    whisper.train()
+    start_s = time.monotonic()
     try:
+        if cfg.distill:
+            teach([x for x in examples if x.replayed], whisper, pad_id, cfg.micro_batch)
+        t0 = time.monotonic()
+        max_s = cfg.max_s - (t0 - start_s)  # what the teacher's answers left for training
+        whisper.train()
         while done < cfg.epochs:
             order = sorted(range(len(examples)), key=lambda i: (examples[i].frames, rng.random()))
             groups = [order[i : i + cfg.batch] for i in range(0, len(order), cfg.batch)]
@@ -202,8 +202,9 @@ def teach(examples: list[DecoderExample], whisper: torch.nn.Module, pad_id: int,
     """Keep on each example what `whisper` (its adapters' start) writes at each position of its
     transcript: the `TEACHER_TOP` likeliest tokens and their probabilities among them."""
     whisper.eval()
-    for i in range(0, len(examples), max(1, micro)):
-        chunk = examples[i : i + max(1, micro)]
+    micro = max(1, micro)
+    for i in range(0, len(examples), micro):
+        chunk = examples[i : i + micro]
         logits, labels = _batch_logits(chunk, whisper, pad_id)
         for x, row, want in zip(chunk, logits, labels, strict=True):
             top = row[want != -100].float().topk(TEACHER_TOP, dim=-1)
