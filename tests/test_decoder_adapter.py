@@ -14,7 +14,7 @@ import torch
 from wyoming_tinyalign.adapt import DECODER_PADDED_MB, DECODER_REPLAY, decoder_sizes
 from wyoming_tinyalign.decoder_train import DecoderTrainConfig, decoder_examples, train_decoder_adapter
 from wyoming_tinyalign.model.bundle import BundleError, load_decoder_adapter, load_projector, save_projector
-from wyoming_tinyalign.model.decoder_adapter import AdapterConfig, AdapterError
+from wyoming_tinyalign.model.decoder_adapter import AdapterConfig, AdapterError, adapter_parameters
 from wyoming_tinyalign.model.speechllm import SpeechLLM
 from wyoming_tinyalign.versions import Versions, load_household_model, record_model
 from wyoming_tinyalign.worker import InferenceWorker, PcmSegment
@@ -87,6 +87,21 @@ def test_distilled_replay_is_held_to_what_the_start_heard(micro_model: Path, dis
         heard = _heard(model, tone)
         assert heard != PHRASE if distill else heard == PHRASE, (before, heard)
     assert all(x.teacher is not None for x in examples[4:]) == bool(distill)
+
+
+def test_a_failing_teacher_leaves_the_adapters_frozen(micro_model: Path) -> None:
+    """The teacher runs inside the training's `try`: when it fails, the adapters' gradients are switched
+    off again, as serving expects (an adapter that still asks for gradients would make every answer
+    build a graph)."""
+    model = SpeechLLM.load(micro_model)
+    examples = decoder_examples(model, [PHRASE] * 2, [_audio(0)] * 2, ["en"] * 2, replayed=[False, True])
+    examples[1].features = torch.zeros(examples[1].frames, 3)  # (not the decoder's width)
+    with model.separate_decoder():
+        with pytest.raises(RuntimeError):
+            train_decoder_adapter(model, examples, DecoderTrainConfig(epochs=1, batch=2, distill=1.0))
+        params = adapter_parameters(model.whisper)
+        assert params and not any(p.requires_grad for p in params.values())
+        assert not model.whisper.training
 
 
 def test_a_transcript_longer_than_the_decoder_writes_is_left_out(micro_model: Path) -> None:
