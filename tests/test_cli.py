@@ -54,6 +54,29 @@ def test_flags_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     assert str(args.data_dir) == "/tmp/x"
 
 
+@pytest.mark.parametrize(
+    ("command", "given", "expected"),
+    [("adapt", None, "1000"), ("adapt", "30000", "30000"), ("serve", None, None), ("eval", None, None)],
+)
+def test_only_the_nightly_jobs_openmp_threads_stop_spinning_soon(
+    command: str, given: str | None, expected: str | None
+) -> None:
+    """`adapt` sets `GOMP_SPINCOUNT` (unless the user did) before torch loads, which is when OpenMP reads
+    it: the package itself must not load torch. The server's answers keep OpenMP's default."""
+    code = (
+        "import sys; sys.argv = ['wyoming-tinyalign', sys.argv[1]]; import wyoming_tinyalign; "
+        "early = 'torch' in sys.modules; import wyoming_tinyalign.__main__, os; "
+        "print(early, os.environ.get('GOMP_SPINCOUNT'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if given is not None:
+        env["GOMP_SPINCOUNT"] = given
+    out = subprocess.run(
+        [sys.executable, "-c", code, command], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["False", str(expected)]
+
+
 def test_min_confidence_is_a_log_probability_or_off(capsys: pytest.CaptureFixture[str]) -> None:
     def parsed(*flag: str) -> float | None:
         return build_parser().parse_args(["serve", "--data-dir", "/tmp/x", *flag]).min_confidence
