@@ -20,7 +20,7 @@ from pathlib import Path
 if sys.argv[1:2] == ["adapt"]:
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
-import torch  # noqa: E402
+import torch
 from transformers.utils import logging as hf_logging
 
 from . import __version__
