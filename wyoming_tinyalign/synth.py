@@ -74,8 +74,11 @@ def render_corpus(
         audio = _speak(job, seed)
         write_wav(out_dir / job.audio, audio, rate=rate, width=width, channels=channels)
 
-    with ThreadPoolExecutor(max(1, jobs)) as pool:
+    pool = ThreadPoolExecutor(max(1, jobs))
+    try:
         list(pool.map(render, plan))
+    finally:  # a stop (SIGTERM, Ctrl-C), even while the clips are queued, waits for those being spoken only
+        pool.shutdown(cancel_futures=True)
     manifest = out_dir / "manifest.jsonl"
     utterances = [
         Utterance(job.audio, job.command.text, job.command.intent, job.speaker.id, job.household)
