@@ -12,10 +12,11 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import wave
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,11 +75,7 @@ def render_corpus(
         audio = _speak(job, seed)
         write_wav(out_dir / job.audio, audio, rate=rate, width=width, channels=channels)
 
-    pool = ThreadPoolExecutor(max(1, jobs))
-    try:
-        list(pool.map(render, plan))
-    finally:  # a stop (SIGTERM, Ctrl-C), even while the clips are queued, waits for those being spoken only
-        pool.shutdown(cancel_futures=True)
+    _run_each(plan, render, jobs)
     manifest = out_dir / "manifest.jsonl"
     utterances = [
         Utterance(job.audio, job.command.text, job.command.intent, job.speaker.id, job.household)
@@ -86,6 +83,44 @@ def render_corpus(
     ]
     write_manifest(manifest, utterances)
     return manifest
+
+
+def _run_each(items: Iterable[_Job], work: Callable[[_Job], None], threads: int) -> None:
+    """``work`` on every item, in ``threads`` threads that each take the next item when free. Nothing is
+    queued ahead, so a stop (Ctrl-C, or the server's SIGTERM raised the same way) waits only for the
+    items in hand; the first error stops the others and is raised here."""
+    pending = iter(items)
+    take = threading.Lock()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def loop() -> None:
+        while not stop.is_set():
+            with take:
+                item = next(pending, None)
+            if item is None:
+                return
+            try:
+                work(item)
+            except BaseException as err:  # handed to the caller's thread below
+                errors.append(err)
+                stop.set()
+
+    started: list[threading.Thread] = []
+    try:
+        for i in range(max(1, threads)):
+            thread = threading.Thread(target=loop, name=f"render-{i}", daemon=True)  # never holds up an exit
+            thread.start()
+            started.append(thread)
+        for thread in started:
+            while thread.is_alive():  # a timed wait: a stop signal caught by another thread is raised here
+                thread.join(0.2)
+    finally:
+        stop.set()
+        for thread in started:
+            thread.join()
+    if errors:
+        raise errors[0]
 
 
 def render_once(out_dir: Path, households: list[Household], n: int, seed: int) -> Path:
