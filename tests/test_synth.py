@@ -160,6 +160,7 @@ import os, signal, sys, threading, time
 from pathlib import Path
 from wyoming_tinyalign.households import load_households
 from wyoming_tinyalign.synth import render_corpus
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job starts with it ignored
 out = Path(sys.argv[1])
 sent = []
 def stop_after_the_first_clip():
