@@ -22,6 +22,8 @@
    each logs `--labelled` new utterances, then its night runs on all labels so far, from the version
    then served, and the served model is scored on the held-out utterances after each night.
    `--households harbour,alpine` runs only those (each with the seeds it has in a full run).
+   `--one-voice` runs each of their 8 voices alone as a household of one (`--households iain,kim`
+   picks voices).
 2. Cost at real size: the same job on 200 corrected utterances with whisper-base + Qwen2.5-0.5B shapes
    (random weights; the compute is real, the words are not): its wall time and peak RSS (the job
    process's `ru_maxrss`); targets <= 10 minutes and <= 3 GB on 2 cores. `--real-size-dtype float32
@@ -48,6 +50,7 @@ import subprocess
 import sys
 import time
 from contextlib import closing
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
@@ -206,13 +209,21 @@ def evaluate(model: SpeechLLM, manifest: Path, context: str, paths: tuple[str, .
     return {path: evaluate_items(model, items, path) for path in paths}
 
 
+def benchmark_households(one_voice: bool) -> list[tuple[str, Household]]:
+    """The unseen households by name, or with `one_voice` each of their voices alone by its id (a
+    household of one: the household's names and devices, one speaker)."""
+    unseen = [h for h in load_households() if h.split == "unseen"]
+    if one_voice:
+        return [(s.id, replace(h, speakers=[s])) for h in unseen for s in h.speakers]
+    return [(h.name, h) for h in unseen]
+
+
 def quality(args: argparse.Namespace) -> list[dict]:
     rows = []
-    unseen = [h for h in load_households() if h.split == "unseen"]
-    for i, household in enumerate(unseen):
-        if household.name not in args.households:
+    for i, (name, household) in enumerate(benchmark_households(args.one_voice)):
+        if not {name, household.name} & set(args.households):
             continue
-        work = args.work / "quality" / household.name
+        work = args.work / "quality" / name
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         # Night 1's utterances keep the seed one night has always had; each later day has new ones.
@@ -291,7 +302,7 @@ def quality(args: argparse.Namespace) -> list[dict]:
         last = nights[-1]
         rows.append(
             {
-                "household": household.name,
+                "household": name,
                 "labelled": args.labelled,
                 "heldout": args.heldout,
                 "before": {p: _two(r) for p, r in before.items()},
@@ -566,8 +577,12 @@ def main() -> None:
         "--households",
         type=lambda s: s.split(","),
         default=[h.name for h in load_households() if h.split == "unseen"],
-        help="which unseen households, comma-separated (each keeps its seeds)",
+        help="which unseen households (or with --one-voice, voices), comma-separated (each keeps its seeds)",
     )
+    parser.add_argument(
+        "--one-voice", action="store_true",
+        help="each unseen household's voices one at a time, as households of one voice",
+    )  # fmt: skip
     parser.add_argument("--real-size-n", type=int, default=200, help="utterances of the real-size run")
     parser.add_argument("--replay-n", type=int, default=400)
     parser.add_argument("--general-n", type=int, default=60)
@@ -614,6 +629,7 @@ def main() -> None:
         "corrected": args.corrected if args.labels == "some" else None,
         "job_args": args.job_args,
         "heldout": args.heldout,
+        "one_voice": args.one_voice,
         "quick": args.quick,
     }
     results["quality"] = [] if args.skip_quality else quality(args)
