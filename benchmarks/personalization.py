@@ -22,8 +22,8 @@
    each logs `--labelled` new utterances, then its night runs on all labels so far, from the version
    then served, and the served model is scored on the held-out utterances after each night.
    `--households harbour,alpine` runs only those (each with the seeds it has in a full run).
-   `--one-voice` runs each of their 8 voices alone as a household of one (`--households iain,kim`
-   picks voices).
+   `--one-voice` runs each of their 8 voices alone as a household of one (`--households
+   high-iain,harb-kim` picks voices).
 2. Cost at real size: the same job on 200 corrected utterances with whisper-base + Qwen2.5-0.5B shapes
    (random weights; the compute is real, the words are not): its wall time and peak RSS (the job
    process's `ru_maxrss`); targets <= 10 minutes and <= 3 GB on 2 cores. `--real-size-dtype float32
