@@ -23,7 +23,7 @@
    then served, and the served model is scored on the held-out utterances after each night.
    `--households harbour,alpine` runs only those (each with the seeds it has in a full run).
    `--one-voice` runs each of their 8 voices alone as a household of one (`--households
-   high-iain,harb-kim` picks voices).
+   highland,harb-kim` picks highland's voices and kim).
 2. Cost at real size: the same job on 200 corrected utterances with whisper-base + Qwen2.5-0.5B shapes
    (random weights; the compute is real, the words are not): its wall time and peak RSS (the job
    process's `ru_maxrss`); targets <= 10 minutes and <= 3 GB on 2 cores. `--real-size-dtype float32
@@ -577,7 +577,8 @@ def main() -> None:
         "--households",
         type=lambda s: s.split(","),
         default=[h.name for h in load_households() if h.split == "unseen"],
-        help="which unseen households (or with --one-voice, voices), comma-separated (each keeps its seeds)",
+        help="which unseen households, comma-separated (each keeps its seeds); with --one-voice a household "
+        "stands for all its voices, and voices can be named too",
     )
     parser.add_argument(
         "--one-voice", action="store_true",
