@@ -6,8 +6,8 @@ docs/web-learning.png):
 A real server (the micro dev model, built here unless --model names a bundle) with utterances spoken by
 espeak-ng and logged through Wyoming, two of them corrected through the API. What the micro model hears is
 noise, and so would be its nightly numbers: the learning page shows an EXAMPLE history (invented runs and
-projector versions, the versions being copies of the bundle's projector), written into the data dir
-before the server starts. Headless Debian chromium, as in test_web_ui.py.
+versions, the versions being copies of the bundle's projector), written into the data dir before the
+server starts. Headless Debian chromium, as in test_web_ui.py.
 """
 
 from __future__ import annotations
@@ -47,14 +47,16 @@ CORRECTIONS = [  # (index in SAID, intent) typed through the API
     (1, {"name": "HassLightSet", "slots": {"area": "living room", "brightness": "40"}}),
     (3, {"name": "HassStartTimer", "slots": {"minutes": "10"}}),
 ]
-# An example week: (status, version, household intent accuracy and WER before -> after, reason).
+# An example week: (status, version, the cascade's household intent accuracy and WER before -> after the
+# night's decoder adapters, the night's reason). The cascade answers (`--path auto`); the projector's
+# aligned path stays behind it.
 NIGHTS = [
     (
         "promoted",
         "v0001",
         (0.42, 0.38),
         (0.55, 0.30),
-        "better for the household (intent accuracy 0.42 -> 0.55), not worse on other voices",
+        "decoder: better for the household (intent accuracy 0.42 -> 0.55), not worse on other voices",
     ),
     ("skipped", None, None, None, "only 6 new label(s); at least 20 are needed (--min-new)"),
     (
@@ -62,7 +64,7 @@ NIGHTS = [
         "v0002",
         (0.55, 0.30),
         (0.58, 0.29),
-        "better for the household (intent accuracy 0.55 -> 0.58) but worse on other voices: "
+        "decoder: better for the household (intent accuracy 0.55 -> 0.58) but worse on other voices: "
         "intent accuracy 0.81 -> 0.74 (tolerance 0.02)",
     ),
     (
@@ -70,7 +72,7 @@ NIGHTS = [
         "v0003",
         (0.55, 0.30),
         (0.63, 0.26),
-        "better for the household (intent accuracy 0.55 -> 0.63), not worse on other voices",
+        "decoder: better for the household (intent accuracy 0.55 -> 0.63), not worse on other voices",
     ),
     ("skipped", None, None, None, "the labelled data has not changed since the last run"),
     (
@@ -78,16 +80,18 @@ NIGHTS = [
         "v0004",
         (0.63, 0.26),
         (0.71, 0.21),
-        "better for the household (intent accuracy 0.63 -> 0.71), not worse on other voices",
+        "decoder: better for the household (intent accuracy 0.63 -> 0.71), not worse on other voices",
     ),
     (
         "rejected",
         "v0005",
         (0.71, 0.21),
         (0.70, 0.22),
-        "worse for the household: intent accuracy 0.7 vs 0.71 served",
+        "decoder: worse for the household: intent accuracy 0.7 vs 0.71 served",
     ),
 ]
+ALIGNED = {"household": {"intent_accuracy": 0.31, "wer": 0.45}, "general": {"intent_accuracy": 0.8}}
+PROJECTOR = "projector: no better for the household: no more of its utterances better than worse; "
 
 
 def example_history(data: Path, bundle: Path) -> None:
@@ -103,20 +107,33 @@ def example_history(data: Path, bundle: Path) -> None:
         started = (last - timedelta(days=len(NIGHTS) - 1 - n)).timestamp()
         report: dict = {"data": {"new": 6 if status == "skipped" else 20 + 7 * n}, "duration_s": 4.0}
         if before is not None and after is not None:
-            household = {"n": 10 + 2 * n, "intent_accuracy": before[0], "wer": before[1]}
+            other = 0.74 if "but worse on other" in reason else 0.82
+            cascade = {
+                "before": {"household": {"n": 10 + 2 * n, "intent_accuracy": before[0], "wer": before[1]},
+                           "general": {"intent_accuracy": 0.81}},
+                "after": {"household": {"n": 10 + 2 * n, "intent_accuracy": after[0], "wer": after[1]},
+                          "general": {"intent_accuracy": other}},
+            }  # fmt: skip
+            kept = status == "promoted"
             report = {
                 "data": {"train": 40 + 8 * n, "heldout": 10 + 2 * n, "new": 20 + 7 * n,
                          "sources": {"correction": 12 + 3 * n, "teacher": 25 + 4 * n, "outcome": 13 + n}},
-                "before": {"household": household, "general": {"intent_accuracy": 0.81}},
-                "after": {"household": {**household, "intent_accuracy": after[0], "wer": after[1]},
-                          "general": {"intent_accuracy": 0.74 if "but worse on other" in reason else 0.82}},
+                "before": ALIGNED, "after": ALIGNED,
+                "cascade": cascade["before"],
+                "decoder": {**cascade, "promoted": kept},
+                "served": {
+                    "path_auto": {"before": "cascade", "after": "cascade"},
+                    "aligned": {"before": ALIGNED, "after": ALIGNED},
+                    "cascade": {"before": cascade["before"], "after": cascade["after" if kept else "before"]},
+                },
                 "train": {"loss_curve": [[10.0 * i, round(0.9 * 0.82**i + 0.2, 4)] for i in range(1, 31)]},
                 "duration_s": 420.0 + 15 * n,
                 "peak_rss_mb": 1480.0 + 12 * n,
             }  # fmt: skip
+            reason = PROJECTOR + reason
         if version is not None:
             household = {"intent_accuracy": after[0], "wer": after[1]}
-            metrics = {"household": household, "cascade": {"household": {"intent_accuracy": 0.6, "wer": 0.2}}}
+            metrics = {"household": ALIGNED["household"], "cascade": {"household": household}}
             decided = started + report["duration_s"]
             if status == "promoted":
                 metrics["promoted_at"] = decided

@@ -39,7 +39,7 @@ from wyoming_tinyalign.model.speechllm import SpeechLLM
 from wyoming_tinyalign.store import Interaction, InteractionStore
 from wyoming_tinyalign.train import FeatureCache
 from wyoming_tinyalign.versions import Versions, record_model
-from wyoming_tinyalign.webui import _run_row
+from wyoming_tinyalign.webui import _run_row, _version_rows
 
 PHRASE = "turn on the zebra lamp"
 INTENT = Intent("HassTurnOn", {"name": "zebra lamp"})
@@ -133,6 +133,29 @@ def test_the_night_promotes_adapters_that_hear_the_household(
     model.set_decoder_adapter(*adapter)
     assert model.run(_clip(1000), "cascade", with_intent=False).transcript == PHRASE
 
+    # What answered the household before the night and what answers after it, on either path: the
+    # version's figures after; the served cascade before on the set its adapters were judged on.
+    served = report["served"]
+    assert served["path_auto"] == {"before": "cascade", "after": report["path_auto"]}
+    assert served["cascade"] == {"before": decoder["before"], "after": decoder["after"]}
+    assert decoder["before"]["household"]["n"] == after["n"] < report["cascade"]["household"]["n"]
+    assert served["aligned"]["before"] == report["before"]
+    assert served["aligned"]["after"]["household"] == metrics["household"]
+    # The household's page shows them for the path the server serves (the reason says what the night
+    # did), here with `--path cascade` and `--path aligned`.
+    run = {"report": report, "status": report["status"], "reason": report["reason"], "started_at": 0.0}
+    for path in ("cascade", "aligned"):
+        row = _run_row({**run, "finished_at": 1.0}, {name}, path)
+        wer = [f"{served[path][when]['household']['wer'] * 100:.0f}%" for when in ("before", "after")]
+        assert f"{wer[0]} &rarr; {wer[1]}" in row and f'<div class="small">{path}</div>' in row, row
+    # And the kept versions, each on the path it would answer on.
+    listing = versions.describe()
+    assert listing["versions"][0]["path_auto"] == report["path_auto"]
+    for path, figures in (("cascade", metrics["cascade"]), ("aligned", metrics)):
+        rows = _version_rows(listing, name, path)
+        cell = f'{figures["household"]["intent_accuracy"] * 100:.0f}%<div class="small">{path}</div>'
+        assert cell in rows and f'<td data-label="WER">{figures["household"]["wer"] * 100:.0f}%</td>' in rows
+
 
 def test_a_night_on_the_teachers_labels_alone_trains_no_decoder_adapters(
     night: tuple[Path, dict], micro_model: Path, tmp_path_factory: pytest.TempPathFactory
@@ -154,7 +177,7 @@ def test_a_night_on_the_teachers_labels_alone_trains_no_decoder_adapters(
     kept = report.get("version")
     assert kept is None or Versions(data).adapter(kept) is None
     run = {"report": report, "status": report["status"], "reason": report["reason"], "started_at": 0.0}
-    page_row = _run_row({**run, "finished_at": 1.0}, set())  # (as the household's page lists the night)
+    page_row = _run_row({**run, "finished_at": 1.0}, set(), "auto")  # (as the household's page lists it)
     assert "Whisper's decoder (not trained): it learns from transcripts the household corrected" in page_row
 
 

@@ -124,6 +124,62 @@ async def test_ingress_needs_no_token_but_changes_need_the_header(
         assert changed.status == 202 and control.started == [True]
 
 
+def _figures(intent_accuracy: float) -> dict:
+    return {"household": {"n": 16, "intent_accuracy": intent_accuracy, "wer": 0.3}, "general": {}}
+
+
+async def test_the_learning_page_shows_what_answered_the_household(
+    tmp_path: Path, store: InteractionStore
+) -> None:
+    """The nights' figures on the path the server serves: with `auto`, the cascade until a night moves it
+    to the aligned path; with a fixed `--path`, that path's. Three nights: the first keeps decoder
+    adapters (the cascade 40% -> 56%, the aligned path stays at 20%), the second a projector whose
+    aligned path beats that cascade (60%), the third is rejected (its candidate's 65% is not served)."""
+    nights = [  # status, (aligned before, after), (cascade before, after), auto's path before and after
+        ("promoted", (0.2, 0.2), (0.4, 0.56), ("cascade", "cascade")),
+        ("promoted", (0.2, 0.6), (0.56, 0.56), ("cascade", "aligned")),
+        ("rejected", (0.6, 0.6), (0.56, 0.56), ("aligned", "aligned")),
+    ]
+    for i, (status, aligned, cascade, auto) in enumerate(nights):
+        report = {
+            "before": _figures(aligned[0]),
+            "after": _figures(0.65 if status == "rejected" else aligned[1]),  # the projector's candidate
+            "served": {
+                "path_auto": dict(zip(("before", "after"), auto, strict=True)),
+                "aligned": {"before": _figures(aligned[0]), "after": _figures(aligned[1])},
+                "cascade": {"before": _figures(cascade[0]), "after": _figures(cascade[1])},
+            },
+        }
+        store.conn.execute(
+            "INSERT INTO adaptations (started_at, finished_at, status, reason, report) "
+            "VALUES (?, ?, ?, '', ?)",
+            (time.time() - 86400 * (3 - i), time.time() - 86400 * (3 - i) + 60, status, json.dumps(report)),
+        )
+
+    def cell(before: int, after: int, path: str) -> str:
+        return f'{before}% &rarr; {after}%<div class="small">{path}</div>'
+
+    expected = {  # per --path: each night's intent accuracy cell, newest first, and the chart's points
+        "auto": (
+            [cell(60, 60, "aligned"), cell(56, 60, "cascade &rarr; aligned"), cell(40, 56, "cascade")],
+            ["56%", "60%", "60%"],
+        ),
+        "cascade": ([cell(56, 56, "cascade"), cell(56, 56, "cascade"), cell(40, 56, "cascade")], ["56%"] * 3),
+    }
+    for requested, (cells, points) in expected.items():
+        control = replace(FakeControl(tmp_path), requested_path=requested)
+        app = build_app(WebContext(control=control, store=store, metrics=Metrics(), token="secret"))
+        async with TestClient(TestServer(app)) as http:
+            page = await (await http.get("/learning", headers={"Authorization": "Bearer secret"})).text()
+        shown = [
+            cell.split("</td>")[0]
+            for cell in page.split('<td data-label="Intent accuracy" class="nowrap">')[1:]
+        ]
+        assert shown == cells, requested
+        charted = [title.split(" (")[0] for title in page.split("<title>intent accuracy: ")[1:]]
+        assert charted == points, requested
+
+
 async def test_a_log_that_keeps_nothing_is_shown_until_it_keeps_an_utterance_again(
     tmp_path: Path, store: InteractionStore, caplog: pytest.LogCaptureFixture
 ) -> None:

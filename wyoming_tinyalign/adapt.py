@@ -196,6 +196,7 @@ class DecoderNight:
     config: AdapterConfig
     promote: bool
     reason: str
+    before: dict[str, dict]  # the served cascade's figures on the same sets
     after: dict[str, dict]  # the cascade's figures with them, per set
     items: list[Item]  # the household's utterances they were judged on
     answers: list[tuple[str, Intent | None]]  # the cascade's with them, on those
@@ -874,6 +875,15 @@ class Job:
                 self.versions.promote(name)
                 report["path_auto"] = "aligned" if household_validated(info) else "cascade"
             report.update(version=name, pruned=self.versions.prune(opts.keep))
+        # What answered the household before the night and what answers after it, on either path (the
+        # page shows the path the server serves: its `--path`, or with `auto` each version's choice).
+        path_before = "aligned" if household_validated(serving_info) else "cascade"
+        cascade_before = night.before if night is not None else report["cascade"]
+        report["served"] = {
+            "path_auto": {"before": path_before, "after": report.get("path_auto", path_before)},
+            "aligned": {"before": before, "after": report["after"] if promote else before},
+            "cascade": {"before": cascade_before, "after": night.after if decoder_ok else cascade_before},
+        }
         if not deleted:
             self._save_state(data_hash, digests)
         keep = {cascade_cache.path, *(c.path for c in (serving_cache, shipped_cache) if c is not None)}
@@ -1040,6 +1050,7 @@ class Job:
             "distill": opts.decoder_distill,
             "lr_curve": result.lr_curve,
             "init": "served" if served else None,
+            "before": served_figures,
             "after": figures,
             "changes": paired,
             **({"built": {"general": built}} if built else {}),
@@ -1047,8 +1058,9 @@ class Job:
             "promoted": promote,
         }
         return DecoderNight(
-            result.adapter, config, promote, reason, figures, sets["household"], got["household"], report
-        )
+            result.adapter, config, promote, reason, served_figures, figures, sets["household"],
+            got["household"], report,
+        )  # fmt: skip
 
     def _stage(self, stage: str) -> None:
         """When the run reached a stage (seconds into its budget) and its resident memory then (Linux),

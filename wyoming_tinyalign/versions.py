@@ -183,7 +183,8 @@ class Versions:
                 tmp.unlink(missing_ok=True)
 
     def describe(self) -> dict[str, Any]:
-        """Versions with their validation metrics (a rejected candidate's hold `rejected`), for the API."""
+        """Versions with their validation metrics (a rejected candidate's hold `rejected`) and the path
+        `--path auto` answers on with each (`path_auto`), for the API."""
         try:
             current = self.current()
         except VersionError:
@@ -194,6 +195,7 @@ class Versions:
             try:
                 info = self.info(name)
                 entry["metrics"], entry["decoder"] = info.metrics, info.decoder is not None
+                entry["path_auto"] = "aligned" if household_validated(info) else "cascade"
             except VersionError as err:
                 entry["error"] = str(err)
             items.append(entry)

@@ -15,7 +15,7 @@
     DELETE /api/interactions/{id}                the row, its audio file and its cached encoder features
     DELETE /api/interactions                     all of them (or those matching since/until)
     GET    /api/adaptations                      adaptation runs with their reports
-    GET    /api/versions                         projector versions (rejected candidates too), their metrics
+    GET    /api/versions                         versions (rejected candidates too), metrics, `auto`'s path
     POST   /api/adapt                            run the adaptation now (202; 409 while one runs)
     POST   /api/rollback                         {"to": "v0002"}: serve it, a rejected one too (default:
                                                  the promoted version before the served one)

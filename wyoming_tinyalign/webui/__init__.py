@@ -570,16 +570,32 @@ def _figure(report: dict[str, Any] | None, when: str, metric: str, where: str = 
     return (((report or {}).get(when) or {}).get(where) or {}).get(metric)
 
 
-def _accuracy_chart(runs: list[dict[str, Any]]) -> str:
-    """The served projector's held-out intent accuracy and WER after each night that validated."""
+PATHS_SCORED = ("aligned", "cascade")  # the paths a night scores (`adapt`: the report's `served`)
+
+
+def _served(report: dict[str, Any], requested: str) -> tuple[tuple[str, str], dict[str, Any]]:
+    """What answered the household before a night and what answers after it: the two paths, and their
+    figures as `{"before": {"household": ..., "general": ...}, "after": ...}`. The path is the server's
+    `--path` (`aligned`, `cascade`), or with `auto` (and `readout`, which a night does not score) the
+    one each version chose. A report from before the nights recorded both paths gives the projector's."""
+    served = report.get("served")
+    if served is None:
+        return ("aligned", "aligned"), report
+    auto = served["path_auto"]
+    before, after = (requested if requested in PATHS_SCORED else auto[when] for when in ("before", "after"))
+    return (before, after), {"before": served[before]["before"], "after": served[after]["after"]}
+
+
+def _accuracy_chart(runs: list[dict[str, Any]], requested: str) -> str:
+    """Held-out intent accuracy and WER of what answered the household after each night that validated."""
     nights = [r for r in reversed(runs) if (r["report"] or {}).get("before") and r["report"].get("after")]
     accuracy, wer = Series("intent accuracy", "s1", []), Series("word error rate", "s2", [])
     ticks = []
     for i, run in enumerate(nights):
         promoted = run["status"] == "promoted"
-        served = "after" if promoted else "before"
+        _, figures = _served(run["report"], requested)
         for series, metric in ((accuracy, "intent_accuracy"), (wer, "wer")):
-            value = _figure(run["report"], served, metric)
+            value = _figure(figures, "after" if promoted else "before", metric)
             if value is not None:
                 if not promoted:
                     series.hollow.add(len(series.points))
@@ -611,8 +627,9 @@ def _loss_chart(runs: list[dict[str, Any]]) -> tuple[str, dict[str, Any] | None]
     return "", None
 
 
-def _run_row(run: dict[str, Any], kept: set[str]) -> str:
-    """One adaptation run; `kept`: the versions still on disk (pruning removes older ones)."""
+def _run_row(run: dict[str, Any], kept: set[str], requested: str) -> str:
+    """One adaptation run: what the night did, and what answered the household before and after it
+    (`requested`: the server's `--path`); `kept`: the versions still on disk (pruning removes older ones)."""
     report = run["report"] or {}
     data = report.get("data") or {}
     sizes = [f"{data[k]} {label}" for k, label in (("train", "train"), ("heldout", "held out")) if k in data]
@@ -623,8 +640,9 @@ def _run_row(run: dict[str, Any], kept: set[str]) -> str:
     status = escape(run["status"])
     if version:
         status += f" {escape(version)}" + ("" if version in kept else " (no longer kept)")
+    paths, served = _served(report, requested)
     before_after = [
-        f"{_pct(_figure(report, 'before', m, where))} &rarr; {_pct(_figure(report, 'after', m, where))}"
+        f"{_pct(_figure(served, 'before', m, where))} &rarr; {_pct(_figure(served, 'after', m, where))}"
         if report.get("after")
         else "-"
         for m, where in (
@@ -633,6 +651,8 @@ def _run_row(run: dict[str, Any], kept: set[str]) -> str:
             ("intent_accuracy", "general"),
         )
     ]
+    if report.get("after"):  # which path answered: the cascade, the aligned path, or one then the other
+        before_after[0] += f'<div class="small">{" &rarr; ".join(dict.fromkeys(paths))}</div>'
     took = report.get("duration_s")
     if took is None and run["finished_at"]:
         took = run["finished_at"] - run["started_at"]
@@ -649,8 +669,10 @@ def _run_row(run: dict[str, Any], kept: set[str]) -> str:
         elif "skipped" in decoder:
             said = f"(not trained): {escape(decoder['skipped'])}"
         else:
+            # the served cascade on the adapters' own held-out set (older reports: on the whole set)
+            start = decoder if "before" in decoder else {"before": report.get("cascade")}
             figures = [
-                f"{_pct(_figure(report, 'cascade', m))} &rarr; {_pct(_figure(decoder, 'after', m))} {label}"
+                f"{_pct(_figure(start, 'before', m))} &rarr; {_pct(_figure(decoder, 'after', m))} {label}"
                 for m, label in (("intent_accuracy", "intents"), ("wer", "WER"))
             ]
             if too_long := (decoder.get("examples") or {}).get("too_long"):
@@ -669,12 +691,16 @@ def _run_row(run: dict[str, Any], kept: set[str]) -> str:
 </tr>"""
 
 
-def _version_rows(listing: dict[str, Any], served: str) -> str:
+def _version_rows(listing: dict[str, Any], served: str, requested: str) -> str:
+    """The kept versions, each with its held-out figures on the path it would answer on (`requested`:
+    the server's `--path`; with `auto`, the version's own choice)."""
     rows = []
     for entry in [*listing["versions"], {"name": BASE}]:
         name = entry["name"]
         metrics = entry.get("metrics") or {}
-        household = metrics.get("household") or {}
+        path = requested if requested in PATHS_SCORED else entry.get("path_auto", "aligned")
+        household = (metrics if path == "aligned" else metrics.get("cascade") or {}).get("household") or {}
+        on_path = f'<div class="small">{path}</div>' if household else ""
         rejected = bool(metrics.get("rejected"))
         label, flag = ("Serve anyway", ' data-rejected="1"') if rejected else ("Serve this", "")
         button = (
@@ -692,7 +718,7 @@ def _version_rows(listing: dict[str, Any], served: str) -> str:
         )
         rows.append(
             f'<tr><td data-label="Version">{escape(name)}</td><td data-label="">{what}</td>'
-            f'<td data-label="Intent accuracy">{_pct(household.get("intent_accuracy"))}</td>'
+            f'<td data-label="Intent accuracy">{_pct(household.get("intent_accuracy"))}{on_path}</td>'
             f'<td data-label="WER">{_pct(household.get("wer"))}</td><td>{button}</td></tr>'
         )
     return "".join(rows)
@@ -705,14 +731,14 @@ async def learning(request: web.Request) -> str:
     runs = await ctx.store.async_call(adaptation_runs, ctx.store, RUNS_SHOWN) if ctx.store is not None else []
     listing = await asyncio.to_thread(Versions(control.data_dir).describe)
     running = control.job_running
-    accuracy = _accuracy_chart(runs)
+    accuracy = _accuracy_chart(runs, control.requested_path)
     loss, loss_run = _loss_chart(runs)
     charts = (
         '<section class="card"><h2>Accuracy over the nights</h2>'
         + (
             accuracy
-            + '<p class="small">On the household\'s held-out utterances, for the projector served after each '
-            "night (hollow: the candidate was rejected).</p>"
+            + '<p class="small">On the household\'s held-out utterances, what answered after each night: the '
+            "cascade or the aligned path, as served (hollow: the night's candidate was rejected).</p>"
             if accuracy
             else "<p>No night has been validated yet.</p>"
         )
@@ -726,11 +752,13 @@ async def learning(request: web.Request) -> str:
         + "</section>"
     )
     kept = {entry["name"] for entry in listing["versions"]}
-    rows = "".join(_run_row(run, kept) for run in runs)
+    rows = "".join(_run_row(run, kept, control.requested_path) for run in runs)
     table = (
         f"""<div class="scroll"><table class="runs"><thead>
 <tr><th>Started</th><th>Result</th><th>Data</th><th>Labels</th>
-<th>Intent accuracy</th><th>WER</th><th title="intent accuracy on other voices">Other voices</th>
+<th title="of what answered the household: before the night and after it">Intent accuracy</th>
+<th title="of what answered the household: before the night and after it">WER</th>
+<th title="intent accuracy on other voices: before the night and after it">Other voices</th>
 <th title="and the peak memory">Took</th></tr></thead>
 <tbody>{rows}</tbody></table></div>"""
         if rows
@@ -752,5 +780,5 @@ if it understands the household better. Serving: <b>{escape(control.served_name)
 <h2>Versions</h2>
 <table class="versions"><thead><tr><th>Version</th><th></th><th>Intent accuracy</th><th>WER</th><th></th></tr>
 </thead>
-<tbody>{_version_rows(listing, control.served_name)}</tbody></table>"""
+<tbody>{_version_rows(listing, control.served_name, control.requested_path)}</tbody></table>"""
     return _layout("Learning", "learning", body, logout=_logged_in_by_cookie(request), running=running)
