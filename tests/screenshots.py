@@ -120,7 +120,8 @@ def example_history(data: Path, bundle: Path) -> None:
                          "sources": {"correction": 12 + 3 * n, "teacher": 25 + 4 * n, "outcome": 13 + n}},
                 "before": ALIGNED, "after": ALIGNED,
                 "cascade": cascade["before"],
-                "decoder": {**cascade, "promoted": kept},
+                "decoder": {**cascade, "promoted": kept,
+                            "loss_curve": [round(0.3 + 1.4 * 0.8**e, 4) for e in range(20)]},
                 "served": {
                     "path_auto": {"before": "cascade", "after": "cascade"},
                     "aligned": {"before": ALIGNED, "after": ALIGNED},

@@ -134,7 +134,9 @@ async def test_the_learning_page_shows_what_answered_the_household(
     """The nights' figures on the path the server serves: with `auto`, the cascade until a night moves it
     to the aligned path; with a fixed `--path`, that path's. Three nights: the first keeps decoder
     adapters (the cascade 40% -> 56%, the aligned path stays at 20%), the second a projector whose
-    aligned path beats that cascade (60%), the third is rejected (its candidate's 65% is not served)."""
+    aligned path beats that cascade (60%), the third is rejected (its candidate's 65% is not served).
+    The last night trained only the decoder adapters (a real-size night on 2 cores leaves the projector
+    as it is): its loss per epoch is the last training shown."""
     nights = [  # status, (aligned before, after), (cascade before, after), auto's path before and after
         ("promoted", (0.2, 0.2), (0.4, 0.56), ("cascade", "cascade")),
         ("promoted", (0.2, 0.6), (0.56, 0.56), ("cascade", "aligned")),
@@ -149,6 +151,10 @@ async def test_the_learning_page_shows_what_answered_the_household(
                 "aligned": {"before": _figures(aligned[0]), "after": _figures(aligned[1])},
                 "cascade": {"before": _figures(cascade[0]), "after": _figures(cascade[1])},
             },
+            "train": {"skipped": "its share holds 0.5 of a pass"}
+            if i == 2
+            else {"loss_curve": [[5, 2], [9, 1]]},
+            "decoder": {"loss_curve": [1.2, 0.8, 0.5]} if i == 2 else {},
         }
         store.conn.execute(
             "INSERT INTO adaptations (started_at, finished_at, status, reason, report) "
@@ -178,6 +184,8 @@ async def test_the_learning_page_shows_what_answered_the_household(
         assert shown == cells, requested
         charted = [title.split(" (")[0] for title in page.split("<title>intent accuracy: ")[1:]]
         assert charted == points, requested
+        assert page.count('<svg class="chart"') == 2 and "<title>projector:" not in page
+        assert "<title>Whisper&#x27;s decoder adapters, by epoch: 0.5 (3)</title>" in page
 
 
 async def test_a_log_that_keeps_nothing_is_shown_until_it_keeps_an_utterance_again(

@@ -612,18 +612,36 @@ def _accuracy_chart(runs: list[dict[str, Any]], requested: str) -> str:
     )
 
 
-def _loss_chart(runs: list[dict[str, Any]]) -> tuple[str, dict[str, Any] | None]:
+def _loss_charts(runs: list[dict[str, Any]]) -> tuple[str, dict[str, Any] | None]:
+    """The training losses of the newest run that trained, and that run: the projector's over the
+    seconds, Whisper's decoder adapters' per epoch (a night trains either or both)."""
     for run in runs:
-        curve = ((run["report"] or {}).get("train") or {}).get("loss_curve") or []
-        if len(curve) >= 2:
-            points = [(float(s), float(loss)) for s, loss in curve]
-            chart = line_chart(
-                [Series("training loss", "s1", points)],
-                label="Training loss of the last run",
-                y_format=lambda v: f"{v:.3g}",
-                x_format=lambda v: f"{v:.0f} s",
+        report = run["report"] or {}
+        projector = (report.get("train") or {}).get("loss_curve") or []
+        decoder = (report.get("decoder") or {}).get("loss_curve") or []
+        charts = []
+        if len(projector) >= 2:
+            points = [(float(s), float(loss)) for s, loss in projector]
+            charts.append(
+                line_chart(
+                    [Series("projector", "s1", points)],
+                    label="The projector's training loss in the last run",
+                    y_format=lambda v: f"{v:.3g}",
+                    x_format=lambda v: f"{v:.0f} s",
+                )
             )
-            return chart, run
+        if len(decoder) >= 2:
+            points = [(float(epoch), float(loss)) for epoch, loss in enumerate(decoder, 1)]
+            charts.append(
+                line_chart(
+                    [Series("Whisper's decoder adapters, by epoch", "s2", points)],
+                    label="Whisper's decoder adapters' training loss in the last run",
+                    y_format=lambda v: f"{v:.3g}",
+                    x_format=lambda v: f"{v:.0f}",
+                )
+            )
+        if charts:
+            return "".join(charts), run
     return "", None
 
 
@@ -732,7 +750,7 @@ async def learning(request: web.Request) -> str:
     listing = await asyncio.to_thread(Versions(control.data_dir).describe)
     running = control.job_running
     accuracy = _accuracy_chart(runs, control.requested_path)
-    loss, loss_run = _loss_chart(runs)
+    loss, loss_run = _loss_charts(runs)
     charts = (
         '<section class="card"><h2>Accuracy over the nights</h2>'
         + (
@@ -745,7 +763,8 @@ async def learning(request: web.Request) -> str:
         + "</section>"
         + '<section class="card"><h2>Last training</h2>'
         + (
-            loss + f'<p class="small">Loss while training, run of {_when(loss_run["started_at"])}.</p>'
+            loss + f'<p class="small">Loss while training, run of {_when(loss_run["started_at"])}: the '
+            "projector's over the seconds, Whisper's decoder adapters' per epoch.</p>"
             if loss_run
             else "<p>No training yet.</p>"
         )
