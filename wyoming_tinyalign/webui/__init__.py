@@ -619,27 +619,25 @@ def _loss_charts(runs: list[dict[str, Any]]) -> tuple[str, dict[str, Any] | None
         report = run["report"] or {}
         projector = (report.get("train") or {}).get("loss_curve") or []
         decoder = (report.get("decoder") or {}).get("loss_curve") or []
-        charts = []
-        if len(projector) >= 2:
-            points = [(float(s), float(loss)) for s, loss in projector]
-            charts.append(
-                line_chart(
-                    [Series("projector", "s1", points)],
-                    label="The projector's training loss in the last run",
-                    y_format=lambda v: f"{v:.3g}",
-                    x_format=lambda v: f"{v:.0f} s",
-                )
+        curves = [  # (name, colour, points, the x axis's labels)
+            ("projector", "s1", [(float(s), float(loss)) for s, loss in projector], lambda v: f"{v:.0f} s"),
+            (
+                "Whisper's decoder adapters, by epoch",
+                "s2",
+                [(float(epoch), float(loss)) for epoch, loss in enumerate(decoder, 1)],
+                lambda v: f"{v:.0f}",
+            ),
+        ]
+        charts = [
+            line_chart(
+                [Series(name, css, points)],
+                label=f"Training loss in the last run: {name}",
+                y_format=lambda v: f"{v:.3g}",
+                x_format=x_format,
             )
-        if len(decoder) >= 2:
-            points = [(float(epoch), float(loss)) for epoch, loss in enumerate(decoder, 1)]
-            charts.append(
-                line_chart(
-                    [Series("Whisper's decoder adapters, by epoch", "s2", points)],
-                    label="Whisper's decoder adapters' training loss in the last run",
-                    y_format=lambda v: f"{v:.3g}",
-                    x_format=lambda v: f"{v:.0f}",
-                )
-            )
+            for name, css, points, x_format in curves
+            if len(points) >= 2
+        ]
         if charts:
             return "".join(charts), run
     return "", None
