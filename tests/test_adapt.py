@@ -49,7 +49,8 @@ from wyoming_tinyalign.manifest import Utterance, read_manifest, write_manifest
 from wyoming_tinyalign.model.bundle import BundleError
 from wyoming_tinyalign.model.speechllm import SpeechLLM
 from wyoming_tinyalign.store import SCHEMA_VERSION, InteractionStore, StoreDamaged
-from wyoming_tinyalign.versions import BASE, Versions, served
+from wyoming_tinyalign.versions import BASE, Versions, load_household_model, served
+from wyoming_tinyalign.worker import choose_path
 
 BUDGET = "0.4"  # minutes (the first night also computes the encoder features)
 
@@ -230,7 +231,9 @@ def test_eval_of_the_households_promoted_model(
     proc = cli("eval", "--data-dir", str(household), "--manifest", str(manifest), "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
-    assert report["projector_version"] == "v0001" and report["n"] == 2 and report["path"] == "aligned"
+    assert report["projector_version"] == "v0001" and report["n"] == 2
+    # On the path the server answers on with it (`serve`'s default, `--path auto`), named in the report.
+    assert report["path"] == choose_path("auto", load_household_model(household)[0])
 
 
 @pytest.mark.parametrize("moment", ["loading", "training for up to"])

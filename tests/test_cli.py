@@ -24,15 +24,22 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("path", ["aligned", "readout", "cascade"])
-def test_eval_prints_one_json_object(micro_model: Path, base_manifest: Path, path: str) -> None:
-    proc = cli(
-        "eval", "--model", str(micro_model), "--manifest", str(base_manifest), "--path", path, "--json"
-    )
+@pytest.mark.parametrize(
+    ("path", "answered_on"),
+    [("aligned", "aligned"), ("readout", "readout"), ("cascade", "cascade"), (None, "cascade")],
+    ids=["aligned", "readout", "cascade", "default"],
+)
+def test_eval_prints_one_json_object(
+    micro_model: Path, base_manifest: Path, path: str | None, answered_on: str
+) -> None:
+    """Each path, and by default (`--path auto`) the one `serve` answers on: a bundle's own projector
+    does not replace the cascade until a household version's aligned path beats it."""
+    chosen = ["--path", path] if path else []
+    proc = cli("eval", "--model", str(micro_model), "--manifest", str(base_manifest), *chosen, "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report.keys() >= EVAL_KEYS
-    assert report["n"] == 6 and report["path"] == path
+    assert report["n"] == 6 and report["path"] == answered_on
     assert 0.0 <= report["intent_accuracy"] <= report["intent_name_accuracy"] <= 1.0
     assert report["wer"] >= 0.0
     assert 0 < report["latency_ms_p50"] <= report["latency_ms_p95"]

@@ -14,8 +14,9 @@ from .corpus import Command
 from .households import context_text, load_households
 from .intents import Intent
 from .manifest import Utterance, load_utterances, read_manifest
-from .model.speechllm import PATHS, Result, SpeechLLM
+from .model.speechllm import Result, SpeechLLM
 from .models import add_dtype_arg, inference_dtype
+from .worker import PATH_CHOICES, choose_path
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -105,7 +106,13 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         "--data-dir", type=Path, help="instead of --model: a data dir (its bundle + promoted version)"
     )
     parser.add_argument("--manifest", required=True, type=Path, help="manifest.jsonl to evaluate on")
-    parser.add_argument("--path", choices=PATHS, default="aligned")
+    parser.add_argument(
+        "--path",
+        choices=PATH_CHOICES,
+        default="auto",
+        help="the path to answer on; auto: the one `serve --path auto` takes with this model (the report "
+        "names it)",
+    )
     parser.add_argument("--households", type=Path, help="households file for context (default: packaged)")
     parser.add_argument("--no-context", action="store_true", help="leave household context out of the prompt")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -123,7 +130,8 @@ def run_eval(args: argparse.Namespace) -> int:
         args.model = recorded_model(args.data_dir)
     else:
         model = SpeechLLM.load(args.model, device=args.device, dtype=dtype)
-    report = evaluate_manifest(model, args.manifest, args.path, args.households, not args.no_context)
+    path = choose_path(args.path, model)
+    report = evaluate_manifest(model, args.manifest, path, args.households, not args.no_context)
     report["model"] = str(args.model)
     if version is not None:
         report["projector_version"] = version
