@@ -105,7 +105,7 @@ from .train import (
     utterance_seconds,
     val_loss,
 )
-from .versions import BASE, VersionError, Versions, check_fits, household_validated, recorded_model
+from .versions import BASE, VersionError, Versions, auto_path, check_fits, recorded_model
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -873,11 +873,11 @@ class Job:
             name = self.versions.add(projector, info, adapter[0] if adapter else None)
             if promoted:
                 self.versions.promote(name)
-                report["path_auto"] = "aligned" if household_validated(info) else "cascade"
+                report["path_auto"] = auto_path(info)
             report.update(version=name, pruned=self.versions.prune(opts.keep))
         # What answered the household before the night and what answers after it, on either path (the
         # page shows the path the server serves: its `--path`, or with `auto` each version's choice).
-        path_before = "aligned" if household_validated(serving_info) else "cascade"
+        path_before = auto_path(serving_info)
         cascade_before = night.before if night is not None else report["cascade"]
         report["served"] = {
             "path_auto": {"before": path_before, "after": report.get("path_auto", path_before)},

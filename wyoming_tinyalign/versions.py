@@ -195,7 +195,7 @@ class Versions:
             try:
                 info = self.info(name)
                 entry["metrics"], entry["decoder"] = info.metrics, info.decoder is not None
-                entry["path_auto"] = "aligned" if household_validated(info) else "cascade"
+                entry["path_auto"] = auto_path(info)
             except VersionError as err:
                 entry["error"] = str(err)
             items.append(entry)
@@ -258,6 +258,11 @@ def household_validated(info: ProjectorInfo | None) -> bool:
     if household.get("wer") is not None and cascade.get("wer") is not None:
         return household["wer"] <= cascade["wer"]
     return False
+
+
+def auto_path(info: ProjectorInfo | None) -> str:
+    """The path `--path auto` answers on with a version of `info` (None: the bundle's own projector)."""
+    return "aligned" if household_validated(info) else "cascade"
 
 
 # ------------------------------------------------------------------------------------- the data dir

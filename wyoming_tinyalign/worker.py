@@ -21,7 +21,7 @@ from .model.bundle import ProjectorInfo
 from .model.decoder_adapter import ShapedAdapter
 from .model.projector import Projector
 from .model.speechllm import PATHS, Result, SpeechLLM
-from .versions import household_validated
+from .versions import auto_path
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def choose_path(requested: str, model: SpeechLLM) -> str:
     """`auto` is `aligned` once a household version has been promoted whose aligned path beats the
     cascade on the household's held-out utterances (`versions.household_validated`), `cascade` before."""
     if requested == "auto":
-        return "aligned" if household_validated(model.projector_info) else "cascade"
+        return auto_path(model.projector_info)
     if requested not in PATHS:
         raise ValueError(f"unknown path {requested!r}; expected one of {', '.join(PATH_CHOICES)}")
     if requested != "cascade" and model.projector is None:
