@@ -336,6 +336,9 @@ def test_the_link_logs_in_and_the_dashboard_shows_the_server(page, site: Site, s
     assert " ms / " in text  # latency p50 / p95
     withheld = api(site, "GET", f"api/interactions?withheld=true&since={date.today()}")[1]["total"]
     assert page.inner_text(UNSURE_LINK) == f"{withheld} today"
+    unchecked = api(site, "GET", "api/interactions?labelled=false&kind=audio")[1]["total"]
+    review = page.inner_text('main a[href="interactions?filter=unlabelled"]')
+    assert review == f"{unchecked} utterance{'' if unchecked == 1 else 's'} nobody has checked"
     page.screenshot(path=shots / "dashboard.png", full_page=True)
 
 
@@ -587,14 +590,14 @@ def test_delete_all_asks_first_and_takes_a_damaged_log_set_aside_too(page, site:
     assert f"a damaged log was set aside in {aside.name}, with its recordings" in page.inner_text("main")
     page.goto(site.url + "interactions")
     total = api(site, "GET", "api/interactions")[1]["total"]
-    assert page.inner_text("#delete-all") == f"Delete all {total} recordings and 1 damaged log(s) set aside"
+    assert page.inner_text("#delete-all") == f"Delete all {total} recordings and 1 damaged log set aside"
     before = rows(page)
     asked: list[str] = []
     page.once("dialog", lambda dialog: (asked.append(dialog.message), dialog.dismiss()))
     page.click("#delete-all")
     page.wait_for_timeout(300)
     assert asked == [
-        f"Delete all {total} recordings and 1 damaged log(s) set aside, with what was heard? "
+        f"Delete all {total} recordings and 1 damaged log set aside, with what was heard? "
         "This cannot be undone."
     ]
     assert rows(page) == before and api(site, "GET", "api/interactions")[1]["total"] == len(before)
