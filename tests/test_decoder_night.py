@@ -230,7 +230,7 @@ async def test_the_server_serves_them_logs_the_version_and_a_rollback_takes_them
             assert newest["path"] == "cascade" and newest["projector_version"] == name
             page = await (await http.get(f"{web}/learning")).text()  # the household's page says so
             assert "Whisper's decoder (kept)" in page and "and Whisper decoder adapters" in page
-            assert "1 transcript(s) longer than it writes left out" in page
+            assert "1 transcript longer than it writes left out" in page
             dashboard = await (await http.get(f"{web}/")).text()
             assert f"{name}, with Whisper decoder adapters, promoted" in dashboard
             answer = await http.post(f"{web}/api/rollback", json={"to": "base"})

@@ -550,7 +550,7 @@ async def interactions(request: web.Request) -> str:
     older = f'<a href="interactions{_query({**base, "page": page + 1})}">older &rarr;</a>'
     pager = f"{newer if page > 1 else ''}<span>page {page} of {pages}</span>{older if page < pages else ''}"
     everything = data["counts"]["all"]
-    doomed = [f"all {_count(everything, 'recording')}"] if everything else []
+    doomed = [f"{'all ' if everything > 1 else ''}{_count(everything, 'recording')}"] if everything else []
     doomed += [f"{_count(data['set_aside'], 'damaged log')} set aside"] if data["set_aside"] else []
     delete_all = (
         f'<button type="button" id="delete-all" class="danger">Delete {" and ".join(doomed)}</button>'
