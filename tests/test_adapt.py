@@ -82,6 +82,9 @@ def adaptations(data: Path) -> list[sqlite3.Row]:
 def test_a_night_with_corrections_promotes_a_better_projector(
     household: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
+    stale = household / "cache" / "features" / "an-old-encoder" / "ab" / "ab12.safetensors"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"features of a clip no longer used")
     proc = cli(
         "adapt",
         "--data-dir",
@@ -99,6 +102,7 @@ def test_a_night_with_corrections_promotes_a_better_projector(
     assert data["labelled"] == 30 and data["sources"] == {"correction": 30, "teacher": 0, "outcome": 0}
     assert data["train"] + data["heldout"] == 30 and data["heldout"] >= 1
     assert data["replay"] >= 16 and data["general"] == 16
+    assert data["features_pruned"] == 1 and not stale.exists()  # the night keeps those it uses
     before, after = report["before"]["household"], report["after"]["household"]
     # "Better" at micro size, where every projector's answers are noise: a lower held-out loss on the
     # household's held-out utterances (`--decide-on loss`; the default rule, on intent accuracy and WER

@@ -606,11 +606,12 @@ class Job:
         voices = [speaker for house in base for speaker in house.speakers]
         return base + [replace(house, speakers=voices) for house in own if house.devices]
 
-    def _run(self) -> None:
+    def _labels(self) -> tuple[list[Label], list[Label], dict[str, str], str]:
+        """The night's labels (the teacher first, for utterances that have no teacher transcript yet),
+        counted into the report; a Skip when they have not changed or are too few. Returns the held-out
+        and trainable labels, each label's digest and the data hash (what the next night compares)."""
         opts = self.opts
-        report = self.report
-        # Labels (the teacher first, for utterances that have no teacher transcript yet).
-        report["data"] = data = {"teacher_runs": self._teacher()}
+        self.report["data"] = data = {"teacher_runs": self._teacher()}
         settings = LabelSettings(opts.teacher_min_confidence, opts.outcome_window_s)
         labels, counts = compute_labels(self.conn, settings)
         record_label_sources(self.conn, labels)
@@ -625,7 +626,7 @@ class Job:
         labelled = sorted(f"{k}:{v}" for k, v in digests.items())
         model_id = (str(self.bundle.resolve()), projector_version(self.bundle) or "")
         data_hash = _digest(*model_id, str(opts.heldout_every), *labelled)
-        report["data_hash"] = data_hash
+        self.report["data_hash"] = data_hash
         # The replay samples are drawn from the labels alone: the same log draws the same ones wherever the
         # model lies (the data hash holds its folder, so that a model moved or changed runs again).
         self.sample_key = _digest(*labelled)
@@ -646,6 +647,13 @@ class Job:
         data["heldout_sources"] = {
             s: sum(lab.source == s for lab in held) for s in ("correction", "teacher", "outcome")
         }
+        return held, trainable, digests, data_hash
+
+    def _run(self) -> None:
+        opts = self.opts
+        report = self.report
+        held, trainable, digests, data_hash = self._labels()
+        data = report["data"]
 
         model = self._load_model()
         self._stage("model loaded")
@@ -886,7 +894,25 @@ class Job:
         }
         if not deleted:
             self._save_state(data_hash, digests)
-        keep = {cascade_cache.path, *(c.path for c in (serving_cache, shipped_cache) if c is not None)}
+        self._prune(
+            cache,
+            [cascade_cache, serving_cache, shipped_cache],
+            train_pairs + held_pairs,
+            replay_all + general_utts,
+        )
+
+    def _prune(
+        self,
+        cache: FeatureCache,
+        used: list[Predictions | None],
+        pairs: list[tuple[Label, np.ndarray]],
+        speech: list[Utterance],
+    ) -> None:
+        """Drop the cached answers that neither this night (`used`) nor a kept version can use, and, in the
+        data dir's own feature cache, the features of audio no longer used (deleted by retention, or
+        computed by an old encoder); a shared --cache-dir is left alone."""
+        predictions = self.opts.work / PREDICTIONS_DIR
+        keep = {c.path for c in used if c is not None}
         keep.add(self._cascade_cache(cache, None).path)
         for name in self.versions.names():
             with suppress(VersionError):
@@ -896,11 +922,9 @@ class Job:
         for path in predictions.glob("*.json"):
             if path not in keep:
                 path.unlink(missing_ok=True)
-        if opts.cache_dir is None:  # the data dir's own cache: features of audio no longer used go
-            # (deleted by retention, or computed by an old encoder); a shared --cache-dir is left alone
-            audios = [a for _, a in train_pairs + held_pairs]
-            audios += [a for _, a in _readable(replay_all) + _readable(general_utts)]
-            data["features_pruned"] = prune_features(cache.folder.parent, audios)
+        if self.opts.cache_dir is None:
+            audios = [a for _, a in pairs] + [a for _, a in _readable(speech)]
+            self.report["data"]["features_pruned"] = prune_features(cache.folder.parent, audios)
 
     def _train_projector(
         self,
