@@ -220,6 +220,19 @@ async def test_a_log_that_keeps_nothing_is_shown_until_it_keeps_an_utterance_aga
     assert said[0].exc_info and not said[1].exc_info
 
 
+async def test_one_of_a_thing_is_counted_as_one(tmp_path: Path, store: InteractionStore) -> None:
+    """The page counts in words: one utterance nobody has checked, one recording to delete (not "all 1
+    recordings")."""
+    await store.async_add(Interaction(kind="audio", transcript="turn on the lamp"))
+    app = build_app(WebContext(control=FakeControl(tmp_path), store=store, metrics=Metrics(), token="secret"))
+    bearer = {"Authorization": "Bearer secret"}
+    async with TestClient(TestServer(app)) as http:
+        dashboard = await (await http.get("/", headers=bearer)).text()
+        listing = await (await http.get("/interactions", headers=bearer)).text()
+    assert ">1 utterance nobody has checked</a>" in dashboard
+    assert ">Delete 1 recording</button>" in listing
+
+
 # -------------------------------------------------------------------------------------- the server
 @dataclass
 class Site:
