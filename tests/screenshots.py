@@ -60,7 +60,7 @@ NIGHTS = [
         (0.55, 0.30),
         "decoder: better for the household (intent accuracy 0.42 -> 0.55), not worse on other voices",
     ),
-    ("skipped", None, None, None, "only 6 new label(s); at least 20 are needed (--min-new)"),
+    ("skipped", None, None, None, "only 6 new labels; at least 20 are needed (--min-new)"),
     (
         "rejected",
         "v0002",

@@ -166,7 +166,7 @@ def test_too_few_new_labels_are_skipped(
 ) -> None:
     log_household(household, micro_model, unseen_speech(tmp_path_factory, 2, seed=22))
     report = run_job(options(household, tmp_path_factory, min_new=5))
-    assert report["status"] == "skipped" and report["reason"].startswith("only 2 new label(s)")
+    assert report["status"] == "skipped" and report["reason"].startswith("only 2 new labels;")
 
 
 def test_a_worse_candidate_is_rejected_and_the_served_version_stays(

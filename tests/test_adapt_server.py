@@ -420,7 +420,7 @@ async def test_a_delete_while_a_night_runs_is_not_undone_by_it(
     run = runs["items"][0]
     report = run["report"]
     assert run["status"] == report["status"] == "rejected" and run["version"] is None, report
-    assert f"{len(keys)} recording(s) it learnt from or was judged on were deleted" in report["reason"]
+    assert f"deleted while it ran: {len(keys)} recordings it learnt from" in report["reason"]
     assert versions_after == versions_before  # nothing served or kept that learnt from them
     assert state["data_hash"] != report["data_hash"]  # nor its labels recorded as learnt: new again
     assert report["data"]["heldout"] >= 1  # some of them were answered for validation

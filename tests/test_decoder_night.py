@@ -285,7 +285,7 @@ def test_adapters_that_learnt_from_recordings_deleted_meanwhile_are_not_kept(
         logger.removeHandler(handler)
         logger.setLevel(level)
     assert handler.deleted == 41
-    assert report["status"] == "rejected" and "were deleted while it ran" in report["reason"], report
+    assert report["status"] == "rejected" and "deleted while it ran: " in report["reason"], report
     decoder = report["decoder"]
     assert decoder["steps"] > 0 and decoder["promoted"] is False, decoder
     if when.endswith(":"):  # judged better: what 41a88d8 mended

@@ -33,6 +33,7 @@ from .serve import add_serve_args, run_serve
 from .store import StoreError
 from .synth import add_synth_args, run_synth
 from .train import add_train_args, run_train
+from .words import counted
 
 _LOGGER = logging.getLogger(__name__)
 ENV_PREFIX = "WYOMING_TINYALIGN_"
@@ -115,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     elif (quota := cpu_quota()) is not None and math.floor(quota) < torch.get_num_threads():
         threads = max(1, math.floor(quota))
         _LOGGER.info(
-            "a CPU quota of %.3g CPUs (cgroup): %d torch thread(s), not %d",
-            quota, threads, torch.get_num_threads(),
+            "a CPU quota of %.3g CPUs (cgroup): %s, not %d",
+            quota, counted(threads, "torch thread"), torch.get_num_threads(),
         )  # fmt: skip
         torch.set_num_threads(threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():

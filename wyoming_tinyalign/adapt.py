@@ -106,6 +106,7 @@ from .train import (
     val_loss,
 )
 from .versions import BASE, VersionError, Versions, auto_path, check_fits, recorded_model
+from .words import counted
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -580,7 +581,9 @@ class Job:
         if gone:
             NightData(self.opts.data_dir).forget_clips(gone)  # the label digests went above
             self.report.setdefault("data", {})["deleted_while_running"] = len(gone)
-            _LOGGER.info("forgot what this run derived from %d clip(s) deleted while it ran", len(gone))
+            _LOGGER.info(
+                "forgot what this run derived from %s deleted while it ran", counted(len(gone), "clip")
+            )
 
     def _gone(self, ids: set[int]) -> set[int]:
         """Those of these interaction rows that are no longer in the log (deleted)."""
@@ -637,7 +640,9 @@ class Job:
             if state.get("data_hash") == data_hash:
                 raise Skip("the labelled data has not changed since the last run")
             if new < opts.min_new:
-                raise Skip(f"only {new} new label(s); at least {opts.min_new} are needed (--min-new)")
+                raise Skip(
+                    f"only {counted(new, 'new label')}; at least {opts.min_new} are needed (--min-new)"
+                )
         held, trainable = split_labels(labels, opts.heldout_every, opts.heldout_max, opts.train_max)
         if not trainable or not held:
             raise Skip(
@@ -826,8 +831,8 @@ class Job:
             if "decoder" in report:  # its adapters go too (the page must not say they were kept)
                 report["decoder"]["promoted"] = False
             reason = (
-                f"{len(deleted)} recording(s) it learnt from or was judged on were deleted while it ran: "
-                "nothing it trained is kept (the next night learns without them)"
+                f"deleted while it ran: {counted(len(deleted), 'recording')} it learnt from or was judged "
+                "on; nothing it trained is kept (the next night learns without them)"
             )
         elif night is not None:
             reason = f"projector: {reason}; decoder: {night.reason}"

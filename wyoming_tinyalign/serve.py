@@ -50,6 +50,7 @@ from .models import (
 )
 from .scheduler import Nightly, add_adaptation_args
 from .store import MIN_FREE_BYTES, NO_LOG, InteractionStore, StoreDamaged, StoreError
+from .words import counted
 from .worker import PATH_CHOICES, InferenceWorker
 
 _LOGGER = logging.getLogger(__name__)
@@ -280,7 +281,9 @@ class App:
                     advert = await Advert.start(zeroconf_name, server.host, listener)
                 await stop.wait()
             busy = sum(h.busy for h in self._handlers.values())
-            _LOGGER.info("stopping: %d connection(s), %d with a request in flight", len(self._handlers), busy)
+            _LOGGER.info(
+                "stopping: %s, %d with a request in flight", counted(len(self._handlers), "connection"), busy
+            )
         finally:
             if listener is not None:
                 listener.close()
@@ -378,6 +381,6 @@ class App:
             task.cancel()
         if pending:
             _LOGGER.warning(
-                "cancelled %d connection(s) still busy after %.0f s", len(pending), SHUTDOWN_GRACE_S
+                "cancelled %s still busy after %.0f s", counted(len(pending), "connection"), SHUTDOWN_GRACE_S
             )
             await asyncio.wait(pending, timeout=5.0)

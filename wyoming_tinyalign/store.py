@@ -44,6 +44,7 @@ import numpy as np
 
 from .audio import AudioError, as_stored, read_wav, write_wav
 from .intents import Intent
+from .words import counted
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -425,7 +426,7 @@ class InteractionStore:
             )
             try:
                 if removed := self.remove_set_aside(older_than=cutoff):
-                    _LOGGER.info("retention: deleted %d damaged log(s) set aside", removed)
+                    _LOGGER.info("retention: deleted %s set aside", counted(removed, "damaged log"))
             except OSError as err:
                 _LOGGER.warning("retention: could not delete a damaged log set aside: %s", err)
         if self.retention_bytes:
@@ -443,7 +444,7 @@ class InteractionStore:
                 total -= size
             deleted += self._delete(doomed)
         if deleted:
-            _LOGGER.info("retention: deleted %d old interaction(s)", deleted)
+            _LOGGER.info("retention: deleted %s", counted(deleted, "old interaction"))
         return deleted
 
     def _delete(self, rows: list[Doomed]) -> int:
@@ -469,7 +470,9 @@ class InteractionStore:
             try:
                 self.derived.forget(keys, {row[0] for row in rows})
             except OSError as err:  # the rows and the audio are gone: say what is left, and go on
-                _LOGGER.warning("could not delete what was derived from %d row(s): %s", len(rows), err)
+                _LOGGER.warning(
+                    "could not delete what was derived from %s: %s", counted(len(rows), "row"), err
+                )
         return len(rows)
 
     def _clip_keys(self, rows: list[Doomed]) -> set[str]:
@@ -504,7 +507,7 @@ class InteractionStore:
         except OSError as err:  # the server serves on; the next start tries again
             _LOGGER.warning("could not sweep %s: %s", audio, err)
         if swept:
-            _LOGGER.info("deleted %d audio file(s) no interaction names (left by a crash)", swept)
+            _LOGGER.info("deleted %s no interaction names (left by a crash)", counted(swept, "audio file"))
         return swept
 
     def delete(self, ids: list[int]) -> int:

@@ -54,6 +54,7 @@ from aiohttp import web
 from .labels import FAILED_OUTCOMES, parse_correction, set_correction, validate_correction
 from .store import InteractionStore
 from .versions import VersionError, Versions
+from .words import counted
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -540,11 +541,11 @@ async def delete_interaction(request: web.Request) -> web.Response:
 async def delete_interactions(request: web.Request) -> web.Response:
     where, args = interaction_filters(request.query)
     deleted = await _delete(request, where, args)
-    _LOGGER.info("web: deleted %d interaction(s) with their audio", deleted)
+    _LOGGER.info("web: deleted %s with their audio", counted(deleted, "interaction"))
     if where == "1":  # all of them: damaged logs set aside too (they hold recordings)
         store = log_store(request)
         if removed := await store.async_call(store.remove_set_aside):
-            _LOGGER.info("web: deleted %d damaged log(s) set aside", removed)
+            _LOGGER.info("web: deleted %s set aside", counted(removed, "damaged log"))
     return web.json_response({"deleted": deleted})
 
 

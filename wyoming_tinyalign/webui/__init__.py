@@ -54,6 +54,7 @@ from ..web import (
     same_token,
     web_context,
 )
+from ..words import counted
 from .charts import Series, line_chart
 
 PER_PAGE = 25
@@ -250,11 +251,6 @@ def _pct(value: Any) -> str:
     return f"{value * 100:.0f}%" if isinstance(value, int | float) else "-"
 
 
-def _count(n: int, noun: str) -> str:
-    """`1 utterance`, `3 utterances`."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
 def _ms(value: float | None) -> str:
     return f"{value:.0f} ms" if value is not None else "-"
 
@@ -374,7 +370,7 @@ async def dashboard(request: web.Request) -> str:
         )
         review = (
             f'<dt>To review</dt><dd><a href="interactions?filter=unlabelled">'
-            f"{_count(overview['to_review'], 'utterance')} nobody has checked</a></dd>"
+            f"{counted(overview['to_review'], 'utterance')} nobody has checked</a></dd>"
         )
         last = overview["last_run"]
         last_text = (
@@ -550,8 +546,8 @@ async def interactions(request: web.Request) -> str:
     older = f'<a href="interactions{_query({**base, "page": page + 1})}">older &rarr;</a>'
     pager = f"{newer if page > 1 else ''}<span>page {page} of {pages}</span>{older if page < pages else ''}"
     everything = data["counts"]["all"]
-    doomed = [f"{'all ' if everything > 1 else ''}{_count(everything, 'recording')}"] if everything else []
-    doomed += [f"{_count(data['set_aside'], 'damaged log')} set aside"] if data["set_aside"] else []
+    doomed = [f"{'all ' if everything > 1 else ''}{counted(everything, 'recording')}"] if everything else []
+    doomed += [f"{counted(data['set_aside'], 'damaged log')} set aside"] if data["set_aside"] else []
     delete_all = (
         f'<button type="button" id="delete-all" class="danger">Delete {" and ".join(doomed)}</button>'
         if doomed
@@ -697,7 +693,7 @@ def _run_row(run: dict[str, Any], kept: set[str], requested: str) -> str:
                 for m, label in (("intent_accuracy", "intents"), ("wer", "WER"))
             ]
             if too_long := (decoder.get("examples") or {}).get("too_long"):
-                figures.append(f"{_count(too_long, 'transcript')} longer than it writes left out")
+                figures.append(f"{counted(too_long, 'transcript')} longer than it writes left out")
             said = f"({'kept' if decoder.get('promoted') else 'not kept'}): {', '.join(figures)}"
         ear = f'<div class="small">Whisper\'s decoder {said}</div>'
     return f"""<tr class="run {escape(run["status"])}">
