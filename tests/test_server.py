@@ -724,7 +724,7 @@ async def test_sigterm_finishes_requests_in_flight_and_exits_cleanly(
         server.stop()
     assert code == 0, server.text[-2000:]
     assert all(a[-1].type == "transcript" for a in answers)
-    assert re.search(r"stopping: 3 connection\(s\), [123] with a request in flight", server.text)
+    assert re.search(r"stopping: 3 connections, [123] with a request in flight", server.text)
     assert "Traceback" not in server.text  # no stream cut while its bytes were still arriving
     logged = rows(tmp_path / "data" / "log" / "interactions.sqlite3")
     assert len(logged) == 3
