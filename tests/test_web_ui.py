@@ -182,6 +182,10 @@ async def test_the_learning_page_shows_what_answered_the_household(
             for cell in page.split('<td data-label="Intent accuracy" class="nowrap">')[1:]
         ]
         assert shown == cells, requested
+        others = [
+            cell.split("</td>")[0] for cell in page.split('<td data-label="Other voices" class="nowrap">')[1:]
+        ]
+        assert others == ['<span title="not measured by this night">-</span>'] * 3  # (no general figures)
         charted = [title.split(" (")[0] for title in page.split("<title>intent accuracy: ")[1:]]
         assert charted == points, requested
         assert page.count('<svg class="chart"') == 2 and "<title>projector:" not in page

@@ -644,6 +644,15 @@ def _loss_charts(runs: list[dict[str, Any]]) -> tuple[str, dict[str, Any] | None
     return "", None
 
 
+def _change(figures: dict[str, Any], metric: str, where: str) -> str:
+    """`40% &rarr; 56%`; a figure the night did not measure (the cascade on other voices, unless it
+    judged decoder adapters) is `-`."""
+    before, after = (_figure(figures, when, metric, where) for when in ("before", "after"))
+    if before is None and after is None:
+        return '<span title="not measured by this night">-</span>'
+    return f"{_pct(before)} &rarr; {_pct(after)}"
+
+
 def _run_row(run: dict[str, Any], kept: set[str], requested: str) -> str:
     """One adaptation run: what the night did, and what answered the household before and after it
     (`requested`: the server's `--path`); `kept`: the versions still on disk (pruning removes older ones)."""
@@ -659,9 +668,7 @@ def _run_row(run: dict[str, Any], kept: set[str], requested: str) -> str:
         status += f" {escape(version)}" + ("" if version in kept else " (no longer kept)")
     paths, served = _served(report, requested)
     before_after = [
-        f"{_pct(_figure(served, 'before', m, where))} &rarr; {_pct(_figure(served, 'after', m, where))}"
-        if report.get("after")
-        else "-"
+        _change(served, m, where) if report.get("after") else "-"
         for m, where in (
             ("intent_accuracy", "household"),
             ("wer", "household"),
