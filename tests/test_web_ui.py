@@ -626,3 +626,38 @@ def test_delete_all_asks_first_and_takes_a_damaged_log_set_aside_too(page, site:
     assert page.locator("#delete-all").count() == 0  # nothing left to delete
     page.goto(site.url)
     assert "damaged" not in page.inner_text("main")
+
+
+def test_the_learning_page_fits_a_phone(chromium: playwright.Browser, site: Site) -> None:
+    """On a phone (390 px wide, where Home Assistant's app opens the page) the charts scale into their
+    cards: nothing scrolls sideways, the newest night's date is in view and the ticks stay legible. (They
+    had a minimum width of 520 px: the newest nights sat off-screen, in a card that scrolled.)"""
+    with sqlite3.connect(site.data / "log" / "interactions.sqlite3") as db:
+        for day, accuracy in enumerate((0.4, 0.56, 0.62)):
+            figures = {"household": {"intent_accuracy": accuracy, "wer": 0.3}, "general": {}}
+            report = {"before": figures, "after": figures, "train": {"loss_curve": [[5, 2.0], [9, 1.0]]}}
+            started = time.time() - 86400 * (3 - day)
+            db.execute(
+                "INSERT INTO adaptations (started_at, finished_at, status, reason, report) "
+                "VALUES (?, ?, 'promoted', '', ?)",
+                (started, started + 60, json.dumps(report)),
+            )
+    context = chromium.new_context(viewport={"width": 390, "height": 844})
+    try:
+        phone = context.new_page()
+        phone.goto(site.link)
+        phone.click("nav >> text=Learning")
+        cards = phone.locator(".charts .card")
+        assert cards.count() == 2  # accuracy over the nights, the last training
+        for card in cards.all():
+            assert card.evaluate("c => c.scrollWidth <= c.clientWidth"), "the card scrolls sideways"
+            box = card.bounding_box()
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390
+        newest = phone.locator(
+            "svg.chart text.tick", has_text=time.strftime("%m-%d", time.localtime(started))
+        )
+        tick = newest.bounding_box()
+        assert tick is not None and tick["x"] + tick["width"] <= 390, tick
+        assert tick["height"] >= 9, tick  # px: scaled down, the text is drawn larger
+    finally:
+        context.close()

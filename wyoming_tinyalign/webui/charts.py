@@ -1,6 +1,7 @@
 """Line charts drawn on the server as inline SVG (no chart library, nothing fetched: the home network may
 be offline). Colours come from the page's style sheet through the series' CSS class, so the charts follow
-the light and dark themes."""
+the light and dark themes. The SVG scales to its card's width (on a phone, the style sheet draws its text
+larger, so that it stays legible scaled down); the legend is HTML above it, and wraps."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 from html import escape
 
 WIDTH, HEIGHT = 800, 230
-LEFT, RIGHT, TOP, BOTTOM = 56, 28, 30, 32
+LEFT, RIGHT, TOP, BOTTOM = 64, 28, 20, 36
 MAX_DOTS = 40  # a longer series is drawn as a line only
 
 
@@ -53,7 +54,9 @@ def line_chart(
         y = min(max(y, y0), y1)
         return TOP + (1 - (y - y0) / (y1 - y0)) * inner_h
 
+    legend = "".join(f'<span class="{s.css}">&#9632; {escape(s.name)}</span>' for s in series)
     out = [
+        f'<div class="legend">{legend}</div>'
         f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{escape(label)}" '
         'xmlns="http://www.w3.org/2000/svg">'
     ]
@@ -61,18 +64,17 @@ def line_chart(
         at = sy(y)
         out.append(
             f'<line class="grid" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{at:.1f}" y2="{at:.1f}"/>'
-            f'<text class="tick" x="{LEFT - 6}" y="{at + 4:.1f}" text-anchor="end">'
+            f'<text class="tick" x="{LEFT - 6}" y="{at:.1f}" text-anchor="end" dominant-baseline="middle">'
             f"{escape(y_format(y))}</text>"
         )
     ticks = x_ticks if x_ticks is not None else [(x, "") for x in nice_ticks(x0, x1) if x0 <= x <= x1]
     for x, text in ticks:
+        anchor = "end" if x >= x1 else "middle"  # the last one ends at the edge (its text may be large)
         out.append(
-            f'<text class="tick" x="{sx(x):.1f}" y="{HEIGHT - 10}" text-anchor="middle">'
+            f'<text class="tick" x="{sx(x):.1f}" y="{HEIGHT - 8}" text-anchor="{anchor}">'
             f"{escape(text or x_format(x))}</text>"
         )
-    for n, s in enumerate(series):
-        at = LEFT + 4 + 170 * n
-        out.append(f'<text class="legend {s.css}" x="{at}" y="{TOP - 10}">&#9632; {escape(s.name)}</text>')
+    for s in series:
         if len(s.points) > 1:
             line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s.points)
             out.append(f'<polyline class="line {s.css}" points="{line}"/>')
