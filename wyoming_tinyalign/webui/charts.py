@@ -35,7 +35,8 @@ def line_chart(
     x_format: Callable[[float], str] = lambda v: f"{v:g}",
 ) -> str:
     """An SVG line chart of `series` (a dot with a tooltip per point, for series of up to MAX_DOTS
-    points); `label` is its accessible name. Without `x_ticks` or `y_range`, round values are chosen."""
+    points) under its legend (HTML); `label` is the chart's accessible name. Without `x_ticks` or
+    `y_range`, round values are chosen."""
     points = [p for s in series for p in s.points]
     if not points:
         return ""
