@@ -56,6 +56,7 @@ class FakeControl:
     adapted: bool = False
     version: str | None = "f2305ef185a8"
     model_name: str = "micro"
+    demo: bool = False
     path: str = "cascade"
     requested_path: str = "auto"
     next_run_at: None = None
@@ -235,6 +236,22 @@ async def test_one_of_a_thing_is_counted_as_one(tmp_path: Path, store: Interacti
         listing = await (await http.get("/interactions", headers=bearer)).text()
     assert ">1 utterance nobody has checked</a>" in dashboard
     assert ">Delete 1 recording</button>" in listing
+
+
+async def test_the_dashboard_says_when_the_demo_model_answers(
+    tmp_path: Path, store: InteractionStore
+) -> None:
+    """`--model dev` (the add-on's default) serves the demo model, which knows synthetic speech only: the
+    dashboard says so where it names the model, and says nothing of it for any other model."""
+    bearer = {"Authorization": "Bearer secret"}
+    pages = []
+    for demo in (True, False):
+        control = replace(FakeControl(tmp_path), model_name="dev-small" if demo else "mine", demo=demo)
+        app = build_app(WebContext(control=control, store=store, metrics=Metrics(), token="secret"))
+        async with TestClient(TestServer(app)) as http:
+            pages.append(await (await http.get("/", headers=bearer)).text())
+    assert "<dt>Model</dt><dd>dev-small<div" in pages[0] and "synthetic speech only" in pages[0]
+    assert "<dt>Model</dt><dd>mine</dd>" in pages[1] and "synthetic" not in pages[1]
 
 
 # -------------------------------------------------------------------------------------- the server

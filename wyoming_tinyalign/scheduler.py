@@ -154,6 +154,7 @@ class Nightly:
         self.version = base_version
         self.adapted = False  # the served version has Whisper decoder adapters (it serves the cascade too)
         self.model_name = choice.name
+        self.demo = choice.demo
         self.app: Any = None
         self.metrics = Metrics()
         self._refused: str | None = None

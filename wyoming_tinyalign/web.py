@@ -74,6 +74,7 @@ class Control(Protocol):
     version: str | None
     adapted: bool  # the served version has Whisper decoder adapters
     model_name: str
+    demo: bool  # the offline demo model (it knows synthetic speech only)
 
     @property
     def path(self) -> str: ...

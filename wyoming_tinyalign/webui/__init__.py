@@ -58,6 +58,10 @@ from ..words import counted
 from .charts import Series, line_chart
 
 PER_PAGE = 25
+DEMO_NOTE = (
+    '<div class="small warn">The demo model: it knows synthetic speech only, not your voices. Choose a real '
+    "model for use (the add-on's <i>model</i> option, or <code>--model preset:...</code>).</div>"
+)
 RUNS_SHOWN = 30
 COOKIE_MAX_AGE = 30 * 86400
 STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
@@ -409,7 +413,7 @@ async def dashboard(request: web.Request) -> str:
 {health}
 <div class="cards">
 <section class="card"><h2>Model</h2><dl>
-<dt>Model</dt><dd>{escape(control.model_name)}</dd>
+<dt>Model</dt><dd>{escape(control.model_name)}{DEMO_NOTE if control.demo else ""}</dd>
 <dt>Version</dt><dd>{version}</dd>
 <dt>Path in use</dt><dd>{path}</dd></dl></section>
 <section class="card"><h2>Today</h2><dl>{today}{review}</dl></section>
