@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -433,6 +434,9 @@ def test_delete_one(page, site: Site) -> None:
 def test_run_now_lists_the_run(page, site: Site, shots: Path) -> None:
     page.goto(site.url + "learning")
     assert "No adaptation has run yet" in page.inner_text("main")
+    assert re.search(r"; next nightly run \d{4}-\d\d-\d\d 03:00\.$", page.inner_text(".lead")), (
+        page.inner_text(".lead")
+    )
     page.click("#run-now")
     # The page polls while the job runs and reloads when it is done. One correction cannot be split into
     # a training and a held-out set, so the run is skipped, saying why.

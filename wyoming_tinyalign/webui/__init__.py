@@ -241,8 +241,7 @@ def _logged_in_by_cookie(request: web.Request) -> bool:
 
 
 def _when(ts: float | None) -> str:
-    """`2026-12-07 03:00` (HTML: a narrow column breaks it before the time, not at a hyphen)."""
-    return datetime.fromtimestamp(ts).strftime('<span class="nowrap">%Y-%m-%d</span> %H:%M') if ts else "-"
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M") if ts else "-"
 
 
 def _short(ts: float) -> str:
@@ -708,8 +707,9 @@ def _run_row(run: dict[str, Any], kept: set[str], requested: str) -> str:
                 figures.append(f"{counted(too_long, 'transcript')} longer than it writes left out")
             said = f"({'kept' if decoder.get('promoted') else 'not kept'}): {', '.join(figures)}"
         ear = f'<div class="small">Whisper\'s decoder {said}</div>'
+    day, _, clock = _when(run["started_at"]).partition(" ")  # (a narrow column breaks before the time)
     return f"""<tr class="run {escape(run["status"])}">
-<td data-label="Started">{_when(run["started_at"])}</td>
+<td data-label="Started"><span class="nowrap">{day}</span> {clock}</td>
 <td data-label="Result"><b>{status}</b><div class="small">{escape(run["reason"] or "")}</div>{ear}</td>
 <td data-label="Data">{" &middot; ".join(sizes) or "-"}</td>
 <td data-label="Labels">{sources or "-"}</td>
