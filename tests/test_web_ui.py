@@ -679,6 +679,6 @@ def test_the_learning_page_fits_a_phone(chromium: playwright.Browser, site: Site
         )
         tick = newest.bounding_box()
         assert tick is not None and tick["x"] + tick["width"] <= 390, tick
-        assert tick["height"] >= 9, tick  # px: scaled down, the text is drawn larger
+        assert tick["height"] >= 12, tick  # px (13 here; 10 when drawn at the desktop size, scaled down)
     finally:
         context.close()

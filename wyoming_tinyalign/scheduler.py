@@ -153,8 +153,6 @@ class Nightly:
         self.served_name = BASE
         self.version = base_version
         self.adapted = False  # the served version has Whisper decoder adapters (it serves the cascade too)
-        self.model_name = choice.name
-        self.demo = choice.demo
         self.app: Any = None
         self.metrics = Metrics()
         self._refused: str | None = None
@@ -206,6 +204,15 @@ class Nightly:
         return projector.to(model.device), info, adapter
 
     # --------------------------------------------------------------------------------- serving life
+    @property
+    def model_name(self) -> str:
+        return self.choice.name
+
+    @property
+    def demo(self) -> bool:
+        """The offline demo model answers (it knows synthetic speech only)."""
+        return self.choice.demo
+
     @property
     def path(self) -> str:
         return self.worker.path

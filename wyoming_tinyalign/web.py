@@ -73,8 +73,12 @@ class Control(Protocol):
     served_name: str
     version: str | None
     adapted: bool  # the served version has Whisper decoder adapters
-    model_name: str
-    demo: bool  # the offline demo model (it knows synthetic speech only)
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def demo(self) -> bool: ...  # the offline demo model answers (it knows synthetic speech only)
 
     @property
     def path(self) -> str: ...
