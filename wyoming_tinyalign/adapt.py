@@ -68,7 +68,7 @@ from .files import write_atomic
 from .gate import MIN_JUDGED, decide, paired_changes, path_auto
 from .hass import HOUSEHOLD_FILE
 from .households import Household, context_text, load_households
-from .intents import Intent
+from .intents import Answer, Intent
 from .labels import (
     Label,
     LabelSettings,
@@ -200,8 +200,66 @@ class DecoderNight:
     before: dict[str, dict]  # the served cascade's figures on the same sets
     after: dict[str, dict]  # the cascade's figures with them, per set
     items: list[Item]  # the household's utterances they were judged on
-    answers: list[tuple[str, Intent | None]]  # the cascade's with them, on those
+    answers: list[Answer]  # the cascade's with them, on those
     report: dict[str, Any]
+
+
+@dataclass
+class Serving:
+    """What answers the household when the night starts: what it fine-tunes and is judged against."""
+
+    name: str  # the version (BASE: the bundle's own projector)
+    projector: Projector | None  # None: the bundle has none (the night grows a first one)
+    info: ProjectorInfo | None
+    path: Path | None  # the projector's file, where training starts from
+    adapter: tuple[Adapter, AdapterConfig] | None  # Whisper's decoder adapters
+    shipped: Projector | None = None  # the bundle's own, where a household version is served
+
+    def objective(self) -> tuple[str, float]:
+        """The loss the projector was aligned with (and EmbedLink's weight in it), which the night
+        fine-tunes with: EmbedLink pulls a generatively aligned projector off what the LLM reads
+        (DESIGN.md); a first projector is grown with EmbedLink."""
+        return (self.info.objective, self.info.embedlink_weight) if self.info else ("embedlink", 1.0)
+
+
+@dataclass
+class NightSets:
+    """The speech a night learns from and is judged on."""
+
+    train: list[tuple[Label, np.ndarray]]  # the household's labelled utterances it learns from
+    held: list[tuple[Label, np.ndarray]]  # the household's held out (the typed first: `split_labels`)
+    replay_all: list[Utterance]  # base-household speech rendered for replay
+    replay: list[Utterance]  # the projector's sample of it
+    general: list[Utterance]  # base-household speech held out
+    held_items: list[Item]  # `held` and `general` ready to answer, cut to the budget (`_validate_served`)
+    general_items: list[Item]
+
+
+@dataclass
+class Before:
+    """What is served, on the night's held-out sets before it trains."""
+
+    figures: dict[str, Any]  # the projector's, per set (`Job._evaluate`)
+    answers: dict[str, list[Answer]] | None  # its answers, per set (None: there is no projector)
+    shipped_answers: dict[str, list[Answer]] | None  # the bundle's own projector's on the general set
+    cascade: dict[str, list[Answer]]  # the cascade's answers, per set
+    caches: list[Predictions | None]  # the answers kept for the next nights (`Job._prune`)
+    per_item: float  # seconds of one validation answer
+    loss_s: float  # seconds its held-out losses took (never cached: the candidate's cost as much)
+
+
+@dataclass
+class ProjectorNight:
+    """What a night made of the projector, and the verdict: its candidate (None where it trained none,
+    or training kept the served one) and the figures of the projector the household would be served."""
+
+    promote: bool
+    reason: str
+    after: dict[str, Any]
+    candidate: Projector | None = None
+    info: ProjectorInfo | None = None
+    answers: dict[str, list[Answer]] | None = None
+    skipped: str | None = None  # why it was not trained
 
 
 class Skip(Exception):
@@ -233,7 +291,7 @@ class Predictions:
             self.data = {}
         self.used: set[str] = set()
 
-    def get(self, key: str) -> tuple[str, Intent | None] | None:
+    def get(self, key: str) -> Answer | None:
         hit = self.data.get(key)
         if hit is None:
             return None
@@ -266,9 +324,7 @@ def answer_key(item: Item) -> str:
     return f"{item.key}/{_digest(item.context, item.utterance.text, _intent_text(item.utterance.intent))}"
 
 
-def answers(
-    model: SpeechLLM, items: list[Item], path: str, cache: Predictions
-) -> list[tuple[str, Intent | None]]:
+def answers(model: SpeechLLM, items: list[Item], path: str, cache: Predictions) -> list[Answer]:
     """Answers along `aligned` (the model's current projector) or `cascade`, from the cache when known.
     The cascade's missing answers come from a second load of Whisper (`SpeechLLM.separate_decoder`)."""
     keys = [answer_key(item) for item in items]
@@ -503,23 +559,25 @@ class Job:
                 "the decoder adapters of %s cannot be used (%s); the cascade runs without", name, err
             )
 
-    def _serving_projector(
-        self, model: SpeechLLM
-    ) -> tuple[str, Projector | None, ProjectorInfo | None, Path | None]:
-        """The served version (checked against the bundle), or the bundle's own projector."""
+    def _serving(self, model: SpeechLLM) -> Serving:
+        """What is served: the version (checked against the bundle), or the bundle's own projector."""
         assert self.bundle is not None and self.bundle_cfg is not None
         name = self.report.get("serving_version") or BASE
+        adapter = model.decoder_adapter
         if name != BASE:
             try:
                 projector, info = self.versions.load(name, self.opts.device)
                 check_fits(info, self.bundle_cfg, model.encoder.dim, model.llm.config.hidden_size)
-                return name, projector, info, self.versions.path(name)
+                path = self.versions.path(name)
             except VersionError as err:
                 _LOGGER.error(
                     "version %s cannot be used (%s); starting from the bundle's projector", name, err
                 )
+            else:
+                shipped = self._shipped_projector()
+                return Serving(name, projector, info, path, adapter, shipped[0] if shipped else None)
         shipped = self._shipped_projector()
-        return (BASE, *shipped) if shipped else (BASE, None, None, None)
+        return Serving(BASE, *shipped, adapter) if shipped else Serving(BASE, None, None, None, adapter)
 
     def _shipped_projector(self) -> tuple[Projector, ProjectorInfo, Path] | None:
         """The bundle's own projector (None: the bundle has none)."""
@@ -655,179 +713,72 @@ class Job:
         return held, trainable, digests, data_hash
 
     def _run(self) -> None:
-        opts = self.opts
-        report = self.report
+        opts, report = self.opts, self.report
         held, trainable, digests, data_hash = self._labels()
-        data = report["data"]
-
         model = self._load_model()
         self._stage("model loaded")
-        serving_name, serving, serving_info, init_path = self._serving_projector(model)
-        # A household version is served: the candidate is held to the shipped projector too (decide()).
-        shipped = self._shipped_projector() if serving_name != BASE else None
-        # Fine-tune with the loss the projector was aligned with: EmbedLink pulls a generatively aligned
-        # projector off what the LLM reads (DESIGN.md); a first projector is grown with EmbedLink.
-        objective, weight = ("embedlink", 1.0)
-        if serving_info is not None:
-            objective, weight = serving_info.objective, serving_info.embedlink_weight
-        self.loss_fn = objective_loss(objective, weight)
-        context = self._context()
+        serving = self._serving(model)
+        self.loss_fn = objective_loss(*serving.objective())
         cache = FeatureCache(opts.cache_dir or opts.data_dir / FEATURES_DIR, model.encoder, opts.batch)
+        sets = self._night_sets(cache, trainable, held)
 
-        # Household items, base-household replay and general held-out speech.
-        train_pairs, held_pairs = self._items(trainable), self._items(held)
-        if not train_pairs or not held_pairs:
-            raise Skip("the audio of the labelled utterances is missing or unreadable")
-        base = [h for h in load_households() if h.split == "base"]
-        replay_manifest = self._bootstrap("replay", opts.replay_n, REPLAY_SEED, self._replay_households(base))
-        general_manifest = self._bootstrap("general", opts.general_n, GENERAL_SEED, base)
-        contexts = {h.name: context_text(h) for h in load_households()}
-        rng = random.Random(self.sample_key)
-        replay_all = read_manifest(replay_manifest)
-        replay = rng.sample(replay_all, min(len(replay_all), max(len(train_pairs), 16)))
-        general_utts = read_manifest(general_manifest)
-        held_items = self._eval_items(
-            cache, [(self.clips[lab.id], a, _utterance(lab), context) for lab, a in held_pairs]
-        )
-        general_items = self._eval_items(
-            cache,
-            [
-                (f"g{i}", read_wav(u.audio), u, contexts.get(u.household, ""))
-                for i, u in enumerate(general_utts)
-            ],
-        )
-        data.update(
-            train=len(train_pairs), heldout=len(held_items), replay=len(replay), general=len(general_items)
-        )
         # Whisper's decoder learns only words the household typed: the teacher's are Whisper's own (the
         # served cascade's, as are most confirmed outcomes'), and adapters judged against the words of
         # the decoder that wrote them only come out worse (every household's teacher night did).
-        typed_train = [(lab, a) for lab, a in train_pairs if lab.typed]
-        n_typed = sum(lab.typed for lab, _ in held_pairs)  # (the first held out: `split_labels`)
+        typed_train = [(lab, a) for lab, a in sets.train if lab.typed]
+        n_typed = sum(lab.typed for lab, _ in sets.held)  # (the first held out: `split_labels`)
         decoder_skip = None
         if opts.decoder_epochs and (not typed_train or n_typed < MIN_JUDGED):
             decoder_skip = (  # (why the adapters were not trained)
                 f"it learns from transcripts the household corrected, and there are {len(typed_train)} "
                 f"to learn from and {n_typed} held out to judge by (it needs at least 1 and {MIN_JUDGED})"
             )
+            report["decoder"] = {"skipped": decoder_skip, "promoted": False}
         train_decoder = bool(opts.decoder_epochs) and decoder_skip is None
 
-        # Before: the served projector (and the cascade) on the held-out sets, sized to the budget.
-        predictions = opts.work / PREDICTIONS_DIR
-        served_adapter = model.decoder_adapter
-        cascade_cache = self._cascade_cache(cache, served_adapter[0] if served_adapter else None)
-        serving_cache = Predictions(predictions, weights_key(serving)) if serving is not None else None
-        shipped_cache = Predictions(predictions, weights_key(shipped[0])) if shipped else None
-        per_item = self._time_one(model, serving, held_items[0])
-        held_items, general_items = self._fit_validation(
-            per_item, held_items, general_items, shipped_cache, n_typed * train_decoder,
-            served_adapter is not None,
-        )  # fmt: skip
-        n_typed = min(n_typed, len(held_items))  # (never cut below MIN_JUDGED: at least 8 are kept)
-        data.update(heldout_evaluated=len(held_items), general_evaluated=len(general_items))
-        before, before_answers = self._evaluate(model, serving, serving_cache, held_items, general_items)
-        shipped_answers = None
-        if shipped:  # its loss only where the rule reads it (`--decide-on loss`): it is never cached
-            figures, shipped_answers = self._evaluate(
-                model, shipped[0], shipped_cache, [], general_items, with_loss=opts.decide_on == "loss"
-            )
-            report["shipped"] = {"general": figures["general"]}
-        cascade_sets = {"household": held_items}
-        if train_decoder:  # the adapters' gate reads the other voices too
-            cascade_sets["general"] = general_items
-        cascade_answers = {
-            name: answers(model, items, "cascade", cascade_cache) for name, items in cascade_sets.items()
-        }
-        cascade_cache.save()
-        report["before"] = before
-        self._stage("validated the served projector")
-        report["cascade"] = {
-            name: score_answers(_refs(items), cascade_answers[name]) for name, items in cascade_sets.items()
-        }
+        before = self._validate_served(model, serving, cache, sets, n_typed * train_decoder)
+        n_typed = min(n_typed, len(sets.held_items))  # (never cut below MIN_JUDGED: at least 8 are kept)
 
         # Train within what is left of the budget (keeping time for validating the candidate).
-        loss_s = sum(before[name].get("loss_s", 0.0) for name in ("household", "general"))  # never cached
+        n_answers = len(sets.held_items) + len(sets.general_items)
         _, candidate_eval_s = validation_seconds(
-            per_item, len(held_items), len(general_items), n_typed * train_decoder, served_adapter is not None
+            before.per_item,
+            len(sets.held_items),
+            len(sets.general_items),
+            n_typed * train_decoder,
+            serving.adapter is not None,
         )
-        candidate_eval_s += loss_s + FINISH_S
+        candidate_eval_s += before.loss_s + FINISH_S
         # At least a quarter of the budget: a first night that spent it rendering replay speech and
         # computing features should still learn something (the budget is a target, not a wall).
         train_s = max(0.25 * self.budget_s, self.budget_s - self.elapsed() - candidate_eval_s)
         decoder_s = DECODER_SHARE * train_s if train_decoder else 0.0
         train_s -= decoder_s
-        # Where the adapters train, a projector whose share cannot pass once over its utterances gives
-        # them its time, and its candidate's validation's (`projector_skip`).
-        skipped = None
-        if train_decoder and serving is not None:
-            examples = [Example(it.features, it.utterance, it.context) for it in held_items[:3]]
-            pace = utterance_seconds(model, serving, self.loss_fn, examples)
-            skipped = projector_skip(pace, len(train_pairs) + len(replay), train_s)
-        candidate = None
-        result = None
-        if skipped is None:
-            result = self._train_projector(
-                model, cache, train_pairs, replay, train_s,
-                serving_name=serving_name, init_path=init_path, objective=objective, weight=weight,
-            )  # fmt: skip
-        if result is None:
-            report["train"] = {"skipped": skipped, "budget_s": round(train_s, 1)}
-            decoder_s += train_s + per_item * (len(held_items) + len(general_items)) + loss_s
-            promote, reason = False, f"not trained: {skipped}"
-            report["after"] = before
-        elif init_path is not None and result.best.get("step") == 0:
-            # train() kept its starting point: the candidate is the served projector, already validated.
-            start, *later = [h["val_loss"] for h in result.history]
-            promote, reason = (
-                False,
-                (
-                    "no better for the household: no epoch of training beat the served projector "
-                    f"(held-aside loss {start} at the start, {min(later, default=start)} at best after)"
-                ),
-            )
-            report["after"] = before
-        else:
-            # After: the candidate on the same sets; promote only if it is better.
-            candidate, candidate_info = load_projector(result.out / "projector.safetensors", opts.device)
-            after, after_answers = self._evaluate(
-                model, candidate, Predictions(predictions, weights_key(candidate)), held_items, general_items
-            )
-            report["after"] = after
-            self._stage("validated the candidate")
-            paired = None
-            if before_answers is not None and after_answers is not None:
-                paired = {
-                    name: paired_changes(_refs(items), before_answers[name], after_answers[name])
-                    for name, items in (("household", held_items), ("general", general_items))
-                }
-                if shipped_answers is not None:
-                    paired["shipped"] = paired_changes(
-                        _refs(general_items), shipped_answers["general"], after_answers["general"]
-                    )
-                report["changes"] = paired  # per set and metric, the utterances that got [worse, better]
-            shipped_general = report["shipped"]["general"] if shipped else None
-            promote, reason = decide(after, before, opts.tolerance, paired, opts.decide_on, shipped_general)
+        projector = self._projector_night(model, serving, cache, sets, before, train_s, train_decoder)
+        report["after"] = projector.after
+        if projector.skipped:  # the adapters get its time, and its candidate's validation's
+            decoder_s += train_s + before.per_item * n_answers + before.loss_s
         night = None
-        if decoder_skip is not None:
-            report["decoder"] = {"skipped": decoder_skip, "promoted": False}
         if train_decoder:
-            sets = {"household": held_items[:n_typed], "general": general_items}
+            judged_sets = {"household": sets.held_items[:n_typed], "general": sets.general_items}
             served_answers = {
-                "household": cascade_answers["household"][:n_typed],
-                "general": cascade_answers["general"],
+                "household": before.cascade["household"][:n_typed],
+                "general": before.cascade["general"],
             }
             try:
                 night = self._decoder_night(
-                    model, typed_train, replay_all, sets, served_answers, decoder_s, cache
+                    model, typed_train, sets.replay_all, judged_sets, served_answers, decoder_s, cache
                 )
                 report["decoder"] = night.report
             except Exception as err:  # whatever stops the adapters must not cost the night its projector
                 _LOGGER.exception("training Whisper's decoder adapters failed")
                 report["decoder"] = {"error": f"{type(err).__name__}: {err}", "promoted": False}
+
+        reason = projector.reason
         if deleted := self._gone(set(self.clips)):
             # What the household deleted is not learnt from: a candidate goes, promoted or not, and the
             # labels are not recorded as learnt, so the next night counts them as new again.
-            promote, candidate, night = False, None, None
+            projector, night = replace(projector, promote=False, candidate=None), None
             if "decoder" in report:  # its adapters go too (the page must not say they were kept)
                 report["decoder"]["promoted"] = False
             reason = (
@@ -839,72 +790,221 @@ class Job:
         elif decoder_skip is not None:
             reason = f"projector: {reason}; decoder: not trained: {decoder_skip}"
         decoder_ok = night is not None and night.promote
-        promoted = promote or decoder_ok
-        report.update(reason=reason, status="promoted" if promoted else "rejected")
-        # The version: each part the night's own where its gate passed, the served one where the other
-        # part's passed, and when neither passed, the night's candidates (kept on record, rejected).
-        if candidate is not None and (promote or not decoder_ok):
-            projector, p_info, aligned, aligned_answers = candidate, candidate_info, after, after_answers
-        else:
-            projector, p_info, aligned, aligned_answers = serving, serving_info, before, before_answers
-        if night is not None and (decoder_ok or not promote):
-            adapter, cascade_figures = (night.adapter, night.config), night.after
-            heard_items, heard = night.items, night.answers
-        else:
-            adapter, cascade_figures = served_adapter, report["cascade"]
-            heard_items, heard = held_items, cascade_answers["household"]
-        # (The adapters' cascade was judged on the first of them, the typed ones, maybe cut to the budget.)
-        paths = {}
-        if aligned_answers is not None:
-            aligned_heard = aligned_answers["household"][: len(heard_items)]
-            paths = path_auto(_refs(heard_items), heard, aligned_heard, opts.tolerance)
-        if projector is not None and p_info is not None and (candidate is not None or night is not None):
-            assert self.bundle_cfg is not None
-            decision = (
-                {"promoted_at": time.time()}
-                if promoted
-                else {"rejected": {"reason": reason, "at": time.time()}}
-            )
-            info = replace(
-                p_info,
-                encoder=self.bundle_cfg.encoder,
-                llm=self.bundle_cfg.llm,
-                data_hash=data_hash,
-                trained=p_info.trained or projector is candidate,
-                decoder=adapter[1] if adapter else None,
-                metrics={
-                    "household": aligned["household"],
-                    "general": aligned["general"],
-                    "cascade": cascade_figures,
-                    **paths,
-                    "before": {"version": serving_name, **before},
-                    "run": report["run"],
-                    **decision,
-                    "labels": data["sources"],
-                },
-            )
-            name = self.versions.add(projector, info, adapter[0] if adapter else None)
-            if promoted:
-                self.versions.promote(name)
-                report["path_auto"] = auto_path(info)
-            report.update(version=name, pruned=self.versions.prune(opts.keep))
+        report.update(reason=reason, status="promoted" if projector.promote or decoder_ok else "rejected")
+        self._keep_version(serving, before, projector, night, sets.held_items, data_hash)
         # What answered the household before the night and what answers after it, on either path (the
         # page shows the path the server serves: its `--path`, or with `auto` each version's choice).
-        path_before = auto_path(serving_info)
+        path_before = auto_path(serving.info)
         cascade_before = night.before if night is not None else report["cascade"]
         report["served"] = {
             "path_auto": {"before": path_before, "after": report.get("path_auto", path_before)},
-            "aligned": {"before": before, "after": report["after"] if promote else before},
+            "aligned": {
+                "before": before.figures,
+                "after": projector.after if projector.promote else before.figures,
+            },
             "cascade": {"before": cascade_before, "after": night.after if decoder_ok else cascade_before},
         }
         if not deleted:
             self._save_state(data_hash, digests)
-        self._prune(
-            cache,
-            [cascade_cache, serving_cache, shipped_cache],
-            train_pairs + held_pairs,
-            replay_all + general_utts,
+        self._prune(cache, before.caches, sets.train + sets.held, sets.replay_all + sets.general)
+
+    def _night_sets(self, cache: FeatureCache, trainable: list[Label], held: list[Label]) -> NightSets:
+        """The household's labelled utterances read, base-household speech for replay and the general
+        held-out set (rendered once), the held-out sets' features; their sizes into the report."""
+        opts = self.opts
+        train_pairs, held_pairs = self._items(trainable), self._items(held)
+        if not train_pairs or not held_pairs:
+            raise Skip("the audio of the labelled utterances is missing or unreadable")
+        base = [h for h in load_households() if h.split == "base"]
+        replay_manifest = self._bootstrap("replay", opts.replay_n, REPLAY_SEED, self._replay_households(base))
+        general_manifest = self._bootstrap("general", opts.general_n, GENERAL_SEED, base)
+        contexts = {h.name: context_text(h) for h in load_households()}
+        rng = random.Random(self.sample_key)
+        replay_all = read_manifest(replay_manifest)
+        replay = rng.sample(replay_all, min(len(replay_all), max(len(train_pairs), 16)))
+        general = read_manifest(general_manifest)
+        context = self._context()
+        held_items = self._eval_items(
+            cache, [(self.clips[lab.id], a, _utterance(lab), context) for lab, a in held_pairs]
         )
+        general_items = self._eval_items(
+            cache,
+            [(f"g{i}", read_wav(u.audio), u, contexts.get(u.household, "")) for i, u in enumerate(general)],
+        )
+        self.report["data"].update(
+            train=len(train_pairs), heldout=len(held_items), replay=len(replay), general=len(general_items)
+        )
+        return NightSets(train_pairs, held_pairs, replay_all, replay, general, held_items, general_items)
+
+    def _validate_served(
+        self, model: SpeechLLM, serving: Serving, cache: FeatureCache, sets: NightSets, judged: int
+    ) -> Before:
+        """What is served, on the night's held-out sets cut to the budget (`sets` keeps the cut): the
+        projector, the bundle's own where a household version is served, and the cascade (on the general
+        set too where the night's decoder adapters will be judged on `judged` > 0 household utterances)."""
+        opts, report = self.opts, self.report
+        predictions = opts.work / PREDICTIONS_DIR
+        cascade_cache = self._cascade_cache(cache, serving.adapter[0] if serving.adapter else None)
+        serving_cache = (
+            Predictions(predictions, weights_key(serving.projector)) if serving.projector else None
+        )
+        shipped_cache = Predictions(predictions, weights_key(serving.shipped)) if serving.shipped else None
+        per_item = self._time_one(model, serving.projector, sets.held_items[0])
+        sets.held_items, sets.general_items = self._fit_validation(
+            per_item, sets.held_items, sets.general_items, shipped_cache, judged, serving.adapter is not None
+        )
+        report["data"].update(
+            heldout_evaluated=len(sets.held_items), general_evaluated=len(sets.general_items)
+        )
+        figures, served_answers = self._evaluate(
+            model, serving.projector, serving_cache, sets.held_items, sets.general_items
+        )
+        shipped_answers = None
+        if serving.shipped:  # its loss only where the rule reads it (`--decide-on loss`): it is never cached
+            shipped, shipped_answers = self._evaluate(
+                model,
+                serving.shipped,
+                shipped_cache,
+                [],
+                sets.general_items,
+                with_loss=opts.decide_on == "loss",
+            )
+            report["shipped"] = {"general": shipped["general"]}
+        cascade_sets = {"household": sets.held_items}
+        if judged:  # the adapters' gate reads the other voices too
+            cascade_sets["general"] = sets.general_items
+        cascade = {
+            name: answers(model, items, "cascade", cascade_cache) for name, items in cascade_sets.items()
+        }
+        cascade_cache.save()
+        report["before"] = figures
+        self._stage("validated the served projector")
+        report["cascade"] = {
+            name: score_answers(_refs(items), cascade[name]) for name, items in cascade_sets.items()
+        }
+        loss_s = sum(figures[name].get("loss_s", 0.0) for name in ("household", "general"))  # never cached
+        return Before(
+            figures, served_answers, shipped_answers, cascade, [cascade_cache, serving_cache, shipped_cache],
+            per_item, loss_s,
+        )  # fmt: skip
+
+    def _projector_night(
+        self,
+        model: SpeechLLM,
+        serving: Serving,
+        cache: FeatureCache,
+        sets: NightSets,
+        before: Before,
+        train_s: float,
+        train_decoder: bool,
+    ) -> ProjectorNight:
+        """Fine-tune the served projector for up to `train_s` and judge the candidate against it (and the
+        bundle's own, where a household version is served) on the same sets. Where the decoder adapters
+        train, a projector whose share cannot pass once over its utterances is not trained: they get its
+        time (`projector_skip`)."""
+        opts, report = self.opts, self.report
+        if train_decoder and serving.projector is not None:
+            examples = [Example(it.features, it.utterance, it.context) for it in sets.held_items[:3]]
+            pace = utterance_seconds(model, serving.projector, self.loss_fn, examples)
+            if (skipped := projector_skip(pace, len(sets.train) + len(sets.replay), train_s)) is not None:
+                report["train"] = {"skipped": skipped, "budget_s": round(train_s, 1)}
+                return ProjectorNight(False, f"not trained: {skipped}", before.figures, skipped=skipped)
+        result = self._train_projector(model, serving, cache, sets.train, sets.replay, train_s)
+        if serving.path is not None and result.best.get("step") == 0:
+            # train() kept its starting point: the candidate is the served projector, already validated.
+            start, *later = [h["val_loss"] for h in result.history]
+            reason = (
+                "no better for the household: no epoch of training beat the served projector "
+                f"(held-aside loss {start} at the start, {min(later, default=start)} at best after)"
+            )
+            return ProjectorNight(False, reason, before.figures)
+        # After: the candidate on the same sets; promote only if it is better.
+        candidate, info = load_projector(result.out / "projector.safetensors", opts.device)
+        after, after_answers = self._evaluate(
+            model, candidate, Predictions(opts.work / PREDICTIONS_DIR, weights_key(candidate)),
+            sets.held_items, sets.general_items,
+        )  # fmt: skip
+        self._stage("validated the candidate")
+        paired = None
+        if before.answers is not None and after_answers is not None:
+            paired = {
+                name: paired_changes(_refs(items), before.answers[name], after_answers[name])
+                for name, items in (("household", sets.held_items), ("general", sets.general_items))
+            }
+            if before.shipped_answers is not None:
+                paired["shipped"] = paired_changes(
+                    _refs(sets.general_items), before.shipped_answers["general"], after_answers["general"]
+                )
+            report["changes"] = paired  # per set and metric, the utterances that got [worse, better]
+        shipped_general = report["shipped"]["general"] if serving.shipped else None
+        promote, reason = decide(
+            after, before.figures, opts.tolerance, paired, opts.decide_on, shipped_general
+        )
+        return ProjectorNight(promote, reason, after, candidate, info, after_answers)
+
+    def _keep_version(
+        self,
+        serving: Serving,
+        before: Before,
+        projector: ProjectorNight,
+        night: DecoderNight | None,
+        held_items: list[Item],
+        data_hash: str,
+    ) -> None:
+        """Write the night's version, promoted where a gate passed, kept on record as rejected where none
+        did: each part the night's own where its gate passed, the served one where the other part's
+        passed, and when neither passed, the night's candidates. A night that made nothing writes none."""
+        report = self.report
+        decoder_ok = night is not None and night.promote
+        promoted = projector.promote or decoder_ok
+        if projector.candidate is not None and (projector.promote or not decoder_ok):
+            weights, p_info = projector.candidate, projector.info
+            aligned, aligned_answers = projector.after, projector.answers
+        else:
+            weights, p_info = serving.projector, serving.info
+            aligned, aligned_answers = before.figures, before.answers
+        if night is not None and (decoder_ok or not projector.promote):
+            adapter, cascade_figures = (night.adapter, night.config), night.after
+            heard_items, heard = night.items, night.answers
+        else:
+            adapter, cascade_figures = serving.adapter, report["cascade"]
+            heard_items, heard = held_items, before.cascade["household"]
+        if weights is None or p_info is None or (projector.candidate is None and night is None):
+            return
+        # (The adapters' cascade was judged on the first of them, the typed ones, maybe cut to the budget.)
+        paths = {}
+        if aligned_answers is not None:
+            aligned_heard = aligned_answers["household"][: len(heard_items)]
+            paths = path_auto(_refs(heard_items), heard, aligned_heard, self.opts.tolerance)
+        assert self.bundle_cfg is not None
+        decision = (
+            {"promoted_at": time.time()}
+            if promoted
+            else {"rejected": {"reason": report["reason"], "at": time.time()}}
+        )
+        info = replace(
+            p_info,
+            encoder=self.bundle_cfg.encoder,
+            llm=self.bundle_cfg.llm,
+            data_hash=data_hash,
+            trained=p_info.trained or weights is projector.candidate,
+            decoder=adapter[1] if adapter else None,
+            metrics={
+                "household": aligned["household"],
+                "general": aligned["general"],
+                "cascade": cascade_figures,
+                **paths,
+                "before": {"version": serving.name, **before.figures},
+                "run": report["run"],
+                **decision,
+                "labels": report["data"]["sources"],
+            },
+        )
+        name = self.versions.add(weights, info, adapter[0] if adapter else None)
+        if promoted:
+            self.versions.promote(name)
+            report["path_auto"] = auto_path(info)
+        report.update(version=name, pruned=self.versions.prune(self.opts.keep))
 
     def _prune(
         self,
@@ -934,19 +1034,16 @@ class Job:
     def _train_projector(
         self,
         model: SpeechLLM,
+        serving: Serving,
         cache: FeatureCache,
         train_pairs: list[tuple[Label, np.ndarray]],
         replay: list[Utterance],
         train_s: float,
-        *,
-        serving_name: str,
-        init_path: Path | None,
-        objective: str,
-        weight: float,
     ) -> TrainResult:
-        """Fine-tune the served projector (`init_path`; None: a new one) with the loss it was aligned with
-        for up to `train_s` into the work folder's candidate bundle; the report's `train` says how."""
+        """Fine-tune the served projector (or a new one) with the loss it was aligned with for up to
+        `train_s` into the work folder's candidate bundle; the report's `train` says how."""
         opts = self.opts
+        objective, weight = serving.objective()
         assert self.bundle is not None
         manifests = self._manifests(train_pairs, replay)
         # A few hundred utterances are learnt by heart long before the budget ends (a validation every
@@ -964,11 +1061,11 @@ class Job:
         t_train = time.monotonic()
         _LOGGER.info(
             "training for up to %.0f s on %d household and %d replay utterances (from %s)",
-            train_s, len(train_pairs), len(replay), serving_name,
+            train_s, len(train_pairs), len(replay), serving.name,
         )  # fmt: skip
         result = train(
             self.bundle, manifests["train"], manifests["val"], opts.work / "candidate", cfg,
-            cache_dir=cache.folder.parent, init_projector=init_path, model=model,
+            cache_dir=cache.folder.parent, init_projector=serving.path, model=model,
         )  # fmt: skip
         self._stage("trained the projector")
         self.report["train"] = {
@@ -981,7 +1078,7 @@ class Job:
                 {k: h[k] for k in ("epoch", "step", "train_loss", "val_loss", "train_s") if k in h}
                 for h in result.history
             ],
-            "init": serving_name if init_path is not None else None,
+            "init": serving.name if serving.path is not None else None,
             "objective": objective,
             "embedlink_weight": weight,
             "lr": opts.lr,
@@ -1002,7 +1099,7 @@ class Job:
         train_pairs: list[tuple[Label, np.ndarray]],
         replay_all: list[Utterance],
         sets: dict[str, list[Item]],
-        served_answers: dict[str, list[tuple[str, Intent | None]]],
+        served_answers: dict[str, list[Answer]],
         max_s: float,
         cache: FeatureCache,
     ) -> DecoderNight:
@@ -1191,7 +1288,7 @@ class Job:
         held: list[Item],
         general: list[Item],
         with_loss: bool = True,
-    ) -> tuple[dict[str, Any], dict[str, list[tuple[str, Intent | None]]] | None]:
+    ) -> tuple[dict[str, Any], dict[str, list[Answer]] | None]:
         """Aligned-path metrics, held-out loss (`self.loss_fn`; None without `with_loss`) and the seconds
         it took, of one projector on both held-out sets, and its answers on each."""
         if projector is None or cache is None:  # nothing served yet: the worst possible figures

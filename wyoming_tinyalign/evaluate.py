@@ -12,7 +12,7 @@ import numpy as np
 
 from .corpus import Command
 from .households import context_text, load_households
-from .intents import Intent
+from .intents import Answer
 from .manifest import Utterance, load_utterances, read_manifest
 from .model.speechllm import Result, SpeechLLM
 from .models import add_dtype_arg, inference_dtype
@@ -56,7 +56,7 @@ def evaluate_text(model: SpeechLLM, pairs: list[tuple[Command | Utterance, str]]
     return hits / max(1, len(pairs))
 
 
-def score_answers(refs: list[Utterance], got: list[tuple[str, Intent | None]]) -> dict:
+def score_answers(refs: list[Utterance], got: list[Answer]) -> dict:
     """WER on all utterances; intent accuracy (exact, and name only) on those with a reference intent
     (None when there is none)."""
     with_intent = [(u.intent, hyp) for u, (_, hyp) in zip(refs, got, strict=True) if u.intent is not None]

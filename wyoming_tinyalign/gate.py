@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from .evaluate import score_answers, word_edits
-from .intents import Intent
+from .intents import Answer
 from .manifest import Utterance
 
 SIGNIFICANCE = 0.1  # a household gain or a drop elsewhere counts when a one-sided sign test is below this
@@ -24,9 +24,7 @@ ANSWER_METRICS = (("intent_accuracy", "intent accuracy", 1), ("wer", "WER", -1))
 MIN_JUDGED = math.floor(math.log2(1 / SIGNIFICANCE)) + 1
 
 
-def paired_changes(
-    refs: list[Utterance], before: list[tuple[str, Intent | None]], after: list[tuple[str, Intent | None]]
-) -> dict[str, list[int]]:
+def paired_changes(refs: list[Utterance], before: list[Answer], after: list[Answer]) -> dict[str, list[int]]:
     """Per utterance, how many got worse and how many better: intent right/wrong, and word edits."""
     intent, wer = [0, 0], [0, 0]
     for ref, old, new in zip(refs, before, after, strict=True):
@@ -49,8 +47,8 @@ def sign_test(worse: int, better: int) -> float:
 
 def path_auto(
     refs: list[Utterance],
-    cascade: list[tuple[str, Intent | None]],
-    aligned: list[tuple[str, Intent | None]],
+    cascade: list[Answer],
+    aligned: list[Answer],
     tolerance: float,
 ) -> dict[str, Any]:
     """For `--path auto` (`versions.household_validated`): the aligned path against the cascade a

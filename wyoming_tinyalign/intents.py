@@ -68,12 +68,16 @@ def parse_intent(text: str) -> Intent | None:
     return Intent(name, slots)
 
 
+# What a path answers: the transcript, and the intent (None where it understood none).
+Answer = tuple[str, Intent | None]
+
+
 def format_answer(transcript: str, intent: Intent | None) -> str:
     """The LLM's target answer: transcript line, then intent line."""
     return f"{transcript}\n{intent.to_text() if intent else NOT_RECOGNIZED}"
 
 
-def parse_answer(answer: str) -> tuple[str, Intent | None]:
+def parse_answer(answer: str) -> Answer:
     """Split an LLM answer into (transcript, intent or None)."""
     transcript, _, rest = answer.strip().partition("\n")
     return transcript.strip(), parse_intent(rest.strip().split("\n")[0]) if rest else None
