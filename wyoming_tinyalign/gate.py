@@ -111,36 +111,9 @@ def decide(
     c, s = mine.get("loss"), theirs.get("loss")
     if c is not None and s is not None and c > s * (1 + LOSS_GUARD):
         return False, f"worse for the household: held-out loss {s} -> {c} (up more than {LOSS_GUARD:.0%})"
-    gains, chance = [], []
-    for key, label, better in ANSWER_METRICS:
-        c, s = mine.get(key), theirs.get(key)
-        if c is None or s is None:
-            continue
-        change = f"{label} {s} -> {c}"
-        counts = (paired or {}).get("household", {}).get(key)
-        if counts is None:  # nothing served before to compare answers with: the figures alone
-            if abs(c - s) <= 1e-9:
-                continue
-            if better * (c - s) < 0:
-                return False, f"worse for the household: {label} {c} vs {s} served"
-            gains.append(change)
-            continue
-        worse, gained = counts
-        if worse > gained:
-            why = f"worse for {worse} of the {worse + gained} utterances that changed"
-            return False, f"worse for the household: {label} {c} vs {s} served, {why}"
-        if better * (s - c) > tolerance + 1e-9:  # more heard better, but the set's figure fell too far
-            return False, f"worse for the household: {label} {c} vs {s} served (tolerance {tolerance})"
-        if worse == gained:
-            continue
-        if better * (c - s) <= 1e-9:  # better per utterance, not over all: say why it counts as better
-            change += f" over all, but better for {gained} of the {worse + gained} utterances that changed"
-        if (p := sign_test(gained, worse)) >= SIGNIFICANCE:
-            chance.append(f"{change} on {mine.get('n')} utterances could be chance (p={p:.2f})")
-        else:
-            gains.append(change)
-    if chance and not gains:
-        return False, f"no better for the household: {'; '.join(chance)}"
+    gains, refusal = _household_gains(mine, theirs, tolerance, (paired or {}).get("household", {}))
+    if refusal:
+        return False, refusal
     answers_better = bool(gains)
     if not gains:
         c, s = mine.get("loss"), theirs.get("loss")
@@ -156,6 +129,61 @@ def decide(
             )
         gains.append(f"equal intent accuracy and WER, held-out loss {s} -> {c}")
     verdict = ", ".join(gains)
+    worse, notes = _other_voices(general, anchors, tolerance, paired or {}, answers_better)
+    if worse:
+        return False, f"better for the household ({verdict}) but {worse}"
+    tail = f"; {'; '.join(notes)}" if notes else ""
+    return True, f"better for the household ({verdict}), not worse on other voices{tail}"
+
+
+def _household_gains(
+    mine: dict, theirs: dict, tolerance: float, paired: dict[str, list[int]]
+) -> tuple[list[str], str | None]:
+    """`decide`'s household rule on the answers' metrics: the gains beyond chance, or why the candidate
+    is refused (worse, or better only by what could be chance)."""
+    gains, chance = [], []
+    for key, label, better in ANSWER_METRICS:
+        c, s = mine.get(key), theirs.get(key)
+        if c is None or s is None:
+            continue
+        change = f"{label} {s} -> {c}"
+        counts = paired.get(key)
+        if counts is None:  # nothing served before to compare answers with: the figures alone
+            if abs(c - s) <= 1e-9:
+                continue
+            if better * (c - s) < 0:
+                return [], f"worse for the household: {label} {c} vs {s} served"
+            gains.append(change)
+            continue
+        worse, gained = counts
+        if worse > gained:
+            why = f"worse for {worse} of the {worse + gained} utterances that changed"
+            return [], f"worse for the household: {label} {c} vs {s} served, {why}"
+        if better * (s - c) > tolerance + 1e-9:  # more heard better, but the set's figure fell too far
+            return [], f"worse for the household: {label} {c} vs {s} served (tolerance {tolerance})"
+        if worse == gained:
+            continue
+        if better * (c - s) <= 1e-9:  # better per utterance, not over all: say why it counts as better
+            change += f" over all, but better for {gained} of the {worse + gained} utterances that changed"
+        if (p := sign_test(gained, worse)) >= SIGNIFICANCE:
+            chance.append(f"{change} on {mine.get('n')} utterances could be chance (p={p:.2f})")
+        else:
+            gains.append(change)
+    if chance and not gains:
+        return [], f"no better for the household: {'; '.join(chance)}"
+    return gains, None
+
+
+def _other_voices(
+    general: dict,
+    anchors: list[tuple[str, dict, str]],
+    tolerance: float,
+    paired: dict[str, dict[str, list[int]]],
+    answers_better: bool,
+) -> tuple[str | None, list[str]]:
+    """`decide`'s rule on the general set, against each anchor (the served projector's figures, and the
+    shipped one's): why the candidate is worse there (None: it is not), and the drops let through as
+    chance."""
     notes = []
     for than, before, pairs in anchors:
         if not (general.get("n") and before.get("n")):
@@ -165,14 +193,12 @@ def decide(
             if c is None or s is None or better * (s - c) <= tolerance + 1e-9:
                 continue
             change = f"{label} {s} -> {c}"
-            counts = (paired or {}).get(pairs, {}).get(key)
+            counts = paired.get(pairs, {}).get(key)
             if answers_better and counts is not None and (p := sign_test(*counts)) >= SIGNIFICANCE:
                 notes.append(f"{change}{than} on {general['n']} utterances could be chance (p={p:.2f})")
                 continue
-            why = f"worse on other voices{than}: {change} (tolerance {tolerance})"
-            return False, f"better for the household ({verdict}) but {why}"
-    tail = f"; {'; '.join(notes)}" if notes else ""
-    return True, f"better for the household ({verdict}), not worse on other voices{tail}"
+            return f"worse on other voices{than}: {change} (tolerance {tolerance})", notes
+    return None, notes
 
 
 def _decide_on_loss(
