@@ -300,6 +300,35 @@ def test_a_full_disk_fails_the_night_and_loses_nothing(
     assert (household / "adapt" / "state.json").read_bytes() == state
 
 
+def test_a_night_whose_served_version_is_damaged_starts_from_the_bundles_projector(
+    household: Path,
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The served version's file cut short (a damaged disk; on a copy of the household's data dir): the
+    night says so, fine-tunes the bundle's own projector instead, and ends as a night does."""
+    data = tmp_path / "data"
+    shutil.copytree(household, data)
+    versions = Versions(data)
+    name = versions.current()
+    assert name != BASE
+    damaged = versions.path(name)
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    report = run_job(options(data, tmp_path_factory, now=True))
+    assert (
+        f"version {name} cannot be used" in caplog.text
+        and "starting from the bundle's projector" in caplog.text
+    )
+    assert report["status"] in ("promoted", "rejected"), report
+    assert (
+        report["serving_version"] == name and report["train"]["init"] == BASE and report["train"]["steps"] > 0
+    )
+    assert "shipped" not in report  # the bundle's own projector is the one judged against
+    if report.get("version"):
+        assert versions.info(report["version"]).metrics["before"]["version"] == BASE
+
+
 def test_a_night_whose_log_is_set_aside_meanwhile_is_recorded_in_the_new_one(
     tmp_path: Path, micro_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
