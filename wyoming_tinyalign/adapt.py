@@ -85,7 +85,7 @@ from .model.bundle import (
     load_bundle_config,
     load_projector,
 )
-from .model.decoder_adapter import Adapter, AdapterConfig, AdapterError, adapter_key
+from .model.decoder_adapter import Adapter, AdapterConfig, AdapterError, ShapedAdapter, adapter_key
 from .model.projector import Projector, weights_key
 from .model.prompt import answer_ids
 from .model.speechllm import DECODING_VERSION, SpeechLLM
@@ -212,7 +212,7 @@ class Serving:
     projector: Projector | None  # None: the bundle has none (the night grows a first one)
     info: ProjectorInfo | None
     path: Path | None  # the projector's file, where training starts from
-    adapter: tuple[Adapter, AdapterConfig] | None  # Whisper's decoder adapters
+    adapter: ShapedAdapter | None  # Whisper's decoder adapters
     shipped: Projector | None = None  # the bundle's own, where a household version is served
 
     def objective(self) -> tuple[str, float]:
@@ -251,7 +251,7 @@ class Before:
 @dataclass
 class ProjectorNight:
     """What a night made of the projector, and the verdict: its candidate (None where it trained none,
-    or training kept the served one) and the figures of the projector the household would be served."""
+    or training kept the served one) and the candidate's figures (the served one's where none)."""
 
     promote: bool
     reason: str
@@ -846,9 +846,13 @@ class Job:
         predictions = opts.work / PREDICTIONS_DIR
         cascade_cache = self._cascade_cache(cache, serving.adapter[0] if serving.adapter else None)
         serving_cache = (
-            Predictions(predictions, weights_key(serving.projector)) if serving.projector else None
+            Predictions(predictions, weights_key(serving.projector))
+            if serving.projector is not None
+            else None
         )
-        shipped_cache = Predictions(predictions, weights_key(serving.shipped)) if serving.shipped else None
+        shipped_cache = (
+            Predictions(predictions, weights_key(serving.shipped)) if serving.shipped is not None else None
+        )
         per_item = self._time_one(model, serving.projector, sets.held_items[0])
         sets.held_items, sets.general_items = self._fit_validation(
             per_item, sets.held_items, sets.general_items, shipped_cache, judged, serving.adapter is not None
@@ -860,14 +864,11 @@ class Job:
             model, serving.projector, serving_cache, sets.held_items, sets.general_items
         )
         shipped_answers = None
-        if serving.shipped:  # its loss only where the rule reads it (`--decide-on loss`): it is never cached
+        if serving.shipped is not None:
+            # the bundle's own: its loss only where the rule reads it (`--decide-on loss`; never cached)
+            loss = opts.decide_on == "loss"
             shipped, shipped_answers = self._evaluate(
-                model,
-                serving.shipped,
-                shipped_cache,
-                [],
-                sets.general_items,
-                with_loss=opts.decide_on == "loss",
+                model, serving.shipped, shipped_cache, [], sets.general_items, with_loss=loss
             )
             report["shipped"] = {"general": shipped["general"]}
         cascade_sets = {"household": sets.held_items}
@@ -936,7 +937,7 @@ class Job:
                     _refs(sets.general_items), before.shipped_answers["general"], after_answers["general"]
                 )
             report["changes"] = paired  # per set and metric, the utterances that got [worse, better]
-        shipped_general = report["shipped"]["general"] if serving.shipped else None
+        shipped_general = report["shipped"]["general"] if serving.shipped is not None else None
         promote, reason = decide(
             after, before.figures, opts.tolerance, paired, opts.decide_on, shipped_general
         )
