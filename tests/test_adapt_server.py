@@ -15,6 +15,8 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta
+from datetime import time as dtime
 from pathlib import Path
 from unittest import mock
 
@@ -33,6 +35,8 @@ from wyoming_tinyalign.manifest import Utterance
 from wyoming_tinyalign.model.bundle import load_projector
 from wyoming_tinyalign.model.speechllm import SpeechLLM
 from wyoming_tinyalign.models import projector_version
+from wyoming_tinyalign.scheduler import CATCH_UP_DELAY_S
+from wyoming_tinyalign.store import Interaction, InteractionStore
 from wyoming_tinyalign.train import Example, FeatureCache, objective_loss, val_loss
 from wyoming_tinyalign.versions import Versions
 from wyoming_tinyalign.web import authorized
@@ -425,3 +429,55 @@ async def test_a_delete_while_a_night_runs_is_not_undone_by_it(
     assert state["data_hash"] != report["data_hash"]  # nor its labels recorded as learnt: new again
     assert report["data"]["heldout"] >= 1  # some of them were answered for validation
     assert report["data"]["deleted_while_running"] == len(keys)  # and the night saw them go
+
+
+def test_a_night_missed_while_the_server_was_not_running_runs_once_it_starts(
+    micro_model: Path, tmp_path: Path
+) -> None:
+    """The log's last run started two days ago and the nightly time has passed since (the machine was off
+    then): the server starts that night's run soon after it is ready, and a second start, which finds
+    the run, starts none."""
+    data = tmp_path / "data"
+    store = InteractionStore(data / "log")
+    store.open()
+    try:
+        two_days_ago = time.time() - 2 * 86400
+        store.add(Interaction(kind="text", created_at=two_days_ago - 60, transcript="turn on the lights"))
+        store.conn.execute(
+            "INSERT INTO adaptations (started_at, finished_at, status, reason) VALUES (?, ?, 'skipped', ?)",
+            (two_days_ago, two_days_ago + 5, "the labelled data has not changed since the last run"),
+        )
+    finally:
+        store.close()
+    at = (datetime.now() - timedelta(hours=1)).strftime("%H:%M")
+    args = serve_args(micro_model, data, "--uri", "tcp://127.0.0.1:0", "--web-port", "0", "--adapt-at", at)
+    process = ServerProcess(args, tmp_path / "server.log")
+    try:
+        process.wait_ready()
+        missed = process.wait_log(re.compile(r"nightly adaptation: the run of (\S+ \S+) was missed"))
+        assert missed.group(1) == datetime.combine(
+            (datetime.now() - timedelta(hours=1)).date(), dtime.fromisoformat(at)
+        ).strftime("%Y-%m-%d %H:%M")
+        process.wait_log(JOB_STARTED, timeout=TIMEOUT + CATCH_UP_DELAY_S)
+        deadline = time.monotonic() + TIMEOUT
+        while (runs := adaptation_runs(data))[-1]["status"] == "running" or len(runs) < 2:
+            assert time.monotonic() < deadline, process.text[-3000:]
+            time.sleep(0.2)
+        assert len(runs) == 2 and runs[-1]["status"] == "skipped", runs  # nothing new to learn from
+    finally:
+        process.stop()
+    again = ServerProcess(args, tmp_path / "server-again.log")
+    try:
+        again.wait_ready()
+        again.wait_log(WEB)
+        time.sleep(2.0)  # the check is one query on the log, made as the timer starts
+        assert "was missed" not in again.text and not JOB_STARTED.search(again.text)
+    finally:
+        again.stop()
+    assert len(adaptation_runs(data)) == 2
+
+
+def adaptation_runs(data: Path) -> list[sqlite3.Row]:
+    with sqlite3.connect(f"file:{data / 'log' / 'interactions.sqlite3'}?mode=ro", uri=True) as conn:
+        conn.row_factory = sqlite3.Row
+        return conn.execute("SELECT * FROM adaptations ORDER BY id").fetchall()

@@ -22,7 +22,8 @@ from wyoming_tinyalign.intents import Intent
 from wyoming_tinyalign.manifest import Utterance
 from wyoming_tinyalign.model.bundle import BundleConfig, ProjectorInfo
 from wyoming_tinyalign.model.projector import ProjectorConfig, build_projector
-from wyoming_tinyalign.scheduler import next_run, parse_adapt_at, parse_port, with_model_version
+from wyoming_tinyalign.scheduler import missed_night, next_run, parse_adapt_at, parse_port, with_model_version
+from wyoming_tinyalign.store import Interaction, InteractionStore
 from wyoming_tinyalign.versions import (
     BASE,
     VersionError,
@@ -215,6 +216,29 @@ def test_the_nightly_clock_and_flags() -> None:
     for bad in ("25:00", "3am"):
         with pytest.raises(Exception, match="HH:MM"):
             parse_adapt_at(bad)
+
+
+def test_a_night_the_server_was_not_running_for_is_missed(tmp_path: Path) -> None:
+    """`missed_night` on a real log: the last nightly time, when no run started since it and the log is
+    older than it."""
+    at, now = dtime(3, 0), datetime(2025, 3, 2, 14, 0)
+    store = InteractionStore(tmp_path / "log")
+    store.open()
+    try:
+        conn = store.conn
+        assert missed_night(conn, now, at) is None  # a new log: its first night is tonight
+        said = Interaction(kind="text", created_at=datetime(2025, 3, 1, 20, 0).timestamp(), transcript="hi")
+        store.add(said)
+        assert missed_night(conn, now, at) == datetime(2025, 3, 2, 3, 0)  # logged before it, no run since
+        assert missed_night(conn, datetime(2025, 3, 2, 2, 0), at) is None  # logged after the night before
+        conn.execute(
+            "INSERT INTO adaptations (started_at, status) VALUES (?, 'skipped')",
+            (datetime(2025, 3, 2, 3, 0, 5).timestamp(),),
+        )
+        assert missed_night(conn, now, at) is None  # the night ran (skipped is a run)
+        assert missed_night(conn, datetime(2025, 3, 3, 9, 0), at) == datetime(2025, 3, 3, 3, 0)
+    finally:
+        store.close()
 
 
 def test_info_reports_the_served_version() -> None:

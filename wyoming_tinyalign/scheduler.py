@@ -5,7 +5,9 @@
   the bundle, and records its bundle in `DATA_DIR/model.json`.
 - `--adapt-at HH:MM` (local time; `off` to disable) starts `wyoming-tinyalign adapt` as a child process
   (its own session, `nice` 10, torch threads on every core, output appended to `DATA_DIR/adapt/job.log`);
-  the server keeps serving while it runs. `POST /api/adapt` starts it at once (with `--now`).
+  the server keeps serving while it runs. `POST /api/adapt` starts it at once (with `--now`). A night
+  missed because the server was not running then (no run has started since that time, and the log is
+  older than it) is run `CATCH_UP_DELAY_S` after the server starts.
 - The pointer file is polled every `POLL_S` seconds (and checked as soon as a child job exits). A new
   version is loaded off the event loop, checked against the bundle (encoder and LLM ids, sizes; a
   mismatch is refused with a logged error), then swapped in on the inference thread between requests.
@@ -42,6 +44,7 @@ from .model.bundle import BundleConfig, BundleError, ProjectorInfo, load_bundle_
 from .model.decoder_adapter import ShapedAdapter
 from .model.projector import Projector
 from .models import ModelChoice
+from .store import StoreError
 from .versions import BASE, VersionError, Versions, check_fits, record_model
 from .web import Metrics, WebContext, build_app, load_token
 from .worker import InferenceWorker
@@ -54,6 +57,8 @@ DEFAULT_WEB_PORT = 8099  # the Home Assistant add-on's ingress port
 JOB_LOG = "job.log"
 JOB_LOG_MAX_BYTES = 5 << 20
 STOP_GRACE_S = 5.0
+# A missed night starts this long after the server is ready (Home Assistant reconnects first).
+CATCH_UP_DELAY_S = 10.0
 
 
 def parse_adapt_at(value: str) -> dtime | None:
@@ -104,6 +109,18 @@ def next_run(now: datetime, at: dtime) -> datetime:
     """The next local `at` strictly after `now` (naive local times)."""
     target = datetime.combine(now.date(), at)
     return target if target > now else datetime.combine(now.date() + timedelta(days=1), at)
+
+
+def missed_night(conn: sqlite3.Connection, now: datetime, at: dtime) -> datetime | None:
+    """The last nightly time before `now` if no run has started since it while the log is older than it
+    (the server was not running then, or could not start the job); None otherwise. Runs the store's
+    thread (`conn`: the interaction log)."""
+    last = datetime.combine(next_run(now, at).date() - timedelta(days=1), at)
+    (since,) = conn.execute(
+        "SELECT COALESCE((SELECT MAX(started_at) FROM adaptations), "
+        "(SELECT MIN(created_at) FROM interactions))"
+    ).fetchone()
+    return last if since is not None and datetime.fromtimestamp(since) < last else None
 
 
 def page_link(host: str, port: int, token: str) -> str:
@@ -341,15 +358,38 @@ class Nightly:
     # ------------------------------------------------------------------------------------ the job
     async def _timer(self) -> None:
         assert self.adapt_at is not None
+        if (missed := await self._missed_night()) is not None:
+            _LOGGER.info(
+                "nightly adaptation: the run of %s was missed (none has started since); "
+                "starting it in %.0f s", missed.strftime("%Y-%m-%d %H:%M"), CATCH_UP_DELAY_S,
+            )  # fmt: skip
+            await asyncio.sleep(CATCH_UP_DELAY_S)
+            await self._start_nightly()
         while True:
             target = next_run(datetime.now(), self.adapt_at)
             while (left := (target - datetime.now()).total_seconds()) > 0:
                 await asyncio.sleep(min(left, 60.0))  # re-read the clock: suspend, DST, clock changes
-            try:
-                if not await self.start_job(now=False):
-                    _LOGGER.info("nightly adaptation: one is already running")
-            except OSError as err:  # a full disk: tonight is skipped, the timer and the server go on
-                _LOGGER.error("nightly adaptation not started: %s", err)
+            await self._start_nightly()
+
+    async def _missed_night(self) -> datetime | None:
+        """`missed_night` on the interaction log (None without a log, or one that cannot be read)."""
+        assert self.adapt_at is not None
+        store = self.app.assistant.store if self.app is not None else None
+        if store is None:
+            return None
+        try:
+            return await store.async_call(missed_night, store.conn, datetime.now(), self.adapt_at)
+        except (StoreError, sqlite3.Error) as err:
+            _LOGGER.warning("cannot tell whether a nightly run was missed: %s", err)
+            return None
+
+    async def _start_nightly(self) -> None:
+        """Start the night's job (`--now` not given: unchanged or too few new labels skip it)."""
+        try:
+            if not await self.start_job(now=False):
+                _LOGGER.info("nightly adaptation: one is already running")
+        except OSError as err:  # a full disk: tonight is skipped, the timer and the server go on
+            _LOGGER.error("nightly adaptation not started: %s", err)
 
     async def start_job(self, now: bool = True) -> bool:
         """Start `wyoming-tinyalign adapt` as a child process; False if one is running. An `OSError`
