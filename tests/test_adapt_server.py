@@ -1,7 +1,8 @@
 """The proof, end to end at micro size: a real server, a household it never heard, corrections through the
 HTTP API, one night of adaptation in the server's child process, and the household's next utterances
 served by the promoted version. Also: API auth, hot-swap while a client streams, a projector that does not
-fit the bundle, rollback and the delete endpoints. One server for the module; the tests build on it."""
+fit the bundle, rollback and the delete endpoints. One server for the module; the tests build on it.
+Last, a server of its own that runs a night it missed."""
 
 from __future__ import annotations
 
@@ -92,6 +93,12 @@ def rows(db: Path, where: str = "1", args: tuple = ()) -> list[sqlite3.Row]:
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=TIMEOUT) as conn:
         conn.row_factory = sqlite3.Row
         return conn.execute(f"SELECT * FROM interactions WHERE {where} ORDER BY id", args).fetchall()
+
+
+def adaptation_runs(data: Path) -> list[sqlite3.Row]:
+    with sqlite3.connect(f"file:{data / 'log' / 'interactions.sqlite3'}?mode=ro", uri=True) as conn:
+        conn.row_factory = sqlite3.Row
+        return conn.execute("SELECT * FROM adaptations ORDER BY id").fetchall()
 
 
 def wait_rows(db: Path, count: int, where: str, args: tuple) -> list[sqlite3.Row]:
@@ -475,9 +482,3 @@ def test_a_night_missed_while_the_server_was_not_running_runs_once_it_starts(
     finally:
         again.stop()
     assert len(adaptation_runs(data)) == 2
-
-
-def adaptation_runs(data: Path) -> list[sqlite3.Row]:
-    with sqlite3.connect(f"file:{data / 'log' / 'interactions.sqlite3'}?mode=ro", uri=True) as conn:
-        conn.row_factory = sqlite3.Row
-        return conn.execute("SELECT * FROM adaptations ORDER BY id").fetchall()
