@@ -138,12 +138,18 @@ def rows(db: Path, where: str = "1", args: tuple = ()) -> list[sqlite3.Row]:
 
 
 def wait_rows(db: Path, count: int, where: str = "1", args: tuple = ()) -> list[sqlite3.Row]:
-    """Logging happens after the answer is sent: poll (bounded) until `count` rows match."""
+    """Logging happens after the answer is sent: poll (bounded) until `count` rows match. A log being
+    started over (set aside, then created anew) may for a moment not be there, or not be readable yet."""
     deadline = time.monotonic() + TIMEOUT
-    while len(found := rows(db, where, args)) < count:
-        assert time.monotonic() < deadline, f"{len(found)} of {count} rows after {TIMEOUT} s"
+    while True:
+        try:
+            found, problem = rows(db, where, args), None
+        except sqlite3.OperationalError as err:
+            found, problem = [], err
+        if len(found) >= count:
+            return found
+        assert time.monotonic() < deadline, f"{len(found)} of {count} rows after {TIMEOUT} s ({problem})"
         time.sleep(0.02)
-    return found
 
 
 # ----------------------------------------------------------------------------------------- describe
