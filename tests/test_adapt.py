@@ -320,13 +320,13 @@ def test_a_night_whose_served_version_is_damaged_starts_from_the_bundles_project
         f"version {name} cannot be used" in caplog.text
         and "starting from the bundle's projector" in caplog.text
     )
-    assert report["status"] in ("promoted", "rejected"), report
+    assert report["status"] == "promoted", report  # (on this log it trains a better one: seeded)
     assert (
         report["serving_version"] == name and report["train"]["init"] == BASE and report["train"]["steps"] > 0
     )
     assert "shipped" not in report  # the bundle's own projector is the one judged against
-    if report.get("version"):
-        assert versions.info(report["version"]).metrics["before"]["version"] == BASE
+    assert versions.current() == report["version"] != name
+    assert versions.info(report["version"]).metrics["before"]["version"] == BASE
 
 
 def test_a_night_whose_log_is_set_aside_meanwhile_is_recorded_in_the_new_one(
@@ -446,11 +446,12 @@ def test_the_job_runs_in_bfloat16_as_a_server_started_with_it(
     micro_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """`--dtype bfloat16`, which a server run in it passes on: the night loads the backbones in
-    bfloat16 and still trains and validates its float32 projector."""
+    bfloat16 and still trains and validates its float32 projector. The budget leaves the training to end
+    by itself (patience), so that the night is the same on a busy machine."""
     data = tmp_path_factory.mktemp("bf16") / "data"
-    log_household(data, micro_model, unseen_speech(tmp_path_factory, 12, seed=23))
-    report = run_job(options(data, tmp_path_factory, now=True, dtype="bfloat16", budget_minutes=0.1))
-    assert report["status"] in ("promoted", "rejected"), report
+    log_household(data, micro_model, unseen_speech(tmp_path_factory, 30, seed=21))
+    report = run_job(options(data, tmp_path_factory, now=True, dtype="bfloat16", budget_minutes=1.0))
+    assert report["status"] == "promoted", report  # (on this log it trains a better one: seeded)
     assert report["dtype"] == "bfloat16" and report["train"]["steps"] > 0
     assert report["before"]["household"]["loss"] > 0 and report["after"]["household"]["loss"] > 0
 

@@ -245,7 +245,11 @@ class Before:
     cascade: dict[str, list[Answer]]  # the cascade's answers, per set
     caches: list[Predictions | None]  # the answers kept for the next nights (`Job._prune`)
     per_item: float  # seconds of one validation answer
-    loss_s: float  # seconds its held-out losses took (never cached: the candidate's cost as much)
+
+    @property
+    def loss_s(self) -> float:
+        """Seconds its held-out losses took (never cached: the candidate's cost as much)."""
+        return sum(self.figures[name].get("loss_s", 0.0) for name in ("household", "general"))
 
 
 @dataclass
@@ -815,10 +819,11 @@ class Job:
         train_pairs, held_pairs = self._items(trainable), self._items(held)
         if not train_pairs or not held_pairs:
             raise Skip("the audio of the labelled utterances is missing or unreadable")
-        base = [h for h in load_households() if h.split == "base"]
+        households = load_households()
+        base = [h for h in households if h.split == "base"]
         replay_manifest = self._bootstrap("replay", opts.replay_n, REPLAY_SEED, self._replay_households(base))
         general_manifest = self._bootstrap("general", opts.general_n, GENERAL_SEED, base)
-        contexts = {h.name: context_text(h) for h in load_households()}
+        contexts = {h.name: context_text(h) for h in households}
         rng = random.Random(self.sample_key)
         replay_all = read_manifest(replay_manifest)
         replay = rng.sample(replay_all, min(len(replay_all), max(len(train_pairs), 16)))
@@ -883,10 +888,9 @@ class Job:
         report["cascade"] = {
             name: score_answers(_refs(items), cascade[name]) for name, items in cascade_sets.items()
         }
-        loss_s = sum(figures[name].get("loss_s", 0.0) for name in ("household", "general"))  # never cached
         return Before(
             figures, served_answers, shipped_answers, cascade, [cascade_cache, serving_cache, shipped_cache],
-            per_item, loss_s,
+            per_item,
         )  # fmt: skip
 
     def _projector_night(
