@@ -14,6 +14,7 @@ import shlex
 import signal
 import sqlite3
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -462,9 +463,21 @@ def test_a_night_missed_while_the_server_was_not_running_runs_once_it_starts(
     try:
         process.wait_ready()
         missed = process.wait_log(re.compile(r"nightly adaptation: the run of (\S+ \S+) was missed"))
+        starts_at = datetime.now() + timedelta(seconds=CATCH_UP_DELAY_S)  # at most a poll after the line
         assert missed.group(1) == datetime.combine(
             (datetime.now() - timedelta(hours=1)).date(), dtime.fromisoformat(at)
         ).strftime("%Y-%m-%d %H:%M")
+        token = (data / "web-token").read_text().strip()
+        request = urllib.request.Request(
+            process.wait_log(WEB).group(1) + "/", headers={"Authorization": f"Bearer {token}"}
+        )
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:  # the dashboard, while it waits
+            page = response.read().decode()
+        shown = re.search(r"<dt>Next nightly run</dt><dd>([^<]*)</dd>", page)
+        assert shown, page
+        assert shown.group(1) in {  # the missed night's start, not tomorrow's `--adapt-at`
+            f"today at {when:%H:%M}" for when in (starts_at - timedelta(seconds=1), starts_at)
+        }, shown.group(1)
         process.wait_log(JOB_STARTED, timeout=TIMEOUT + CATCH_UP_DELAY_S)
         deadline = time.monotonic() + TIMEOUT
         while (runs := adaptation_runs(data))[-1]["status"] == "running" or len(runs) < 2:

@@ -173,6 +173,7 @@ class Nightly:
         self.app: Any = None
         self.metrics = Metrics()
         self._refused: str | None = None
+        self._catch_up_at: datetime | None = None  # a missed night waits to start (`_timer`)
         self._job: asyncio.subprocess.Process | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
@@ -240,7 +241,10 @@ class Nightly:
 
     @property
     def next_run_at(self) -> datetime | None:
-        """When the nightly timer starts the next run (None: `--adapt-at off`)."""
+        """When the nightly timer starts the next run: a missed night's, or the next `--adapt-at` (None:
+        `--adapt-at off`)."""
+        if self._catch_up_at is not None:
+            return self._catch_up_at
         return next_run(datetime.now(), self.adapt_at) if self.adapt_at is not None else None
 
     @property
@@ -363,7 +367,9 @@ class Nightly:
                 "nightly adaptation: the run of %s was missed (none has started since); "
                 "starting it in %.0f s", missed.strftime("%Y-%m-%d %H:%M"), CATCH_UP_DELAY_S,
             )  # fmt: skip
+            self._catch_up_at = datetime.now() + timedelta(seconds=CATCH_UP_DELAY_S)
             await asyncio.sleep(CATCH_UP_DELAY_S)
+            self._catch_up_at = None
             await self._start_nightly()
         while True:
             target = next_run(datetime.now(), self.adapt_at)
