@@ -13,6 +13,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from wyoming.tts import Synthesize
 READY = re.compile(r"ready: serving on (\S+)")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's, for the web page's tests
 WEB = re.compile(r"web: serving the HTTP API on (http://\S+)")
+STARTING = re.compile(r"web: a start-up page on (http://\S+)")
 PAGE_LINK = re.compile(r"web: the household's page: (http://\S+)")
 TIMEOUT = 60.0  # generous: this machine may be busy with training
 
@@ -119,6 +121,13 @@ class ServerProcess:
                 self.proc.wait(10)
         self._log_file.close()
         return self.proc.returncode
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (a moment ago)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def serve_args(model: Path, data_dir: Path, *extra: str) -> list[str]:

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from serving import free_port
 from wyoming.event import async_read_event, async_write_event
 from wyoming.info import Describe
 
@@ -386,9 +387,7 @@ def test_custom_model_without_a_folder_stops_with_a_clear_message(
 
 async def test_discovery_waits_for_describe_then_publishes(sandbox: Path) -> None:
     """The oneshot publishes `tcp://<hostname>:10300` only after a real describe -> info round trip."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     script = sandbox / "discovery-run"
     script.write_text(DISCOVERY.read_text().replace("10300", str(port)))  # 10300 may be taken here
     out = sandbox / "discovery.discovery"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 import pytest
 from aiohttp import WSMsgType, web
-from serving import TIMEOUT, ServerProcess, describe_rtt, serve_args
+from serving import TIMEOUT, ServerProcess, describe_rtt, free_port, serve_args
 
 from wyoming_tinyalign.assistant import load_context_file
 from wyoming_tinyalign.hass import (
@@ -176,12 +175,6 @@ async def hass() -> AsyncIterator[FakeHass]:
         await asyncio.wait_for(runner.cleanup(), TIMEOUT)
 
 
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 async def until(predicate, timeout: float = TIMEOUT) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
@@ -247,7 +240,7 @@ async def test_disconnects_and_garbage_are_hass_errors(hass: FakeHass, mode: str
 
 async def test_unreachable_and_hanging_home_assistant_fail_in_bounded_time(hass: FakeHass) -> None:
     with pytest.raises(HassError, match="cannot reach"):
-        await fetch_snapshot(f"http://127.0.0.1:{closed_port()}", TOKEN, timeout=TIMEOUT)
+        await fetch_snapshot(f"http://127.0.0.1:{free_port()}", TOKEN, timeout=TIMEOUT)
     hass.mode = "hang"
     loop = asyncio.get_running_loop()
     t0 = loop.time()

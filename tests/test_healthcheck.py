@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serving import TIMEOUT, ServerProcess, serve_args
+from serving import TIMEOUT, ServerProcess, free_port, serve_args
 
 from wyoming_tinyalign.healthcheck import DEFAULT_URI, local_uri
 
@@ -42,12 +42,6 @@ def healthcheck(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
         [sys.executable, "-m", "wyoming_tinyalign.healthcheck", *args],
         capture_output=True, text=True, timeout=TIMEOUT, env={**os.environ, **(env or {})},
     )  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_healthy_against_the_running_server(uri: str) -> None:

@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from serving import (
+    STARTING,
     TIMEOUT,
     WEB,
     ServerProcess,
@@ -35,6 +37,7 @@ from serving import (
     describe_under_load,
     espeak_pcm,
     fit_seconds,
+    free_port,
     read_until,
     resample,
     send_audio,
@@ -792,6 +795,59 @@ def test_the_dev_model_is_built_atomically_and_a_stopped_build_goes_on(
     assert found == [["small", "llm"]] and (folder / "bundle.json").is_file()
     assert [p.name for p in models.iterdir()] == ["dev-small"]
     assert "removing an unfinished build" in caplog.text and "stopped part-way" in caplog.text
+
+
+async def test_the_web_port_says_what_a_first_start_does_while_it_builds_the_demo_model(
+    tmp_path: Path,
+) -> None:
+    """A first start with `--model dev` (the add-on's default) builds for an hour or two, where the web port
+    (Home Assistant's sidebar panel) was closed: now every page there says so, with the build's latest
+    lines; `/healthz` and the API answer 503. Stopped, the port closes."""
+    args = ["--data-dir", str(tmp_path), "--model", "dev", "--uri", "tcp://127.0.0.1:0", "--web-port", "0"]
+    process = ServerProcess(args, tmp_path / "log")
+    try:
+        url = process.wait_log(STARTING).group(1)
+        process.wait_log(re.compile(r"rendering \d+ utterances"))
+        async with aiohttp.ClientSession() as http:
+            for page in ("/", "/learning"):  # any page: a bookmark, or the panel's own path
+                async with http.get(url + page) as answer:
+                    assert answer.status == 200
+                    html = await answer.text()
+                assert '<meta http-equiv="refresh" content="30">' in html and "does not answer yet" in html
+                assert re.search(r'<li class="warn">.*building the offline DEMO model', html)
+                assert re.search(r"<li>.*rendering \d+ utterances of synthetic speech", html)
+            async with http.get(url + "/static/style.css") as answer:
+                assert answer.status == 200 and "ul.startup" in await answer.text()
+            async with http.get(url + "/healthz") as answer:
+                assert answer.status == 503 and (await answer.json())["status"] == "starting"
+            async with http.get(url + "/metrics") as answer:  # not the page: a scraper reads it
+                assert answer.status == 503
+            async with http.put(url + "/api/interactions/1/correction", json={"text": "x"}) as answer:
+                assert answer.status == 503
+                assert (await answer.json())["error"].startswith("the server is starting (")
+    finally:
+        assert process.stop() == 0
+    assert "stopped before serving" in process.text
+    with pytest.raises(aiohttp.ClientConnectionError):  # the page went with the start-up
+        async with aiohttp.ClientSession() as http, http.get(url + "/healthz"):
+            pass
+
+
+def test_the_start_up_page_hands_its_port_to_the_households_page(micro_model: Path, tmp_path: Path) -> None:
+    """On a fixed `--web-port` (the add-on's ingress port) the start-up page gives way to the household's
+    page, on the same port."""
+    port = free_port()
+    args = serve_args(micro_model, tmp_path / "data", "--uri", "tcp://127.0.0.1:0", "--web-port", str(port))
+    process = ServerProcess(args, tmp_path / "log")
+    try:
+        assert process.wait_log(STARTING).group(1) == f"http://127.0.0.1:{port}"
+        process.wait_ready()
+        assert process.wait_log(WEB).group(1) == f"http://127.0.0.1:{port}"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=TIMEOUT) as answer:
+            assert json.load(answer)["status"] == "ok"
+    finally:
+        process.stop()
+    assert "cannot listen" not in process.text
 
 
 def test_sigterm_during_the_first_starts_build_stops_it_cleanly_and_keeps_the_build(tmp_path: Path) -> None:

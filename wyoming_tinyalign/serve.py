@@ -16,7 +16,7 @@ import logging
 import signal
 import sqlite3
 import sys
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ from .models import (
     sweep_stopped_builds,
 )
 from .scheduler import Nightly, add_adaptation_args
+from .starting import StartingPage
 from .store import MIN_FREE_BYTES, NO_LOG, InteractionStore, StoreDamaged, StoreError
 from .words import counted
 from .worker import PATH_CHOICES, InferenceWorker
@@ -169,8 +170,10 @@ def run_serve(args: argparse.Namespace) -> int:
     Until it serves, SIGTERM stops it as Ctrl-C does, with a line in the log and exit code 0: loading
     takes minutes, a first start's demo build hours (and that build goes on at the next start)."""
     signal.signal(signal.SIGTERM, _stop_loading)  # until `App.serve` puts its own handlers in place
+    page = StartingPage(args.web_host, args.web_port) if args.web_port is not None else nullcontext()
     try:
-        app, server, zeroconf = _load(args)
+        with page:  # the web port says what the start-up does until the household's page takes it
+            app, server, zeroconf = _load(args)
     except KeyboardInterrupt:
         _LOGGER.warning("stopped before serving")
         return 0

@@ -29,7 +29,8 @@ itself asks for the token with a login form, or takes it once from `?token=...` 
 `/healthz` and `/metrics` are open. The token is `--web-token`, else the one generated once into
 `DATA_DIR/web-token` (mode 0600). Extend the app by adding routes in `build_app`; the auth middleware
 covers every `/api/` route. A file or the log that cannot be read or written (a full disk) answers 500
-with the reason (JSON `{"error": ...}` under `/api/`).
+with the reason (JSON `{"error": ...}` under `/api/`). Until the server is ready, the port serves the
+start-up page instead (`starting.py`).
 """
 
 from __future__ import annotations

@@ -26,9 +26,11 @@ import asyncio
 import functools
 import hashlib
 import json
+import logging
 import re
 import shutil
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable
 from datetime import date, datetime
 from datetime import time as dtime
@@ -208,8 +210,10 @@ def _layout(
     nav: bool = True,
     logout: bool = False,
     running: bool = False,
+    refresh_s: int | None = None,
 ) -> str:
-    """The whole page around `body`: header with the links between pages, the style sheet and script."""
+    """The whole page around `body`: header with the links between pages, the style sheet and script
+    (`refresh_s`: the browser loads the page again after so many seconds)."""
     links = "".join(
         f'<a href="{href or "./"}"{_current(href == active)}>{name}</a>' for href, name in PAGES.items()
     )
@@ -223,7 +227,7 @@ def _layout(
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="color-scheme" content="light dark">
-<link rel="icon" href="data:,">
+<link rel="icon" href="data:,">{f'<meta http-equiv="refresh" content="{refresh_s}">' if refresh_s else ""}
 <title>{escape(title)} - TinyAlign</title>
 <link rel="stylesheet" href="static/style.css?v={_asset("style.css")[1]}">
 <script src="static/app.js?v={_asset("app.js")[1]}" defer></script>
@@ -812,3 +816,29 @@ if it understands the household better. Serving: <b>{escape(control.served_name)
 </thead>
 <tbody>{_version_rows(listing, control.served_name, control.requested_path)}</tbody></table>"""
     return _layout("Learning", "learning", body, logout=_logged_in_by_cookie(request), running=running)
+
+
+# ------------------------------------------------------------------------------------------- starting
+LogLine = tuple[float, int, str]  # when (unix seconds), logging level, message
+
+
+def starting_page(since: float, lines: list[LogLine], refresh_s: int) -> str:
+    """The page the web port shows while the server starts (`starting.py`): for how long, and what the
+    start-up logged (in time order; warnings and errors marked)."""
+    items = "".join(
+        f"<li{_marked(level)}>"
+        f'<span class="small">{datetime.fromtimestamp(when):%H:%M:%S}</span> {escape(message)}</li>'
+        for when, level, message in lines
+    )
+    body = f"""<h1>Starting</h1>
+<p class="lead">The voice assistant is getting ready and does not answer yet: since {_short(since)}
+({_duration(time.time() - since)}). Its pages take this one's place when it is ready; this page reloads
+itself every {refresh_s} s.</p>
+<h2>What it is doing</h2>
+<ul class="startup">{items or "<li>loading</li>"}</ul>"""
+    return _layout("Starting", None, body, nav=False, refresh_s=refresh_s)
+
+
+def _marked(level: int) -> str:
+    """The class of a log line of `level` (none for information)."""
+    return ' class="bad"' if level >= logging.ERROR else ' class="warn"' if level >= logging.WARNING else ""
