@@ -751,6 +751,10 @@ def test_a_preset_with_no_cache_and_no_hub_fails_with_one_clear_line(tmp_path: P
     )  # fmt: skip
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
+    assert (  # what the start-up page shows while a first start downloads
+        "loading the model whisper-base+qwen2.5-0.5b: openai/whisper-base and Qwen/Qwen2.5-0.5B-Instruct, "
+        "from the Hugging Face hub the first time (then its cache)"
+    ) in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: model preset 'whisper-base+qwen2.5-0.5b' needs openai/whisper-base")
     assert "local Hugging Face cache" in last

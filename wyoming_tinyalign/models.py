@@ -165,6 +165,13 @@ def inference_dtype(device: str, requested: str = "auto") -> torch.dtype:
 
 def load_model(choice: ModelChoice, device: str, dtype: torch.dtype = torch.float32) -> SpeechLLM:
     """Load the bundle; a preset that is neither cached nor downloadable fails with one clear line."""
+    if choice.preset is not None:
+        _LOGGER.info(
+            "loading the model %s: %s and %s, from the Hugging Face hub the first time (then its cache)",
+            choice.name, *PRESETS[choice.preset],
+        )  # fmt: skip
+    else:
+        _LOGGER.info("loading the model %s from %s", choice.name, choice.folder)
     try:
         return SpeechLLM.load(choice.folder, device=device, dtype=dtype)
     except BundleError as err:
