@@ -115,6 +115,9 @@ async def test_ingress_needs_no_token_but_changes_need_the_header(
         assert "50% &rarr; 70%" in learning and "1 min 35 s" in learning
         assert "93% &rarr; 90%" in learning  # other voices
         assert "812 MB peak &middot; 1371 MB on the GPU" in learning
+        sizes = "".join(f'<div class="nowrap">{part}</div>' for part in ("24 train", "6 held out", "24 new"))
+        labels = '<div class="small"><div class="nowrap">correction 30</div></div>'  # by source, under them
+        assert f'<td data-label="Data">{sizes}{labels}</td>' in learning
         assert "promoted v0001 (no longer kept)" in learning  # pruned: not in this data dir
         assert "Whisper's decoder (not kept): ValueError: no transcripts" in learning.replace("&#x27;", "'")
         # The header alone, from any other address, is no way in.

@@ -255,6 +255,11 @@ def _short(ts: float) -> str:
     return when.strftime("%H:%M" if days == 0 else "%a %H:%M" if 0 < days < 7 else "%b %d %H:%M")
 
 
+def _lines(parts: list[str], none: str = "-") -> str:
+    """One part a line, none broken inside ("22 held out", "teacher 49")."""
+    return "".join(f'<div class="nowrap">{part}</div>' for part in parts) or none
+
+
 def _pct(value: Any) -> str:
     return f"{value * 100:.0f}%" if isinstance(value, int | float) else "-"
 
@@ -669,7 +674,7 @@ def _run_row(run: dict[str, Any], kept: set[str], requested: str) -> str:
     sizes = [f"{data[k]} {label}" for k, label in (("train", "train"), ("heldout", "held out")) if k in data]
     if "new" in data:
         sizes.append(f"{data['new']} new")
-    sources = " &middot; ".join(f"{k} {v}" for k, v in (data.get("sources") or {}).items() if v)
+    sources = [f"{k} {v}" for k, v in (data.get("sources") or {}).items() if v]
     version = run.get("version")
     status = escape(run["status"])
     if version:
@@ -715,8 +720,7 @@ def _run_row(run: dict[str, Any], kept: set[str], requested: str) -> str:
     return f"""<tr class="run {escape(run["status"])}">
 <td data-label="Started"><span class="nowrap">{day}</span> {clock}</td>
 <td data-label="Result"><b>{status}</b><div class="small">{escape(run["reason"] or "")}</div>{ear}</td>
-<td data-label="Data">{" &middot; ".join(sizes) or "-"}</td>
-<td data-label="Labels">{sources or "-"}</td>
+<td data-label="Data">{_lines(sizes)}<div class="small">{_lines(sources, "")}</div></td>
 <td data-label="Intent accuracy" class="nowrap">{before_after[0]}</td>
 <td data-label="WER" class="nowrap">{before_after[1]}</td>
 <td data-label="Other voices" class="nowrap">{before_after[2]}</td>
@@ -789,7 +793,8 @@ async def learning(request: web.Request) -> str:
     rows = "".join(_run_row(run, kept, control.requested_path) for run in runs)
     table = (
         f"""<div class="scroll"><table class="runs"><thead>
-<tr><th>Started</th><th>Result</th><th>Data</th><th>Labels</th>
+<tr><th>Started</th><th>Result</th>
+<th title="utterances trained on, held out, new since the last run; under them, their labels">Data</th>
 <th title="of what answered the household: before the night and after it">Intent accuracy</th>
 <th title="of what answered the household: before the night and after it">WER</th>
 <th title="intent accuracy on other voices: before the night and after it">Other voices</th>
