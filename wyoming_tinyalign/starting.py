@@ -30,7 +30,6 @@ REFRESH_S = 30
 WARNINGS_KEPT = 5
 LINES_KEPT = 8
 STOP_S = 5.0
-START_LOG = web.AppKey("start_log", object)
 
 
 class StartLog(logging.Handler):
@@ -54,6 +53,9 @@ class StartLog(logging.Handler):
         """Warnings and latest lines, in time order."""
         with self.lock:  # type: ignore[union-attr]  # a Handler's lock, made in __init__
             return sorted({*self._warnings, *self._lines})
+
+
+START_LOG = web.AppKey("start_log", StartLog)
 
 
 class StartingPage:
@@ -120,7 +122,7 @@ class StartingPage:
 
 
 def _start_log(request: web.Request) -> StartLog:
-    return request.app[START_LOG]  # type: ignore[return-value]
+    return request.app[START_LOG]
 
 
 def _doing(log: StartLog) -> str:
