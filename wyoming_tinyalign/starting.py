@@ -138,16 +138,13 @@ async def _page(request: web.Request) -> web.Response:
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    return web.json_response(
-        {"status": "starting", "doing": _doing(_start_log(request))},
-        status=503,
-        headers={"Retry-After": str(REFRESH_S)},
-    )
+    return _not_yet({"status": "starting", "doing": _doing(_start_log(request))})
 
 
 async def _unavailable(request: web.Request) -> web.Response:
-    return web.json_response(
-        {"error": f"the server is starting ({_doing(_start_log(request))}); try again later"},
-        status=503,
-        headers={"Retry-After": str(REFRESH_S)},
-    )
+    return _not_yet({"error": f"the server is starting ({_doing(_start_log(request))}); try again later"})
+
+
+def _not_yet(body: dict[str, str]) -> web.Response:
+    """503, with when to ask again."""
+    return web.json_response(body, status=503, headers={"Retry-After": str(REFRESH_S)})

@@ -255,9 +255,9 @@ def _short(ts: float) -> str:
     return when.strftime("%H:%M" if days == 0 else "%a %H:%M" if 0 < days < 7 else "%b %d %H:%M")
 
 
-def _lines(parts: list[str], none: str = "-") -> str:
+def _lines(parts: list[str]) -> str:
     """One part a line, none broken inside ("22 held out", "teacher 49")."""
-    return "".join(f'<div class="nowrap">{part}</div>' for part in parts) or none
+    return "".join(f'<div class="nowrap">{part}</div>' for part in parts)
 
 
 def _pct(value: Any) -> str:
@@ -674,7 +674,7 @@ def _run_row(run: dict[str, Any], kept: set[str], requested: str) -> str:
     sizes = [f"{data[k]} {label}" for k, label in (("train", "train"), ("heldout", "held out")) if k in data]
     if "new" in data:
         sizes.append(f"{data['new']} new")
-    sources = [f"{k} {v}" for k, v in (data.get("sources") or {}).items() if v]
+    sources = _lines([f"{k} {v}" for k, v in (data.get("sources") or {}).items() if v])
     version = run.get("version")
     status = escape(run["status"])
     if version:
@@ -720,7 +720,7 @@ def _run_row(run: dict[str, Any], kept: set[str], requested: str) -> str:
     return f"""<tr class="run {escape(run["status"])}">
 <td data-label="Started"><span class="nowrap">{day}</span> {clock}</td>
 <td data-label="Result"><b>{status}</b><div class="small">{escape(run["reason"] or "")}</div>{ear}</td>
-<td data-label="Data">{_lines(sizes)}<div class="small">{_lines(sources, "")}</div></td>
+<td data-label="Data">{_lines(sizes) or "-"}{f'<div class="small">{sources}</div>' if sources else ""}</td>
 <td data-label="Intent accuracy" class="nowrap">{before_after[0]}</td>
 <td data-label="WER" class="nowrap">{before_after[1]}</td>
 <td data-label="Other voices" class="nowrap">{before_after[2]}</td>
