@@ -19,7 +19,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import aiohttp
@@ -993,9 +993,9 @@ def test_whispers_training_stopped_part_way_goes_on_to_the_same_model(
 def test_the_llms_training_stopped_part_way_goes_on_to_the_same_model(
     micro_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The demo build's LLM, stopped at step 120 of 200, goes on from its last save (its batches replayed
-    to the saved step) to the very weights of a run never stopped (what a save refuses:
-    test_checkpoint.py)."""
+    """The demo build's LLM (micro, trained 50 steps here), stopped at step 30, goes on from its last save
+    (its batches replayed to the saved step) to the very weights of a run never stopped (what a save
+    refuses: test_checkpoint.py)."""
     tokenizer = PreTrainedTokenizerFast.from_pretrained(micro_model / "llm")
     households = [h for h in load_households() if h.split == "base"]
     rng = random.Random(0)
@@ -1006,14 +1006,14 @@ def test_the_llms_training_stopped_part_way_goes_on_to_the_same_model(
     checkpoint = tmp_path / "llm-training.safetensors"
 
     def run(save: Path | None = checkpoint) -> dict[str, torch.Tensor]:
-        return train_llm(tokenizer, encoded, SIZES["micro"], 0, save).state_dict()
+        return train_llm(tokenizer, encoded, replace(SIZES["micro"], llm_steps=50), 0, save).state_dict()
 
     whole = run(None)
-    _stopped_at(120, run, monkeypatch)
-    assert _saved_step(checkpoint) == 119
+    _stopped_at(30, run, monkeypatch)
+    assert _saved_step(checkpoint) == 29
     caplog.set_level(logging.INFO, logger="wyoming_tinyalign")
     assert _same(whole, run())
-    assert "llm-training: going on from step 119" in caplog.text
+    assert "llm-training: going on from step 29" in caplog.text
 
 
 def test_household_context_file_in_both_shapes(tmp_path: Path) -> None:

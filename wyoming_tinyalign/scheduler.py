@@ -258,7 +258,6 @@ class Nightly:
         self._spawn(self._watch())
         if self.adapt_at is not None:
             self._spawn(self._timer())
-            _LOGGER.info("nightly adaptation at %s local time", self.adapt_at.strftime("%H:%M"))
         if self.web_port is not None:
             await self._start_web(app)
 
@@ -362,10 +361,16 @@ class Nightly:
     # ------------------------------------------------------------------------------------ the job
     async def _timer(self) -> None:
         assert self.adapt_at is not None
-        if (missed := await self._missed_night()) is not None:
+        at = self.adapt_at.strftime("%H:%M")
+        if (missed := await self._missed_night()) is None:
             _LOGGER.info(
-                "nightly adaptation: the run of %s was missed (none has started since); "
-                "starting it in %.0f s", missed.strftime("%Y-%m-%d %H:%M"), CATCH_UP_DELAY_S,
+                "nightly adaptation at %s local time: the next run is at %s", at,
+                f"{next_run(datetime.now(), self.adapt_at):%Y-%m-%d %H:%M}",
+            )  # fmt: skip
+        else:
+            _LOGGER.info(
+                "nightly adaptation at %s local time: the run of %s was missed (none has started since); "
+                "starting it in %.0f s", at, missed.strftime("%Y-%m-%d %H:%M"), CATCH_UP_DELAY_S,
             )  # fmt: skip
             self._catch_up_at = datetime.now() + timedelta(seconds=CATCH_UP_DELAY_S)
             await asyncio.sleep(CATCH_UP_DELAY_S)
