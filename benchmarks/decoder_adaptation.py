@@ -78,7 +78,7 @@ def real_size_step_s(args: argparse.Namespace) -> dict:
     pad_id = whisper.config.pad_token_id
     batch = [  # 150 frames; 4 prompt + 20 words' ids
         DecoderExample(
-            torch.randint(0, whisper.config.vocab_size, (24,)).tolist(), 4, 150,
+            torch.randint(0, whisper.config.vocab_size, (24,)).tolist(), 4, 150, f"{i:064x}",
             features=torch.randn(150, whisper.config.d_model).half(), replayed=i % 5 != 0,
         )
         for i in range(16)

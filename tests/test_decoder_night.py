@@ -8,8 +8,11 @@ over and over (each clip its own noise): what the adapters must learn is the hou
 from __future__ import annotations
 
 import logging
+import re
+import shutil
 import sqlite3
 import time
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,10 +33,12 @@ from wyoming_tinyalign.adapt import (
     held_out,
     run_job,
 )
+from wyoming_tinyalign.audio import read_wav
 from wyoming_tinyalign.intents import Intent
 from wyoming_tinyalign.labels import set_correction, set_teacher, validate_correction
 from wyoming_tinyalign.manifest import Utterance
 from wyoming_tinyalign.model.bundle import load_bundle_config, load_projector
+from wyoming_tinyalign.model.decoder_memory import DecoderMemory
 from wyoming_tinyalign.model.projector import weights_key
 from wyoming_tinyalign.model.speechllm import SpeechLLM
 from wyoming_tinyalign.store import Interaction, InteractionStore
@@ -123,13 +128,20 @@ def test_the_night_promotes_adapters_that_hear_the_household(
     assert versions.current() == name
     adapter = versions.adapter(name)
     assert adapter is not None
+    # With them, the memory of the transcripts they learnt (all PHRASE but the one too long to learn).
+    model = SpeechLLM.load(micro_model)
+    memory = DecoderMemory.of(adapter[0])
+    n_tokens = len(model.whisper_tokenizer(PHRASE, add_special_tokens=False)["input_ids"])
+    assert memory is not None
+    assert decoder["memory"] == {"transcripts": len(memory.clips), "states": len(memory.values)}
+    assert len(memory.clips) == decoder["examples"]["household"] - 1
+    assert len(memory.values) == len(memory.clips) * (n_tokens + 1)
     # The version's cascade figures are the adapters', and `--path auto` reads the aligned path against
     # the cascade with them, utterance by utterance, on the same held-out set.
     metrics = versions.info(name).metrics
     assert metrics["cascade"]["household"] == after
     assert 0 < sum(metrics["aligned_vs_cascade"]["wer"]) <= after["n"]
     assert metrics["aligned_beats_cascade"] is (report["path_auto"] == "aligned")
-    model = SpeechLLM.load(micro_model)
     model.set_decoder_adapter(*adapter)
     assert model.run(_clip(1000), "cascade", with_intent=False).transcript == PHRASE
 
@@ -202,6 +214,26 @@ def test_a_projector_its_share_cannot_train_once_gives_the_adapters_its_time(
     assert weights_key(projector) == weights_key(shipped)
 
 
+def _serve(data: Path, micro_model: Path, tmp_path: Path) -> tuple[ServerProcess, str, str]:
+    """A server on `data` answering on the cascade (no nights), ready; its web address and token."""
+    extra = ["--uri", "tcp://127.0.0.1:0", "--path", "cascade", "--web-port", "0", "--adapt-at", "off"]
+    process = ServerProcess(serve_args(micro_model, data, *extra), tmp_path / "server.log")
+    try:
+        process.wait_ready()
+        return process, process.wait_log(WEB).group(1), (data / "web-token").read_text().strip()
+    except BaseException:
+        process.stop()
+        raise
+
+
+async def _say(process: ServerProcess, seed: int) -> str:
+    """What the server heard in `_clip(seed)`, sent as a satellite does."""
+    async with client(*process.host_port) as c:
+        await c.write_event(Transcribe(language="en").event())
+        await send_audio(c, _pcm(_clip(seed)), 16000)
+        return Transcript.from_event((await read_until(c, "transcript"))[-1]).text
+
+
 async def test_the_server_serves_them_logs_the_version_and_a_rollback_takes_them_back(
     night: tuple[Path, dict], micro_model: Path, tmp_path: Path
 ) -> None:
@@ -209,21 +241,9 @@ async def test_the_server_serves_them_logs_the_version_and_a_rollback_takes_them
     name = report["version"]
     before = SpeechLLM.load(micro_model).run(_clip(2000), "cascade", with_intent=False).transcript
     assert before != PHRASE
-    extra = ["--uri", "tcp://127.0.0.1:0", "--path", "cascade", "--web-port", "0", "--adapt-at", "off"]
-    process = ServerProcess(serve_args(micro_model, data, *extra), tmp_path / "server.log")
+    process, web, token = _serve(data, micro_model, tmp_path)
     try:
-        process.wait_ready()
-        web = process.wait_log(WEB).group(1)
-        token = (data / "web-token").read_text().strip()
-        host, port = process.host_port
-
-        async def say(seed: int) -> str:
-            async with client(host, port) as c:
-                await c.write_event(Transcribe(language="en").event())
-                await send_audio(c, _pcm(_clip(seed)), 16000)
-                return Transcript.from_event((await read_until(c, "transcript"))[-1]).text
-
-        assert await say(2000) == PHRASE
+        assert await _say(process, 2000) == PHRASE
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
             rows = await (await http.get(f"{web}/api/interactions")).json()
             newest = rows["items"][0]
@@ -231,6 +251,8 @@ async def test_the_server_serves_them_logs_the_version_and_a_rollback_takes_them
             page = await (await http.get(f"{web}/learning")).text()  # the household's page says so
             assert "Whisper's decoder (kept)" in page and "and Whisper decoder adapters" in page
             assert "1 transcript longer than it writes left out" in page
+            remembered = report["decoder"]["memory"]["transcripts"]
+            assert f"remembering {remembered} corrected transcripts" in page
             dashboard = await (await http.get(f"{web}/")).text()
             assert f"{name}, with Whisper decoder adapters, promoted" in dashboard
             answer = await http.post(f"{web}/api/rollback", json={"to": "base"})
@@ -238,10 +260,49 @@ async def test_the_server_serves_them_logs_the_version_and_a_rollback_takes_them
             dashboard = await (await http.get(f"{web}/")).text()
             assert "the model's own projector" in dashboard
             assert "with Whisper decoder adapters" not in dashboard
-        assert await say(2000) == before
+        assert await _say(process, 2000) == before
     finally:
         process.stop()
     assert "with Whisper decoder adapters" in process.text
+
+
+async def test_a_deleted_recording_leaves_the_served_memory_and_every_versions(
+    night: tuple[Path, dict], micro_model: Path, tmp_path: Path
+) -> None:
+    """The memory's tokens are the household's words: a recording deleted through the API takes its
+    states out of the memory the server serves (before its next answer) and out of the version file;
+    deleting all of them leaves the version its adapters, no memory."""
+    data = tmp_path / "data"
+    shutil.copytree(night[0], data)  # (the night's data dir stays as the other tests read it)
+    name = night[1]["version"]
+    versions = Versions(data)
+    versions.promote(name)  # (served again: an earlier test rolled back to the bundle's)
+    memory = DecoderMemory.of(versions.adapter(name)[0])
+    assert memory is not None
+    with closing(sqlite3.connect(data / "log" / "interactions.sqlite3")) as db:
+        learnt = [
+            (row, audio)
+            for row, audio in db.execute("SELECT id, audio_path FROM interactions ORDER BY id")
+            if row <= 40 and row not in TAUGHT and not held_out(row, AdaptOptions.heldout_every)
+        ]
+    row, audio = learnt[0]
+    key = FeatureCache.key(read_wav(data / "log" / audio))
+    assert memory.holds({key})
+    process, web, token = _serve(data, micro_model, tmp_path)
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
+            assert (await http.delete(f"{web}/api/interactions/{row}")).status == 204
+            process.wait_log(re.compile("the served memory forgot the deleted recordings"))
+            left = DecoderMemory.of(versions.adapter(name)[0])
+            assert left is not None and not left.holds({key}) and set(left.clips) == set(memory.clips) - {key}
+            assert len(left.values) == len(memory.values) // len(memory.clips) * len(left.clips)
+            assert (await http.delete(f"{web}/api/interactions")).status == 200
+        stored = versions.adapter(name)
+        assert stored is not None and DecoderMemory.of(stored[0]) is None
+        assert await _say(process, 2000) == PHRASE  # the adapters alone still hear the household's words
+    finally:
+        process.stop()
+    assert process.text.count("the served memory forgot the deleted recordings") == 2
 
 
 class _DeleteAll(logging.Handler):

@@ -15,7 +15,8 @@ on every core unless `--threads` says otherwise):
    the household's train split plus a replay sample of the base households' speech (rendered once into
    `DATA/bootstrap`, so it does not forget them), within the time budget; and, in half of that time,
    Whisper's decoder adapters (`model/decoder_adapter.py`, `decoder_train.py`; from the served ones) on
-   the same utterances' transcripts and a larger replay sample (learnt as the served decoder heard it);
+   the same utterances' transcripts and a larger replay sample (learnt as the served decoder heard it),
+   with a memory of the household's transcripts read through them (`model/decoder_memory.py`);
 6. validates the candidate and the served projector on the household's held-out set and on a general
    held-out set of base-household speech (intent accuracy, WER, and that objective's loss), and the
    cascade on the household's held-out set (for the day-0 rule of `--path auto`), and, when a household
@@ -62,7 +63,7 @@ import torch
 
 from .assistant import load_context_file
 from .audio import TARGET_RATE, AudioError, read_wav
-from .decoder_train import DecoderTrainConfig, decoder_examples, train_decoder_adapter
+from .decoder_train import DecoderTrainConfig, decoder_examples, remember, train_decoder_adapter
 from .evaluate import score_answers
 from .files import write_atomic
 from .gate import MIN_JUDGED, decide, paired_changes, path_auto
@@ -642,6 +643,7 @@ class Job:
         gone = {key for row_id, key in self.clips.items() if row_id in gone_ids}
         if gone:
             NightData(self.opts.data_dir).forget_clips(gone)  # the label digests went above
+            self.versions.forget_memory(gone)
             self.report.setdefault("data", {})["deleted_while_running"] = len(gone)
             _LOGGER.info(
                 "forgot what this run derived from %s deleted while it ran", counted(len(gone), "clip")
@@ -1139,14 +1141,19 @@ class Job:
             " (%d too long for the decoder left out)",
             cfg.max_s, len(household), len(replay), too_long,
         )  # fmt: skip
+        config = served[1] if served else AdapterConfig()
         with model.separate_decoder():
             result = train_decoder_adapter(model, examples, cfg, *(served or (None, None)))
             self._stage("trained the decoder adapters")
-            mine = self._cascade_cache(cache, result.adapter)
+            # ... and the memory of the household's transcripts they learnt, read through them
+            memory = remember(model.whisper, [x for x in examples if not x.replayed])
+            adapter = result.adapter | memory.tensors()
+            model.set_decoder_adapter(adapter, config)
+            self._stage("remembered the household's transcripts")
+            mine = self._cascade_cache(cache, adapter)
             sets = self._fit_decoder_validation(model, sets, mine, served is not None)
             got = {name: answers(model, items, "cascade", mine) for name, items in sets.items()}
         mine.save()
-        config = served[1] if served else AdapterConfig()
         served_answers = {name: served_answers[name][: len(items)] for name, items in sets.items()}
         figures, served_figures = (
             {name: score_answers(_refs(items), by[name]) for name, items in sets.items()}
@@ -1174,6 +1181,7 @@ class Job:
             "teach_s": round(result.teach_s, 1),
             "budget_s": round(max_s, 1),
             "examples": {"household": len(household), "replay": len(replay), "too_long": too_long},
+            "memory": {"transcripts": len(memory.clips), "states": len(memory.values)},
             "steps": result.steps,
             "epochs": result.epochs,
             "loss_curve": result.loss_curve,
@@ -1189,7 +1197,7 @@ class Job:
             "promoted": promote,
         }
         return DecoderNight(
-            result.adapter, config, promote, reason, served_figures, figures, sets["household"],
+            adapter, config, promote, reason, served_figures, figures, sets["household"],
             got["household"], report,
         )  # fmt: skip
 
@@ -1455,25 +1463,32 @@ def prune_features(cache_dir: Path, keep: list[np.ndarray]) -> int:
 @dataclass(frozen=True)
 class NightData:
     """What nights derive from the logged clips of a data dir, by clip (`FeatureCache.key`): the cached
-    encoder features (under every encoder) and the answers `Predictions` kept for them (what each
-    projector heard). The interaction log forgets them with the clip (`store.Derived`)."""
+    encoder features (under every encoder), the answers `Predictions` kept for them (what each
+    projector heard) and the states the versions' decoder memories keep of them (`decoder_memory.py`).
+    The interaction log forgets them with the clip (`store.Derived`), and `served` (the server's) takes
+    them out of the memory it serves."""
 
     data_dir: Path
+    served: Callable[[set[str]], None] | None = None
 
     def key(self, audio: np.ndarray) -> str:
         """A clip's key: the one its features are cached by."""
         return FeatureCache.key(audio)
 
     def forget(self, keys: set[str], ids: set[int]) -> None:
-        """Delete the features and answers of these clips; when no night runs (a running one does it as
-        it ends), the label digests of these rows and a killed night's scratch too."""
+        """Delete the features and answers of these clips and take them out of the served memory; when no
+        night runs (a running one does it as it ends), the label digests of these rows, the versions'
+        memories of the clips and a killed night's scratch too."""
         self.forget_clips(keys)
+        if self.served is not None and keys:
+            self.served(keys)
         work = self.data_dir / ADAPT_DIR
         if work.is_dir():
             with job_lock(work) as free:
                 if free:
                     remove_scratch(work)  # a killed run's: the manifests hold the household's words
                     forget_label_digests(work, ids)
+                    Versions(self.data_dir).forget_memory(keys)
 
     def night_running(self) -> bool:
         """True while a night (the server's or one started by hand) holds the job lock."""

@@ -29,6 +29,7 @@ import torch
 
 from .devmodel import decoder_logits
 from .model.decoder_adapter import Adapter, AdapterConfig, adapter_parameters, extract, fresh, install
+from .model.decoder_memory import DecoderMemory
 from .model.speechllm import SpeechLLM, whisper_prompt
 from .train import FeatureCache, fitting_horizon, lr_factor
 
@@ -43,6 +44,7 @@ class DecoderExample:
     ids: list[int]
     n_prompt: int  # how many of `ids` are start tokens
     frames: int  # N
+    key: str  # the clip's (`FeatureCache.key`)
     features: torch.Tensor | None = None
     clip: np.ndarray | None = None
     cache: FeatureCache | None = None
@@ -106,14 +108,16 @@ def decoder_examples(
         clips = [audio for audio, _, _, _ in chunk]
         if cache is not None:  # (computed where missing; read again batch by batch in training)
             examples += [
-                DecoderExample(ids, n_prompt, f.shape[0], clip=audio, cache=cache, replayed=kind)
+                DecoderExample(
+                    ids, n_prompt, f.shape[0], FeatureCache.key(audio), clip=audio, cache=cache, replayed=kind
+                )
                 for f, (audio, ids, n_prompt, kind) in zip(cache.features(clips), chunk, strict=True)
             ]
         else:
             feats = [model.encode(audio, pad_30s=model.cascade_pad_30s).half().cpu() for audio in clips]
             examples += [
-                DecoderExample(ids, n_prompt, f.shape[0], features=f, replayed=kind)
-                for f, (_, ids, n_prompt, kind) in zip(feats, chunk, strict=True)
+                DecoderExample(ids, n_prompt, f.shape[0], FeatureCache.key(audio), features=f, replayed=kind)
+                for f, (audio, ids, n_prompt, kind) in zip(feats, chunk, strict=True)
             ]
     return examples
 
@@ -180,6 +184,30 @@ def train_decoder_adapter(
     return DecoderTrainResult(
         extract(whisper), steps, round(done, 2), time.monotonic() - start_s, t0 - start_s, curve, lrs
     )
+
+
+@torch.no_grad()
+def remember(whisper: torch.nn.Module, examples: list[DecoderExample]) -> DecoderMemory:
+    """The memory of `examples` (`model/decoder_memory.py`): each one's transcript read through
+    `whisper`'s decoder (its adapters as served), its last hidden state kept at each step with the token
+    that came next (the end token last) and the clip it came from."""
+    whisper.eval()
+    eos = whisper.generation_config.eos_token_id
+    keys, values, owners = [], [], []
+    clips = list(dict.fromkeys(x.key for x in examples))  # (a clip said twice is one clip)
+    index = {key: i for i, key in enumerate(clips)}
+    for x in examples:
+        ids = [*x.ids, eos]
+        feats = x.load()[None].to(whisper.device, whisper.dtype)
+        out = whisper(
+            encoder_outputs=(feats,),
+            decoder_input_ids=torch.tensor([ids[:-1]], device=whisper.device),
+            output_hidden_states=True,
+        )
+        keys.append(out.decoder_hidden_states[-1][0, x.n_prompt - 1 :].float().cpu())
+        values.append(torch.tensor(ids[x.n_prompt :]))
+        owners.append(torch.full((len(ids) - x.n_prompt,), index[x.key]))
+    return DecoderMemory(torch.cat(keys), torch.cat(values), torch.cat(owners), clips)
 
 
 TEACHER_TOP = 16  # tokens a replayed transcript's position keeps of what the adapters' start wrote

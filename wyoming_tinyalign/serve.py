@@ -206,6 +206,8 @@ def _load(args: argparse.Namespace) -> tuple[App, AsyncServer, str | None]:
         sweep_stopped_builds(args.data_dir / "models")
     model = load_model(choice, args.device, dtype)
     worker = InferenceWorker(model, args.path)
+    if store is not None:  # (opened before the model: now a delete can reach the memory it serves too)
+        store.derived = NightData(args.data_dir, served=worker.forget_memory)
     version = projector_version(choice.folder)
     nightly = Nightly.setup(args, choice, worker, version)  # serves the promoted version (scheduler.py)
     version = nightly.version

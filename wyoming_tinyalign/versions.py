@@ -5,7 +5,8 @@
     DATA_DIR/projectors/v0002.safetensors    each is a full self-describing checkpoint (`save_projector`)
     ...                                      whose `metrics` hold its validation (household, general,
                                              cascade) and, for one its night did not promote, `rejected`;
-                                             it may hold Whisper decoder adapters too (the cascade's)
+                                             it may hold Whisper decoder adapters too (the cascade's),
+                                             with a memory of the household's corrections
     DATA_DIR/projectors/current              the pointer: `v0002`, or `base` (the bundle's own projector)
 
 A version file is written completely (temporary file, fsync, rename) before the pointer names it, and the
@@ -39,7 +40,8 @@ from .model.bundle import (
     read_projector_info,
     save_projector,
 )
-from .model.decoder_adapter import Adapter, ShapedAdapter
+from .model.decoder_adapter import Adapter, AdapterError, ShapedAdapter
+from .model.decoder_memory import DecoderMemory, with_memory
 from .model.projector import Projector
 
 _LOGGER = logging.getLogger(__name__)
@@ -175,6 +177,32 @@ class Versions:
         for name in doomed:
             self.path(name).unlink(missing_ok=True)
         return doomed
+
+    def forget_memory(self, clips: set[str]) -> list[str]:
+        """Take the states these clips left out of every version's decoder memory (rewriting each file
+        that holds any, atomically); returns the versions rewritten. A file that cannot be read is left
+        as it is (it cannot be served either), and one that cannot be written (a full disk) is said in
+        the log."""
+        rewritten = []
+        for name in self.names():
+            try:
+                shaped = self.adapter(name)
+                memory = DecoderMemory.of(shaped[0]) if shaped is not None else None
+                if shaped is None or memory is None or not memory.holds(clips):
+                    continue
+                projector, info = self.load(name)
+            except (VersionError, AdapterError) as err:
+                _LOGGER.warning("version %s could not be read to forget deleted recordings: %s", name, err)
+                continue
+            try:
+                save_projector(
+                    self.path(name), projector, info, with_memory(shaped[0], memory.without(clips))
+                )
+            except OSError as err:
+                _LOGGER.error("version %s still remembers deleted recordings: %s", name, err)
+                continue
+            rewritten.append(name)
+        return rewritten
 
     def clean(self) -> None:
         """Remove temporary files left by a write that was killed."""

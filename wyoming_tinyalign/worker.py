@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -19,6 +20,7 @@ from .audio import pcm_to_float
 from .intents import Intent
 from .model.bundle import ProjectorInfo
 from .model.decoder_adapter import ShapedAdapter
+from .model.decoder_memory import with_memory
 from .model.projector import Projector
 from .model.speechllm import PATHS, Result, SpeechLLM
 from .versions import auto_path
@@ -124,6 +126,25 @@ class InferenceWorker:
         """Hot-swap between requests: queued like a request, so every request runs wholly on the old
         version or wholly on the new one."""
         return await self._submit(self.replace_projector, projector, info, adapter)
+
+    def forget_memory(self, clips: set[str]) -> None:
+        """Take these clips' states out of the served decoder memory, between requests: queued like a
+        request (from any thread; it returns at once, and the next request runs without them)."""
+        with suppress(RuntimeError):  # (closed: nothing is served any more)
+            self._executor.submit(self._forget_memory, clips)
+
+    def _forget_memory(self, clips: set[str]) -> None:
+        model = self.model
+        memory = model.decoder_memory
+        if model.decoder_adapter is None or memory is None or not memory.holds(clips):
+            return
+        adapter, config = model.decoder_adapter
+        try:
+            model.set_decoder_adapter(with_memory(adapter, memory.without(clips)), config)
+        except ValueError as err:  # (nobody awaits this job: say it here)
+            _LOGGER.error("the served memory could not forget the deleted recordings: %s", err)
+            return
+        _LOGGER.info("the served memory forgot the deleted recordings")
 
     def close(self) -> None:
         """Finish the queued jobs, then stop the thread (blocking: call it off the event loop)."""

@@ -9,7 +9,9 @@ through them.
 
 The adapters travel in the night's version file beside the projector (`bundle.save_projector`, tensors
 named `decoder.<module>.lora_A.weight`); the server puts them into its Whisper between requests
-(`install`), and `install(whisper, None)` turns them off again (a rollback to a version without).
+(`install`), and `install(whisper, None)` turns them off again (a rollback to a version without). A
+night's adapters may hold a memory of the household's corrections too (`decoder_memory.py`: tensors
+named `memory.*`), which `install` leaves alone.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 PREFIX = "decoder."  # of the adapters' tensors in a version file
+MEMORY_PREFIX = "memory."  # of a memory's tensors among them (`decoder_memory.py`)
 _LAYER = r".*decoder\.layers\.\d+\."
 TARGETS = rf"{_LAYER}(self_attn\.(q_proj|k_proj|v_proj|out_proj)|encoder_attn\.(q_proj|out_proj)|fc1|fc2)"
 _NAME = "default"  # peft's adapter name, left out of the stored tensors' names
@@ -99,11 +102,12 @@ def fresh(whisper: nn.Module, config: AdapterConfig, seed: int) -> Adapter:
 
 def install(whisper: nn.Module, adapter: Adapter | None, config: AdapterConfig | None = None) -> None:
     """Serve `adapter` (of `config`) in `whisper`'s decoder, or none (`None`: Whisper as it was built).
-    Checked whole before any weight changes."""
+    Checked whole before any weight changes; a memory among its tensors is not the decoder's."""
     if adapter is None:
         for layer in _layers(whisper):
             layer.enable_adapters(False)
         return
+    adapter = {k: v for k, v in adapter.items() if not k.startswith(MEMORY_PREFIX)}
     attach(whisper, config or AdapterConfig())
     params = adapter_parameters(whisper)
     if set(adapter) != set(params):

@@ -44,7 +44,8 @@ from transformers import (
 from ..intents import Intent, parse_answer, parse_intent
 from .biasing import NameBias
 from .bundle import BundleConfig, BundleError, ProjectorInfo, load_bundle_config, load_projector
-from .decoder_adapter import Adapter, AdapterConfig, ShapedAdapter, install
+from .decoder_adapter import Adapter, AdapterConfig, AdapterError, ShapedAdapter, install
+from .decoder_memory import DecoderMemory
 from .encoder import AudioEncoder
 from .projector import Projector
 from .prompt import PromptTemplate
@@ -123,10 +124,13 @@ def whisper_transcript(
     language: str | None = None,
     max_new_tokens: int | None = None,
     bias: NameBias | None = None,
+    memory: DecoderMemory | None = None,
 ) -> tuple[str, float]:
-    """Whisper's own greedy transcript of encoder features `[N, Da]`, and its mean token log-prob (by
-    Whisper's own scores, before any `bias` toward the household's names). A degenerate loop ends it,
-    cut off where the loop began (as the LLM's answers are)."""
+    """Whisper's own greedy transcript of encoder features `[N, Da]`, with the household's `memory`
+    mixed into its scores, and its mean token log-prob (before any `bias` toward the household's names;
+    each token's by Whisper's own score or the mix's, whichever is higher: what the memory supports
+    counts as evidence, and no token loses by being absent from it). A degenerate loop ends it, cut off
+    where the loop began (as the LLM's answers are)."""
     ids, banned = whisper_prompt(whisper, tokenizer, language)
     eos = whisper.generation_config.eos_token_id
     encoder_outputs = (feats.unsqueeze(0).to(whisper.device),)
@@ -137,13 +141,16 @@ def whisper_transcript(
         # Self- and cross-attention keys and values are cached: each step runs the decoder on one token.
         decoder_ids = torch.tensor([new], device=whisper.device)
         out = whisper(
-            encoder_outputs=encoder_outputs, decoder_input_ids=decoder_ids, cache=cache, use_cache=True
-        )
+            encoder_outputs=encoder_outputs, decoder_input_ids=decoder_ids, cache=cache, use_cache=True,
+            output_hidden_states=memory is not None,
+        )  # fmt: skip
         cache, logits = out.cache, out.logits[0, -1].float()
         logits[banned] = -float("inf")
-        logp = torch.log_softmax(logits, -1)
+        own = logp = torch.log_softmax(logits, -1)
+        if memory is not None:
+            logp = memory.mix(own, out.decoder_hidden_states[-1][0, -1])
         token = bias.pick(logp, written) if bias else int(logp.argmax())
-        logprobs.append(float(logp[token]))
+        logprobs.append(max(float(own[token]), float(logp[token])))
         if token == eos:
             break
         written.append(token)
@@ -216,8 +223,10 @@ class SpeechLLM:
         self.template = template
         self.projector = projector.eval() if projector is not None else None
         self.projector_info = projector_info
-        # Household adapters served in Whisper's decoder (`set_decoder_adapter`), with their shape.
+        # Household adapters served in Whisper's decoder (`set_decoder_adapter`), with their shape, and
+        # the memory of the household's corrections they may hold.
         self.decoder_adapter: ShapedAdapter | None = None
+        self.decoder_memory: DecoderMemory | None = None
         self._separated = False
         self.cascade_pad_30s = cascade_pad_30s
         self.max_new_tokens = max_new_tokens
@@ -277,9 +286,11 @@ class SpeechLLM:
         For a job that trains afterwards: the model's own Whisper then only ever reads its encoder, and
         the pages of the checkpoint that the decoder reads (about 200 MB at whisper-base, memory-mapped)
         go with the second load at the end of the block. (Without `whisper_ref` the block uses the
-        model's own Whisper.) The second load serves the same decoder adapters; a block inside the
-        block uses the same second load."""
-        own = self.whisper
+        model's own Whisper.) The second load serves the same decoder adapters; adapters set inside the
+        block are the second load's, and the model serves what it served before after it (without
+        `whisper_ref`, its Whisper keeps what the block installed). A block inside the block uses the
+        same second load."""
+        own, kept = self.whisper, (self.decoder_adapter, self.decoder_memory)
         if self._separated:
             yield
             return
@@ -296,11 +307,18 @@ class SpeechLLM:
             yield
         finally:
             self.whisper, self._separated = own, False
+            self.decoder_adapter, self.decoder_memory = kept
 
     def set_decoder_adapter(self, adapter: Adapter | None, config: AdapterConfig | None = None) -> None:
-        """Serve household adapters in Whisper's decoder (the cascade), or none (`None`)."""
+        """Serve household adapters in Whisper's decoder (the cascade), with the memory they may hold
+        (`decoder_memory.py`), or none (`None`)."""
         config = config or AdapterConfig()
+        memory = DecoderMemory.of(adapter)  # (one that does not fit is refused before a weight changes)
+        width = self.whisper.config.d_model
+        if memory is not None and memory.keys.shape[1] != width:
+            raise AdapterError(f"a memory of {memory.keys.shape[1]}-wide states; the decoder's are {width}")
         install(self.whisper, adapter, config)
+        self.decoder_memory = memory
         self.decoder_adapter = None if adapter is None else (adapter, config)
 
     @property
@@ -445,9 +463,16 @@ class SpeechLLM:
         max_new_tokens: int | None = None,
         context: str = "",
     ) -> tuple[str, float]:
-        """`whisper_transcript` with this model's Whisper, biased toward `context`'s names."""
+        """`whisper_transcript` with this model's Whisper and its household memory, biased toward
+        `context`'s names."""
         return whisper_transcript(
-            self.whisper, self.whisper_tokenizer, feats, language, max_new_tokens, self.name_bias(context)
+            self.whisper,
+            self.whisper_tokenizer,
+            feats,
+            language,
+            max_new_tokens,
+            self.name_bias(context),
+            self.decoder_memory,
         )
 
     @torch.no_grad()

@@ -714,6 +714,8 @@ def _run_row(run: dict[str, Any], kept: set[str], requested: str) -> str:
             ]
             if too_long := (decoder.get("examples") or {}).get("too_long"):
                 figures.append(f"{counted(too_long, 'transcript')} longer than it writes left out")
+            if remembered := (decoder.get("memory") or {}).get("transcripts"):
+                figures.append(f"remembering {counted(remembered, 'corrected transcript')}")
             said = f"({'kept' if decoder.get('promoted') else 'not kept'}): {', '.join(figures)}"
         ear = f'<div class="small">Whisper\'s decoder {said}</div>'
     day, _, clock = _when(run["started_at"]).partition(" ")  # (a narrow column breaks before the time)

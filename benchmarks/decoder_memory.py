@@ -1,0 +1,138 @@
+"""The household's memory on Whisper's decoder (`model/decoder_memory.py`) at other weights, offline.
+
+    python benchmarks/decoder_memory.py --model /tmp/readme2/data/models/dev-small --work /tmp/bench-mem \
+        [--weights 0,0.1,0.25,0.35,0.5] [--adapters PERSONALIZATION_WORK]
+
+A night builds the memory from the corrections its decoder adapters learn from, read through them, and
+serves it at `decoder_memory.WEIGHT`; this measures it apart from the adapters and from the night. For
+each unseen household, the same 100 corrected and 50 held-out utterances as `personalization.py` (its
+seeds); the night's own rule (`adapt.held_out` on the row ids 1-100 the benchmark's log gives them) holds
+1 in 5 corrections out, as its gate's judges, and the memory holds the others (`decoder_train.remember`).
+The cascade (greedy, leaning toward the household's names, as served) with the memory mixed in at each
+of `--weights` (0: the cascade without it): intent accuracy / WER on the 50 held out, on the night's
+held-out corrections and on the night's 60 general base-household commands (the other voices).
+`--adapters WORK`: each household's decoder adapters from the newest version its night left in a
+`personalization.py` work dir (WORK/quality/NAME/data, the memory the night built left out), under the
+memory built here. Prints a markdown table and writes WORK/decoder_memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from dataclasses import replace
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from wyoming_tinyalign.adapt import GENERAL_SEED, bootstrap_speech, held_out
+from wyoming_tinyalign.decoder_train import decoder_examples, remember
+from wyoming_tinyalign.evaluate import score_answers
+from wyoming_tinyalign.households import context_text, load_households
+from wyoming_tinyalign.manifest import Utterance, load_utterances
+from wyoming_tinyalign.model.decoder_memory import DecoderMemory, with_memory
+from wyoming_tinyalign.model.speechllm import SpeechLLM, whisper_transcript
+from wyoming_tinyalign.synth import render_once
+from wyoming_tinyalign.versions import Versions
+
+Item = tuple[Utterance, torch.Tensor]  # an utterance and its encoder features [N, Da]
+
+
+def cascade(
+    model: SpeechLLM, items: list[Item], contexts: dict[str, str], memory: DecoderMemory | None
+) -> dict:
+    """Cascade intent accuracy and WER of `items` with `memory`, each with its household's context."""
+    answers = []
+    for utterance, feats in items:
+        context = contexts[utterance.household]
+        text, _ = whisper_transcript(
+            model.whisper, model.whisper_tokenizer, feats, bias=model.name_bias(context), memory=memory
+        )
+        answers.append((text, model.understand_text(text, context)))
+    report = score_answers([u for u, _ in items], answers)
+    return {"intent_accuracy": report["intent_accuracy"], "wer": report["wer"]}
+
+
+def household_rows(args: argparse.Namespace, index: int, name: str, general: list) -> dict:
+    """The memory of one household's corrections at each weight, on its sets."""
+    household = next(h for h in load_households() if h.name == name)
+    contexts = {h.name: context_text(h) for h in load_households()}
+    model = SpeechLLM.load(args.model)
+    version = None
+    if args.adapters is not None:
+        versions = Versions(args.adapters / "quality" / name / "data")
+        newest = versions.names()[-1] if versions.names() else None
+        if newest is not None and (shaped := versions.adapter(newest)) is not None:
+            model.set_decoder_adapter(with_memory(shaped[0], None), shaped[1])
+            version = newest
+    # personalization.py's seeds: night 1's corrected utterances and the held-out ones
+    work = args.work / name
+    labelled = load_utterances(render_once(work / "labelled", [household], args.labelled, 100 + index))
+    heldout = load_utterances(render_once(work / "heldout", [household], 50, 200 + index))
+    judged = [held_out(row_id, args.heldout_every) for row_id in range(1, len(labelled) + 1)]
+    learnt = [(u, a) for (u, a), out in zip(labelled, judged, strict=True) if not out]
+    memory = remember(
+        model.whisper,
+        decoder_examples(model, [u.text for u, _ in learnt], [a for _, a in learnt], ["en"] * len(learnt)),
+    )
+    sets = {
+        "held-out 50": [(u, model.encode(a)) for u, a in heldout],
+        "night's held-out": [
+            (u, model.encode(a)) for (u, a), out in zip(labelled, judged, strict=True) if out
+        ],
+        "general": [(u, model.encode(a)) for u, a in general],
+    }
+    rows = []
+    for weight in args.weights:
+        mixed = replace(memory, weight=weight) if weight else None
+        row = {"weight": weight, **{k: cascade(model, v, contexts, mixed) for k, v in sets.items()}}
+        print(name, json.dumps(row), flush=True)
+        rows.append(row)
+    return {
+        "household": name,
+        "adapters": version,
+        "memory_states": len(memory.values),
+        "judged": len(sets["night's held-out"]),
+        "rows": rows,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="the dev bundle")
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument(
+        "--weights", type=lambda s: [float(x) for x in s.split(",")], default=[0, 0.1, 0.25, 0.35, 0.5]
+    )
+    parser.add_argument("--adapters", type=Path, help="a personalization.py work dir: its nights' adapters")
+    parser.add_argument("--labelled", type=int, default=100)
+    parser.add_argument("--heldout-every", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    base = [h for h in load_households() if h.split == "base"]
+    general = load_utterances(bootstrap_speech(args.work / "bootstrap", "general", 60, GENERAL_SEED, base))
+    unseen = [h.name for h in load_households() if h.split == "unseen"]
+    results = [household_rows(args, i, name, general) for i, name in enumerate(unseen)]
+    print(
+        f"\nDate {date.today()}; machine: {platform.machine()} {torch.get_num_threads()} thread(s); "
+        f"{args.labelled} corrections, 1 in {args.heldout_every} held out.\n"
+    )
+    print("| household | adapters | states | weight | held-out 50 | night's held-out | general 60 |")
+    print("|---|---|---|---|---|---|---|")
+    for result in results:
+        for row in result["rows"]:
+            cells = [result["household"], result["adapters"] or "-", result["memory_states"], row["weight"]]
+            cells += [
+                f"{row[k]['intent_accuracy']:.2f} / {row[k]['wer']:.3f}"
+                for k in ("held-out 50", "night's held-out", "general")
+            ]
+            print("| " + " | ".join(str(c) for c in cells) + " |")
+    out = {"date": str(date.today()), "args": {k: str(v) for k, v in vars(args).items()}, "results": results}
+    (args.work / "decoder_memory.json").write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
