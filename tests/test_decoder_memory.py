@@ -19,6 +19,7 @@ from wyoming_tinyalign.train import FeatureCache
 from wyoming_tinyalign.versions import Versions
 
 PHRASE = "turn on the zebra lamp"
+CLIPS = ["aa" * 32, "bb" * 32, "cc" * 32]  # clip keys (sha256 digests) for memories made by hand
 
 
 def _audio(seed: int) -> np.ndarray:
@@ -28,9 +29,6 @@ def _audio(seed: int) -> np.ndarray:
 def _heard(model: SpeechLLM, audio: np.ndarray, memory: DecoderMemory | None) -> str:
     text, _ = whisper_transcript(model.whisper, model.whisper_tokenizer, model.encode(audio), memory=memory)
     return text
-
-
-CLIPS = ["aa" * 32, "bb" * 32, "cc" * 32]
 
 
 def test_a_remembered_token_wins_a_close_call_and_the_others_keep_their_share() -> None:
@@ -74,8 +72,6 @@ def test_a_memory_of_a_clips_transcript_writes_it_at_full_weight(micro_model: Pa
     assert len(memory.values) == n_tokens + 1  # and the end token
     assert memory.clips == [FeatureCache.key(_audio(0))] and set(memory.owners.tolist()) == {0}
     assert before != PHRASE and _heard(model, _audio(0), replace(memory, weight=1.0)) == PHRASE
-    # At its served weight it leans, it does not dictate: still a transcript of the clip.
-    assert _heard(model, _audio(0), memory)
 
 
 def test_a_version_carries_the_memory_with_its_adapters(
