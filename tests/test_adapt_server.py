@@ -471,12 +471,15 @@ def test_a_night_missed_while_the_server_was_not_running_runs_once_it_starts(
         request = urllib.request.Request(
             process.wait_log(WEB).group(1) + "/", headers={"Authorization": f"Bearer {token}"}
         )
+        asked = datetime.now()
         with urllib.request.urlopen(request, timeout=TIMEOUT) as response:  # the dashboard, while it waits
             page = response.read().decode()
         shown = re.search(r"<dt>Next nightly run</dt><dd>([^<]*)</dd>", page)
         assert shown, page
         assert shown.group(1) in {  # the missed night's start, not tomorrow's `--adapt-at`
-            f"today at {when:%H:%M}" for when in (starts_at - timedelta(seconds=1), starts_at)
+            f"{'today' if when.date() == day else 'tomorrow'} at {when:%H:%M}"  # (just before midnight)
+            for when in (starts_at - timedelta(seconds=1), starts_at)
+            for day in (asked.date(), datetime.now().date())
         }, shown.group(1)
         process.wait_log(JOB_STARTED, timeout=TIMEOUT + CATCH_UP_DELAY_S)
         deadline = time.monotonic() + TIMEOUT
