@@ -26,33 +26,16 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from decoder_adaptation import cascade_score
 
 from wyoming_tinyalign.adapt import GENERAL_SEED, bootstrap_speech, held_out
 from wyoming_tinyalign.decoder_train import decoder_examples, remember
-from wyoming_tinyalign.evaluate import score_answers
 from wyoming_tinyalign.households import context_text, load_households
-from wyoming_tinyalign.manifest import Utterance, load_utterances
-from wyoming_tinyalign.model.decoder_memory import DecoderMemory, with_memory
-from wyoming_tinyalign.model.speechllm import SpeechLLM, whisper_transcript
+from wyoming_tinyalign.manifest import load_utterances
+from wyoming_tinyalign.model.decoder_memory import with_memory
+from wyoming_tinyalign.model.speechllm import SpeechLLM
 from wyoming_tinyalign.synth import render_once
 from wyoming_tinyalign.versions import Versions
-
-Item = tuple[Utterance, torch.Tensor]  # an utterance and its encoder features [N, Da]
-
-
-def cascade(
-    model: SpeechLLM, items: list[Item], contexts: dict[str, str], memory: DecoderMemory | None
-) -> dict:
-    """Cascade intent accuracy and WER of `items` with `memory`, each with its household's context."""
-    answers = []
-    for utterance, feats in items:
-        context = contexts[utterance.household]
-        text, _ = whisper_transcript(
-            model.whisper, model.whisper_tokenizer, feats, bias=model.name_bias(context), memory=memory
-        )
-        answers.append((text, model.understand_text(text, context)))
-    report = score_answers([u for u, _ in items], answers)
-    return {"intent_accuracy": report["intent_accuracy"], "wer": report["wer"]}
 
 
 def household_rows(args: argparse.Namespace, index: int, name: str, general: list) -> dict:
@@ -86,8 +69,10 @@ def household_rows(args: argparse.Namespace, index: int, name: str, general: lis
     }
     rows = []
     for weight in args.weights:
-        mixed = replace(memory, weight=weight) if weight else None
-        row = {"weight": weight, **{k: cascade(model, v, contexts, mixed) for k, v in sets.items()}}
+        model.decoder_memory = (
+            replace(memory, weight=weight) if weight else None
+        )  # (as served, at this weight)
+        row = {"weight": weight, **{k: cascade_score(model, v, contexts) for k, v in sets.items()}}
         print(name, json.dumps(row), flush=True)
         rows.append(row)
     return {
