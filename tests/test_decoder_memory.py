@@ -13,13 +13,13 @@ import torch
 
 from wyoming_tinyalign.decoder_train import decoder_examples, remember
 from wyoming_tinyalign.model.decoder_adapter import AdapterConfig, AdapterError, fresh
-from wyoming_tinyalign.model.decoder_memory import KEYS, WEIGHT, DecoderMemory
+from wyoming_tinyalign.model.decoder_memory import CLIPS, KEYS, WEIGHT, DecoderMemory, memory_clips
 from wyoming_tinyalign.model.speechllm import SpeechLLM, whisper_transcript
 from wyoming_tinyalign.train import FeatureCache
 from wyoming_tinyalign.versions import Versions
 
 PHRASE = "turn on the zebra lamp"
-CLIPS = ["aa" * 32, "bb" * 32, "cc" * 32]  # clip keys (sha256 digests) for memories made by hand
+HAND_CLIPS = ["aa" * 32, "bb" * 32, "cc" * 32]  # clip keys (sha256 digests) for memories made by hand
 
 
 def _audio(seed: int) -> np.ndarray:
@@ -34,7 +34,7 @@ def _heard(model: SpeechLLM, audio: np.ndarray, memory: DecoderMemory | None) ->
 def test_a_remembered_token_wins_a_close_call_and_the_others_keep_their_share() -> None:
     hidden = torch.tensor([1.0, 0.0, 0.0])
     keys = torch.stack([hidden, torch.tensor([0.0, 5.0, 0.0])])
-    memory = DecoderMemory(keys, torch.tensor([2, 0]), torch.tensor([0, 1]), CLIPS[:2])
+    memory = DecoderMemory(keys, torch.tensor([2, 0]), torch.tensor([0, 1]), HAND_CLIPS[:2])
     own = torch.log(torch.tensor([0.4, 0.1, 0.3, 0.2]))
     mixed = memory.mix(own, hidden).exp()
     assert int(mixed.argmax()) == 2 and float(mixed.sum()) == pytest.approx(1.0)
@@ -43,24 +43,24 @@ def test_a_remembered_token_wins_a_close_call_and_the_others_keep_their_share() 
     assert float(mixed[3]) == pytest.approx((1 - WEIGHT) * 0.2)
     with pytest.raises(AdapterError, match="keys"):
         DecoderMemory(
-            torch.zeros(3), torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), CLIPS
+            torch.zeros(3), torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), HAND_CLIPS
         )
     with pytest.raises(AdapterError, match="clips"):
-        DecoderMemory(keys, torch.tensor([2, 0]), torch.tensor([0, 2]), CLIPS[:2])
+        DecoderMemory(keys, torch.tensor([2, 0]), torch.tensor([0, 2]), HAND_CLIPS[:2])
 
 
 def test_a_memory_forgets_a_clips_states_and_keeps_the_others() -> None:
     memory = DecoderMemory(
-        torch.arange(10.0).reshape(5, 2), torch.arange(5), torch.tensor([0, 0, 1, 2, 2]), CLIPS
+        torch.arange(10.0).reshape(5, 2), torch.arange(5), torch.tensor([0, 0, 1, 2, 2]), HAND_CLIPS
     )
-    assert memory.holds({CLIPS[1], "dd" * 32}) and not memory.holds({"dd" * 32})
-    left = memory.without({CLIPS[0]})
-    assert left is not None and left.clips == CLIPS[1:]
+    assert memory.holds({HAND_CLIPS[1], "dd" * 32}) and not memory.holds({"dd" * 32})
+    left = memory.without({HAND_CLIPS[0]})
+    assert left is not None and left.clips == HAND_CLIPS[1:]
     assert left.values.tolist() == [2, 3, 4] and left.owners.tolist() == [0, 1, 1]
     assert torch.equal(left.keys, memory.keys[2:])
-    assert memory.without(set(CLIPS)) is None
+    assert memory.without(set(HAND_CLIPS)) is None
     stored = DecoderMemory.of(memory.tensors())  # (through the tensors a version file holds)
-    assert stored is not None and stored.clips == CLIPS and torch.equal(stored.owners, memory.owners)
+    assert stored is not None and stored.clips == HAND_CLIPS and torch.equal(stored.owners, memory.owners)
 
 
 def test_a_memory_of_a_clips_transcript_writes_it_at_full_weight(micro_model: Path) -> None:
@@ -98,6 +98,9 @@ def test_a_version_carries_the_memory_with_its_adapters(
     with pytest.raises(AdapterError, match="wide"):
         model.set_decoder_adapter(wide, stored[1])
     assert model.decoder_memory is served
+    # Which clips a version remembers is read from their keys alone.
+    clips = versions.adapter(name, only={CLIPS})
+    assert clips is not None and set(clips[0]) == {CLIPS} and memory_clips(clips[0]) == memory.clips
     # A deleted recording's states go from the version's file (the others stay), then the memory. On a
     # full disk (no file past half its size) the file stays whole and the log says it remembers still.
     assert versions.forget_memory({"dd" * 32}) == []
@@ -108,7 +111,7 @@ def test_a_version_carries_the_memory_with_its_adapters(
         assert versions.forget_memory({memory.clips[0]}) == []
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    assert f"version {name} still remembers deleted recordings" in caplog.text
+    assert f"version {name} still remembers recordings it should forget" in caplog.text
     assert versions.path(name).read_bytes() == whole and not list(versions.folder.glob(".*.tmp"))
     assert versions.forget_memory({memory.clips[0]}) == [name]
     left = DecoderMemory.of(versions.adapter(name)[0])

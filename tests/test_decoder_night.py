@@ -12,6 +12,7 @@ import re
 import shutil
 import sqlite3
 import time
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
@@ -266,12 +267,29 @@ async def test_the_server_serves_them_logs_the_version_and_a_rollback_takes_them
     assert "with Whisper decoder adapters" in process.text
 
 
-async def test_a_deleted_recording_leaves_the_served_memory_and_every_versions(
+def _learnt(data: Path) -> list[tuple[int, str]]:
+    """The rows `_logged` corrected that a night's adapters learn from (and its memory keeps), with
+    their clips' keys."""
+    with closing(sqlite3.connect(data / "log" / "interactions.sqlite3")) as db:
+        return [
+            (row, FeatureCache.key(read_wav(data / "log" / audio)))
+            for row, audio in db.execute("SELECT id, audio_path FROM interactions ORDER BY id")
+            if row <= 40 and row not in TAUGHT and not held_out(row, AdaptOptions.heldout_every)
+        ]
+
+
+def _forgotten(process: ServerProcess, times: int) -> None:
+    """Wait until the server's log says its memory forgot one recording's words `times` times."""
+    process.wait_log(re.compile(rf"(the served memory forgot the words of 1 recording\b[\s\S]*){{{times}}}"))
+
+
+async def test_a_deleted_recording_or_correction_leaves_the_served_memory_and_every_versions(
     night: tuple[Path, dict], micro_model: Path, tmp_path: Path
 ) -> None:
-    """The memory's tokens are the household's words: a recording deleted through the API takes its
-    states out of the memory the server serves (before its next answer) and out of the version file;
-    deleting all of them leaves the version its adapters, no memory."""
+    """The memory's tokens are the household's words: a recording deleted through the API, or a
+    correction changed to other words or removed, takes the clip's states out of the memory the server
+    serves (before its next answer) and out of the version file; a correction given again in the same
+    words keeps them. Deleting all recordings leaves the version its adapters, no memory."""
     data = tmp_path / "data"
     shutil.copytree(night[0], data)  # (the night's data dir stays as the other tests read it)
     name = night[1]["version"]
@@ -279,49 +297,76 @@ async def test_a_deleted_recording_leaves_the_served_memory_and_every_versions(
     versions.promote(name)  # (served again: an earlier test rolled back to the bundle's)
     memory = DecoderMemory.of(versions.adapter(name)[0])
     assert memory is not None
-    with closing(sqlite3.connect(data / "log" / "interactions.sqlite3")) as db:
-        learnt = [
-            (row, audio)
-            for row, audio in db.execute("SELECT id, audio_path FROM interactions ORDER BY id")
-            if row <= 40 and row not in TAUGHT and not held_out(row, AdaptOptions.heldout_every)
-        ]
-    row, audio = learnt[0]
-    key = FeatureCache.key(read_wav(data / "log" / audio))
-    assert memory.holds({key})
+    rows, keys = zip(*_learnt(data)[:4], strict=True)
+    assert memory.holds(set(keys))
+
+    def remembered() -> set[str]:
+        left = DecoderMemory.of(versions.adapter(name)[0])
+        assert left is not None
+        assert len(left.values) == len(memory.values) // len(memory.clips) * len(left.clips)
+        return set(left.clips)
+
     process, web, token = _serve(data, micro_model, tmp_path)
     try:
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
-            assert (await http.delete(f"{web}/api/interactions/{row}")).status == 204
-            process.wait_log(re.compile("the served memory forgot the deleted recordings"))
-            left = DecoderMemory.of(versions.adapter(name)[0])
-            assert left is not None and not left.holds({key}) and set(left.clips) == set(memory.clips) - {key}
-            assert len(left.values) == len(memory.values) // len(memory.clips) * len(left.clips)
-            assert (await http.delete(f"{web}/api/interactions")).status == 200
+            url = f"{web}/api/interactions"
+            same = {"text": PHRASE, "intent": INTENT.to_json()}
+            assert (await http.put(f"{url}/{rows[0]}/correction", json=same)).status == 200
+            assert remembered() == set(memory.clips)
+            other = {"text": "turn on the zebra light"}
+            assert (await http.put(f"{url}/{rows[1]}/correction", json=other)).status == 200
+            assert remembered() == set(memory.clips) - {keys[1]}
+            _forgotten(process, 1)
+            assert (await http.delete(f"{url}/{rows[2]}/correction")).status == 204
+            assert remembered() == set(memory.clips) - {keys[1], keys[2]}
+            _forgotten(process, 2)
+            assert (await http.delete(f"{url}/{rows[3]}")).status == 204
+            assert remembered() == set(memory.clips) - set(keys[1:])
+            _forgotten(process, 3)
+            assert (await http.delete(url)).status == 200
         stored = versions.adapter(name)
         assert stored is not None and DecoderMemory.of(stored[0]) is None
         assert await _say(process, 2000) == PHRASE  # the adapters alone still hear the household's words
     finally:
         process.stop()
-    assert process.text.count("the served memory forgot the deleted recordings") == 2
+    assert process.text.count("the served memory forgot the words of") == 4
 
 
-class _DeleteAll(logging.Handler):
-    """Deletes every logged utterance (as `DELETE /api/interactions` does: rows, audio, what nights
-    derived) the moment the night logs a line that starts with `when`."""
+class _Meanwhile(logging.Handler):
+    """Does `act` on the interaction log as the API does (what nights derived from a clip follows it) the
+    moment the night logs a line that starts with `when`; keeps what it returned in `done`."""
 
-    def __init__(self, data: Path, when: str) -> None:
+    def __init__(self, data: Path, when: str, act: Callable[[InteractionStore], object]) -> None:
         super().__init__()
-        self.data, self.when, self.deleted = data, when, 0
+        self.data, self.when, self.act = data, when, act
+        self.done: object = None
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self.deleted or not record.getMessage().startswith(self.when):
+        if self.done is not None or not record.getMessage().startswith(self.when):
             return
         store = InteractionStore(self.data / "log", derived=NightData(self.data))
         store.open()
         try:
-            self.deleted = store.delete([row for (row,) in store.conn.execute("SELECT id FROM interactions")])
+            self.done = self.act(store)
         finally:
             store.close()
+
+
+def _night_meanwhile(handler: _Meanwhile, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The report of a night on `handler.data`, with `handler` acting as the night logs."""
+    logger = logging.getLogger("wyoming_tinyalign.adapt")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        return run_job(_options(handler.data, tmp_path_factory))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _delete_all(store: InteractionStore) -> int:
+    return store.delete([row for (row,) in store.conn.execute("SELECT id FROM interactions")])
 
 
 @pytest.mark.parametrize(
@@ -335,17 +380,9 @@ def test_adapters_that_learnt_from_recordings_deleted_meanwhile_are_not_kept(
     were kept, and no feature of a deleted clip is left."""
     data = tmp_path_factory.mktemp("decoder-night-deleted") / "data"
     _logged(data, micro_model)
-    handler = _DeleteAll(data, when)
-    logger = logging.getLogger("wyoming_tinyalign.adapt")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        report = run_job(_options(data, tmp_path_factory))
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-    assert handler.deleted == 41
+    handler = _Meanwhile(data, when, _delete_all)
+    report = _night_meanwhile(handler, tmp_path_factory)
+    assert handler.done == 41
     assert report["status"] == "rejected" and "deleted while it ran: " in report["reason"], report
     decoder = report["decoder"]
     assert decoder["steps"] > 0 and decoder["promoted"] is False, decoder
@@ -355,6 +392,27 @@ def test_adapters_that_learnt_from_recordings_deleted_meanwhile_are_not_kept(
     keys = {FeatureCache.key(_clip(i)) for i in range(41)}
     cached = {path.stem for path in (data / "cache" / "features").rglob("*.safetensors")}
     assert cached and not keys & cached  # (the other voices' features stay)
+
+
+def test_a_correction_changed_while_the_night_ran_is_not_remembered(
+    micro_model: Path, tmp_path_factory: pytest.TempPathFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A correction given other words once the night has built its memory (a server forgets the clip's
+    states in the memory it serves at once): the version the night keeps does not remember them, and
+    remembers the other corrections."""
+    data = tmp_path_factory.mktemp("decoder-night-recorrected") / "data"
+    _logged(data, micro_model)
+    learnt = _learnt(data)
+    row, key = learnt[0]
+    other = validate_correction({"text": "turn on the zebra light"})
+    handler = _Meanwhile(data, "Whisper's decoder adapters:", lambda store: store.correct(row, other))
+    report = _night_meanwhile(handler, tmp_path_factory)
+    assert handler.done is True
+    assert report["status"] == "promoted" and report["decoder"]["promoted"] is True, report
+    stored = Versions(data).adapter(report["version"])
+    memory = DecoderMemory.of(stored[0]) if stored is not None else None
+    assert memory is not None and set(memory.clips) == {k for _, k in learnt} - {key}
+    assert "forgot the remembered words of 1 clip corrected again while this run ran" in caplog.text
 
 
 def test_the_adapters_are_judged_on_what_the_budget_leaves(micro_model: Path, tmp_path: Path) -> None:

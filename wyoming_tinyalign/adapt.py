@@ -74,6 +74,7 @@ from .labels import (
     Label,
     LabelSettings,
     compute_labels,
+    parse_correction,
     record_label_sources,
     rows_needing_teacher,
     set_teacher,
@@ -482,6 +483,7 @@ class Job:
         self.report: dict[str, Any] = {"status": "running", "started_at": time.time()}
         self.loss_fn: LossFn = embedlink_loss  # the held-out loss: the served projector's objective
         self.clips: dict[int, str] = {}  # the labelled interactions read, by id: their clip's key
+        self.remembered: dict[int, str] = {}  # the corrected transcripts the memory keeps, by id
         self.sample_key = ""  # seeds the night's replay samples: the labels alone (set in `_run`)
 
     def elapsed(self) -> float:
@@ -507,8 +509,9 @@ class Job:
             self.report.update(status="failed", reason=f"{type(err).__name__}: {err}")
         try:
             self._forget_deleted()
+            self._forget_recorrected()
         except (OSError, sqlite3.Error) as err:
-            _LOGGER.error("could not forget the clips deleted while this run ran: %s", err)
+            _LOGGER.error("could not forget the clips deleted or corrected again while this run ran: %s", err)
         remove_scratch(self.opts.work)
         self.report["finished_at"] = time.time()
         self.report["duration_s"] = round(self.elapsed(), 1)
@@ -647,6 +650,26 @@ class Job:
             self.report.setdefault("data", {})["deleted_while_running"] = len(gone)
             _LOGGER.info(
                 "forgot what this run derived from %s deleted while it ran", counted(len(gone), "clip")
+            )
+
+    def _forget_recorrected(self) -> None:
+        """Take out of the versions' memories the clips whose corrected transcript changed or went while
+        this run ran: the memory it built keeps the words as they were (the server forgot them in the
+        memory it serves at once, `store.InteractionStore.correct`)."""
+        rows = self.conn.execute(
+            "SELECT id, correction FROM interactions WHERE id IN (SELECT value FROM json_each(?))",
+            (json.dumps(list(self.remembered)),),
+        )
+        changed = {
+            self.clips[row_id]
+            for row_id, raw in rows
+            if (parse_correction(raw) or {}).get("text") != self.remembered[row_id]
+        }
+        if changed:
+            self.versions.forget_memory(changed)
+            _LOGGER.info(
+                "forgot the remembered words of %s corrected again while this run ran",
+                counted(len(changed), "clip"),
             )
 
     def _gone(self, ids: set[int]) -> set[int]:
@@ -1147,6 +1170,7 @@ class Job:
             self._stage("trained the decoder adapters")
             # ... and the memory of the household's transcripts they learnt, read through them
             memory = remember(model.whisper, [x for x in examples if not x.replayed])
+            self.remembered = {lab.id: lab.text for lab, _ in household}
             adapter = result.adapter | memory.tensors()
             model.set_decoder_adapter(adapter, config)
             self._stage("remembered the household's transcripts")
@@ -1476,18 +1500,29 @@ class NightData:
         return FeatureCache.key(audio)
 
     def forget(self, keys: set[str], ids: set[int]) -> None:
-        """Delete the features and answers of these clips and take them out of the served memory; when no
-        night runs (a running one does it as it ends), the label digests of these rows, the versions'
-        memories of the clips and a killed night's scratch too."""
+        """Delete the features and answers of these clips and their states in the memories
+        (`forget_words`); when no night runs (a running one does it as it ends), the label digests of
+        these rows and a killed night's scratch too."""
         self.forget_clips(keys)
-        if self.served is not None and keys:
-            self.served(keys)
+        self.forget_words(keys)
         work = self.data_dir / ADAPT_DIR
         if work.is_dir():
             with job_lock(work) as free:
                 if free:
                     remove_scratch(work)  # a killed run's: the manifests hold the household's words
                     forget_label_digests(work, ids)
+
+    def forget_words(self, keys: set[str]) -> None:
+        """Take these clips' states out of the served memory and, when no night runs (a running one does
+        it as it ends), out of the versions' memories: they hold the words the clips were corrected to."""
+        if not keys:
+            return
+        if self.served is not None:
+            self.served(keys)
+        work = self.data_dir / ADAPT_DIR
+        if work.is_dir():
+            with job_lock(work) as free:
+                if free:
                     Versions(self.data_dir).forget_memory(keys)
 
     def night_running(self) -> bool:

@@ -13,7 +13,8 @@ When the disk refuses an utterance's audio (full), or leaves less than `min_free
 logged without it; audio files a crash left without a row are deleted when the server starts (`sweep`).
 Every delete (the API's and retention's) also forgets what was derived from the clips (`Derived`: the
 nights' cached features and answers), after the rows are gone, so a night running meanwhile sees the
-rows missing.
+rows missing; a correction whose transcript changes or goes (`correct`) takes with it what the nights
+remembered of its words.
 A damaged database (`StoreDamaged`, when the server starts, or an SQLite error saying so while it runs)
 is set aside with its audio and a new one starts (`start_over`).
 
@@ -44,6 +45,7 @@ import numpy as np
 
 from .audio import AudioError, as_stored, read_wav, write_wav
 from .intents import Intent
+from .labels import parse_correction, set_correction
 from .words import counted
 
 _LOGGER = logging.getLogger(__name__)
@@ -198,6 +200,11 @@ class Derived(Protocol):
 
     def forget(self, keys: set[str], ids: set[int]) -> None:
         """Delete what was derived from these clips and rows."""
+        ...
+
+    def forget_words(self, keys: set[str]) -> None:
+        """The transcripts these clips were corrected to changed or went: forget what was kept of those
+        words (the clips' features and answers stay: the audio is the same)."""
         ...
 
     def night_running(self) -> bool:
@@ -509,6 +516,23 @@ class InteractionStore:
         if swept:
             _LOGGER.info("deleted %s no interaction names (left by a crash)", counted(swept, "audio file"))
         return swept
+
+    def correct(self, row_id: int, correction: dict[str, Any] | None) -> bool:
+        """Store (or with None, remove) a validated correction; False when there is no such interaction.
+        A corrected transcript that changes or goes takes what was kept of its words with it
+        (`Derived.forget_words`)."""
+        row = self.conn.execute(
+            "SELECT correction, audio_path, audio_key FROM interactions WHERE id = ?", (row_id,)
+        ).fetchone()
+        if row is None or not set_correction(self.conn, row_id, correction):
+            return False
+        before = (parse_correction(row[0]) or {}).get("text")
+        if before and before != (correction or {}).get("text") and self.derived is not None:
+            try:
+                self.derived.forget_words(self._clip_keys([(row_id, row[1], row[2])]))
+            except OSError as err:  # the correction is stored: say what is left, and go on
+                _LOGGER.warning("could not forget the words interaction %d was corrected to: %s", row_id, err)
+        return True
 
     def delete(self, ids: list[int]) -> int:
         """Delete these interactions with their audio files; returns how many there were."""

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Collection
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ from .model.bundle import (
     save_projector,
 )
 from .model.decoder_adapter import Adapter, AdapterError, ShapedAdapter
-from .model.decoder_memory import DecoderMemory, with_memory
+from .model.decoder_memory import CLIPS, DecoderMemory, memory_clips, with_memory
 from .model.projector import Projector
 
 _LOGGER = logging.getLogger(__name__)
@@ -106,10 +107,11 @@ class Versions:
         except BundleError as err:
             raise VersionError(str(err)) from err
 
-    def adapter(self, name: str) -> ShapedAdapter | None:
-        """A version's Whisper decoder adapters with their shape (None: it has none)."""
+    def adapter(self, name: str, only: Collection[str] | None = None) -> ShapedAdapter | None:
+        """A version's Whisper decoder adapters with their shape (None: it has none); with `only`, only
+        those of their tensors."""
         try:
-            return load_decoder_adapter(self.path(name))
+            return load_decoder_adapter(self.path(name), only)
         except BundleError as err:
             raise VersionError(str(err)) from err
 
@@ -180,26 +182,29 @@ class Versions:
 
     def forget_memory(self, clips: set[str]) -> list[str]:
         """Take the states these clips left out of every version's decoder memory (rewriting each file
-        that holds any, atomically); returns the versions rewritten. A file that cannot be read is left
-        as it is (it cannot be served either), and one that cannot be written (a full disk) is said in
-        the log."""
+        that holds any, atomically; a file's other tensors are read only when it does); returns the
+        versions rewritten. A file that cannot be read is left as it is (it cannot be served either),
+        and one that cannot be written (a full disk) is said in the log."""
         rewritten = []
         for name in self.names():
             try:
+                held = self.adapter(name, only={CLIPS})
+                if held is None or clips.isdisjoint(memory_clips(held[0])):
+                    continue
                 shaped = self.adapter(name)
                 memory = DecoderMemory.of(shaped[0]) if shaped is not None else None
-                if shaped is None or memory is None or not memory.holds(clips):
+                if shaped is None or memory is None:
                     continue
                 projector, info = self.load(name)
             except (VersionError, AdapterError) as err:
-                _LOGGER.warning("version %s could not be read to forget deleted recordings: %s", name, err)
+                _LOGGER.warning("version %s could not be read to forget recordings: %s", name, err)
                 continue
             try:
                 save_projector(
                     self.path(name), projector, info, with_memory(shaped[0], memory.without(clips))
                 )
             except OSError as err:
-                _LOGGER.error("version %s still remembers deleted recordings: %s", name, err)
+                _LOGGER.error("version %s still remembers recordings it should forget: %s", name, err)
                 continue
             rewritten.append(name)
         return rewritten

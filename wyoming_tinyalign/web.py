@@ -52,7 +52,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from .labels import FAILED_OUTCOMES, parse_correction, set_correction, validate_correction
+from .labels import FAILED_OUTCOMES, parse_correction, validate_correction
 from .store import InteractionStore
 from .versions import VersionError, Versions
 from .words import counted
@@ -518,7 +518,7 @@ async def put_correction(request: web.Request) -> web.Response:
         correction = validate_correction(await _json_body(request))
     except ValueError as err:
         return _error(400, str(err))
-    if not await store.async_call(set_correction, store.conn, row_id, correction):
+    if not await store.async_call(store.correct, row_id, correction):
         return _error(404, "no such interaction")
     row = await _one(store, row_id)
     assert row is not None
@@ -527,7 +527,7 @@ async def put_correction(request: web.Request) -> web.Response:
 
 async def delete_correction(request: web.Request) -> web.Response:
     store = log_store(request)
-    if not await store.async_call(set_correction, store.conn, int(request.match_info["id"]), None):
+    if not await store.async_call(store.correct, int(request.match_info["id"]), None):
         return _error(404, "no such interaction")
     return web.Response(status=204)
 

@@ -24,6 +24,7 @@ from .model.decoder_memory import with_memory
 from .model.projector import Projector
 from .model.speechllm import PATHS, Result, SpeechLLM
 from .versions import auto_path
+from .words import counted
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -138,13 +139,14 @@ class InferenceWorker:
         memory = model.decoder_memory
         if model.decoder_adapter is None or memory is None or not memory.holds(clips):
             return
+        held = counted(len(clips.intersection(memory.clips)), "recording")
         adapter, config = model.decoder_adapter
         try:
             model.set_decoder_adapter(with_memory(adapter, memory.without(clips)), config)
         except ValueError as err:  # (nobody awaits this job: say it here)
-            _LOGGER.error("the served memory could not forget the deleted recordings: %s", err)
+            _LOGGER.error("the served memory could not forget the words of %s: %s", held, err)
             return
-        _LOGGER.info("the served memory forgot the deleted recordings")
+        _LOGGER.info("the served memory forgot the words of %s", held)
 
     def close(self) -> None:
         """Finish the queued jobs, then stop the thread (blocking: call it off the event loop)."""

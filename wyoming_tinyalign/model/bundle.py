@@ -14,6 +14,7 @@ Weights are safetensors only; models are never loaded with `trust_remote_code`.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -148,16 +149,18 @@ def load_projector(path: Path, device: str | torch.device = "cpu") -> tuple[Proj
     return projector.to(device).eval(), info
 
 
-def load_decoder_adapter(path: Path) -> ShapedAdapter | None:
-    """The Whisper decoder adapters a version file holds, with their shape (None: it holds none)."""
+def load_decoder_adapter(path: Path, only: Collection[str] | None = None) -> ShapedAdapter | None:
+    """The Whisper decoder adapters a version file holds, with their shape (None: it holds none); with
+    `only`, only those of their tensors (the others are not read)."""
     info = read_projector_info(path)
     if info.decoder is None:
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
-            adapter = {k[len(PREFIX) :]: f.get_tensor(k) for k in f.keys() if k.startswith(PREFIX)}  # noqa: SIM118
+            names = [k[len(PREFIX) :] for k in f.keys() if k.startswith(PREFIX)]  # noqa: SIM118
+            adapter = {k: f.get_tensor(PREFIX + k) for k in names if only is None or k in only}
     except (SafetensorError, OSError, ValueError) as err:
         raise BundleError(f"decoder adapters in {path} are corrupt or truncated ({err})") from err
-    if not adapter:
+    if not names:
         raise BundleError(f"{path} says it holds decoder adapters, but has none")
     return adapter, info.decoder

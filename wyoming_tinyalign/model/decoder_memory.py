@@ -71,8 +71,7 @@ class DecoderMemory:
             return None
         if not {VALUES, OWNERS, CLIPS} <= set(adapter):
             raise AdapterError("some of a memory's tensors are missing")
-        clips = [bytes(row.tolist()).hex() for row in adapter[CLIPS].to(torch.uint8)]
-        return cls(adapter[KEYS], adapter[VALUES].long(), adapter[OWNERS].long(), clips)
+        return cls(adapter[KEYS], adapter[VALUES].long(), adapter[OWNERS].long(), memory_clips(adapter))
 
     def tensors(self) -> Adapter:
         """The memory as tensors to store with the adapters (keys in half precision)."""
@@ -110,6 +109,12 @@ class DecoderMemory:
             0, self._values[near.indices], weights.to(logprobs.dtype)
         )
         return torch.log((1 - self.weight) * logprobs.exp() + self.weight * remembered)
+
+
+def memory_clips(adapter: Adapter) -> list[str]:
+    """The keys of the clips a memory among `adapter`'s tensors came from (read from `CLIPS` alone: none
+    when it holds no memory)."""
+    return [bytes(row.tolist()).hex() for row in adapter[CLIPS].to(torch.uint8)] if CLIPS in adapter else []
 
 
 def with_memory(adapter: Adapter, memory: DecoderMemory | None) -> Adapter:
