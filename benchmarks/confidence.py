@@ -26,7 +26,7 @@ import torch
 
 from wyoming_tinyalign.assistant import DEFAULT_MIN_CONFIDENCE, unsure
 from wyoming_tinyalign.households import context_text, load_households
-from wyoming_tinyalign.manifest import load_utterances
+from wyoming_tinyalign.manifest import Utterance, load_utterances
 from wyoming_tinyalign.model.speechllm import Result, SpeechLLM
 from wyoming_tinyalign.synth import render_corpus
 
@@ -43,18 +43,20 @@ class Answer:
     outcome: str
 
 
+def answer(utt: Utterance, result: Result) -> Answer:
+    """`result` as the answer to `utt` (which has a reference intent)."""
+    assert utt.intent is not None
+    outcome = "none" if result.intent is None else "right" if utt.intent.matches(result.intent) else "wrong"
+    return Answer(utt.text, result, outcome)
+
+
 def answers(model: SpeechLLM, manifest: Path, path: str, contexts: dict[str, str]) -> list[Answer]:
     """The answers along `path` to every utterance with a reference intent (`contexts`: by household)."""
-    out = []
-    for utt, audio in load_utterances(manifest):
-        if utt.intent is None:
-            continue
-        result = model.run(audio, path, contexts[utt.household])
-        outcome = (
-            "none" if result.intent is None else "right" if utt.intent.matches(result.intent) else "wrong"
-        )
-        out.append(Answer(utt.text, result, outcome))
-    return out
+    return [
+        answer(utt, model.run(audio, path, contexts[utt.household]))
+        for utt, audio in load_utterances(manifest)
+        if utt.intent is not None
+    ]
 
 
 def shares(rows: list[Answer], threshold: float | None) -> tuple[float, float, float]:

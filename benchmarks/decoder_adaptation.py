@@ -33,9 +33,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from confidence import answer, shares
 from realsize import whisper_base
 
 from wyoming_tinyalign.adapt import GENERAL_SEED, REPLAY_SEED, bootstrap_speech
+from wyoming_tinyalign.assistant import DEFAULT_MIN_CONFIDENCE
 from wyoming_tinyalign.decoder_train import DecoderExample, teach, train_step
 from wyoming_tinyalign.devmodel import decoder_loss
 from wyoming_tinyalign.evaluate import score
@@ -49,10 +51,12 @@ Example = tuple[torch.Tensor, list[int]]  # features [N, Da] (or log-mel [mels, 
 
 
 def cascade_score(model: SpeechLLM, items: list, contexts: dict[str, str]) -> dict:
-    """Cascade intent accuracy and WER of (utterance, features) items."""
+    """Cascade intent accuracy and WER of (utterance, features) items, and what the server would do with
+    the intents at the default `--min-confidence`: `acted` right, wrong, withheld (`confidence.shares`)."""
     results = [(u, model.run_features(f, "cascade", contexts[u.household])) for u, f in items]
     report = score(results)
-    return {"intent_accuracy": report["intent_accuracy"], "wer": report["wer"]}
+    acted = shares([answer(u, r) for u, r in results if u.intent is not None], DEFAULT_MIN_CONFIDENCE)
+    return {"intent_accuracy": report["intent_accuracy"], "wer": report["wer"], "acted": acted}
 
 
 def trainable_decoder(whisper: torch.nn.Module, lora_rank: int) -> None:

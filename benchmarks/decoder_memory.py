@@ -10,7 +10,9 @@ seeds); the night's own rule (`adapt.held_out` on the row ids 1-100 the benchmar
 1 in 5 corrections out, as its gate's judges, and the memory holds the others (`decoder_train.remember`).
 The cascade (greedy, leaning toward the household's names, as served) with the memory mixed in at each
 of `--weights` (0: the cascade without it): intent accuracy / WER on the 50 held out, on the night's
-held-out corrections and on the night's 60 general base-household commands (the other voices).
+held-out corrections and on the night's 60 general base-household commands (the other voices); and of
+the 50 held out, what the server would do with their intents at the default `--min-confidence` (the
+memory raises a transcript's confidence where it agrees): act on a right one, a wrong one, or withhold.
 `--adapters WORK`: each household's decoder adapters from the newest version its night left in a
 `personalization.py` work dir (WORK/quality/NAME/data, the memory the night built left out), under the
 memory built here. Prints a markdown table and writes WORK/decoder_memory.json.
@@ -29,6 +31,7 @@ import torch
 from decoder_adaptation import cascade_score
 
 from wyoming_tinyalign.adapt import GENERAL_SEED, bootstrap_speech, held_out
+from wyoming_tinyalign.assistant import DEFAULT_MIN_CONFIDENCE
 from wyoming_tinyalign.decoder_train import decoder_examples, remember
 from wyoming_tinyalign.households import context_text, load_households
 from wyoming_tinyalign.manifest import load_utterances
@@ -105,8 +108,11 @@ def main() -> None:
         f"\nDate {date.today()}; machine: {platform.machine()} {torch.get_num_threads()} thread(s); "
         f"{args.labelled} corrections, 1 in {args.heldout_every} held out.\n"
     )
-    print("| household | adapters | states | weight | held-out 50 | night's held-out | general 60 |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| household | adapters | states | weight | held-out 50 | night's held-out | general 60 "
+        f"| held-out 50 at --min-confidence {DEFAULT_MIN_CONFIDENCE}: acted right / acted wrong / withheld |"
+    )
+    print("|---" * 8 + "|")
     for result in results:
         for row in result["rows"]:
             cells = [result["household"], result["adapters"] or "-", result["memory_states"], row["weight"]]
@@ -114,6 +120,7 @@ def main() -> None:
                 f"{row[k]['intent_accuracy']:.2f} / {row[k]['wer']:.3f}"
                 for k in ("held-out 50", "night's held-out", "general")
             ]
+            cells.append(" / ".join(f"{share:.2f}" for share in row["held-out 50"]["acted"]))
             print("| " + " | ".join(str(c) for c in cells) + " |")
     out = {"date": str(date.today()), "args": {k: str(v) for k, v in vars(args).items()}, "results": results}
     (args.work / "decoder_memory.json").write_text(json.dumps(out, indent=2))

@@ -163,7 +163,11 @@ def test_the_night_promotes_adapters_that_hear_the_household(
         assert f"{wer[0]} &rarr; {wer[1]}" in row and f'<div class="small">{path}</div>' in row, row
     # And the kept versions, each on the path it would answer on.
     listing = versions.describe()
+    remembered = decoder["memory"]["transcripts"]
     assert listing["versions"][0]["path_auto"] == report["path_auto"]
+    assert listing["versions"][0]["remembers"] == remembered > 0
+    adapters = f"and Whisper decoder adapters, remembering {remembered} corrected transcripts"
+    assert adapters in _version_rows(listing, name, "cascade")
     for path, figures in (("cascade", metrics["cascade"]), ("aligned", metrics)):
         rows = _version_rows(listing, name, path)
         cell = f'{figures["household"]["intent_accuracy"] * 100:.0f}%<div class="small">{path}</div>'
@@ -323,6 +327,8 @@ async def test_a_deleted_recording_or_correction_leaves_the_served_memory_and_ev
             assert (await http.delete(f"{url}/{rows[3]}")).status == 204
             assert remembered() == set(memory.clips) - set(keys[1:])
             _forgotten(process, 3)
+            listing = await (await http.get(f"{web}/api/versions")).json()
+            assert listing["versions"][0]["remembers"] == len(memory.clips) - 3
             assert (await http.delete(url)).status == 200
         stored = versions.adapter(name)
         assert stored is not None and DecoderMemory.of(stored[0]) is None

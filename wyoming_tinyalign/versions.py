@@ -216,8 +216,9 @@ class Versions:
                 tmp.unlink(missing_ok=True)
 
     def describe(self) -> dict[str, Any]:
-        """Versions with their validation metrics (a rejected candidate's hold `rejected`) and the path
-        `--path auto` answers on with each (`path_auto`), for the API."""
+        """Versions with their validation metrics (a rejected candidate's hold `rejected`), the path
+        `--path auto` answers on with each (`path_auto`) and, for one with decoder adapters, how many
+        corrected recordings its memory keeps words of (`remembers`), for the API."""
         try:
             current = self.current()
         except VersionError:
@@ -229,6 +230,9 @@ class Versions:
                 info = self.info(name)
                 entry["metrics"], entry["decoder"] = info.metrics, info.decoder is not None
                 entry["path_auto"] = auto_path(info)
+                if info.decoder is not None:
+                    held = self.adapter(name, only={CLIPS})
+                    entry["remembers"] = len(memory_clips(held[0])) if held is not None else 0
             except VersionError as err:
                 entry["error"] = str(err)
             items.append(entry)

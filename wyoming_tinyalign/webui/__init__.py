@@ -730,6 +730,12 @@ def _run_row(run: dict[str, Any], kept: set[str], requested: str) -> str:
 </tr>"""
 
 
+def _adapters(remembers: int | None) -> str:
+    """What a version holds besides its projector: Whisper decoder adapters, with the memory's size."""
+    memory = f", remembering {counted(remembers, 'corrected transcript')}" if remembers else ""
+    return f'<div class="small">and Whisper decoder adapters{memory}</div>'
+
+
 def _version_rows(listing: dict[str, Any], served: str, requested: str) -> str:
     """The kept versions, each with its held-out figures on the path it would answer on (`requested`:
     the server's `--path`; with `auto`, the version's own choice)."""
@@ -751,7 +757,7 @@ def _version_rows(listing: dict[str, Any], served: str, requested: str) -> str:
             "the model's own projector and Whisper as built"
             if name == BASE
             else _made(metrics, why=True)
-            + ('<div class="small">and Whisper decoder adapters</div>' if entry.get("decoder") else "")
+            + (_adapters(entry.get("remembers")) if entry.get("decoder") else "")
             if "error" not in entry
             else escape(entry["error"])
         )
