@@ -71,9 +71,11 @@ def srv(micro_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     data = work / "data"
     extra = [
         "--uri", "tcp://127.0.0.1:0", "--path", "aligned", "--web-port", "0", "--adapt-at", "off",
-        "--adapt-budget-minutes", "0.4", "--adapt-min-new", "1",
+        "--adapt-budget-minutes", "0.6", "--adapt-min-new", "1",
         "--adapt-args", shlex.join(job_flags(tmp_path_factory)),
     ]  # fmt: skip
+    # The teacher gets the first 30 % of the job process's budget, and imports and loading the model
+    # take ~6 s of it here (more on a busy CI machine): at 0.4 min it had ~1 s and once ran only 1 of 6.
     process = ServerProcess(serve_args(micro_model, data, *extra), work / "server.log")
     try:
         process.wait_ready()
