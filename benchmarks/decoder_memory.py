@@ -3,14 +3,16 @@
     python benchmarks/decoder_memory.py --model /tmp/readme2/data/models/dev-small --work /tmp/bench-mem \
         [--weights 0,0.1,0.25,0.35,0.5] [--adapters PERSONALIZATION_WORK]
 
-A night builds the memory from the corrections its decoder adapters learn from, read through them, and
-serves it at `decoder_memory.WEIGHT`; this measures it apart from the adapters and from the night. For
-each unseen household, the same 100 corrected and 50 held-out utterances as `personalization.py` (its
-seeds); the night's own rule (`adapt.held_out` on the row ids 1-100 the benchmark's log gives them) holds
-1 in 5 corrections out, as its gate's judges, and the memory holds the others (`decoder_train.remember`).
-The cascade (greedy, leaning toward the household's names, as served) with the memory mixed in at each
-of `--weights` (0: the cascade without it): intent accuracy / WER on the 50 held out, on the night's
-held-out corrections and on the night's 60 general base-household commands (the other voices); and of
+A night builds the memory from the household's corrections (those its decoder adapters learn from and
+those held out to judge them), read through them, and serves it at `decoder_memory.WEIGHT`; this
+measures it apart from the adapters and from the night. For each unseen household, the same 100
+corrected and 50 held-out utterances as `personalization.py` (its seeds); the night's own rule
+(`adapt.held_out` on the row ids 1-100 the benchmark's log gives them) holds 1 in 5 corrections out, as
+its gate's judges, and the memory holds them all, those marked as judges (`decoder_train.remember`).
+The cascade (greedy, leaning toward the household's names, as served) with
+the memory mixed in at each of `--weights` (0: the cascade without it): intent accuracy / WER on the 50
+held out and on the night's 60 general base-household commands (the other voices), with the whole
+memory, as served; on the night's held-out corrections, without them, as the night judges; and of
 the 50 held out, what the server would do with their intents at the default `--min-confidence` (the
 memory raises a transcript's confidence where it agrees): act on a right one, a wrong one, or withhold.
 `--adapters WORK`: each household's decoder adapters from the newest version its night left in a
@@ -41,6 +43,11 @@ from wyoming_tinyalign.synth import render_once
 from wyoming_tinyalign.versions import Versions
 
 
+def _examples(model: SpeechLLM, pairs: list) -> list:
+    """(utterance, audio) pairs as the night's decoder examples of their transcripts."""
+    return decoder_examples(model, [u.text for u, _ in pairs], [a for _, a in pairs], ["en"] * len(pairs))
+
+
 def household_rows(args: argparse.Namespace, index: int, name: str, general: list) -> dict:
     """The memory of one household's corrections at each weight, on its sets."""
     household = next(h for h in load_households() if h.name == name)
@@ -58,11 +65,9 @@ def household_rows(args: argparse.Namespace, index: int, name: str, general: lis
     labelled = load_utterances(render_once(work / "labelled", [household], args.labelled, 100 + index))
     heldout = load_utterances(render_once(work / "heldout", [household], 50, 200 + index))
     judged = [held_out(row_id, args.heldout_every) for row_id in range(1, len(labelled) + 1)]
-    learnt = [(u, a) for (u, a), out in zip(labelled, judged, strict=True) if not out]
-    memory = remember(
-        model.whisper,
-        decoder_examples(model, [u.text for u, _ in learnt], [a for _, a in learnt], ["en"] * len(learnt)),
-    )
+    learnt = _examples(model, [pair for pair, out in zip(labelled, judged, strict=True) if not out])
+    judging = _examples(model, [pair for pair, out in zip(labelled, judged, strict=True) if out])
+    memory = remember(model.whisper, learnt + judging, frozenset(x.key for x in judging))
     sets = {
         "held-out 50": [(u, model.encode(a)) for u, a in heldout],
         "night's held-out": [
@@ -72,10 +77,11 @@ def household_rows(args: argparse.Namespace, index: int, name: str, general: lis
     }
     rows = []
     for weight in args.weights:
-        model.decoder_memory = (
-            replace(memory, weight=weight) if weight else None
-        )  # (as served, at this weight)
-        row = {"weight": weight, **{k: cascade_score(model, v, contexts) for k, v in sets.items()}}
+        row = {"weight": weight}
+        for set_name, items in sets.items():  # (as served, at this weight; as the night judges it)
+            served = memory.judged() if set_name == "night's held-out" else memory
+            model.decoder_memory = replace(served, weight=weight) if weight and served else None
+            row[set_name] = cascade_score(model, items, contexts)
         print(name, json.dumps(row), flush=True)
         rows.append(row)
     return {

@@ -13,7 +13,7 @@ import torch
 
 from wyoming_tinyalign.decoder_train import decoder_examples, remember
 from wyoming_tinyalign.model.decoder_adapter import AdapterConfig, AdapterError, fresh
-from wyoming_tinyalign.model.decoder_memory import CLIPS, KEYS, WEIGHT, DecoderMemory, memory_clips
+from wyoming_tinyalign.model.decoder_memory import CLIPS, JUDGES, KEYS, WEIGHT, DecoderMemory, memory_clips
 from wyoming_tinyalign.model.speechllm import SpeechLLM, whisper_transcript
 from wyoming_tinyalign.train import FeatureCache
 from wyoming_tinyalign.versions import Versions
@@ -61,6 +61,31 @@ def test_a_memory_forgets_a_clips_states_and_keeps_the_others() -> None:
     assert memory.without(set(HAND_CLIPS)) is None
     stored = DecoderMemory.of(memory.tensors())  # (through the tensors a version file holds)
     assert stored is not None and stored.clips == HAND_CLIPS and torch.equal(stored.owners, memory.owners)
+
+
+def test_a_memory_marks_the_clips_that_judge_nights_and_is_judged_without_them() -> None:
+    """The held-out corrections are remembered, marked: a night judges the memory without them, a
+    version's tensors keep the marks, and forgetting a clip forgets its mark."""
+    memory = DecoderMemory(
+        torch.arange(10.0).reshape(5, 2), torch.arange(5), torch.tensor([0, 0, 1, 2, 2]), HAND_CLIPS,
+        frozenset({HAND_CLIPS[1]}),
+    )  # fmt: skip
+    judged = memory.judged()
+    assert judged is not None and judged.clips == [HAND_CLIPS[0], HAND_CLIPS[2]] and not judged.judges
+    assert judged.values.tolist() == [0, 1, 3, 4] and judged.weight == memory.weight
+    stored = DecoderMemory.of(memory.tensors())
+    assert stored is not None and stored.judges == {HAND_CLIPS[1]}
+    assert memory.without({HAND_CLIPS[1]}).judges == frozenset()  # type: ignore[union-attr]
+    assert memory.without({HAND_CLIPS[0]}).judges == {HAND_CLIPS[1]}  # type: ignore[union-attr]
+    only_judges = replace(memory, judges=frozenset(HAND_CLIPS))
+    assert only_judges.judged() is None and replace(memory, judges=frozenset()).judged() is not None
+    # A version's memory from before the marks judges nothing; marks that do not fit are refused.
+    old = {k: v for k, v in memory.tensors().items() if k != JUDGES}
+    assert DecoderMemory.of(old).judges == frozenset()  # type: ignore[union-attr]
+    with pytest.raises(AdapterError, match="judge"):
+        DecoderMemory.of({**old, JUDGES: torch.ones(2, dtype=torch.uint8)})
+    with pytest.raises(AdapterError, match="judging"):
+        replace(memory, judges=frozenset({"dd" * 32}))
 
 
 def test_a_memory_of_a_clips_transcript_writes_it_at_full_weight(micro_model: Path) -> None:

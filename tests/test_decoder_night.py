@@ -129,14 +129,28 @@ def test_the_night_promotes_adapters_that_hear_the_household(
     assert versions.current() == name
     adapter = versions.adapter(name)
     assert adapter is not None
-    # With them, the memory of the transcripts they learnt (all PHRASE but the one too long to learn).
+    # With them, the memory of the transcripts they learnt (all PHRASE but the one too long to learn) and
+    # of the corrections held out to judge them, marked as judging nights.
     model = SpeechLLM.load(micro_model)
     memory = DecoderMemory.of(adapter[0])
     n_tokens = len(model.whisper_tokenizer(PHRASE, add_special_tokens=False)["input_ids"])
     assert memory is not None
-    assert decoder["memory"] == {"transcripts": len(memory.clips), "states": len(memory.values)}
-    assert len(memory.clips) == decoder["examples"]["household"] - 1
+    held = report["data"]["heldout_sources"]["correction"]
+    judges = {key for _, key in _corrected(data, held=True)}
+    assert memory.judges == judges and set(memory.clips) == judges | {key for _, key in _corrected(data)}
+    assert len(judges) == held >= decoder["after"]["household"]["n"] > 0
+    assert decoder["memory"] == {
+        "transcripts": len(memory.clips), "held_out": held, "states": len(memory.values)
+    }  # fmt: skip
+    assert len(memory.clips) == decoder["examples"]["household"] - 1 + held
     assert len(memory.values) == len(memory.clips) * (n_tokens + 1)
+    # The next night judges the cascade it serves as this one judged its candidate: without them.
+    with sqlite3.connect(":memory:") as conn:
+        job = Job(AdaptOptions(data_dir=data), conn)
+        job.report["serving_version"] = name
+        job._serve_decoder_adapter(model)
+    assert model.decoder_memory is not None and not model.decoder_memory.judges
+    assert set(model.decoder_memory.clips) == set(memory.clips) - memory.judges
     # The version's cascade figures are the adapters', and `--path auto` reads the aligned path against
     # the cascade with them, utterance by utterance, on the same held-out set.
     metrics = versions.info(name).metrics
@@ -271,14 +285,14 @@ async def test_the_server_serves_them_logs_the_version_and_a_rollback_takes_them
     assert "with Whisper decoder adapters" in process.text
 
 
-def _learnt(data: Path) -> list[tuple[int, str]]:
-    """The rows `_logged` corrected that a night's adapters learn from (and its memory keeps), with
-    their clips' keys."""
+def _corrected(data: Path, held: bool = False) -> list[tuple[int, str]]:
+    """The rows `_logged` corrected to PHRASE on one side of the night's split, with their clips' keys:
+    those its adapters learn from, or (`held`) those held out to judge them. Its memory keeps both."""
     with closing(sqlite3.connect(data / "log" / "interactions.sqlite3")) as db:
         return [
             (row, FeatureCache.key(read_wav(data / "log" / audio)))
             for row, audio in db.execute("SELECT id, audio_path FROM interactions ORDER BY id")
-            if row <= 40 and row not in TAUGHT and not held_out(row, AdaptOptions.heldout_every)
+            if row <= 40 and row not in TAUGHT and held_out(row, AdaptOptions.heldout_every) == held
         ]
 
 
@@ -301,7 +315,7 @@ async def test_a_deleted_recording_or_correction_leaves_the_served_memory_and_ev
     versions.promote(name)  # (served again: an earlier test rolled back to the bundle's)
     memory = DecoderMemory.of(versions.adapter(name)[0])
     assert memory is not None
-    rows, keys = zip(*_learnt(data)[:4], strict=True)
+    rows, keys = zip(*_corrected(data)[:4], strict=True)
     assert memory.holds(set(keys))
 
     def remembered() -> set[str]:
@@ -408,7 +422,7 @@ def test_a_correction_changed_while_the_night_ran_is_not_remembered(
     remembers the other corrections."""
     data = tmp_path_factory.mktemp("decoder-night-recorrected") / "data"
     _logged(data, micro_model)
-    learnt = _learnt(data)
+    learnt = _corrected(data)
     row, key = learnt[0]
     other = validate_correction({"text": "turn on the zebra light"})
     handler = _Meanwhile(data, "Whisper's decoder adapters:", lambda store: store.correct(row, other))
@@ -417,7 +431,8 @@ def test_a_correction_changed_while_the_night_ran_is_not_remembered(
     assert report["status"] == "promoted" and report["decoder"]["promoted"] is True, report
     stored = Versions(data).adapter(report["version"])
     memory = DecoderMemory.of(stored[0]) if stored is not None else None
-    assert memory is not None and set(memory.clips) == {k for _, k in learnt} - {key}
+    remembered = {k for _, k in learnt + _corrected(data, held=True)}
+    assert memory is not None and set(memory.clips) == remembered - {key}
     assert "forgot the remembered words of 1 clip corrected again while this run ran" in caplog.text
 
 

@@ -16,7 +16,8 @@ on every core unless `--threads` says otherwise):
    `DATA/bootstrap`, so it does not forget them), within the time budget; and, in half of that time,
    Whisper's decoder adapters (`model/decoder_adapter.py`, `decoder_train.py`; from the served ones) on
    the same utterances' transcripts and a larger replay sample (learnt as the served decoder heard it),
-   with a memory of the household's transcripts read through them (`model/decoder_memory.py`);
+   with a memory of the household's transcripts read through them (`model/decoder_memory.py`: the
+   held-out ones too, left out while the night judges the cascade, the served one's included);
 6. validates the candidate and the served projector on the household's held-out set and on a general
    held-out set of base-household speech (intent accuracy, WER, and that objective's loss), and the
    cascade on the household's held-out set (for the day-0 rule of `--path auto`), and, when a household
@@ -88,6 +89,7 @@ from .model.bundle import (
     load_projector,
 )
 from .model.decoder_adapter import Adapter, AdapterConfig, AdapterError, ShapedAdapter, adapter_key
+from .model.decoder_memory import DecoderMemory, with_memory
 from .model.projector import Projector, weights_key
 from .model.prompt import answer_ids
 from .model.speechllm import DECODING_VERSION, SpeechLLM
@@ -195,7 +197,7 @@ class AdaptOptions:
 class DecoderNight:
     """What a night made of Whisper's decoder adapters: them, the cascade with them, and the verdict."""
 
-    adapter: Adapter
+    adapter: Adapter  # with the memory of every transcript, the held-out ones too
     config: AdapterConfig
     promote: bool
     reason: str
@@ -555,13 +557,16 @@ class Job:
         return self.model
 
     def _serve_decoder_adapter(self, model: SpeechLLM) -> None:
-        """The served version's Whisper decoder adapters, in the model's cascade (and so the teacher's)."""
+        """The served version's Whisper decoder adapters, in the model's cascade (and so the teacher's),
+        with its memory as its night judged it: without the clips held out to judge nights, which
+        judge this one too (`DecoderMemory.judged`)."""
         name = self.report.get("serving_version") or BASE
         if name == BASE:
             return
         try:
             if (adapter := self.versions.adapter(name)) is not None:
-                model.set_decoder_adapter(*adapter)
+                memory = DecoderMemory.of(adapter[0])
+                model.set_decoder_adapter(with_memory(adapter[0], memory and memory.judged()), adapter[1])
         except (VersionError, AdapterError) as err:
             _LOGGER.error(
                 "the decoder adapters of %s cannot be used (%s); the cascade runs without", name, err
@@ -795,9 +800,11 @@ class Job:
                 "general": before.cascade["general"],
             }
             try:
+                typed_held = [(lab, a) for lab, a in sets.held if lab.typed]
                 night = self._decoder_night(
-                    model, typed_train, sets.replay_all, judged_sets, served_answers, decoder_s, cache
-                )
+                    model, typed_train, typed_held, sets.replay_all, judged_sets, served_answers, decoder_s,
+                    cache,
+                )  # fmt: skip
                 report["decoder"] = night.report
             except Exception as err:  # whatever stops the adapters must not cost the night its projector
                 _LOGGER.exception("training Whisper's decoder adapters failed")
@@ -1127,6 +1134,7 @@ class Job:
         self,
         model: SpeechLLM,
         train_pairs: list[tuple[Label, np.ndarray]],
+        held_pairs: list[tuple[Label, np.ndarray]],
         replay_all: list[Utterance],
         sets: dict[str, list[Item]],
         served_answers: dict[str, list[Answer]],
@@ -1134,9 +1142,10 @@ class Job:
         cache: FeatureCache,
     ) -> DecoderNight:
         """Train Whisper's decoder adapters (from the served ones) on the household's transcripts and a
-        replay sample, within `max_s`; score the cascade with them against the served cascade, and,
-        when adapters are served, against Whisper's decoder as built on the other voices (as the
-        projector is held to the shipped one); decide by the same rule as the projector."""
+        replay sample, within `max_s`, with a memory of those transcripts and of the held-out ones
+        (`held_pairs`); score the cascade with them (the memory without the held-out ones) against the
+        served cascade, and, when adapters are served, against Whisper's decoder as built on the other
+        voices (as the projector is held to the shipped one); decide by the same rule as the projector."""
         opts, t0 = self.opts, time.monotonic()
         served = model.decoder_adapter
         rng = random.Random(f"decoder/{self.sample_key}")
@@ -1147,9 +1156,8 @@ class Job:
         audios = [a for _, a in household] + [a for _, a in replay]
         languages = [lab.language for lab, _ in household] + ["en"] * len(replay)  # replay: English
         replayed = [False] * len(household) + [True] * len(replay)
-        examples = decoder_examples(
-            model, texts, audios, languages, None if model.cascade_pad_30s else cache, replayed
-        )
+        feature_cache = None if model.cascade_pad_30s else cache
+        examples = decoder_examples(model, texts, audios, languages, feature_cache, replayed)
         too_long = len(texts) - len(examples)  # more words than the decoder writes: not learnt from
         self._stage("built the decoder adapters' examples")
         cfg = DecoderTrainConfig(
@@ -1168,10 +1176,19 @@ class Job:
         with model.separate_decoder():
             result = train_decoder_adapter(model, examples, cfg, *(served or (None, None)))
             self._stage("trained the decoder adapters")
-            # ... and the memory of the household's transcripts they learnt, read through them
-            memory = remember(model.whisper, [x for x in examples if not x.replayed])
-            self.remembered = {lab.id: lab.text for lab, _ in household}
-            adapter = result.adapter | memory.tensors()
+            # ... and the memory of the household's transcripts, read through them: those they learnt
+            # and those held out to judge them, which are left out while they judge (so the version
+            # remembers every correction, and the cascade is judged on what it did not remember)
+            learnt = [x for x in examples if not x.replayed]
+            held = decoder_examples(  # (built after training: their features are not held meanwhile)
+                model, [lab.text for lab, _ in held_pairs], [a for _, a in held_pairs],
+                [lab.language for lab, _ in held_pairs], feature_cache,
+            )  # fmt: skip
+            judges = frozenset({x.key for x in held} - {x.key for x in learnt})
+            memory = remember(model.whisper, learnt + held, judges)
+            self.remembered = {lab.id: lab.text for lab, _ in household + held_pairs}
+            kept = result.adapter | memory.tensors()
+            adapter = with_memory(kept, memory.judged())
             model.set_decoder_adapter(adapter, config)
             self._stage("remembered the household's transcripts")
             mine = self._cascade_cache(cache, adapter)
@@ -1205,7 +1222,11 @@ class Job:
             "teach_s": round(result.teach_s, 1),
             "budget_s": round(max_s, 1),
             "examples": {"household": len(household), "replay": len(replay), "too_long": too_long},
-            "memory": {"transcripts": len(memory.clips), "states": len(memory.values)},
+            "memory": {
+                "transcripts": len(memory.clips),
+                "held_out": len(memory.judges),
+                "states": len(memory.values),
+            },
             "steps": result.steps,
             "epochs": result.epochs,
             "loss_curve": result.loss_curve,
@@ -1221,8 +1242,8 @@ class Job:
             "promoted": promote,
         }
         return DecoderNight(
-            adapter, config, promote, reason, served_figures, figures, sets["household"],
-            got["household"], report,
+            kept, config, promote, reason, served_figures, figures, sets["household"], got["household"],
+            report,
         )  # fmt: skip
 
     def _stage(self, stage: str) -> None:

@@ -187,10 +187,13 @@ def train_decoder_adapter(
 
 
 @torch.no_grad()
-def remember(whisper: torch.nn.Module, examples: list[DecoderExample]) -> DecoderMemory:
+def remember(
+    whisper: torch.nn.Module, examples: list[DecoderExample], judges: frozenset[str] = frozenset()
+) -> DecoderMemory:
     """The memory of `examples` (`model/decoder_memory.py`): each one's transcript read through
     `whisper`'s decoder (its adapters as served), its last hidden state kept at each step with the token
-    that came next (the end token last) and the clip it came from."""
+    that came next (the end token last) and the clip it came from; `judges`: the clips among them held
+    out to judge nights."""
     whisper.eval()
     eos = whisper.generation_config.eos_token_id
     keys, values, owners = [], [], []
@@ -207,7 +210,7 @@ def remember(whisper: torch.nn.Module, examples: list[DecoderExample]) -> Decode
         keys.append(out.decoder_hidden_states[-1][0, x.n_prompt - 1 :].float().cpu())
         values.append(torch.tensor(ids[x.n_prompt :]))
         owners.append(torch.full((len(ids) - x.n_prompt,), index[x.key]))
-    return DecoderMemory(torch.cat(keys), torch.cat(values), torch.cat(owners), clips)
+    return DecoderMemory(torch.cat(keys), torch.cat(values), torch.cat(owners), clips, judges)
 
 
 TEACHER_TOP = 16  # tokens a replayed transcript's position keeps of what the adapters' start wrote

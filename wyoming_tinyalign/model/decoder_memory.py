@@ -20,6 +20,10 @@ the version file, under `decoder.`), which `install` leaves to `DecoderMemory.of
 household's words (as token ids), so each state also names the clip it came from (`FeatureCache.key`):
 deleting a recording takes its states out of every version's memory and out of the served one
 (`versions.Versions.forget_memory`, `adapt.NightData.forget`).
+
+Every correction is remembered, also those a night holds out to judge its adapters (`judges`): once the
+adapters are kept, the household's every correction should stick. A night judges what is served without
+those clips' states (`judged`), as its candidate was built without them, so the gate stays fair.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ import torch
 from .decoder_adapter import MEMORY_PREFIX, Adapter, AdapterError
 
 # Its tensors among a version's adapters: the states, the tokens, which clip each state came from (an index
-# into CLIPS), and the clips' keys (their sha256 digests, 32 bytes each).
-KEYS, VALUES, OWNERS, CLIPS = (MEMORY_PREFIX + name for name in ("keys", "values", "owners", "clips"))
+# into CLIPS), the clips' keys (their sha256 digests, 32 bytes each) and which clips judge nights (1/0).
+KEYS, VALUES, OWNERS, CLIPS, JUDGES = (
+    MEMORY_PREFIX + name for name in ("keys", "values", "owners", "clips", "judges")
+)
 WEIGHT = 0.25  # of the memory's distribution in the mix
 NEIGHBOURS = 8  # kept states looked up per step
 TEMPERATURE = 0.1  # of the distances, per mean squared norm of the keys
@@ -41,12 +47,14 @@ TEMPERATURE = 0.1  # of the distances, per mean squared norm of the keys
 @dataclass
 class DecoderMemory:
     """Decoder states `keys` [N, D], the token that followed each, `values` [N], and the clip each came
-    from, `clips[owners[i]]` (a clip's `FeatureCache.key`)."""
+    from, `clips[owners[i]]` (a clip's `FeatureCache.key`); `judges`: those of the clips held out to
+    judge nights."""
 
     keys: torch.Tensor
     values: torch.Tensor
     owners: torch.Tensor
     clips: list[str]
+    judges: frozenset[str] = frozenset()
     weight: float = WEIGHT
     _keys: torch.Tensor = field(init=False, repr=False)  # float32, for the distances, on the decoder's device
     _values: torch.Tensor = field(init=False, repr=False)  # (on the decoder's device)
@@ -61,6 +69,8 @@ class DecoderMemory:
             )
         if int(self.owners.min()) < 0 or int(self.owners.max()) >= len(self.clips):
             raise AdapterError(f"a memory's states name clips beyond its {len(self.clips)}")
+        if not self.judges <= set(self.clips):
+            raise AdapterError("a memory's judging clips must be among its clips")
         self._keys, self._values = self.keys.float(), self.values
         self._scale = float(self._keys.pow(2).sum(-1).mean()) or 1.0
 
@@ -71,7 +81,12 @@ class DecoderMemory:
             return None
         if not {VALUES, OWNERS, CLIPS} <= set(adapter):
             raise AdapterError("some of a memory's tensors are missing")
-        return cls(adapter[KEYS], adapter[VALUES].long(), adapter[OWNERS].long(), memory_clips(adapter))
+        clips = memory_clips(adapter)
+        flags = adapter[JUDGES].tolist() if JUDGES in adapter else [0] * len(clips)  # (older versions: none)
+        if len(flags) != len(clips):
+            raise AdapterError(f"a memory of {len(clips)} clips says which judge of {len(flags)}")
+        judges = frozenset(key for key, flag in zip(clips, flags, strict=True) if flag)
+        return cls(adapter[KEYS], adapter[VALUES].long(), adapter[OWNERS].long(), clips, judges)
 
     def tensors(self) -> Adapter:
         """The memory as tensors to store with the adapters (keys in half precision)."""
@@ -81,6 +96,7 @@ class DecoderMemory:
             VALUES: self.values.long().contiguous(),
             OWNERS: self.owners.long().contiguous(),
             CLIPS: clips,
+            JUDGES: torch.tensor([key in self.judges for key in self.clips], dtype=torch.uint8),
         }
 
     def holds(self, clips: set[str]) -> bool:
@@ -95,7 +111,14 @@ class DecoderMemory:
         kept = owners >= 0
         if not bool(kept.any()):
             return None
-        return DecoderMemory(self.keys[kept], self.values[kept], owners[kept], kept_clips, self.weight)
+        return DecoderMemory(
+            self.keys[kept], self.values[kept], owners[kept], kept_clips, self.judges - clips, self.weight
+        )
+
+    def judged(self) -> DecoderMemory | None:
+        """The memory as a night judges it: without the states of the clips held out to judge nights
+        (None: nothing is left)."""
+        return self.without(set(self.judges)) if self.judges else self
 
     def mix(self, logprobs: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """One step's log-probabilities over the vocabulary with the memory mixed in, for the decoder's
