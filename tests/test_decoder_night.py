@@ -39,6 +39,7 @@ from wyoming_tinyalign.intents import Intent
 from wyoming_tinyalign.labels import set_correction, set_teacher, validate_correction
 from wyoming_tinyalign.manifest import Utterance
 from wyoming_tinyalign.model.bundle import load_bundle_config, load_projector
+from wyoming_tinyalign.model.decoder_adapter import adapter_key
 from wyoming_tinyalign.model.decoder_memory import DecoderMemory
 from wyoming_tinyalign.model.projector import weights_key
 from wyoming_tinyalign.model.speechllm import SpeechLLM
@@ -151,6 +152,9 @@ def test_the_night_promotes_adapters_that_hear_the_household(
         job._serve_decoder_adapter(model)
     assert model.decoder_memory is not None and not model.decoder_memory.judges
     assert set(model.decoder_memory.clips) == set(memory.clips) - memory.judges
+    # ... so the cascade's answers this night cached for them are kept for it (not pruned as unused).
+    served_key = adapter_key(model.decoder_adapter[0])
+    assert any(served_key in p.name for p in (data / "adapt" / "predictions").glob("cascade-*.json"))
     # The version's cascade figures are the adapters', and `--path auto` reads the aligned path against
     # the cascade with them, utterance by utterance, on the same held-out set.
     metrics = versions.info(name).metrics

@@ -89,7 +89,7 @@ from .model.bundle import (
     load_projector,
 )
 from .model.decoder_adapter import Adapter, AdapterConfig, AdapterError, ShapedAdapter, adapter_key
-from .model.decoder_memory import DecoderMemory, with_memory
+from .model.decoder_memory import as_judged
 from .model.projector import Projector, weights_key
 from .model.prompt import answer_ids
 from .model.speechllm import DECODING_VERSION, SpeechLLM
@@ -559,14 +559,13 @@ class Job:
     def _serve_decoder_adapter(self, model: SpeechLLM) -> None:
         """The served version's Whisper decoder adapters, in the model's cascade (and so the teacher's),
         with its memory as its night judged it: without the clips held out to judge nights, which
-        judge this one too (`DecoderMemory.judged`)."""
+        judge this one too (`decoder_memory.as_judged`)."""
         name = self.report.get("serving_version") or BASE
         if name == BASE:
             return
         try:
             if (adapter := self.versions.adapter(name)) is not None:
-                memory = DecoderMemory.of(adapter[0])
-                model.set_decoder_adapter(with_memory(adapter[0], memory and memory.judged()), adapter[1])
+                model.set_decoder_adapter(as_judged(adapter[0]), adapter[1])
         except (VersionError, AdapterError) as err:
             _LOGGER.error(
                 "the decoder adapters of %s cannot be used (%s); the cascade runs without", name, err
@@ -1059,8 +1058,8 @@ class Job:
         for name in self.versions.names():
             with suppress(VersionError):
                 keep.add(Predictions(predictions, weights_key(self.versions.load(name)[0])).path)
-                if (kept_adapter := self.versions.adapter(name)) is not None:
-                    keep.add(self._cascade_cache(cache, kept_adapter[0]).path)
+                if (kept_adapter := self.versions.adapter(name)) is not None:  # (as a night serves it)
+                    keep.add(self._cascade_cache(cache, as_judged(kept_adapter[0])).path)
         for path in predictions.glob("*.json"):
             if path not in keep:
                 path.unlink(missing_ok=True)
@@ -1188,7 +1187,7 @@ class Job:
             memory = remember(model.whisper, learnt + held, judges)
             self.remembered = {lab.id: lab.text for lab, _ in household + held_pairs}
             kept = result.adapter | memory.tensors()
-            adapter = with_memory(kept, memory.judged())
+            adapter = as_judged(kept)
             model.set_decoder_adapter(adapter, config)
             self._stage("remembered the household's transcripts")
             mine = self._cascade_cache(cache, adapter)

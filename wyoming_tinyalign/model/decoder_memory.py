@@ -140,6 +140,13 @@ def memory_clips(adapter: Adapter) -> list[str]:
     return [bytes(row.tolist()).hex() for row in adapter[CLIPS].to(torch.uint8)] if CLIPS in adapter else []
 
 
+def as_judged(adapter: Adapter) -> Adapter:
+    """`adapter` with its memory as a night judges it (`DecoderMemory.judged`): how a night serves a
+    version's adapters, and what their cached answers are keyed by."""
+    memory = DecoderMemory.of(adapter)
+    return with_memory(adapter, memory.judged() if memory is not None else None)
+
+
 def with_memory(adapter: Adapter, memory: DecoderMemory | None) -> Adapter:
     """`adapter`'s own weights with `memory` (None: with no memory)."""
     own = {k: v for k, v in adapter.items() if not k.startswith(MEMORY_PREFIX)}
